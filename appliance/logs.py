@@ -1,0 +1,82 @@
+"""
+Log output on standard output, the way journald (and a terminal) wants it.
+
+Under systemd (C{JOURNAL_STREAM} names our standard output) every line starts with
+a syslog priority, C{<3>} to C{<7>}, which journald turns into the entry's level
+and strips; journald adds its own timestamp.  In a terminal, lines carry a
+timestamp and the level in words.
+"""
+
+import os
+import sys
+from typing import IO, Optional
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    PredicateResult,
+    eventAsText,
+    formatTime,
+)
+
+_SYSLOG_PRIORITY = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+
+def _isJournal(stream: IO[str]) -> bool:
+    """
+    Is C{stream} the journal stream systemd connected us to?
+    """
+    journal = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in journal.split(":"))
+        status = os.fstat(stream.fileno())
+    except (ValueError, OSError):
+        return False
+    return (status.st_dev, status.st_ino) == (device, inode)
+
+
+def formatForJournal(event: dict) -> Optional[str]:
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    if not text:
+        return None
+    priority = _SYSLOG_PRIORITY.get(event.get("log_level", LogLevel.info), 6)
+    namespace = event.get("log_namespace", "-")
+    return "".join(f"<{priority}>[{namespace}] {line}\n" for line in text.splitlines())
+
+
+def formatForTerminal(event: dict) -> Optional[str]:
+    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    if not text:
+        return None
+    level = event.get("log_level", LogLevel.info).name.upper()
+    namespace = event.get("log_namespace", "-")
+    when = formatTime(event.get("log_time"), timeFormat="%Y-%m-%d %H:%M:%S%z")
+    return f"{when} {level:<5} [{namespace}] {text}\n"
+
+
+def dropFactoryChatter(event: dict) -> PredicateResult:
+    """
+    Drop the "Starting factory"/"Stopping factory" lines Twisted writes for every
+    outgoing connection: the proxy and the health checks would fill the journal
+    with them.
+    """
+    if event.get("log_format", "").startswith(("Starting factory", "Stopping factory")):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def observer(stream: Optional[IO[str]] = None) -> ILogObserver:
+    """
+    The daemon's log observer (twistd's C{--logger} names this factory).
+    """
+    stream = stream or sys.stdout
+    formatter = formatForJournal if _isJournal(stream) else formatForTerminal
+    return FilteringLogObserver(FileLogObserver(stream, formatter), [dropFactoryChatter])

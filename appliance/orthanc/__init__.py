@@ -1,0 +1,3 @@
+"""
+Orthanc: its configuration, its process, and the service that supervises it.
+"""

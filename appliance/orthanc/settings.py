@@ -1,0 +1,121 @@
+"""
+Orthanc's own JSON configuration, rendered from ours.
+
+Orthanc is never configured by hand on the appliance: everything it must do (and,
+as much, everything it must not) follows from the appliance's configuration here,
+so that an upgrade of the Debian package's defaults cannot open a door.
+"""
+
+import base64
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+from appliance.config import Config
+
+#: The only account Orthanc's REST API knows.  Its password changes at every
+#: start of Orthanc and is known to nobody but this process.
+ORTHANC_USER = "pacs-appliance"
+
+#: The public prefix of the DICOMweb API.  Orthanc serves DICOMweb under the same
+#: prefix so that every URL it writes into a response (RetrieveURL, BulkDataURI)
+#: is already the public one: no response body is ever rewritten.
+DICOMWEB_ROOT = "/pacs/"
+
+
+@dataclass(frozen=True)
+class OrthancCredentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        # Never let the password reach a log line through a repr.
+        return f"OrthancCredentials(username={self.username!r}, password=<hidden>)"
+
+    def authorization(self) -> bytes:
+        """
+        The value of an HTTP C{Authorization} header for these credentials.
+        """
+        token = base64.b64encode(f"{self.username}:{self.password}".encode("utf-8"))
+        return b"Basic " + token
+
+
+def newCredentials() -> OrthancCredentials:
+    return OrthancCredentials(ORTHANC_USER, secrets.token_urlsafe(32))
+
+
+def orthancStorageDir(config: Config) -> Path:
+    return config.appliance.state_dir / "orthanc"
+
+
+def orthancConfigurationPath(config: Config) -> Path:
+    return config.appliance.runtime_dir / "orthanc.json"
+
+
+def renderOrthancConfiguration(
+    config: Config, credentials: OrthancCredentials
+) -> Dict[str, Any]:
+    """
+    The complete Orthanc configuration document for C{config}.
+    """
+    orthanc = config.orthanc
+    storage = orthancStorageDir(config)
+    return {
+        "Name": orthanc.aet,
+        "StorageDirectory": str(storage / "storage"),
+        "IndexDirectory": str(storage / "index"),
+        "Plugins": [str(plugin) for plugin in orthanc.plugins],
+        # HTTP: loopback only, one account, reached through the appliance alone.
+        "HttpServerEnabled": True,
+        "HttpPort": orthanc.http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {credentials.username: credentials.password},
+        "SslEnabled": False,
+        "HttpDescribeErrors": True,
+        # The appliance compresses for clients that accept it; Orthanc compressing
+        # too would only make the proxy decompress.
+        "HttpCompressionEnabled": False,
+        "KeepAlive": True,
+        "TcpNoDelay": True,
+        "OrthancExplorerEnabled": True,
+        "WebDavEnabled": False,
+        # Nothing that runs code or writes outside the storage.
+        "LuaScripts": [],
+        "ExecuteLuaEnabled": False,
+        "RestApiWriteToFileSystemEnabled": False,
+        # DICOM.
+        "DicomServerEnabled": True,
+        "DicomAet": orthanc.aet,
+        "DicomPort": orthanc.dicom_port,
+        "DicomCheckCalledAet": False,
+        "DicomModalities": {},
+        "DicomModalitiesInDatabase": False,
+        "OrthancPeers": {},
+        "OrthancPeersInDatabase": False,
+        # Patient data stays out of the logs.
+        "DeidentifyLogs": True,
+        "DicomWeb": {
+            "Enable": True,
+            "Root": DICOMWEB_ROOT,
+            "EnableWado": True,
+            "WadoRoot": DICOMWEB_ROOT + "wado",
+            # No "Host" and no "Ssl": the plugin then builds every URL from the
+            # request's Forwarded header, which the proxy sets.
+        },
+    }
+
+
+def writeOrthancConfiguration(path: Path, document: Dict[str, Any]) -> None:
+    """
+    Atomically write C{document} to C{path}, readable by the owner only: it
+    holds Orthanc's password.
+    """
+    temporary = path.with_name(path.name + ".new")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+        json.dump(document, stream, indent=2)
+    os.replace(temporary, path)

@@ -1,0 +1,1 @@
+from appliance.service import serviceMaker as pacsAppliance  # noqa: F401
