@@ -76,7 +76,10 @@ def run(configPath: str) -> int:
     except usage.UsageError as error:
         print(f"pacs-appliance: {error}", file=sys.stderr)
         return 1
-    twistd.runApp(options)
+    # twistd.runApp would end the process with the signal that stopped the
+    # reactor; for the appliance, SIGTERM and SIGINT are the normal way to stop
+    # and a clean stop exits 0.
+    twistd._SomeApplicationRunner(options).run()
     return 0
 
 

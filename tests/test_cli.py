@@ -1,0 +1,132 @@
+"""
+The command line as an operator uses it: real processes, real Orthanc.
+"""
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import writeConfig, writeTestConfig
+from tests.test_config import SHIPPED
+from tests.test_orthanc_real import processExists
+
+VENV_BIN = Path(sys.executable).parent
+COMMAND = str(VENV_BIN / "pacs-appliance")
+
+
+def runCommand(*arguments):
+    return subprocess.run([COMMAND, *arguments], capture_output=True, text=True, timeout=120)
+
+
+def test_checkConfigAcceptsTheShippedFile():
+    result = runCommand("check-config", "--config", str(SHIPPED))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{SHIPPED}: OK\n"
+
+
+def test_checkConfigListsEveryProblem(tmp_path):
+    path = writeConfig(tmp_path, {"orthanc": {"http_port": "0", "colour": "blue"}, "nope": {}})
+    result = runCommand("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    colour, nope, port = result.stderr.splitlines()
+    assert colour == f"{path}: [orthanc] colour: unknown key"
+    assert nope.startswith(f"{path}: [nope]: unknown section (known: appliance, orthanc, ")
+    assert port == f"{path}: [orthanc] http_port: '0' is not a port number (1-65535)"
+    assert "Traceback" not in result.stderr
+
+
+def test_runRefusesABrokenConfig(tmp_path):
+    path = writeConfig(tmp_path, {"orthanc": {"http_port": "70000"}})
+    result = runCommand("run", "--config", str(path))
+    assert result.returncode == 1
+    assert f"{path}: [orthanc] http_port: '70000' is not a port number (1-65535)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version():
+    result = runCommand("version")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"pacs-appliance \d+\.\d+\.\d+", lines[0])
+    assert any(re.fullmatch(r"Twisted \d+\.\d+\.\d+.*", line) for line in lines)
+    assert any("OpenSSL" in line for line in lines)
+    assert lines[-1].endswith("1.10.1"), lines[-1]
+
+
+def test_noCommandIsAUsageError():
+    result = runCommand()
+    assert result.returncode == 2
+    assert "give a command" in result.stderr
+
+
+class LineReader:
+    """
+    Reads a child's output line by line with a deadline, never blocking forever.
+    """
+
+    def __init__(self, process):
+        self.process = process
+        self.lines = []
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(process.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+        self.ended = False
+
+    def waitFor(self, pattern, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        expression = re.compile(pattern)
+        while True:
+            for line in self.lines:
+                match = expression.search(line)
+                if match:
+                    return match
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.ended:
+                raise AssertionError(f"no line matching {pattern!r} in:\n" + "\n".join(self.lines))
+            if self.selector.select(min(remaining, 1.0)):
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                self.ended = not chunk
+                self.buffer += chunk if chunk else b"\n"
+                *complete, self.buffer = self.buffer.split(b"\n")
+                self.lines.extend(line.decode("utf-8", "replace") for line in complete)
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        [COMMAND, "run"],
+        [str(VENV_BIN / "twistd"), "--nodaemon", "--pidfile=", "pacs-appliance"],
+    ],
+    ids=["pacs-appliance-run", "twistd-plugin"],
+)
+def test_daemonRunsOrthancAndStopsItOnSigint(tmp_path, launcher):
+    config = writeTestConfig(tmp_path)
+    process = subprocess.Popen(
+        [*launcher, "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    reader = LineReader(process)
+    orthancPid = None
+    try:
+        orthancPid = int(reader.waitFor(r"Orthanc is starting: started as pid (\d+)").group(1))
+        reader.waitFor(r"Orthanc is ready")
+        reader.waitFor(r"\[orthanc[\]#].*Orthanc has started")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        reader.waitFor(r"Orthanc is stopped")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not processExists(orthancPid), "Orthanc outlived the daemon"
+    assert not (tmp_path / "twistd.pid").exists()

@@ -1,0 +1,214 @@
+"""
+The configuration parser: every class of error gets its message, all at once.
+"""
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance.config import (
+    ConfigError,
+    ListenAddress,
+    loadConfig,
+    parseDuration,
+    parseListen,
+    parseSize,
+)
+from tests.support import writeConfig
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHIPPED = REPOSITORY / "etc" / "pacs-appliance" / "appliance.ini"
+DEVELOPMENT = REPOSITORY / "etc" / "dev" / "appliance.ini"
+
+
+def problemsOf(path: Path) -> list:
+    with pytest.raises(ConfigError) as raised:
+        loadConfig(path)
+    return raised.value.problems
+
+
+def test_shippedConfigValidates():
+    config = loadConfig(SHIPPED)
+    assert config.appliance.state_dir == Path("/var/lib/pacs-appliance")
+    assert config.orthanc.http_port == 8042
+    assert config.sources == (SHIPPED,)
+
+
+def test_developmentConfigKeepsStateInTheCheckout():
+    config = loadConfig(DEVELOPMENT)
+    assert config.appliance.state_dir == REPOSITORY / "var" / "state"
+    assert config.appliance.runtime_dir == REPOSITORY / "var" / "run"
+
+
+def test_shippedDefaultsRoundTrip(tmp_path):
+    """
+    Every key the shipped file documents, uncommented, gives exactly the
+    defaults: the file tells the truth about them.
+    """
+    uncommented = re.sub(r"(?m)^;(\w+ = )", r"\1", SHIPPED.read_text())
+    assert uncommented != SHIPPED.read_text()
+    explicit = tmp_path / "appliance.ini"
+    explicit.write_text(uncommented)
+    empty = tmp_path / "empty" / "appliance.ini"
+    empty.parent.mkdir()
+    empty.write_text("")
+    assert replace(loadConfig(explicit), sources=()) == replace(loadConfig(empty), sources=())
+
+
+def test_unknownSectionAndKey(tmp_path):
+    path = writeConfig(tmp_path, {"orthanc": {"htp_port": "1"}, "webb": {"x": "1"}})
+    key, section = problemsOf(path)
+    assert key == f"{path}: [orthanc] htp_port: unknown key"
+    assert section.startswith(f"{path}: [webb]: unknown section (known: appliance, orthanc, ")
+
+
+def test_everyProblemReportedInOneRun(tmp_path):
+    path = writeConfig(
+        tmp_path,
+        {
+            "orthanc": {
+                "http_port": "99999",
+                "dicom_port": "http",
+                "stop_timeout": "soon",
+                "aet": "A\\B",
+                "unresponsive_after": "0",
+                "verbose": "maybe",
+            }
+        },
+    )
+    problems = problemsOf(path)
+    assert problems == [
+        f"{path}: [orthanc] http_port: '99999' is not a port number (1-65535)",
+        f"{path}: [orthanc] dicom_port: 'http' is not a port number (1-65535)",
+        f"{path}: [orthanc] aet: 'A\\\\B' is not an AE title (printable ASCII without backslash)",
+        f"{path}: [orthanc] verbose: 'maybe' is not yes or no",
+        f"{path}: [orthanc] stop_timeout: 'soon' is not a duration"
+        " (a number with a unit: 500ms, 30s, 5m, 1h)",
+        f"{path}: [orthanc] unresponsive_after: '0' is not a whole number of at least 1",
+    ]
+
+
+def test_missingFilesThatMustExist(tmp_path):
+    path = writeConfig(
+        tmp_path,
+        {"orthanc": {"executable": "bin/nothing", "plugins": "/nowhere/libOrthancDicomWeb.so"}},
+    )
+    assert problemsOf(path) == [
+        f"{path}: [orthanc] executable: {tmp_path}/bin/nothing is not an executable file"
+        " (install the orthanc package, or point this key at Orthanc)",
+        f"{path}: [orthanc] plugins: /nowhere/libOrthancDicomWeb.so does not exist"
+        " (install the orthanc-dicomweb package)",
+    ]
+
+
+def test_twoListenersOnOnePort(tmp_path):
+    path = writeConfig(tmp_path, {"orthanc": {"http_port": "4242"}})
+    assert problemsOf(path) == [
+        f"{path}: [orthanc] dicom_port: port 4242 is already used by [orthanc] http_port"
+    ]
+
+
+def test_missingMainFile(tmp_path):
+    missing = tmp_path / "nothing.ini"
+    assert problemsOf(missing) == [
+        f"{missing}: cannot read the file: No such file or directory"
+    ]
+
+
+def test_syntaxErrorNamesTheFile(tmp_path):
+    path = tmp_path / "appliance.ini"
+    path.write_text("state_dir = /x\n")
+    [problem] = problemsOf(path)
+    assert problem.startswith(f"{path}: ")
+    assert "no section headers" in problem
+
+
+def test_duplicateKeyInOneFile(tmp_path):
+    path = tmp_path / "appliance.ini"
+    path.write_text("[orthanc]\nhttp_port = 1000\nhttp_port = 1001\n")
+    [problem] = problemsOf(path)
+    assert problem.startswith(f"{path}: ")
+    assert "'http_port'" in problem and "already exists" in problem
+
+
+def test_confDOverridesInNameOrderAndNamesItsFile(tmp_path):
+    main = writeConfig(tmp_path, {"orthanc": {"http_port": "9000", "aet": "MAIN"}})
+    confd = tmp_path / "conf.d"
+    writeConfig(confd, {"orthanc": {"http_port": "9001"}}, name="10-first.ini")
+    second = writeConfig(confd, {"orthanc": {"http_port": "9002", "dicom_port": "0"}}, name="20-second.ini")
+    writeConfig(confd, {"orthanc": {"http_port": "9999"}}, name="ignored.conf")
+    assert problemsOf(main) == [
+        f"{second}: [orthanc] dicom_port: '0' is not a port number (1-65535)"
+    ]
+    (confd / "20-second.ini").write_text("[orthanc]\nhttp_port = 9002\n")
+    config = loadConfig(main)
+    assert config.orthanc.http_port == 9002
+    assert config.orthanc.aet == "MAIN"
+    assert [path.name for path in config.sources] == ["appliance.ini", "10-first.ini", "20-second.ini"]
+
+
+def test_relativePathsFollowTheirFile(tmp_path):
+    main = writeConfig(tmp_path / "etc", {"appliance": {"state_dir": "../state"}})
+    writeConfig(tmp_path / "etc" / "conf.d", {"appliance": {"runtime_dir": "run"}}, name="a.ini")
+    config = loadConfig(main)
+    assert config.appliance.state_dir == tmp_path / "state"
+    assert config.appliance.runtime_dir == tmp_path / "etc" / "conf.d" / "run"
+
+
+def test_inlineCommentsAreNotValues(tmp_path):
+    path = tmp_path / "appliance.ini"
+    path.write_text("[orthanc]\nhttp_port = 9000 ; Orthanc's port\naet = ARCHIVE # ours\n")
+    config = loadConfig(path)
+    assert (config.orthanc.http_port, config.orthanc.aet) == (9000, "ARCHIVE")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("443", ListenAddress("", 443)),
+        ("127.0.0.1:8443", ListenAddress("127.0.0.1", 8443)),
+        ("[::1]:11112", ListenAddress("::1", 11112)),
+        ("[::]:80", ListenAddress("::", 80)),
+    ],
+)
+def test_listenAddresses(text, expected):
+    assert parseListen(text, Path("/")) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("::1:443", "is not [HOST:]PORT"),
+        ("localhost:443", "is not an IP address"),
+        ("[127.0.0.1]:443", "must be an IPv6 address"),
+        ("1.2.3.4:0", "is not a port number"),
+        ("", "is not [HOST:]PORT"),
+    ],
+)
+def test_badListenAddresses(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parseListen(text, Path("/"))
+
+
+def test_endpointDescriptions():
+    assert ListenAddress("", 443).endpointDescription() == "tcp:443"
+    assert ListenAddress("10.0.0.1", 443).endpointDescription() == "tcp:443:interface=10.0.0.1"
+    assert ListenAddress("::1", 443).endpointDescription() == r"tcp6:443:interface=\:\:1"
+
+
+def test_sizesAndDurations():
+    assert parseSize("512", Path("/")) == 512
+    assert parseSize("64K", Path("/")) == 64 * 1024
+    assert parseSize("2g", Path("/")) == 2 * 1024**3
+    assert parseDuration("30", Path("/")) == 30
+    assert parseDuration("500ms", Path("/")) == 0.5
+    assert parseDuration("5m", Path("/")) == 300
+    assert parseDuration("1.5h", Path("/")) == 5400
+    for bad in ("1T", "-1", "K"):
+        with pytest.raises(ValueError, match="is not a size"):
+            parseSize(bad, Path("/"))
+    for bad in ("1d", "-1s", "s"):
+        with pytest.raises(ValueError, match="is not a duration"):
+            parseDuration(bad, Path("/"))
