@@ -14,7 +14,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+from cryptography import x509
 
 DEFAULT_CONFIG_PATH = Path("/etc/pacs-appliance/appliance.ini")
 
@@ -87,9 +89,66 @@ class OrthancSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    certificate: Path
+    private_key: Path
+
+
+@dataclass(frozen=True)
+class WebSection:
+    listen_https: ListenAddress
+    listen_http: Optional[ListenAddress]
+    ohif_root: Path
+    site_name: str
+    investigational_use: bool
+    content_security_policy: str
+    cross_origin_isolation: bool
+    hsts_max_age: float
+    idle_timeout: float
+    header_timeout: float
+    max_connections: int
+
+
+#: The TLS profiles of the DICOM port (see appliance.dicom.profiles).
+TLS_PROFILES = ("bcp195-nd", "legacy")
+
+
+@dataclass(frozen=True)
+class DicomSection:
+    listen: Optional[ListenAddress]
+    tls_profile: str
+    require_client_certificate: bool
+    client_ca: Optional[Path]
+    handshake_timeout: float
+    idle_timeout: float
+    max_connections: int
+    max_first_pdu: int
+
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class ModalitySection:
+    """
+    One remote DICOM node, from a C{[modality:NAME]} section.
+    """
+
+    name: str
+    aet: str
+    host: IPNetwork
+    port: Optional[int]
+    certificate_subject: Optional[x509.Name]
+
+
+@dataclass(frozen=True)
 class Config:
     appliance: ApplianceSection
     orthanc: OrthancSection
+    tls: TlsSection
+    web: WebSection
+    dicom: DicomSection
+    modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
 
 
@@ -171,14 +230,68 @@ def parseBool(text: str, base: Path) -> bool:
     raise ValueError(f"{text!r} is not yes or no")
 
 
+def parseOptionalPort(text: str, base: Path) -> Optional[int]:
+    return parsePort(text, base) if text else None
+
+
+def parseChoice(*choices: str) -> Callable[[str, Path], str]:
+    def parse(text: str, base: Path) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def parseHostOrNetwork(text: str, base: Path) -> IPNetwork:
+    if not text:
+        raise ValueError("an IP address or network (CIDR, like 10.1.2.0/24) is required")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IP address or network (give an address or a CIDR"
+            " like 10.1.2.0/24, not a name)"
+        )
+
+
+def parseCertificateSubject(text: str, base: Path) -> Optional[x509.Name]:
+    if not text:
+        return None
+    try:
+        return x509.Name.from_rfc4514_string(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a certificate subject (write it as in RFC 4514,"
+            " like CN=ct1.example.org,O=Hospital)"
+        )
+
+
 def parsePath(text: str, base: Path) -> Path:
     if not text:
         raise ValueError("a path is required")
     return Path(os.path.normpath(base / Path(text).expanduser()))
 
 
+def parseOptionalPath(text: str, base: Path) -> Optional[Path]:
+    return parsePath(text, base) if text else None
+
+
 def parsePathList(text: str, base: Path) -> Tuple[Path, ...]:
     return tuple(parsePath(item, base) for item in text.split() if item)
+
+
+def parseText(text: str, base: Path) -> str:
+    if not text.isprintable():
+        raise ValueError(f"{text!r} contains control characters")
+    return text
+
+
+def parseContentSecurityPolicy(text: str, base: Path) -> str:
+    # The policy goes into a header verbatim: nothing may end the header early.
+    if not re.fullmatch(r"[\x20-\x7e]+", text):
+        raise ValueError("a policy is printable ASCII on one line (or leave the default)")
+    return text
 
 
 def parseAETitle(text: str, base: Path) -> str:
@@ -200,6 +313,16 @@ class Key:
     parse: Callable[[str, Path], object]
     default: str
 
+
+#: What the OHIF viewer needs and no more: its own scripts (the inline ones in
+#: index.html are allowed by their hashes, added by the web site), WebAssembly
+#: codecs, blob: workers, React's inline styles, and data: images and fonts.
+DEFAULT_CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:;"
+    " style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:;"
+    " font-src 'self' data:; connect-src 'self' data: blob:; object-src 'none';"
+    " base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
 
 #: Every section and key the appliance knows.  Defaults are what the shipped
 #: appliance.ini documents; relative default paths never occur.
@@ -224,7 +347,49 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "unresponsive_after": Key(parseCount, "3"),
         "max_start_failures": Key(parseCount, "3"),
     },
+    "tls": {
+        "certificate": Key(parsePath, "/etc/pacs-appliance/tls/cert.pem"),
+        "private_key": Key(parsePath, "/etc/pacs-appliance/tls/key.pem"),
+    },
+    "web": {
+        "listen_https": Key(parseListen, "443"),
+        "listen_http": Key(parseOptionalListen, "80"),
+        "ohif_root": Key(parsePath, "/usr/share/pacs-appliance/ohif"),
+        "site_name": Key(parseText, "PACS"),
+        "investigational_use": Key(parseBool, "no"),
+        "content_security_policy": Key(parseContentSecurityPolicy, DEFAULT_CONTENT_SECURITY_POLICY),
+        "cross_origin_isolation": Key(parseBool, "yes"),
+        "hsts_max_age": Key(parseDuration, "8760h"),
+        "idle_timeout": Key(parsePositiveDuration, "2m"),
+        "header_timeout": Key(parsePositiveDuration, "30s"),
+        "max_connections": Key(parseCount, "1000"),
+    },
+    "dicom": {
+        "listen": Key(parseOptionalListen, "11112"),
+        "tls_profile": Key(parseChoice(*TLS_PROFILES), "bcp195-nd"),
+        "require_client_certificate": Key(parseBool, "no"),
+        "client_ca": Key(parseOptionalPath, ""),
+        "handshake_timeout": Key(parsePositiveDuration, "10s"),
+        "idle_timeout": Key(parsePositiveDuration, "5m"),
+        "max_connections": Key(parseCount, "100"),
+        "max_first_pdu": Key(parseSize, "64K"),
+    },
 }
+
+#: The sections named C{[modality:NAME]}, one a remote DICOM node.
+MODALITY_PREFIX = "modality:"
+MODALITY_SCHEMA: Dict[str, Key] = {
+    "aet": Key(parseAETitle, ""),
+    "host": Key(parseHostOrNetwork, ""),
+    "port": Key(parseOptionalPort, ""),
+    "certificate_subject": Key(parseCertificateSubject, ""),
+}
+
+
+def _schemaOf(section: str) -> Optional[Dict[str, Key]]:
+    if section.startswith(MODALITY_PREFIX):
+        return MODALITY_SCHEMA
+    return SCHEMA.get(section)
 
 
 @dataclass
@@ -264,12 +429,22 @@ def _readFile(path: Path, settings: Dict[str, Dict[str, _Setting]], problems: Li
         problems.append(f"{path}: {message}")
         return
     for section in parser.sections():
-        known = SCHEMA.get(section)
+        known = _schemaOf(section)
         if known is None:
             problems.append(
-                f"{path}: [{section}]: unknown section (known: {', '.join(SCHEMA)})"
+                f"{path}: [{section}]: unknown section (known: {', '.join(SCHEMA)},"
+                f" {MODALITY_PREFIX}NAME)"
             )
             continue
+        if known is MODALITY_SCHEMA and not re.fullmatch(
+            r"[A-Za-z0-9_-]{1,64}", section[len(MODALITY_PREFIX) :]
+        ):
+            problems.append(
+                f"{path}: [{section}]: a modality name is 1 to 64 letters, digits, - or _"
+            )
+            continue
+        # An empty [modality:NAME] must still be reported for its missing keys.
+        settings.setdefault(section, {})
         for key, value in parser.items(section):
             if key not in known:
                 problems.append(f"{path}: [{section}] {key}: unknown key")
@@ -282,9 +457,10 @@ def _parseSection(
     given: Dict[str, _Setting],
     defaultSource: Path,
     problems: List[str],
+    schema: Optional[Dict[str, Key]] = None,
 ) -> Dict[str, object]:
     values: Dict[str, object] = {}
-    for key, spec in SCHEMA[name].items():
+    for key, spec in (schema or SCHEMA[name]).items():
         setting = given.get(key, _Setting(spec.default, defaultSource))
         try:
             values[key] = spec.parse(setting.text, setting.source.parent)
@@ -316,11 +492,38 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
                 " (install the orthanc-dicomweb package)"
             )
 
+    # Either both halves of the certificate are installed or neither is (then a
+    # self-signed one is generated); one alone is a mistake made while installing.
+    certificate, privateKey = config.tls.certificate, config.tls.private_key
+    if certificate.exists() != privateKey.exists():
+        present, missing = (
+            ("certificate", "private_key") if certificate.exists() else ("private_key", "certificate")
+        )
+        problems.append(
+            f"{where('tls', missing)}: {getattr(config.tls, missing)} does not exist but"
+            f" [tls] {present} does (install both files, or remove both to use a"
+            " generated self-signed certificate)"
+        )
+    elif certificate.exists():
+        from appliance.tls import CertificateError, readCertificate
+
+        try:
+            readCertificate(certificate, privateKey)
+        except CertificateError as error:
+            problems.append(f"{where('tls', 'certificate')}: {error}")
+
     # Orthanc binds both its ports on every interface, whatever our listeners say.
     listeners = [
         ("orthanc", "http_port", ListenAddress("", config.orthanc.http_port)),
         ("orthanc", "dicom_port", ListenAddress("", config.orthanc.dicom_port)),
+        ("web", "listen_https", config.web.listen_https),
     ]
+    if config.web.listen_http is not None:
+        listeners.append(("web", "listen_http", config.web.listen_http))
+    if config.dicom.listen is not None:
+        listeners.append(("dicom", "listen", config.dicom.listen))
+    problems.extend(_checkDicom(config, where))
+
     for index, (section, key, address) in enumerate(listeners):
         for otherSection, otherKey, other in listeners[:index]:
             if address.overlaps(other):
@@ -328,6 +531,44 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
                     f"{where(section, key)}: port {address.port} is already used by"
                     f" [{otherSection}] {otherKey}"
                 )
+    return problems
+
+
+def _checkDicom(config: Config, where: Callable[[str, str], str]) -> List[str]:
+    problems = []
+    dicom = config.dicom
+    if dicom.require_client_certificate and dicom.client_ca is None:
+        problems.append(
+            f"{where('dicom', 'client_ca')}: mutual TLS needs the certificate authority"
+            " that signs the modalities' certificates (set client_ca to its PEM file)"
+        )
+    if dicom.client_ca is not None and not dicom.client_ca.is_file():
+        problems.append(f"{where('dicom', 'client_ca')}: {dicom.client_ca} does not exist")
+    # Orthanc compares AE titles without regard to case: so must the uniqueness.
+    seen: Dict[str, str] = {}
+    for modality in config.modalities:
+        section = MODALITY_PREFIX + modality.name
+        other = seen.setdefault(modality.aet.upper(), modality.name)
+        if other != modality.name:
+            problems.append(
+                f"{where(section, 'aet')}: {modality.aet!r} is already the AE title of"
+                f" [{MODALITY_PREFIX}{other}] (each modality needs its own)"
+            )
+        if modality.aet.upper() == config.orthanc.aet.upper():
+            problems.append(
+                f"{where(section, 'aet')}: {modality.aet!r} is the archive's own AE title"
+                " ([orthanc] aet)"
+            )
+        if modality.port is not None and modality.host.num_addresses != 1:
+            problems.append(
+                f"{where(section, 'host')}: a C-MOVE destination (a modality with a port)"
+                f" needs one address, not the network {modality.host}"
+            )
+        if modality.certificate_subject is not None and not dicom.require_client_certificate:
+            problems.append(
+                f"{where(section, 'certificate_subject')}: a certificate subject is only"
+                " checked under mutual TLS (set [dicom] require_client_certificate = yes)"
+            )
     return problems
 
 
@@ -350,11 +591,23 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH) -> Config:
         name: _parseSection(name, settings.get(name, {}), mainPath, problems)
         for name in SCHEMA
     }
+    modalities = {
+        section: _parseSection(section, given, mainPath, problems, MODALITY_SCHEMA)
+        for section, given in sorted(settings.items())
+        if section.startswith(MODALITY_PREFIX)
+    }
     if problems:
         raise ConfigError(problems)
     config = Config(
         appliance=ApplianceSection(**sections["appliance"]),  # type: ignore[arg-type]
         orthanc=OrthancSection(**sections["orthanc"]),  # type: ignore[arg-type]
+        tls=TlsSection(**sections["tls"]),  # type: ignore[arg-type]
+        web=WebSection(**sections["web"]),  # type: ignore[arg-type]
+        dicom=DicomSection(**sections["dicom"]),  # type: ignore[arg-type]
+        modalities=tuple(
+            ModalitySection(name=section[len(MODALITY_PREFIX) :], **values)  # type: ignore[arg-type]
+            for section, values in modalities.items()
+        ),
         sources=tuple(files),
     )
     problems.extend(_check(config, settings, mainPath))

@@ -3,12 +3,19 @@ The service tree of the daemon, and the options of its twistd plugin.
 """
 
 from pathlib import Path
+from typing import List
 
 from twisted.application.service import IService, MultiService, ServiceMaker
 from twisted.python import usage
 
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
+from appliance.dicom.destinations import DestinationRelays
+from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.supervisor import OrthancSupervisor
+from appliance.reload import CertificateUser, ReloadOnSighup
+from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
+from appliance.tls import ServerTLS, loadServerCertificate
+from appliance.web.site import buildWebService
 
 
 class Options(usage.Options):
@@ -30,7 +37,23 @@ def buildService(config: Config, reactor=None) -> MultiService:
     The whole appliance as one service tree.
     """
     root = MultiService()
-    OrthancSupervisor(config, reactor).setServiceParent(root)
+    # The relays start first: their loopback ports go into Orthanc's configuration.
+    relays = DestinationRelays(config, reactor)
+    relays.setServiceParent(root)
+    orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports)
+    orthanc.setServiceParent(root)
+    certificateUsers: List[CertificateUser] = []
+    if config.dicom.listen is not None:
+        forwarder = DicomForwarderService(config, reactor)
+        forwarder.setServiceParent(root)
+        certificateUsers.append(forwarder)
+    webTLS = ServerTLS(loadServerCertificate(config), [b"http/1.1"])
+    buildWebService(config, orthanc, reactor, webTLS).setServiceParent(root)
+    certificateUsers.append(webTLS)
+    notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval())
+    ReloadOnSighup(config, certificateUsers, notify, reactor).setServiceParent(root)
+    # Last: it starts once every listener is bound (see its docstring).
+    notify.setServiceParent(root)
     return root
 
 

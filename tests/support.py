@@ -2,7 +2,11 @@
 Helpers shared by the test suites: configuration files, free ports, DICOM data.
 """
 
+import shutil
 import socket
+import tempfile
+import urllib.error
+import urllib.request
 import sys
 from array import array
 from pathlib import Path
@@ -23,6 +27,15 @@ def freePort() -> int:
         return probe.getsockname()[1]
 
 
+def temporaryFolder(case) -> Path:
+    """
+    A new folder outside the checkout, removed when the test C{case} ends.
+    """
+    path = Path(tempfile.mkdtemp(prefix="pacs-appliance-test-"))
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def writeConfig(folder: Path, sections: Dict[str, Dict[str, object]], name: str = "appliance.ini") -> Path:
     """
     Write an INI file from C{sections} into C{folder} and return its path.
@@ -38,18 +51,52 @@ def writeConfig(folder: Path, sections: Dict[str, Dict[str, object]], name: str 
     return path
 
 
+def stubViewer(folder: Path) -> Path:
+    """
+    A stand-in for the OHIF build: just enough of one (an index.html) for the
+    configuration to accept C{folder} as [web] ohif_root.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.html").write_text(
+        '<!doctype html><html><head><script src="/app-config.js"></script>'
+        "</head><body>stub viewer</body></html>",
+        encoding="utf-8",
+    )
+    return folder
+
+
 def testConfig(folder: Path, **sections: Dict[str, object]) -> Config:
     """
-    A loaded configuration with its state under C{folder} and Orthanc on free
-    ports; C{sections} override or add keys.
+    The configuration L{writeTestConfig} writes, loaded.
+    """
+    return loadConfig(writeTestConfig(folder, **sections))
+
+
+def writeTestConfig(folder: Path, **sections: Dict[str, object]) -> Path:
+    """
+    A configuration file with its state under C{folder}, Orthanc and the web
+    and DICOM listeners on free loopback ports, a stub viewer and a certificate that
+    will be generated into C{folder}; C{sections} override or add keys.
     """
     base: Dict[str, Dict[str, object]] = {
         "appliance": {"state_dir": folder / "state", "runtime_dir": folder / "run"},
         "orthanc": {"http_port": freePort(), "dicom_port": freePort()},
+        "tls": {"certificate": folder / "tls" / "cert.pem", "private_key": folder / "tls" / "key.pem"},
+        "web": {
+            "listen_https": f"127.0.0.1:{freePort()}",
+            "listen_http": f"127.0.0.1:{freePort()}",
+        },
+        "dicom": {"listen": f"127.0.0.1:{freePort()}"},
     }
     for section, keys in sections.items():
         base.setdefault(section, {}).update(keys)
-    return loadConfig(writeConfig(folder, base))
+    if "ohif_root" not in base["web"]:
+        base["web"]["ohif_root"] = stubViewer(folder / "ohif")
+    return writeConfig(folder, base)
+
+
+testConfig.__test__ = False  # helpers, not tests
+writeTestConfig.__test__ = False
 
 
 def ctSeries(
@@ -117,3 +164,172 @@ def ctSeries(
         ds.PixelData = pixels.tobytes()
         instances.append(ds)
     return instances
+
+
+def httpGet(url: str, headers: Optional[Dict[str, str]] = None, timeout: float = 30):
+    """
+    GET C{url} with the standard library in a thread; a Deferred firing with
+    C{(status, headers, body)} for any status, so tests can check refusals.
+    """
+    from twisted.internet.threads import deferToThread
+
+    def get():
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read()
+
+    return deferToThread(get)
+
+
+def storeInstances(port: int, instances: List[Dataset], calledAET: str = "PACS", callingAET: str = "TESTSCU", sslContext=None):
+    """
+    C-STORE C{instances} to 127.0.0.1:C{port} with pynetdicom, in a thread; a
+    Deferred firing with the list of C-STORE statuses.
+    """
+    from pynetdicom import AE
+    from twisted.internet.threads import deferToThread
+
+    def store():
+        ae = AE(ae_title=callingAET)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        tls = (sslContext, None) if sslContext is not None else None
+        association = ae.associate("127.0.0.1", port, ae_title=calledAET, tls_args=tls)
+        if not association.is_established:
+            raise RuntimeError(f"association with port {port} was not established")
+        try:
+            return [association.send_c_store(ds).Status for ds in instances]
+        finally:
+            association.release()
+
+    return deferToThread(store)
+
+
+class TestAuthority:
+    """
+    A certificate authority for tests: RSA keys, certificates written as PEM
+    files under a folder.
+    """
+
+    __test__ = False
+
+    def __init__(self, folder: Path, name: str = "Test CA") -> None:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self._folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self._validity = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2))
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._validity[0])
+            .not_valid_after(self._validity[1])
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self.path = self._write("ca.pem", self.certificate, None)
+
+    def issue(self, stem: str, commonName: str, server: bool = False):
+        """
+        Issue an RSA certificate; return the paths of its certificate and key.
+        """
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name([
+                    x509.NameAttribute(NameOID.COMMON_NAME, commonName),
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Hospital"),
+                ])
+            )
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._validity[0])
+            .not_valid_after(self._validity[1])
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]),
+                critical=False,
+            )
+        certificate = builder.sign(self._key, hashes.SHA256())
+        return self._write(f"{stem}.pem", certificate, None), self._write(f"{stem}.key", None, key)
+
+    def _write(self, name: str, certificate, key) -> Path:
+        from cryptography.hazmat.primitives import serialization
+
+        path = self._folder / name
+        if certificate is not None:
+            path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        else:
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.TraditionalOpenSSL,
+                    serialization.NoEncryption(),
+                )
+            )
+        return path
+
+
+def httpExchange(factory, raw: bytes):
+    """
+    Feed the raw HTTP request C{raw} to a protocol built by the web
+    C{factory} (a Site) over an in-memory transport (which never pauses its
+    producer) and return C{(status, headers, body)} of the first response,
+    headers as a dict of lower-case names to lists of values.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 443),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 54321),
+    )
+    protocol = factory.buildProtocol(transport.getPeer())
+    protocol.makeConnection(transport)
+    protocol.dataReceived(raw)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    statusLine, *headerLines = head.split(b"\r\n")
+    headers: Dict[str, List[str]] = {}
+    for line in headerLines:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    protocol.connectionLost(Failure(ConnectionDone()))
+    return int(statusLine.split()[1]), headers, body

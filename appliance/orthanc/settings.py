@@ -12,7 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional
 
 from appliance.config import Config
 
@@ -24,6 +24,10 @@ ORTHANC_USER = "pacs-appliance"
 #: prefix so that every URL it writes into a response (RetrieveURL, BulkDataURI)
 #: is already the public one: no response body is ever rewritten.
 DICOMWEB_ROOT = "/pacs/"
+
+#: The AE title of the appliance's own C-ECHO readiness check: Orthanc knows it
+#: as a modality on the loopback interface that may only C-ECHO.
+PROBE_AET = "APPLIANCE-PROBE"
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,48 @@ def orthancConfigurationPath(config: Config) -> Path:
     return config.appliance.runtime_dir / "orthanc.json"
 
 
+def renderDicomModalities(
+    config: Config, relayPorts: Mapping[str, int]
+) -> Dict[str, Dict[str, Any]]:
+    """
+    Orthanc's C{DicomModalities}: every modality on 127.0.0.1, because every
+    association reaches Orthanc through the forwarder; the port is that of
+    the modality's loopback relay (see L{appliance.dicom.destinations}).
+    """
+    modalities: Dict[str, Dict[str, Any]] = {
+        modality.name: {
+            "AET": modality.aet,
+            "Host": "127.0.0.1",
+            # Without a relay (no [modality:NAME] port, or Orthanc run without
+            # the forwarder's services), a C-MOVE to this modality goes to
+            # Orthanc itself, which refuses its own AE title as a caller.
+            "Port": relayPorts.get(modality.name, config.orthanc.dicom_port),
+        }
+        for modality in config.modalities
+    }
+    modalities["appliance-probe"] = {
+        "AET": PROBE_AET,
+        "Host": "127.0.0.1",
+        "Port": config.orthanc.dicom_port,
+        "AllowEcho": True,
+        "AllowFind": False,
+        "AllowFindWorklist": False,
+        "AllowGet": False,
+        "AllowMove": False,
+        "AllowStore": False,
+        "AllowStorageCommitment": False,
+    }
+    return modalities
+
+
 def renderOrthancConfiguration(
-    config: Config, credentials: OrthancCredentials
+    config: Config,
+    credentials: OrthancCredentials,
+    relayPorts: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, Any]:
     """
-    The complete Orthanc configuration document for C{config}.
+    The complete Orthanc configuration document for C{config}; C{relayPorts}
+    are the loopback ports through which Orthanc reaches each modality.
     """
     orthanc = config.orthanc
     storage = orthancStorageDir(config)
@@ -91,8 +132,18 @@ def renderOrthancConfiguration(
         "DicomServerEnabled": True,
         "DicomAet": orthanc.aet,
         "DicomPort": orthanc.dicom_port,
-        "DicomCheckCalledAet": False,
-        "DicomModalities": {},
+        # Only associations from 127.0.0.1 (the forwarder) are accepted: see
+        # appliance.dicom.destinations for why this is what keeps other hosts out.
+        "DicomCheckCalledAet": True,
+        "StrictAetComparison": True,
+        "DicomCheckModalityHost": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowFindWorklist": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomModalities": renderDicomModalities(config, relayPorts or {}),
         "DicomModalitiesInDatabase": False,
         "OrthancPeers": {},
         "OrthancPeersInDatabase": False,

@@ -15,7 +15,7 @@ can never start, and its C{stopService} waits for the child to be gone.
 
 import os
 from enum import Enum
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.config import Config
-from appliance.orthanc.probe import RestProbe
+from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.process import OrthancProcessProtocol
 from appliance.orthanc.settings import (
     OrthancCredentials,
@@ -68,19 +68,41 @@ class OrthancSupervisor(Service):
     @ivar reason: a sentence explaining the state, for the log and /healthz.
     @ivar credentials: what the proxy uses to reach Orthanc's REST API; new at
         every start of Orthanc.
+    @ivar dicomStatus: a sentence on the last C-ECHO to Orthanc's DICOM port,
+        for /healthz; readiness needs both the REST API and the C-ECHO.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor=None, probe=None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor=None,
+        probe=None,
+        echoProbe=None,
+        relayPorts: Optional[Mapping[str, int]] = None,
+    ) -> None:
+        """
+        @param probe: asks Orthanc's REST API, given the credentials.
+        @param echoProbe: asks its DICOM port; by default a C-ECHO, unless
+            C{probe} is given (then only what is given is asked).
+        @param relayPorts: the loopback ports through which Orthanc reaches the
+            modalities, by name (see L{appliance.dicom.destinations}).
+        """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._config = config
         self._settings = config.orthanc
         self._reactor = reactor
-        self._probe = probe or RestProbe(
-            reactor, config.orthanc.http_port, config.orthanc.health_timeout
-        )
+        if probe is None:
+            probe = RestProbe(reactor, config.orthanc.http_port, config.orthanc.health_timeout)
+            echoProbe = echoProbe or DicomEchoProbe(
+                reactor, config.orthanc.dicom_port, config.orthanc.aet, config.orthanc.health_timeout
+            )
+        self._probe = probe
+        self._echoProbe = echoProbe
+        self._relayPorts = relayPorts if relayPorts is not None else {}
+        self.dicomStatus = "not checked yet"
         self.state = OrthancState.STOPPED
         self.reason = "not started"
         self.credentials: Optional[OrthancCredentials] = None
@@ -151,7 +173,8 @@ class OrthancSupervisor(Service):
         self.credentials = newCredentials()
         configurationPath = orthancConfigurationPath(self._config)
         writeOrthancConfiguration(
-            configurationPath, renderOrthancConfiguration(self._config, self.credentials)
+            configurationPath,
+            renderOrthancConfiguration(self._config, self.credentials, self._relayPorts),
         )
         arguments = [str(executable), str(configurationPath)]
         if self._settings.verbose:
@@ -190,7 +213,7 @@ class OrthancSupervisor(Service):
 
     def _runProbe(self) -> None:
         process = self._process
-        probe = maybeDeferred(self._probe, self.credentials)
+        probe = self._checkReadiness()
         self._probeInFlight = probe
         probe.addCallbacks(
             self._probeAnswered,
@@ -202,6 +225,28 @@ class OrthancSupervisor(Service):
             lambda failure: self.log.failure("Error while handling an Orthanc probe", failure)
         )
 
+    def _checkReadiness(self) -> Deferred:
+        """
+        Ask the REST API, then the DICOM port.
+        """
+        checking = maybeDeferred(self._probe, self.credentials)
+        if self._echoProbe is not None:
+            checking.addCallback(lambda _: self._echoDicom())
+        return checking
+
+    def _echoDicom(self) -> Deferred:
+        port = self._settings.dicom_port
+
+        def answered(_: object) -> None:
+            self.dicomStatus = f"answers C-ECHO on 127.0.0.1:{port}"
+
+        def failed(failure: Failure) -> Failure:
+            error = failure.getErrorMessage() or failure.type.__name__
+            self.dicomStatus = f"no C-ECHO answer on 127.0.0.1:{port}: {error}"
+            return failure
+
+        return maybeDeferred(self._echoProbe).addCallbacks(answered, failed)
+
     def _probeAnswered(self, _: object, process: object) -> None:
         self._probeInFlight = None
         if process is not self._process or not self.running:
@@ -211,7 +256,10 @@ class OrthancSupervisor(Service):
             self._cancelTimers("startTimeout")
             self._becameReady = True
             self._startFailures = 0
-            self._setState(OrthancState.READY, f"answering on 127.0.0.1:{self._settings.http_port}")
+            answering = f"answering on 127.0.0.1:{self._settings.http_port}"
+            if self._echoProbe is not None:
+                answering += f" (HTTP) and 127.0.0.1:{self._settings.dicom_port} (DICOM)"
+            self._setState(OrthancState.READY, answering)
             self._schedule("resetBackoff", self._settings.backoff_reset_after, self._resetBackoff)
         self._schedule("probe", self._settings.health_interval, self._runProbe)
 

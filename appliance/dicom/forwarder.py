@@ -1,0 +1,321 @@
+"""
+The DICOM TLS forwarder: modalities connect to [dicom] listen over TLS, their
+A-ASSOCIATE-RQ is read and checked, and only then is a connection to Orthanc's
+DICOM port on the loopback interface opened, the request replayed and the rest
+relayed both ways.
+
+Refusals get a proper A-ASSOCIATE-RJ before the connection is closed; a peer
+that does not speak TLS, or sends something other than an A-ASSOCIATE-RQ, is
+closed.  Each connection ends with one log line: peer, certificate subject,
+calling and called AE titles, the outcome, bytes each way and duration.
+"""
+
+import ipaddress
+from typing import Optional
+
+from cryptography import x509
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.ssl import PrivateCertificate
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from appliance.config import Config
+from appliance.dicom.admission import admit, describeSubject
+from appliance.dicom.pdu import (
+    ASSOCIATE_RQ_TYPE,
+    NO_REASON_GIVEN,
+    PDU_HEADER,
+    TEMPORARY_CONGESTION,
+    NotAnAssociationRequest,
+    RejectResult,
+    RejectSource,
+    Rejection,
+    decodeAssociationRequest,
+)
+from appliance.dicom.profiles import DicomTLSContext, weakProfileWarning
+from appliance.dicom.relay import RelayedConnection, RelayFactory
+from appliance.tls import loadServerCertificate
+
+#: How long opening the loopback connection to Orthanc may take.
+UPSTREAM_CONNECT_TIMEOUT = 10
+
+#: How a peer may leave before its TLS handshake without that being a TLS error.
+_QUIET_ENDS = (ConnectionDone, ConnectionLost)
+
+
+def peerAddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(host)
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@implementer(IHandshakeListener)
+class ModalityConnection(RelayedConnection):
+    """
+    One TLS connection from a modality, before and while it is relayed to
+    Orthanc.
+    """
+
+    log = Logger()
+
+    def __init__(self, factory: "ForwarderFactory") -> None:
+        settings = factory.config.dicom
+        super().__init__(factory.reactor, settings.idle_timeout)
+        self.factory = factory
+        self._buffer = b""
+        self._deadline = None
+        self.subject: Optional[x509.Name] = None
+        self.callingAET = "-"
+        self.calledAET = "-"
+        self.outcome = "closed before the TLS handshake finished"
+
+    # --- the TLS handshake and the association request
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Both the handshake and the association request must arrive in time:
+        # a peer cannot hold a connection by trickling either.
+        self._deadline = self._reactor.callLater(
+            self.factory.config.dicom.handshake_timeout, self._tooSlow
+        )
+
+    def handshakeCompleted(self) -> None:
+        certificate = self.transport.getPeerCertificate()
+        if certificate is not None:
+            self.subject = certificate.to_cryptography().subject
+        self.outcome = "closed before its association request"
+
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        if not self.transport.disconnecting:
+            self.outcome = (
+                "refused: no TLS handshake and association request within"
+                f" {self.factory.config.dicom.handshake_timeout:g}s"
+            )
+        # Also ends a refused peer's wait for a TLS close it never answers.
+        self.transport.abortConnection()
+
+    def dataBeforeRelaying(self, data: bytes) -> None:
+        if self.transport.disconnecting:
+            return  # refused already: whatever follows is not read
+        self._buffer += data
+        if len(self._buffer) < PDU_HEADER.size:
+            return
+        pduType, _, length = PDU_HEADER.unpack_from(self._buffer)
+        if pduType != ASSOCIATE_RQ_TYPE:
+            self._close(f"refused: not DICOM (first PDU type 0x{pduType:02x})")
+            return
+        limit = self.factory.config.dicom.max_first_pdu
+        if PDU_HEADER.size + length > limit:
+            self._refuse(
+                Rejection(
+                    RejectResult.PERMANENT,
+                    RejectSource.SERVICE_PROVIDER_ACSE,
+                    NO_REASON_GIVEN,
+                    f"A-ASSOCIATE-RQ of {PDU_HEADER.size + length} bytes is larger than"
+                    f" [dicom] max_first_pdu ({limit})",
+                )
+            )
+            return
+        if len(self._buffer) < PDU_HEADER.size + length:
+            return
+        try:
+            request = decodeAssociationRequest(self._buffer[: PDU_HEADER.size + length])
+        except NotAnAssociationRequest as error:
+            self._close(f"refused: {error}")
+            return
+        self.callingAET, self.calledAET = request.callingAET, request.calledAET
+        verdict = admit(
+            self.factory.config.modalities,
+            self.factory.config.orthanc.aet,
+            request,
+            peerAddress(self.transport.getPeer().host),
+            self.subject,
+        )
+        if isinstance(verdict, Rejection):
+            self._refuse(verdict)
+            return
+        self._cancelDeadline()
+        self.outcome = f"accepted as [modality:{verdict.name}]"
+        buffered, self._buffer = self._buffer, b""
+        relaying = self.relayTo(self.factory.orthancEndpoint(), buffered)
+        relaying.addErrback(self._orthancUnreachable)
+
+    def _orthancUnreachable(self, reason: Failure) -> None:
+        self._refuse(
+            Rejection(
+                RejectResult.TRANSIENT,
+                RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                TEMPORARY_CONGESTION,
+                f"Orthanc's DICOM port cannot be reached ({reason.getErrorMessage()})",
+            )
+        )
+
+    def _refuse(self, rejection: Rejection) -> None:
+        self.transport.write(rejection.encode())
+        self._close(f"refused ({rejection.why})")
+
+    def _close(self, outcome: str) -> None:
+        # The deadline stays: a refused peer that never closes is cut off by it.
+        self.outcome = outcome
+        self.transport.loseConnection()
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def idleTimedOut(self) -> None:
+        self.outcome += f"; closed after {self._idleTimeout:g}s without traffic"
+
+    # --- the end
+
+    def connectionEnded(self, reason: Failure, duration: float) -> None:
+        self._cancelDeadline()
+        if self.outcome.startswith("closed before the TLS handshake") and not reason.check(
+            *_QUIET_ENDS
+        ):
+            self.outcome = f"refused: TLS handshake failed ({_describeTLSError(reason)})"
+        self.log.emit(
+            LogLevel.info if self.outcome.startswith("accepted") else LogLevel.warn,
+            "DICOM connection from {peer} (certificate {subject}), {calling} calling"
+            " {called}: {outcome}; {received} bytes in, {sent} bytes out, {duration:.3f}s",
+            peer=self.transport.getPeer().host,
+            subject=describeSubject(self.subject),
+            calling=self.callingAET,
+            called=self.calledAET,
+            outcome=self.outcome,
+            received=self.received,
+            sent=self.sent,
+            duration=duration,
+        )
+
+
+def _describeTLSError(reason: Failure) -> str:
+    # OpenSSL errors are lists of (library, function, reason) tuples; the last
+    # reason says it best ("unsupported protocol", "wrong version number"...).
+    errors = getattr(reason.value, "args", ())
+    if errors and isinstance(errors[0], list) and errors[0]:
+        return str(errors[0][-1][-1])
+    return reason.getErrorMessage() or reason.type.__name__
+
+
+
+class ForwarderFactory(RelayFactory):
+    """
+    Builds a L{ModalityConnection} per accepted connection.
+    """
+
+    def __init__(self, config: Config, reactor) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+
+    def buildProtocol(self, addr) -> ModalityConnection:
+        return ModalityConnection(self)
+
+    def orthancEndpoint(self) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(
+            self.reactor,
+            "127.0.0.1",
+            self.config.orthanc.dicom_port,
+            timeout=UPSTREAM_CONNECT_TIMEOUT,
+        )
+
+
+class CappedTLSFactory(TLSMemoryBIOFactory):
+    """
+    TLS over the forwarder's connections, refusing connections beyond
+    [dicom] max_connections before any TLS is spoken (the handshake is what
+    costs).
+    """
+
+    log = Logger()
+
+    def __init__(self, context: DicomTLSContext, forwarder: ForwarderFactory) -> None:
+        super().__init__(context, False, forwarder)
+        self._forwarder = forwarder
+
+    def buildProtocol(self, addr):
+        limit = self._forwarder.config.dicom.max_connections
+        if len(self._forwarder.connections) >= limit:
+            self.log.warn(
+                "DICOM connection from {peer} refused: {limit} connections are open"
+                " ([dicom] max_connections)",
+                peer=addr.host,
+                limit=limit,
+            )
+            return None
+        return super().buildProtocol(addr)
+
+
+class DicomForwarderService(Service):
+    """
+    Listens on [dicom] listen for as long as the service runs.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self._config = config
+        self._reactor = reactor
+        self.factory = ForwarderFactory(config, reactor)
+        self._port = None
+        self._tls: Optional[DicomTLSContext] = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        settings = self._config.dicom
+        assert settings.listen is not None  # the service exists only then
+        warning = weakProfileWarning(settings)
+        if warning is not None:
+            self.log.warn(warning)
+        self._tls = DicomTLSContext(settings, loadServerCertificate(self._config))
+        endpoint = serverFromString(self._reactor, settings.listen.endpointDescription())
+        listening = endpoint.listen(CappedTLSFactory(self._tls, self.factory))
+        listening.addCallbacks(self._listening, self._cannotListen)
+
+    def _listening(self, port) -> None:
+        self._port = port
+        self.log.info(
+            "DICOM TLS on {address} ({profile} profile{mutual}), forwarding to Orthanc"
+            " on 127.0.0.1:{upstream}",
+            address=str(self._config.dicom.listen),
+            profile=self._config.dicom.tls_profile,
+            mutual=", client certificates required"
+            if self._config.dicom.require_client_certificate
+            else "",
+            upstream=self._config.orthanc.dicom_port,
+        )
+
+    def _cannotListen(self, reason: Failure) -> None:
+        self.log.critical(
+            "Cannot listen for DICOM TLS on {address}: {error}. Free the port or change"
+            " [dicom] listen.",
+            address=str(self._config.dicom.listen),
+            error=reason.getErrorMessage(),
+        )
+
+    def useCertificate(self, certificate: PrivateCertificate) -> None:
+        """
+        New associations present C{certificate}; open ones are not touched.
+        """
+        if self._tls is not None:
+            self._tls.useCertificate(certificate)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        stopping = [self.factory.abortAll()]
+        if port is not None:
+            stopping.append(port.stopListening())
+        return gatherResults(stopping)

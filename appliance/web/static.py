@@ -1,0 +1,562 @@
+"""
+The OHIF viewer's files, served the way a careful nginx operator would.
+
+    /app-config.js           generated from our configuration (appconfig.py)
+    /some/file.ext           the file under ohif_root, or 404
+    /viewer, /viewer/x, /    index.html: OHIF routes in the browser (SPA fallback)
+
+Every file is described once by an L{Asset} (type, caching, validators and its
+precompressed variants), cached and revalidated with one C{stat} a request.
+Small representations are kept in memory; large bundles are streamed by a
+producer the transport pauses, so a slow client holds one buffer, not the file.  Paths that try to
+leave the root are refused and logged.
+"""
+
+import base64
+import hashlib
+import mimetypes
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from appliance.web.methods import answerOtherMethod, isRead
+
+INDEX = "index.html"
+APP_CONFIG = "app-config.js"
+
+#: Representations up to this size are read once and kept in memory: the
+#: viewer's small files are requested on every page load.
+MEMORY_CACHE_LIMIT = 256 * 1024
+
+IMMUTABLE = b"public, max-age=31536000, immutable"
+REVALIDATE = b"no-cache"
+
+#: webpack names its chunks and assets with a content hash of 16 hex digits
+#: (C{1180.bundle.762993518ea30ae3.js}, C{0ddf166f7a343eda.wasm}).
+_CONTENT_HASH = re.compile(r"(^|[.-])[0-9a-f]{16,}\.")
+
+#: Precompressed variants, in the order they are preferred, by file suffix.
+ENCODINGS = ((b"br", ".br"), (b"gzip", ".gz"))
+
+_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+    ".jsonc": "application/json",
+    ".map": "application/json",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+    ".xml": "application/xml",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".ttf": "font/ttf",
+    ".otf": "font/otf",
+    ".webmanifest": "application/manifest+json",
+    ".webapp": "application/x-web-app-manifest+json",
+}
+
+#: What makes a name a file name.  A numeric suffix does not: the last segment
+#: of a deep link may be a DICOM UID (1.2.840...).
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
+
+_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.DOTALL | re.IGNORECASE)
+
+
+def contentType(name: str) -> bytes:
+    suffix = os.path.splitext(name)[1].lower()
+    known = _TYPES.get(suffix) or mimetypes.guess_type(name, strict=False)[0]
+    return (known or "application/octet-stream").encode("ascii")
+
+
+def cacheControl(name: str) -> bytes:
+    return IMMUTABLE if _CONTENT_HASH.search(name) else REVALIDATE
+
+
+def inlineScriptHashes(html: bytes) -> List[str]:
+    """
+    CSP source expressions allowing the inline scripts of C{html}.
+    """
+    return [
+        "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode("ascii") + "'"
+        for body in _INLINE_SCRIPT.findall(html)
+        if body.strip()
+    ]
+
+
+@dataclass(frozen=True)
+class Representation:
+    """
+    One stored form of an asset: the file itself or a precompressed copy.
+    """
+
+    path: Path
+    encoding: Optional[bytes]
+    size: int
+    etag: bytes
+    body: Optional[bytes]
+
+
+@dataclass(frozen=True)
+class Asset:
+    """
+    A file of the viewer and all that is needed to answer for it.
+
+    @ivar stamp: what C{stat} said when it was read; a change means re-read.
+    @ivar representations: the precompressed ones first, the file itself last.
+    """
+
+    stamp: Tuple[int, int, int]
+    contentType: bytes
+    cacheControl: bytes
+    lastModified: bytes
+    modified: int
+    representations: Tuple[Representation, ...]
+
+
+def _stamp(status: os.stat_result) -> Tuple[int, int, int]:
+    return (status.st_ino, status.st_mtime_ns, status.st_size)
+
+
+def _representation(path: Path, status: os.stat_result, encoding: Optional[bytes]) -> Representation:
+    suffix = "-" + encoding.decode("ascii") if encoding else ""
+    etag = f'"{status.st_mtime_ns:x}-{status.st_size:x}{suffix}"'.encode("ascii")
+    body = path.read_bytes() if status.st_size <= MEMORY_CACHE_LIMIT else None
+    return Representation(path, encoding, status.st_size, etag, body)
+
+
+class AssetCatalog:
+    """
+    The files under one root, described on first use and kept while unchanged.
+    """
+
+    log = Logger()
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.realpath(root))
+        self._assets: Dict[str, Asset] = {}
+
+    def find(self, relative: str) -> Optional[Asset]:
+        """
+        The asset at C{relative} (a checked path under the root), or L{None} if
+        there is no regular file there inside the root.
+        """
+        path = self.root / relative
+        try:
+            status = os.stat(path)
+        except OSError:
+            # Missing, not a folder on the way, name too long, unreadable.
+            return None
+        if not stat.S_ISREG(status.st_mode):
+            return None
+        cached = self._assets.get(relative)
+        if cached is not None and cached.stamp == _stamp(status):
+            return cached
+        if not self._inside(path):
+            self.log.warn("Refused {path}: a link that leads out of {root}", path=relative, root=str(self.root))
+            return None
+        asset = self._describe(path, status)
+        self._assets[relative] = asset
+        return asset
+
+    def _inside(self, path: Path) -> bool:
+        return os.path.realpath(path).startswith(str(self.root) + os.sep)
+
+    def _describe(self, path: Path, status: os.stat_result) -> Asset:
+        representations = []
+        for encoding, suffix in ENCODINGS:
+            variant = path.with_name(path.name + suffix)
+            try:
+                variantStatus = os.stat(variant)
+            except OSError:
+                continue
+            # A variant older than its file is left over from a previous build.
+            if (
+                stat.S_ISREG(variantStatus.st_mode)
+                and variantStatus.st_mtime_ns >= status.st_mtime_ns
+                and self._inside(variant)
+            ):
+                representations.append(_representation(variant, variantStatus, encoding))
+        representations.append(_representation(path, status, None))
+        return Asset(
+            stamp=_stamp(status),
+            contentType=contentType(path.name),
+            cacheControl=cacheControl(path.name),
+            lastModified=http.datetimeToString(status.st_mtime),
+            modified=int(status.st_mtime),
+            representations=tuple(representations),
+        )
+
+
+def generatedAsset(name: str, body: bytes) -> Asset:
+    """
+    An asset made in memory (app-config.js), revalidated by its content hash.
+    """
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    return Asset(
+        stamp=(0, 0, len(body)),
+        contentType=contentType(name),
+        cacheControl=REVALIDATE,
+        lastModified=b"",
+        modified=0,
+        representations=(Representation(Path(name), None, len(body), f'"{digest}"'.encode("ascii"), body),),
+    )
+
+
+class BadPath(Exception):
+    """
+    The request path tries to leave the root or is not a plain path.
+    """
+
+
+def checkedPath(segments: List[bytes]) -> str:
+    """
+    The relative file path named by the decoded path C{segments}.
+
+    @raise BadPath: for dot segments, encoded slashes, backslashes, control
+        characters, a C{%} left after decoding (double encoding), empty
+        segments inside the path, or bytes that are not UTF-8.
+    """
+    names = []
+    for index, segment in enumerate(segments):
+        if segment == b"":
+            if index == len(segments) - 1:
+                continue
+            raise BadPath("empty path segment")
+        if segment in (b".", b".."):
+            raise BadPath("dot segment")
+        if any(byte < 0x20 or byte == 0x7F for byte in segment):
+            raise BadPath("control character")
+        for forbidden in (b"/", b"\\", b"%"):
+            if forbidden in segment:
+                raise BadPath(f"{forbidden.decode()} inside a segment")
+        try:
+            names.append(segment.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadPath("not UTF-8")
+    return "/".join(names)
+
+
+def _entityTags(header: bytes) -> List[bytes]:
+    return [tag.strip().removeprefix(b"W/") for tag in header.split(b",") if tag.strip()]
+
+
+def _byteRange(header: bytes, size: int) -> Optional[Tuple[int, int]]:
+    """
+    The one range C{header} asks for, as (first, last) within C{size}; L{None}
+    when the header is to be ignored (malformed or several ranges: the whole
+    file is then a valid answer).
+
+    @raise ValueError: if the range is well formed but outside the file.
+    """
+    match = re.fullmatch(rb"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0:
+            raise ValueError("empty suffix range")
+        return max(size - suffix, 0), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size:
+        raise ValueError("range starts after the end")
+    if end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+def acceptedEncodings(header: Optional[bytes]) -> Dict[bytes, float]:
+    accepted: Dict[bytes, float] = {}
+    for item in (header or b"").split(b","):
+        coding, _, parameters = item.strip().partition(b";")
+        if not coding:
+            continue
+        quality = 1.0
+        match = re.search(rb"q\s*=\s*([0-9.]+)", parameters)
+        if match:
+            try:
+                quality = float(match.group(1))
+            except ValueError:
+                quality = 0.0
+        accepted[coding.strip().lower()] = quality
+    return accepted
+
+
+def chooseRepresentation(asset: Asset, acceptEncoding: Optional[bytes]) -> Representation:
+    accepted = acceptedEncodings(acceptEncoding)
+    for representation in asset.representations:
+        if representation.encoding is None:
+            return representation
+        quality = accepted.get(representation.encoding, accepted.get(b"*", 0.0))
+        if quality > 0:
+            return representation
+    raise AssertionError("an asset always has its identity representation")
+
+
+class ViewerResource(Resource):
+    """
+    The viewer's files under C{root}, at the root of the site.
+
+    @param appConfig: the text of the generated C{app-config.js}.
+    @param contentSecurityPolicy: the policy from the configuration; the hashes
+        of index.html's inline scripts are added to its C{script-src}.
+    @param crossOriginIsolation: send COOP/COEP so the viewer may use
+        SharedArrayBuffer.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        root: Path,
+        appConfig: bytes,
+        contentSecurityPolicy: str,
+        crossOriginIsolation: bool,
+    ) -> None:
+        super().__init__()
+        self._catalog = AssetCatalog(root)
+        self._appConfig = generatedAsset(APP_CONFIG, appConfig)
+        self._policy = contentSecurityPolicy
+        self._policyFor: Tuple[Optional[Asset], bytes] = (None, b"")
+        self._isolation = crossOriginIsolation
+
+    def render(self, request: Request) -> bytes:
+        if not isRead(request):
+            return answerOtherMethod(request)
+        try:
+            relative = checkedPath(request.postpath)
+        except BadPath as reason:
+            self.log.warn(
+                "Refused path {path!r} from {client}: {reason}",
+                path=request.uri.decode("latin-1"),
+                client=request.getClientAddress().host if request.getClientAddress() else "-",
+                reason=str(reason),
+            )
+            return self._refuse(request, http.BAD_REQUEST, b"Bad path.\n")
+        asset = self._find(relative)
+        if asset is None:
+            return self._refuse(request, http.NOT_FOUND, b"Not found.\n")
+        self._securityHeaders(request)
+        return self._serve(request, asset)
+
+    def _find(self, relative: str) -> Optional[Asset]:
+        if relative == APP_CONFIG:
+            return self._appConfig
+        name = relative.rpartition("/")[2]
+        if name.startswith("."):
+            # Hidden files (the build's stamp, editor leftovers) are not part of it.
+            return None
+        asset = self._catalog.find(relative) if relative else None
+        if asset is None and not _EXTENSION.search(name):
+            # A route of the viewer, not a file: the browser-side router takes it.
+            return self._catalog.find(INDEX)
+        return asset
+
+    def _refuse(self, request: Request, code: int, message: bytes) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return message
+
+    def _securityHeaders(self, request: Request) -> None:
+        request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy())
+        if self._isolation:
+            request.setHeader(b"Cross-Origin-Opener-Policy", b"same-origin")
+            request.setHeader(b"Cross-Origin-Embedder-Policy", b"require-corp")
+        request.setHeader(b"Cross-Origin-Resource-Policy", b"same-origin")
+
+    def _contentSecurityPolicy(self) -> bytes:
+        """
+        The policy with the current index.html's inline scripts allowed; made
+        again only when index.html changes.
+        """
+        index = self._catalog.find(INDEX)
+        cachedFor, policy = self._policyFor
+        if index is not cachedFor:
+            identity = index.representations[-1] if index else None
+            html = identity.body if identity and identity.body is not None else b""
+            hashes = " ".join(inlineScriptHashes(html))
+            directives = []
+            for directive in self._policy.split(";"):
+                directive = directive.strip()
+                if hashes and directive.split(" ", 1)[0] == "script-src":
+                    directive = f"{directive} {hashes}"
+                directives.append(directive)
+            policy = "; ".join(d for d in directives if d).encode("ascii")
+            self._policyFor = (index, policy)
+        return policy
+
+    def _serve(self, request: Request, asset: Asset) -> object:
+        representation = chooseRepresentation(asset, request.getHeader(b"Accept-Encoding"))
+        request.setHeader(b"Content-Type", asset.contentType)
+        request.setHeader(b"Cache-Control", asset.cacheControl)
+        request.setHeader(b"ETag", representation.etag)
+        if asset.lastModified:
+            request.setHeader(b"Last-Modified", asset.lastModified)
+        if len(asset.representations) > 1:
+            request.setHeader(b"Vary", b"Accept-Encoding")
+        if representation.encoding is not None:
+            request.setHeader(b"Content-Encoding", representation.encoding)
+        request.setHeader(b"Accept-Ranges", b"bytes")
+
+        if self._notModified(request, asset, representation):
+            request.setResponseCode(http.NOT_MODIFIED)
+            for header in (b"Content-Type", b"Content-Encoding", b"Accept-Ranges"):
+                request.responseHeaders.removeHeader(header)
+            return b""
+
+        first, last = 0, representation.size - 1
+        rangeHeader = request.getHeader(b"Range")
+        if rangeHeader is not None and request.method == b"GET" and self._rangeApplies(request, representation):
+            try:
+                wanted = _byteRange(rangeHeader, representation.size)
+            except ValueError:
+                request.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+                request.setHeader(b"Content-Range", b"bytes */%d" % (representation.size,))
+                request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+                request.responseHeaders.removeHeader(b"Content-Encoding")
+                return b"Range not satisfiable.\n"
+            if wanted is not None:
+                first, last = wanted
+                request.setResponseCode(http.PARTIAL_CONTENT)
+                request.setHeader(
+                    b"Content-Range", b"bytes %d-%d/%d" % (first, last, representation.size)
+                )
+        length = last - first + 1 if representation.size else 0
+        request.setHeader(b"Content-Length", b"%d" % (length,))
+        if request.method == b"HEAD":
+            return b""
+        if representation.body is not None:
+            return representation.body[first : last + 1]
+        return self._stream(request, representation, first, length)
+
+    def _notModified(self, request: Request, asset: Asset, representation: Representation) -> bool:
+        """
+        RFC 9110's evaluation: If-None-Match when given, else If-Modified-Since.
+        """
+        ifNoneMatch = request.getHeader(b"If-None-Match")
+        if ifNoneMatch is not None:
+            tags = _entityTags(ifNoneMatch)
+            return b"*" in tags or representation.etag in tags
+        ifModifiedSince = request.getHeader(b"If-Modified-Since")
+        if ifModifiedSince is None or not asset.lastModified:
+            return False
+        try:
+            since = http.stringToDatetime(ifModifiedSince)
+        except ValueError:
+            return False
+        return asset.modified <= since
+
+    def _rangeApplies(self, request: Request, representation: Representation) -> bool:
+        """
+        Without If-Range, or when it names this very representation.
+        """
+        ifRange = request.getHeader(b"If-Range")
+        if ifRange is None:
+            return True
+        return ifRange.strip() == representation.etag
+
+    def _stream(self, request: Request, representation: Representation, first: int, length: int) -> object:
+        try:
+            stream = representation.path.open("rb")
+        except OSError as error:
+            self.log.error(
+                "Cannot read {path}: {error}", path=str(representation.path), error=error.strerror
+            )
+            request.setResponseCode(http.INTERNAL_SERVER_ERROR)
+            request.responseHeaders.removeHeader(b"Content-Encoding")
+            request.setHeader(b"Content-Length", b"0")
+            return b""
+        FileRangeProducer(request, stream, first, length).start()
+        return NOT_DONE_YET
+
+
+@implementer(IPushProducer)
+class FileRangeProducer:
+    """
+    Writes C{length} bytes of an open file from C{offset} to a request, a
+    block at a time for as long as the transport does not pause it: the
+    transport pauses it as soon as its buffer is full and resumes it when the
+    client has taken the data, so a slow client holds one buffer, not the file.
+    """
+
+    blockSize = 64 * 1024
+    log = Logger()
+
+    def __init__(self, request: Request, stream, offset: int, length: int) -> None:
+        self._request: Optional[Request] = request
+        self.stream = stream
+        self._offset = offset
+        self._remaining = length
+        self._paused = False
+        self._producing = False
+
+    def start(self) -> None:
+        self.stream.seek(self._offset)
+        # The file is closed when the client goes away, whether or not the
+        # transport stops its producer.
+        self._request.notifyFinish().addErrback(lambda reason: self.stopProducing())
+        # A channel that is paused already pauses us right here.
+        self._request.registerProducer(self, True)
+        self._produce()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._produce()
+
+    def stopProducing(self) -> None:
+        self._request = None
+        self.stream.close()
+
+    def _produce(self) -> None:
+        # request.write may pause us, or (on error) stop us, from inside.
+        if self._producing:
+            return
+        self._producing = True
+        try:
+            while not self._paused and self._request is not None:
+                self._sendBlock(self._request)
+        finally:
+            self._producing = False
+
+    def _sendBlock(self, request: Request) -> None:
+        data = self.stream.read(min(self.blockSize, self._remaining))
+        self._remaining -= len(data)
+        if data:
+            request.write(data)
+        if self._remaining and data:
+            return
+        request.unregisterProducer()
+        if self._remaining:
+            # The file shrank under us: the promised length cannot be kept, so
+            # the connection is dropped rather than the response left short.
+            self.log.error("{path} shrank while it was being sent", path=self.stream.name)
+            request.loseConnection()
+        else:
+            request.finish()
+        self.stopProducing()

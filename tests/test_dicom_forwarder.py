@@ -1,0 +1,625 @@
+"""
+The DICOM TLS forwarder in front of the real Orthanc, with real peers: dcmtk's
+echoscu and storescu, and pynetdicom over an ssl.SSLContext.  Every refusal is
+checked on the wire (the A-ASSOCIATE-RJ is decoded) and followed by a
+successful association: the forwarder keeps serving.
+"""
+
+import json
+import os
+import socket
+import ssl
+import struct
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from twisted.application.service import MultiService
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from appliance.dicom.destinations import DestinationRelays
+from appliance.dicom.forwarder import DicomForwarderService
+from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from tests.support import (
+    TestAuthority,
+    ctSeries,
+    freePort,
+    httpGet,
+    storeInstances,
+    temporaryFolder,
+    testConfig,
+)
+
+READY_TIMEOUT = 120
+#: How long a peer waits for an answer before the test fails.
+PEER_TIMEOUT = 20
+
+
+def associateRequest(callingAET: str, calledAET: str = "PACS") -> bytes:
+    """
+    A well-formed A-ASSOCIATE-RQ proposing Verification, encoded by pynetdicom.
+    """
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = callingAET
+    primitive.called_ae_title = calledAET
+    context = build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    maximumLength = MaximumLengthNotification()
+    maximumLength.maximum_length_received = 16382
+    primitive.user_information = [maximumLength]
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    return request.encode()
+
+
+def decodeRejection(answer: bytes):
+    """
+    The (result, source, reason) of the A-ASSOCIATE-RJ C{answer} is.
+    """
+    assert answer[:1] == b"\x03", f"not an A-ASSOCIATE-RJ: {answer[:16]!r}"
+    rejection = A_ASSOCIATE_RJ()
+    rejection.decode(answer)
+    return rejection.result, rejection.source, rejection.reason_diagnostic
+
+
+def exchange(port: int, payload: bytes, context: Optional[ssl.SSLContext]):
+    """
+    In a thread: connect (over TLS if C{context}), send C{payload}, and read
+    until the forwarder closes; a Deferred firing with what it answered.
+    """
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT) as raw:
+            stream = context.wrap_socket(raw) if context is not None else raw
+            if payload:
+                stream.sendall(payload)
+            answer = b""
+            while True:
+                try:
+                    chunk = stream.recv(65536)
+                except (ConnectionResetError, ssl.SSLError):
+                    return answer
+                if not chunk:
+                    return answer
+                answer += chunk
+
+    return deferToThread(run)
+
+
+
+class Appliance:
+    """
+    The DICOM half of the service tree, as buildService assembles it: the
+    destination relays, the Orthanc supervisor and the forwarder.
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.root = MultiService()
+        self.relays = DestinationRelays(config, reactor)
+        self.relays.setServiceParent(self.root)
+        self.orthanc = OrthancSupervisor(config, reactor, relayPorts=self.relays.ports)
+        self.orthanc.setServiceParent(self.root)
+        self.forwarder = DicomForwarderService(config, reactor)
+        self.forwarder.setServiceParent(self.root)
+
+    def start(self):
+        self.root.startService()
+        return self.orthanc.whenState(OrthancState.READY).addTimeout(READY_TIMEOUT, reactor)
+
+    def stop(self):
+        return self.root.stopService()
+
+    @property
+    def port(self) -> int:
+        return self.config.dicom.listen.port
+
+    def restCredentials(self):
+        return {"Authorization": self.orthanc.credentials.authorization().decode("ascii")}
+
+    def rest(self, path: str):
+        url = f"http://127.0.0.1:{self.config.orthanc.http_port}{path}"
+        return httpGet(url, self.restCredentials())
+
+
+class ForwarderTestCase(TestCase):
+    """
+    Starts Orthanc behind the forwarder with certificates of a test authority.
+    """
+
+    timeout = 300
+    dicom: dict = {}
+    modalities: dict = {
+        "modality:ct1": {"aet": "CT1", "host": "127.0.0.0/8"},
+        "modality:faraway": {"aet": "FARAWAY", "host": "10.255.0.0/16"},
+    }
+
+    def setUp(self):
+        self.folder = temporaryFolder(self)
+        self.authority = self.sharedAuthority()
+        self.serverCertificate, self.serverKey = self.authority.issue(
+            "server", "localhost", server=True
+        )
+        self.events: List[dict] = []
+        self.waiting: List[tuple] = []
+        globalLogPublisher.addObserver(self.observe)
+        self.addCleanup(globalLogPublisher.removeObserver, self.observe)
+        self.appliance = Appliance(self.makeConfig())
+        self.addCleanup(self.appliance.stop)
+        return self.appliance.start()
+
+    @classmethod
+    def sharedAuthority(cls) -> TestAuthority:
+        # RSA keys are slow to make: one authority per class is enough.
+        if "_authority" not in cls.__dict__:
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="pacs-appliance-ca-"))
+            cls._authority = TestAuthority(folder)
+        return cls._authority
+
+    def makeConfig(self, **overrides):
+        sections = {
+            "tls": {"certificate": self.serverCertificate, "private_key": self.serverKey},
+            "dicom": {"listen": f"127.0.0.1:{freePort()}", **self.dicom},
+            **self.modalities,
+        }
+        sections.update(overrides)
+        return testConfig(self.folder, **sections)
+
+    # --- peers
+
+    def clientContext(self, certificate=None, key=None, **versions) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_verify_locations(str(self.authority.path))
+        if certificate is not None:
+            context.load_cert_chain(str(certificate), str(key))
+        with warnings.catch_warnings():
+            # Old TLS versions are asked for on purpose, to be refused.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for name, value in versions.items():
+                setattr(context, name, value)
+        if versions:
+            # Let this client offer what OpenSSL would otherwise refuse to.
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        return context
+
+    def echo(self, callingAET="CT1", context="default") -> "Deferred":
+        """
+        A C-ECHO through the forwarder with pynetdicom; fires with its status,
+        or None if no association was established.
+        """
+        if context == "default":
+            context = self.clientContext()
+
+        def run():
+            ae = AE(ae_title=callingAET)
+            ae.acse_timeout = ae.network_timeout = ae.connection_timeout = PEER_TIMEOUT
+            ae.add_requested_context(Verification)
+            tls = (context, None) if context is not None else None
+            association = ae.associate(
+                "127.0.0.1", self.appliance.port, ae_title="PACS", tls_args=tls
+            )
+            if not association.is_established:
+                return None
+            try:
+                return association.send_c_echo().Status
+            finally:
+                association.release()
+
+        return deferToThread(run)
+
+    async def assertStillServing(self):
+        self.assertEqual(await self.echo(), 0x0000)
+
+    def dcmtk(self, program: str, *arguments: str):
+        return getProcessOutputAndValue(
+            f"/usr/bin/{program}",
+            ["-to", str(PEER_TIMEOUT), "-ta", str(PEER_TIMEOUT), "-td", str(PEER_TIMEOUT), *arguments],
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+    def connectionLogs(self) -> List[dict]:
+        return [event for event in self.events if "outcome" in event and "calling" in event]
+
+    def observe(self, event: dict) -> None:
+        self.events.append(event)
+        waiting, self.waiting = self.waiting, []
+        for count, waiter in waiting:
+            if len(self.connectionLogs()) >= count:
+                waiter.callback(self.connectionLogs())
+            else:
+                self.waiting.append((count, waiter))
+
+    def logged(self, count: int) -> Deferred:
+        """
+        Fires with the connection log lines once there are C{count} of them:
+        the line is written when the forwarder has seen the connection close,
+        which may be just after the peer has.
+        """
+        if len(self.connectionLogs()) >= count:
+            return succeed(self.connectionLogs())
+        waiter: Deferred = Deferred()
+        self.waiting.append((count, waiter))
+        return waiter.addTimeout(PEER_TIMEOUT, reactor)
+
+    async def lastOutcome(self) -> str:
+        """
+        The outcome of the connection that just closed (the first of the test
+        unless others were waited for).
+        """
+        self.seen = getattr(self, "seen", 0) + 1
+        logs = await self.logged(self.seen)
+        return logs[self.seen - 1]["outcome"]
+
+
+class ForwarderTests(ForwarderTestCase):
+    async def test_dcmtkEchoWithEachBCP195Profile(self):
+        """
+        echoscu with a client certificate and each BCP 195 profile, and
+        anonymously (+tla), associates through the forwarder.
+        """
+        certificate, key = self.authority.issue("ct1", "ct1.test")
+        for tls in (
+            ["+tls", str(key), str(certificate), "+py"],
+            ["+tls", str(key), str(certificate), "+px"],
+            ["+tla", "+py"],
+            ["+tla", "+px"],
+        ):
+            out, err, code = await self.dcmtk(
+                "echoscu", *tls, "+cf", str(self.authority.path),
+                "-aet", "CT1", "-aec", "PACS", "127.0.0.1", str(self.appliance.port),
+            )
+            self.assertEqual(code, 0, f"echoscu {' '.join(tls)}: {err.decode()}")
+
+    async def test_retiredAESProfileRefusedByDefault(self):
+        out, err, code = await self.dcmtk(
+            "echoscu", "+tla", "+pa", "+cf", str(self.authority.path),
+            "-aet", "CT1", "-aec", "PACS", "127.0.0.1", str(self.appliance.port),
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn("TLS handshake failed", await self.lastOutcome())
+        await self.assertStillServing()
+
+    async def test_dcmtkStoresAStudyThatOrthancHolds(self):
+        series = ctSeries(4)
+        files = []
+        for number, instance in enumerate(series):
+            path = self.folder / f"ct{number}.dcm"
+            instance.save_as(path, enforce_file_format=True)
+            files.append(str(path))
+        out, err, code = await self.dcmtk(
+            "storescu", "+tla", "+px", "+cf", str(self.authority.path),
+            "-aet", "CT1", "-aec", "PACS", "127.0.0.1", str(self.appliance.port), *files,
+        )
+        self.assertEqual(code, 0, err.decode())
+        status, _, body = await self.appliance.rest("/studies?expand")
+        self.assertEqual(status, 200)
+        [study] = json.loads(body)
+        self.assertEqual(study["MainDicomTags"]["StudyInstanceUID"], series[0].StudyInstanceUID)
+        status, _, body = await self.appliance.rest(f"/studies/{study['ID']}/instances")
+        self.assertEqual(len(json.loads(body)), 4)
+        [event] = await self.logged(1)
+        self.assertEqual(event["outcome"], "accepted as [modality:ct1]")
+        # The whole study went in and the answers came back.
+        self.assertGreater(event["received"], 4 * 64 * 64 * 2)
+        self.assertGreater(event["sent"], 0)
+
+    async def test_pynetdicomEchoStoreAndFind(self):
+        self.assertEqual(await self.echo(), 0x0000)
+        series = ctSeries(3)
+        statuses = await storeInstances(
+            self.appliance.port, series, callingAET="CT1", sslContext=self.clientContext()
+        )
+        self.assertEqual(statuses, [0, 0, 0])
+
+        def find():
+            ae = AE(ae_title="CT1")
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+            association = ae.associate(
+                "127.0.0.1", self.appliance.port, ae_title="PACS",
+                tls_args=(self.clientContext(), None),
+            )
+            assert association.is_established
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = series[0].StudyInstanceUID
+            query.NumberOfStudyRelatedInstances = ""
+            try:
+                return [
+                    identifier
+                    for status, identifier in association.send_c_find(
+                        query, StudyRootQueryRetrieveInformationModelFind
+                    )
+                    if status and status.Status in (0xFF00, 0xFF01)
+                ]
+            finally:
+                association.release()
+
+        [match] = await deferToThread(find)
+        self.assertEqual(match.StudyInstanceUID, series[0].StudyInstanceUID)
+        self.assertEqual(int(match.NumberOfStudyRelatedInstances), 3)
+
+    async def test_unknownCallingAERejected(self):
+        answer = await exchange(
+            self.appliance.port, associateRequest("NOBODY"), self.clientContext()
+        )
+        # Rejected permanent, by the service user, calling AE not recognised.
+        self.assertEqual(decodeRejection(answer), (1, 1, 3))
+        self.assertEqual(
+            await self.lastOutcome(), "refused (calling AE 'NOBODY' is not a configured modality)"
+        )
+        await self.assertStillServing()
+
+    async def test_unknownCalledAERejected(self):
+        answer = await exchange(
+            self.appliance.port, associateRequest("CT1", "ELSEWHERE"), self.clientContext()
+        )
+        self.assertEqual(decodeRejection(answer), (1, 1, 7))
+        await self.assertStillServing()
+
+    async def test_wrongSourceAddressRejected(self):
+        answer = await exchange(
+            self.appliance.port, associateRequest("FARAWAY"), self.clientContext()
+        )
+        self.assertEqual(decodeRejection(answer), (1, 1, 3))
+        self.assertEqual(
+            await self.lastOutcome(),
+            "refused ([modality:faraway] connects from 10.255.0.0/16, not from 127.0.0.1)",
+        )
+        await self.assertStillServing()
+
+    async def test_oldTLSVersionsRefused(self):
+        for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+            context = self.clientContext(minimum_version=version, maximum_version=version)
+            with self.assertRaises(ssl.SSLError):
+                await exchange(self.appliance.port, associateRequest("CT1"), context)
+            self.assertIn("TLS handshake failed", await self.lastOutcome())
+        await self.assertStillServing()
+
+    async def test_plainDicomOnTheTLSPort(self):
+        self.assertIsNone(await self.echo(context=None))
+        self.assertIn("TLS handshake failed", await self.lastOutcome())
+        await self.assertStillServing()
+
+    async def test_randomBytesClosed(self):
+        answer = await exchange(self.appliance.port, os.urandom(4096), None)
+        # At most a TLS alert comes back, never anything DICOM.
+        self.assertTrue(answer == b"" or answer[:1] == b"\x15", answer[:16])
+        self.assertIn("TLS handshake failed", await self.lastOutcome())
+        await self.assertStillServing()
+
+    async def test_nonDicomInsideTLSClosed(self):
+        answer = await exchange(
+            self.appliance.port, b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n", self.clientContext()
+        )
+        self.assertEqual(answer, b"")
+        self.assertEqual(await self.lastOutcome(), "refused: not DICOM (first PDU type 0x47)")
+        await self.assertStillServing()
+
+    async def test_oversizedFirstPDURejected(self):
+        header = struct.pack(">BBL", 0x01, 0, 10 * 1024 * 1024)
+        answer = await exchange(
+            self.appliance.port, header + b"\0" * 70000, self.clientContext()
+        )
+        # Rejected permanent, by the service provider (ACSE), no reason given.
+        self.assertEqual(decodeRejection(answer), (1, 2, 1))
+        self.assertIn("larger than [dicom] max_first_pdu", await self.lastOutcome())
+        await self.assertStillServing()
+
+    async def test_reloadedCertificateForNewAssociations(self):
+        successor = TestAuthority(self.folder / "successor", "Successor CA")
+        certificate, key = successor.issue("server", "localhost", server=True)
+        self.appliance.forwarder.useCertificate(
+            PrivateCertificate.loadPEM(certificate.read_text() + key.read_text())
+        )
+        trustsSuccessor = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        trustsSuccessor.check_hostname = False
+        trustsSuccessor.load_verify_locations(str(successor.path))
+        self.assertEqual(await self.echo(context=trustsSuccessor), 0x0000)
+        self.assertIsNone(await self.echo())
+
+    async def test_oneLogLinePerAssociation(self):
+        await self.echo()
+        await exchange(self.appliance.port, associateRequest("NOBODY"), self.clientContext())
+        accepted, refused = await self.logged(2)
+        self.assertEqual(
+            (accepted["peer"], accepted["subject"], accepted["calling"], accepted["called"]),
+            ("127.0.0.1", "-", "CT1", "PACS"),
+        )
+        self.assertEqual(accepted["outcome"], "accepted as [modality:ct1]")
+        self.assertGreater(accepted["received"], 0)
+        self.assertGreater(accepted["sent"], 0)
+        self.assertGreaterEqual(accepted["duration"], 0)
+        self.assertEqual(refused["calling"], "NOBODY")
+        self.assertEqual(refused["sent"], 0)
+
+
+class ReadinessTests(ForwarderTestCase):
+    def test_readyMeansTheDicomSideAnswersToo(self):
+        """
+        The supervisor's real C-ECHO reached Orthanc (as the probe's AE title,
+        which Orthanc's configuration lets only C-ECHO).
+        """
+        port = self.appliance.config.orthanc.dicom_port
+        self.assertEqual(self.appliance.orthanc.dicomStatus, f"answers C-ECHO on 127.0.0.1:{port}")
+
+
+class MoveTests(ForwarderTestCase):
+    """
+    C-MOVE to a modality: Orthanc reaches the destination's real port through
+    its loopback relay.
+    """
+
+    def setUp(self):
+        self.destinationPort = freePort()
+        self.received: List[str] = []
+        self.modalities = {
+            **ForwarderTestCase.modalities,
+            "modality:workstation": {
+                "aet": "MOVESCP", "host": "127.0.0.1", "port": self.destinationPort
+            },
+        }
+        self.startDestination()
+        return super().setUp()
+
+    def startDestination(self):
+        def stored(event):
+            self.received.append(event.dataset.SOPInstanceUID)
+            return 0x0000
+
+        ae = AE(ae_title="MOVESCP")
+        ae.add_supported_context(CTImageStorage)
+        server = ae.start_server(
+            ("127.0.0.1", self.destinationPort), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, stored)],
+        )
+        self.addCleanup(server.shutdown)
+
+    async def test_moveToARegisteredModality(self):
+        series = ctSeries(3)
+        statuses = await storeInstances(
+            self.appliance.port, series, callingAET="CT1", sslContext=self.clientContext()
+        )
+        self.assertEqual(statuses, [0, 0, 0])
+
+        def move():
+            ae = AE(ae_title="CT1")
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            association = ae.associate(
+                "127.0.0.1", self.appliance.port, ae_title="PACS",
+                tls_args=(self.clientContext(), None),
+            )
+            assert association.is_established
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = series[0].StudyInstanceUID
+            try:
+                return [
+                    status.Status
+                    for status, _ in association.send_c_move(
+                        query, "MOVESCP", StudyRootQueryRetrieveInformationModelMove
+                    )
+                    if status
+                ]
+            finally:
+                association.release()
+
+        statuses = await deferToThread(move)
+        self.assertEqual(statuses[-1], 0x0000)
+        self.assertEqual(sorted(self.received), sorted(ds.SOPInstanceUID for ds in series))
+
+
+class DeadlineTests(ForwarderTestCase):
+    dicom = {"handshake_timeout": "300ms", "max_connections": "3"}
+
+    async def test_peerThatNeverCompletesTheHandshake(self):
+        answer = await exchange(self.appliance.port, b"", None)
+        self.assertEqual(answer, b"")
+        self.assertEqual(
+            await self.lastOutcome(),
+            "refused: no TLS handshake and association request within 0.3s",
+        )
+        await self.assertStillServing()
+
+    async def test_peerThatNeverSendsItsAssociationRequest(self):
+        answer = await exchange(self.appliance.port, b"", self.clientContext())
+        self.assertEqual(answer, b"")
+        self.assertIn("within 0.3s", await self.lastOutcome())
+        await self.assertStillServing()
+
+    async def test_connectionCap(self):
+        idle = [socket.create_connection(("127.0.0.1", self.appliance.port)) for _ in range(3)]
+        self.addCleanup(lambda: [each.close() for each in idle])
+        # The fourth is closed at once, before any TLS.
+        answer = await exchange(self.appliance.port, b"", None)
+        self.assertEqual(answer, b"")
+        [refusal] = [e for e in self.events if "max_connections" in e.get("log_format", "")]
+        self.assertEqual(refusal["limit"], 3)
+
+
+class MutualTLSTests(ForwarderTestCase):
+    modalities = {
+        "modality:ct1": {
+            "aet": "CT1", "host": "127.0.0.1", "certificate_subject": "CN=ct1.test,O=Test Hospital"
+        },
+        "modality:ct2": {"aet": "CT2", "host": "127.0.0.1"},
+    }
+
+    def makeConfig(self, **overrides):
+        self.dicom = {"require_client_certificate": "yes", "client_ca": self.authority.path}
+        return super().makeConfig(**overrides)
+
+    async def test_modalityWithItsCertificate(self):
+        certificate, key = self.authority.issue("ct1", "ct1.test")
+        out, err, code = await self.dcmtk(
+            "echoscu", "+tls", str(key), str(certificate), "+py", "+cf", str(self.authority.path),
+            "-aet", "CT1", "-aec", "PACS", "127.0.0.1", str(self.appliance.port),
+        )
+        self.assertEqual(code, 0, err.decode())
+        [event] = await self.logged(1)
+        self.assertEqual(event["subject"], "O=Test Hospital,CN=ct1.test")
+        self.assertEqual(event["outcome"], "accepted as [modality:ct1]")
+        self.assertEqual(await self.echo(context=self.clientContext(certificate, key)), 0)
+
+    async def test_clientWithoutCertificate(self):
+        self.assertIsNone(await self.echo())
+        self.assertIn("TLS handshake failed", await self.lastOutcome())
+
+    async def test_certificateFromAnotherAuthority(self):
+        stranger = TestAuthority(self.folder / "stranger", "Stranger CA")
+        certificate, key = stranger.issue("ct1", "ct1.test")
+        self.assertIsNone(await self.echo(context=self.clientContext(certificate, key)))
+        self.assertIn("TLS handshake failed", await self.lastOutcome())
+
+    async def test_certificateOfAnotherModality(self):
+        certificate, key = self.authority.issue("ct2", "ct2.test")
+        answer = await exchange(
+            self.appliance.port, associateRequest("CT1"), self.clientContext(certificate, key)
+        )
+        self.assertEqual(decodeRejection(answer), (1, 1, 3))
+        self.assertIn(
+            "must present a certificate for CN=ct1.test,O=Test Hospital", await self.lastOutcome()
+        )
+        # CT2 names no subject: any certificate of the authority will do.
+        self.assertEqual(
+            await self.echo("CT2", context=self.clientContext(certificate, key)), 0
+        )
+
+
+class LegacyProfileTests(ForwarderTestCase):
+    dicom = {"tls_profile": "legacy"}
+
+    async def test_retiredAESProfileAcceptedWithAWarning(self):
+        out, err, code = await self.dcmtk(
+            "echoscu", "+tla", "+pa", "+cf", str(self.authority.path),
+            "-aet", "CT1", "-aec", "PACS", "127.0.0.1", str(self.appliance.port),
+        )
+        self.assertEqual(code, 0, err.decode())
+        [warning] = [e for e in self.events if "tls_profile = bcp195-nd" in e.get("log_format", "")]
+        self.assertEqual(warning["log_level"].name, "warn")
+
+    async def test_tls11Accepted(self):
+        old = ssl.TLSVersion.TLSv1_1
+        context = self.clientContext(minimum_version=old, maximum_version=old)
+        self.assertEqual(await self.echo(context=context), 0x0000)
