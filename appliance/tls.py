@@ -221,12 +221,12 @@ def serverContext(certificate: PrivateCertificate, protocols: Sequence[bytes] = 
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    # Every suite offered is strong: the client may pick the one fastest for it
-    # (ChaCha20 without AES instructions), as Mozilla's profile advises.
-    context.set_options(
-        SSL.OP_NO_COMPRESSION
-        | SSL.OP_NO_RENEGOTIATION
-    )
+    # No server cipher preference: every suite offered is strong, so the client
+    # may pick the one fastest for it (ChaCha20 without AES instructions), as
+    # Mozilla's profile advises.  No session tickets: their key would live as
+    # long as the process and undo forward secrecy; sessions resume from the
+    # server's cache instead.
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
     _restrictGroups(context)

@@ -153,6 +153,20 @@ class ForwarderTestCase(TestCase):
         "modality:faraway": {"aet": "FARAWAY", "host": "10.255.0.0/16"},
     }
 
+    def associateAsCT1(self, abstractSyntax):
+        """
+        An association through the forwarder, as the modality CT1 over TLS
+        (blocking: call it in a thread).
+        """
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(abstractSyntax)
+        association = ae.associate(
+            "127.0.0.1", self.appliance.port, ae_title="PACS",
+            tls_args=(self.clientContext(), None),
+        )
+        assert association.is_established
+        return association
+
     def setUp(self):
         self.folder = temporaryFolder(self)
         self.authority = self.sharedAuthority()
@@ -334,13 +348,7 @@ class ForwarderTests(ForwarderTestCase):
         self.assertEqual(statuses, [0, 0, 0])
 
         def find():
-            ae = AE(ae_title="CT1")
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-            association = ae.associate(
-                "127.0.0.1", self.appliance.port, ae_title="PACS",
-                tls_args=(self.clientContext(), None),
-            )
-            assert association.is_established
+            association = self.associateAsCT1(StudyRootQueryRetrieveInformationModelFind)
             query = Dataset()
             query.QueryRetrieveLevel = "STUDY"
             query.StudyInstanceUID = series[0].StudyInstanceUID
@@ -504,13 +512,7 @@ class MoveTests(ForwarderTestCase):
         self.assertEqual(statuses, [0, 0, 0])
 
         def move():
-            ae = AE(ae_title="CT1")
-            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            association = ae.associate(
-                "127.0.0.1", self.appliance.port, ae_title="PACS",
-                tls_args=(self.clientContext(), None),
-            )
-            assert association.is_established
+            association = self.associateAsCT1(StudyRootQueryRetrieveInformationModelMove)
             query = Dataset()
             query.QueryRetrieveLevel = "STUDY"
             query.StudyInstanceUID = series[0].StudyInstanceUID

@@ -341,7 +341,7 @@ def test_debInstallRunAsTheUnitRemovePurge(debPackage, tmp_path):
             assert fixed.returncode == 0, fixed.stdout + fixed.stderr
             output += fixed.stdout
         assert dpkg("-s", "pacs-appliance").returncode == 0, installed.stderr
-        assert "pacs-appliance passwd" in output
+        assert "pacs-appliance is installed" in output
 
         state = Path("/var/lib/pacs-appliance")
         assert pwd.getpwuid(state.stat().st_uid).pw_name == "pacs-appliance"
