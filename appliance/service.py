@@ -42,12 +42,14 @@ def buildService(config: Config, reactor=None) -> MultiService:
     relays.setServiceParent(root)
     orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports)
     orthanc.setServiceParent(root)
+    # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.
+    certificate = loadServerCertificate(config)
     certificateUsers: List[CertificateUser] = []
     if config.dicom.listen is not None:
-        forwarder = DicomForwarderService(config, reactor)
+        forwarder = DicomForwarderService(config, certificate, reactor)
         forwarder.setServiceParent(root)
         certificateUsers.append(forwarder)
-    webTLS = ServerTLS(loadServerCertificate(config), [b"http/1.1"])
+    webTLS = ServerTLS(certificate, [b"http/1.1"])
     buildWebService(config, orthanc, reactor, webTLS).setServiceParent(root)
     certificateUsers.append(webTLS)
     notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval())

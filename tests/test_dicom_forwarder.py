@@ -35,6 +35,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from appliance.dicom.destinations import DestinationRelays
+from appliance.tls import loadServerCertificate
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
 from tests.support import (
@@ -119,7 +120,7 @@ class Appliance:
         self.relays.setServiceParent(self.root)
         self.orthanc = OrthancSupervisor(config, reactor, relayPorts=self.relays.ports)
         self.orthanc.setServiceParent(self.root)
-        self.forwarder = DicomForwarderService(config, reactor)
+        self.forwarder = DicomForwarderService(config, loadServerCertificate(config), reactor)
         self.forwarder.setServiceParent(self.root)
 
     def start(self):

@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from appliance.tls import loadServerCertificate
 from appliance.dicom.forwarder import DicomForwarderService
 from tests.support import TestAuthority, freePort, temporaryFolder, testConfig
 from tests.test_dicom_forwarder import PEER_TIMEOUT, associateRequest, decodeRejection, exchange
@@ -55,7 +56,7 @@ class UpstreamTests(TestCase):
             dicom={"listen": f"127.0.0.1:{freePort()}", **dicom},
             **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.1"}},
         )
-        forwarder = DicomForwarderService(config, reactor)
+        forwarder = DicomForwarderService(config, loadServerCertificate(config), reactor)
         forwarder.startService()
         self.addCleanup(forwarder.stopService)
         return config.dicom.listen.port

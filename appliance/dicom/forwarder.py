@@ -40,7 +40,6 @@ from appliance.dicom.pdu import (
 )
 from appliance.dicom.profiles import DicomTLSContext, weakProfileWarning
 from appliance.dicom.relay import RelayedConnection, RelayFactory
-from appliance.tls import loadServerCertificate
 
 #: How long opening the loopback connection to Orthanc may take.
 UPSTREAM_CONNECT_TIMEOUT = 10
@@ -263,10 +262,15 @@ class DicomForwarderService(Service):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor=None) -> None:
+    def __init__(self, config: Config, certificate: PrivateCertificate, reactor=None) -> None:
+        """
+        @param certificate: the server certificate, loaded once for HTTPS and
+            DICOM alike (see L{appliance.tls.loadServerCertificate}).
+        """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._config = config
+        self._certificate = certificate
         self._reactor = reactor
         self.factory = ForwarderFactory(config, reactor)
         self._port = None
@@ -279,7 +283,7 @@ class DicomForwarderService(Service):
         warning = weakProfileWarning(settings)
         if warning is not None:
             self.log.warn(warning)
-        self._tls = DicomTLSContext(settings, loadServerCertificate(self._config))
+        self._tls = DicomTLSContext(settings, self._certificate)
         endpoint = serverFromString(self._reactor, settings.listen.endpointDescription())
         listening = endpoint.listen(CappedTLSFactory(self._tls, self.factory))
         listening.addCallbacks(self._listening, self._cannotListen)
