@@ -107,6 +107,22 @@ class WebSection:
     idle_timeout: float
     header_timeout: float
     max_connections: int
+    max_request_head: int
+    max_upload_size: int
+    proxy_connect_timeout: float
+    proxy_response_timeout: float
+    proxy_idle_timeout: float
+    cors_allowed_origins: Tuple[str, ...]
+    admin_unsafe_endpoints: bool
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    users_file: Path
+    session_idle_timeout: float
+    session_lifetime: float
+    max_login_failures: int
+    login_failure_window: float
 
 
 #: The TLS profiles of the DICOM port (see appliance.dicom.profiles).
@@ -147,6 +163,7 @@ class Config:
     orthanc: OrthancSection
     tls: TlsSection
     web: WebSection
+    auth: AuthSection
     dicom: DicomSection
     modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
@@ -294,6 +311,19 @@ def parseContentSecurityPolicy(text: str, base: Path) -> str:
     return text
 
 
+def parseOrigins(text: str, base: Path) -> Tuple[str, ...]:
+    origins = []
+    for origin in text.split():
+        match = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?", origin)
+        if match is None:
+            raise ValueError(
+                f"{origin!r} is not an origin (scheme, host and optional port, like"
+                " https://viewer.example.org or https://10.1.2.3:8443, with no path)"
+            )
+        origins.append(origin.lower())
+    return tuple(origins)
+
+
 def parseAETitle(text: str, base: Path) -> str:
     if not 1 <= len(text) <= 16:
         raise ValueError(f"{text!r} is not an AE title (1 to 16 characters)")
@@ -363,6 +393,20 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "idle_timeout": Key(parsePositiveDuration, "2m"),
         "header_timeout": Key(parsePositiveDuration, "30s"),
         "max_connections": Key(parseCount, "1000"),
+        "max_request_head": Key(parseSize, "64K"),
+        "max_upload_size": Key(parseSize, "4G"),
+        "proxy_connect_timeout": Key(parsePositiveDuration, "5s"),
+        "proxy_response_timeout": Key(parsePositiveDuration, "5m"),
+        "proxy_idle_timeout": Key(parsePositiveDuration, "2m"),
+        "cors_allowed_origins": Key(parseOrigins, ""),
+        "admin_unsafe_endpoints": Key(parseBool, "no"),
+    },
+    "auth": {
+        "users_file": Key(parsePath, "/etc/pacs-appliance/users"),
+        "session_idle_timeout": Key(parsePositiveDuration, "30m"),
+        "session_lifetime": Key(parsePositiveDuration, "12h"),
+        "max_login_failures": Key(parseCount, "10"),
+        "login_failure_window": Key(parsePositiveDuration, "15m"),
     },
     "dicom": {
         "listen": Key(parseOptionalListen, "11112"),
@@ -603,6 +647,7 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH) -> Config:
         orthanc=OrthancSection(**sections["orthanc"]),  # type: ignore[arg-type]
         tls=TlsSection(**sections["tls"]),  # type: ignore[arg-type]
         web=WebSection(**sections["web"]),  # type: ignore[arg-type]
+        auth=AuthSection(**sections["auth"]),  # type: ignore[arg-type]
         dicom=DicomSection(**sections["dicom"]),  # type: ignore[arg-type]
         modalities=tuple(
             ModalitySection(name=section[len(MODALITY_PREFIX) :], **values)  # type: ignore[arg-type]
