@@ -1,11 +1,13 @@
 """
-The C{pacs-appliance} command: C{run}, C{check-config} and C{version}.
+The C{pacs-appliance} command: C{run}, C{check-config}, C{passwd} and C{version}.
 
 C{run} starts the same service as C{twistd -n pacs-appliance}, but hands twistd
 the service maker directly: plugin discovery walks the file system, which a frozen
 binary does not have (Tahoe-LAFS's C{tahoe run} does the same).
 """
 
+import getopt
+import getpass
 import platform
 import subprocess
 import sys
@@ -18,6 +20,20 @@ from twisted.scripts import twistd
 import appliance
 from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, loadConfig
 from appliance.service import serviceMaker
+from appliance.web.users import (
+    UserEntry,
+    UsersFileError,
+    checkUserName,
+    deleteUser,
+    findUser,
+    formatRoles,
+    hashPassword,
+    parseRoles,
+    setUser,
+)
+
+#: The shortest password C{passwd} accepts.
+MIN_PASSWORD_LENGTH = 8
 
 
 class _ConfigOption(usage.Options):
@@ -38,17 +54,58 @@ class VersionOptions(_ConfigOption):
     synopsis = "[--config PATH]"
 
 
+class PasswdOptions(_ConfigOption):
+    synopsis = "[--config PATH] [--users PATH] [--roles ROLES] [--password-stdin | --delete] USER"
+    optFlags = [
+        ["password-stdin", None, "Read the password from the first line of standard input (no prompt)."],
+        ["delete", None, "Delete the user instead."],
+    ]
+    optParameters = [
+        ["users", "u", None, "The users file (default: [auth] users_file of the configuration)."],
+        [
+            "roles",
+            "r",
+            None,
+            "The roles, separated by commas: viewer, uploader, admin (default: the user's"
+            " current roles, or viewer for a new user).",
+        ],
+    ]
+
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        # The documented order puts options after USER (passwd admin --roles
+        # admin), which twisted.python.usage's getopt would take for arguments.
+        options = sys.argv[1:] if options is None else options
+        try:
+            pairs, arguments = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as error:
+            raise usage.UsageError(str(error))
+        valued = {"--" + name[:-1] for name in self.longOpt if name.endswith("=")}
+        valued |= {"-" + letter for letter, after in zip(self.shortOpt, self.shortOpt[1:] + " ") if after == ":"}
+        ordered: List[str] = []
+        for option, value in pairs:
+            ordered += [option, value] if option in valued else [option]
+        super().parseOptions(ordered + ["--"] + arguments)
+
+    def parseArgs(self, user: str) -> None:
+        self["user"] = user
+
+    def postOptions(self) -> None:
+        if self["delete"] and (self["roles"] is not None or self["password-stdin"]):
+            raise usage.UsageError("--delete takes neither --roles nor --password-stdin")
+
+
 class CommandLine(usage.Options):
     synopsis = "pacs-appliance COMMAND [options]"
     subCommands = [
         ["run", None, RunOptions, "Run the daemon in the foreground, logging to stdout."],
         ["check-config", None, CheckConfigOptions, "Check the configuration; exit 1 on any problem."],
+        ["passwd", None, PasswdOptions, "Set a user's password and roles in the users file, or delete the user."],
         ["version", None, VersionOptions, "Print the versions of the appliance and what it runs."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: run, check-config or version")
+            raise usage.UsageError("give a command: run, check-config, passwd or version")
 
 
 class ApplianceServerOptions(twistd.ServerOptions):
@@ -94,6 +151,74 @@ def checkConfig(configPath: str) -> int:
     return 0
 
 
+class PasswdError(Exception):
+    """
+    The passwd command cannot go on; the message says why, in one sentence.
+    """
+
+
+def _usersPath(options: PasswdOptions) -> Path:
+    if options["users"] is not None:
+        return Path(options["users"])
+    try:
+        return loadConfig(Path(options["config"])).auth.users_file
+    except ConfigError as error:
+        raise PasswdError(
+            f"the configuration {options['config']} has problems (fix them, or name the"
+            " users file with --users PATH):\n" + "\n".join(error.problems)
+        ) from None
+
+
+def _readPassword(name: str, fromStandardInput: bool) -> str:
+    if fromStandardInput:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise PasswdError("there is no password on standard input")
+    else:
+        try:
+            password = getpass.getpass(f"New password for {name}: ")
+            again = getpass.getpass("The same password again: ")
+        except (EOFError, KeyboardInterrupt):
+            raise PasswdError("no password was given; nothing was changed") from None
+        if password != again:
+            raise PasswdError("the two passwords differ; nothing was changed")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise PasswdError(f"a password needs at least {MIN_PASSWORD_LENGTH} characters; nothing was changed")
+    return password
+
+
+def passwd(options: PasswdOptions) -> int:
+    """
+    Set the password (and roles) of a user in the users file, or delete the
+    user; every other line of the file stays as it was.  The running daemon
+    reads the file again by itself.
+    """
+    name = options["user"]
+    try:
+        checkUserName(name)
+        roles = parseRoles(options["roles"]) if options["roles"] is not None else None
+    except ValueError as error:
+        print(f"pacs-appliance passwd: {error}", file=sys.stderr)
+        return 1
+    try:
+        path = _usersPath(options)
+        if options["delete"]:
+            if not deleteUser(path, name):
+                raise PasswdError(f"there is no user {name} in {path}")
+            print(f"Deleted the user {name} from {path}.")
+            return 0
+        if roles is None:
+            existing = findUser(path, name)
+            roles = existing.roles if existing is not None else frozenset({"viewer"})
+        password = _readPassword(name, options["password-stdin"])
+        replaced = setUser(path, UserEntry(name, hashPassword(password), roles))
+    except (PasswdError, UsersFileError) as error:
+        print(f"pacs-appliance passwd: {error}", file=sys.stderr)
+        return 1
+    print(f"{'Changed' if replaced else 'Added'} the user {name} (roles: {formatRoles(roles)}) in {path}.")
+    return 0
+
+
 def orthancVersion(configPath: str) -> str:
     try:
         executable = loadConfig(Path(configPath)).orthanc.executable
@@ -136,6 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(configPath)
     if command == "check-config":
         return checkConfig(configPath)
+    if command == "passwd":
+        return passwd(commandLine.subOptions)
     return version(configPath)
 
 

@@ -1,6 +1,7 @@
 """
 Reload on SIGHUP (C{systemctl reload}): re-read the configuration and the
-certificate, and apply what can change while the daemon runs.
+certificate, and apply what can change while the daemon runs; files the
+daemon also watches by itself (the users file) are read again at once.
 
 A configuration with problems is refused with every problem in the log, and
 the running one stays in force.  A new certificate is used by the TLS
@@ -25,14 +26,23 @@ from appliance.systemd import SystemdNotifyService
 from appliance.tls import CertificateError, loadServerCertificate
 
 #: The parts of the configuration that only a restart applies: listeners,
-#: Orthanc's configuration, the viewer's files and settings.
-RESTART_SECTIONS = ("appliance", "orthanc", "web", "dicom", "modalities")
+#: Orthanc's configuration, the viewer's files and settings, the accounts'
+#: settings (the users file itself is read again whenever it changes).
+RESTART_SECTIONS = ("appliance", "orthanc", "web", "auth", "dicom", "modalities")
 
 
 class CertificateUser(Protocol):
     def useCertificate(self, certificate: PrivateCertificate) -> None:
         """
         Present C{certificate} in the TLS handshakes that follow.
+        """
+
+
+class Reloadable(Protocol):
+    def reload(self) -> None:
+        """
+        Read again, now, the files this object keeps a copy of; called in the
+        reactor thread at each SIGHUP, whatever the configuration holds.
         """
 
 
@@ -68,12 +78,14 @@ class ReloadOnSighup(Service):
         certificateUsers: Iterable[CertificateUser],
         notify: SystemdNotifyService,
         reactor=None,
+        reloadables: Iterable[Reloadable] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.config = config
         self._mainPath = config.sources[0]
         self._certificateUsers = tuple(certificateUsers)
+        self._reloadables = tuple(reloadables)
         self._notify = notify
         self._reactor = reactor
         #: Who waits for the reload that runs, and for the one that follows.
@@ -109,6 +121,11 @@ class ReloadOnSighup(Service):
         self._running, self._waiting = self._waiting, []
         self._notify.reloading()
         self.log.info("Reloading the configuration from {path}", path=str(self._mainPath))
+        for reloadable in self._reloadables:
+            try:
+                reloadable.reload()
+            except Exception:
+                self.log.failure("Could not reload {reloadable}", reloadable=reloadable)
         reading = deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(), readConfiguration, self._mainPath
         )

@@ -15,7 +15,10 @@ from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import CertificateUser, ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from appliance.tls import ServerTLS, loadServerCertificate
-from appliance.web.site import buildWebService
+from appliance.web.auth import Authenticator
+from appliance.web.routes import buildProxyResources
+from appliance.web.site import buildSiteResource, buildWebService
+from appliance.web.users import UsersFile
 
 
 class Options(usage.Options):
@@ -49,11 +52,18 @@ def buildService(config: Config, reactor=None) -> MultiService:
         forwarder = DicomForwarderService(config, certificate, reactor)
         forwarder.setServiceParent(root)
         certificateUsers.append(forwarder)
+    users = UsersFile(config.auth.users_file, reactor)
+    users.setServiceParent(root)
+    authenticator = Authenticator(users, config.auth, reactor)
+    authenticator.setServiceParent(root)
+    proxy, proxyRoutes = buildProxyResources(config, orthanc, reactor)
+    proxy.setServiceParent(root)
     webTLS = ServerTLS(certificate, [b"http/1.1"])
-    buildWebService(config, orthanc, reactor, webTLS).setServiceParent(root)
+    site = buildSiteResource(config, orthanc, authenticator, proxyRoutes)
+    buildWebService(config, site, authenticator, reactor, webTLS).setServiceParent(root)
     certificateUsers.append(webTLS)
     notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval())
-    ReloadOnSighup(config, certificateUsers, notify, reactor).setServiceParent(root)
+    ReloadOnSighup(config, certificateUsers, notify, reactor, reloadables=[users]).setServiceParent(root)
     # Last: it starts once every listener is bound (see its docstring).
     notify.setServiceParent(root)
     return root

@@ -29,7 +29,7 @@ from appliance.tls import (
     readCertificate,
     selfSignedPaths,
 )
-from appliance.web.site import buildWebService
+from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
 from tests.support import temporaryFolder, testConfig
 from tests.test_web_static import BIG_BUNDLE, FakeOrthanc, makeBuild
 
@@ -101,7 +101,9 @@ class ListenerCase(TestCase):
         self.root = makeBuild(self.folder / "ohif")
         self.config = testConfig(self.folder, web={"ohif_root": self.root, "max_connections": 3})
         self.tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
-        service = buildWebService(self.config, FakeOrthanc(), reactor, tls=self.tls)
+        service = buildWebService(
+            self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), reactor, tls=self.tls
+        )
         service.startService()
         self.addCleanup(service.stopService)
         self.port = self.config.web.listen_https.port

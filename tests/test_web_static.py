@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import appliance
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.appconfig import renderAppConfig
-from appliance.web.site import ApplianceSite, RedirectToHTTPS, buildWebRoot, standardHeaders
+from appliance.web.site import ApplianceSite, NoCredentials, RedirectToHTTPS, buildWebRoot
 from appliance.web.static import MEMORY_CACHE_LIMIT, FileRangeProducer, inlineScriptHashes
 from tests.support import httpExchange, temporaryFolder, testConfig
 
@@ -101,12 +101,8 @@ class SiteCase(SynchronousTestCase):
 
     def useConfig(self, folder: Path, **web: object) -> None:
         self.config = testConfig(folder, web={"ohif_root": self.root, "site_name": "St Elsewhere", **web})
-        self.site = ApplianceSite(
-            buildWebRoot(self.config, self.orthanc),
-            standardHeaders(self.config, True),
-            MemoryReactorClock(),
-            60,
-            30,
+        self.site = ApplianceSite.fromConfig(
+            self.config, buildWebRoot(self.config, self.orthanc), MemoryReactorClock(), NoCredentials(), True
         )
 
     def get(self, path: str, method: str = "GET", **headers: str) -> Tuple[int, Dict[str, List[str]], bytes]:
@@ -537,7 +533,7 @@ class HealthTests(SiteCase):
 class RedirectTests(SynchronousTestCase):
     def site(self, port: int) -> ApplianceSite:
         config = testConfig(temporaryFolder(self))
-        return ApplianceSite(RedirectToHTTPS(port), standardHeaders(config, False), MemoryReactorClock(), 60, 30)
+        return ApplianceSite.fromConfig(config, RedirectToHTTPS(port), MemoryReactorClock(), NoCredentials(), False)
 
     def test_everyRequestRedirected(self) -> None:
         site = self.site(8443)
@@ -586,9 +582,9 @@ class HeaderDeadlineTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        config = testConfig(temporaryFolder(self))
+        config = testConfig(temporaryFolder(self), web={"header_timeout": "10s"})
         self.clock = MemoryReactorClock()
-        self.site = ApplianceSite(RedirectToHTTPS(443), standardHeaders(config, False), self.clock, 60, 10)
+        self.site = ApplianceSite.fromConfig(config, RedirectToHTTPS(443), self.clock, NoCredentials(), False)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
         self.protocol = self.site.buildProtocol(self.transport.getPeer())
         self.protocol.makeConnection(self.transport)

@@ -21,7 +21,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from appliance.web.site import ApplianceSite, buildWebRoot, buildWebService, standardHeaders
+from appliance.web.site import ApplianceSite, NoCredentials, buildWebRoot, buildWebService
 from appliance.tls import selfSignedPaths
 from tests.support import httpExchange, temporaryFolder, testConfig
 from tests.test_web_static import FakeOrthanc
@@ -63,8 +63,8 @@ class ReferencedFilesTests(SynchronousTestCase):
     def setUp(self) -> None:
         requireViewer(self)
         config = testConfig(temporaryFolder(self), web={"ohif_root": VIEWER})
-        self.site = ApplianceSite(
-            buildWebRoot(config, FakeOrthanc()), standardHeaders(config, True), MemoryReactorClock(), 60, 30
+        self.site = ApplianceSite.fromConfig(
+            config, buildWebRoot(config, FakeOrthanc()), MemoryReactorClock(), NoCredentials(), True
         )
 
     def get(self, path: str, **headers: str):
@@ -152,6 +152,8 @@ def startChromium(certificatePath: Path, profile: str):
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        # WebGL (the viewer's renderer) on the CPU: there is no GPU here.
+        "--enable-unsafe-swiftshader",
         "--disable-quic",
         "--no-first-run",
         "--disable-background-networking",
@@ -173,7 +175,7 @@ class BrowserTests(TestCase):
         requireViewer(self)
         folder = temporaryFolder(self)
         self.config = testConfig(folder, web={"ohif_root": VIEWER, "site_name": "St Elsewhere Imaging"})
-        service = buildWebService(self.config, FakeOrthanc(), reactor)
+        service = buildWebService(self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), reactor)
         service.startService()
         self.addCleanup(service.stopService)
         self.profile = str(folder / "chromium")

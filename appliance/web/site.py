@@ -1,19 +1,27 @@
 """
 The HTTPS site, the HTTP listener that only redirects to it, and their services.
 
-    https  WebRoot ─┬─ /healthz   HealthResource
-                    └─ /...       ViewerResource (the OHIF build, app-config.js)
+    https  AccessGate ── WebRoot ─┬─ /healthz      HealthResource (public)
+                                  ├─ /login        LoginResource (public)
+                                  ├─ /logout       LogoutResource (public)
+                                  ├─ /pacs/        DICOMweb proxy to Orthanc
+                                  ├─ /pacs-admin/  Orthanc Explorer and REST (admins)
+                                  └─ /...          ViewerResource (the OHIF build, app-config.js)
     http   RedirectToHTTPS        301 to the same path on https, nothing else
 
-Later routes (the proxies to Orthanc) are children of L{WebRoot}.
+Every HTTPS request is identified (L{appliance.web.request}) before the gate
+decides whether its account may reach the resource.
 """
 
 import ipaddress
 import re
-from typing import List, Optional, Sequence, Tuple
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
@@ -25,7 +33,10 @@ from twisted.web.server import Request, Site
 from appliance.config import Config, ListenAddress
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.appconfig import renderAppConfig
+from appliance.web.auth import AccessGate, Authenticator
 from appliance.web.health import HealthResource
+from appliance.web.login import LoginResource, LogoutResource
+from appliance.web.request import ApplianceRequest, DeadlineHTTPChannel
 from appliance.web.static import ViewerResource
 
 Headers = Sequence[Tuple[bytes, bytes]]
@@ -41,76 +52,21 @@ accessLog = Logger(namespace="appliance.web.access")
 log = Logger()
 
 
-class ApplianceRequest(Request):
-    """
-    A request whose response carries the site's standard headers, whatever
-    resource (or error page) answers it.
-    """
-
-    def render(self, resource: Resource) -> None:
-        # Replaces the Server header Request.process set: no version for scanners.
-        self.setHeader(b"Server", b"pacs-appliance")
-        for name, value in self.site.standardHeaders:
-            self.setHeader(name, value)
-        super().render(resource)
-
-
-class DeadlineHTTPChannel(http.HTTPChannel):
-    """
-    An HTTP/1.1 channel that aborts a connection whose client has not sent a
-    whole request head within C{headerTimeout}: from the connection (so the
-    TLS handshake counts) and from the end of each response.  twisted.web's
-    own timeout is an idle timer that every byte resets, which a client
-    sending its headers a byte at a time never trips.
-    """
-
-    headerTimeout: float
-    _headerDeadline = None
-    log = Logger()
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._startHeaderDeadline()
-
-    def allHeadersReceived(self) -> None:
-        self._cancelHeaderDeadline()
-        super().allHeadersReceived()
-
-    def requestDone(self, request: Request) -> None:
-        # Started first: the next request's head may already be buffered, and
-        # is parsed inside requestDone.
-        if self.persistent:
-            self._startHeaderDeadline()
-        super().requestDone(request)
-
-    def connectionLost(self, reason) -> None:
-        self._cancelHeaderDeadline()
-        super().connectionLost(reason)
-
-    def _startHeaderDeadline(self) -> None:
-        self._cancelHeaderDeadline()
-        self._headerDeadline = self.callLater(self.headerTimeout, self._headersTooSlow)
-
-    def _cancelHeaderDeadline(self) -> None:
-        deadline, self._headerDeadline = self._headerDeadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
-
-    def _headersTooSlow(self) -> None:
-        self._headerDeadline = None
-        self.log.info(
-            "Closed the connection of {client}: no complete request within {timeout}s",
-            client=str(self.transport.getPeer()),
-            timeout=self.headerTimeout,
-        )
-        self.transport.abortConnection()
-
-
 class ApplianceSite(Site):
     """
-    A site that logs each request as one line in combined log format through
-    twisted.logger, adds C{standardHeaders} to every response, and gives
-    clients C{headerTimeout} to send each request head.
+    The site of a listener: the request layer of L{appliance.web.request}
+    under C{resource}, each request logged as one line in combined log
+    format through twisted.logger, C{standardHeaders} on every response.
+
+    @param authenticator: identifies each request's sender before any
+        resource runs (C{identify(headers, client)}, a Deferred of an account
+        or L{None}).
+    @param spoolFolder: where bodies too large for memory go, created
+        (mode 0700) when the site starts.
+    @param maxUploadSize: the largest request body, in bytes.
+    @param maxRequestHead: the largest request head (request line and
+        headers), in bytes.
+    @param siteName: the realm of the 401 given before a body is read.
     """
 
     requestFactory = ApplianceRequest
@@ -123,25 +79,100 @@ class ApplianceSite(Site):
         reactor,
         idleTimeout: float,
         headerTimeout: float,
+        *,
+        authenticator,
+        spoolFolder: Path,
+        maxUploadSize: int,
+        maxRequestHead: int,
+        siteName: str,
     ) -> None:
-        super().__init__(resource, reactor=reactor, timeout=idleTimeout)
+        # Resources read request.content themselves: twisted.web would read
+        # a form body whole into request.args, even a spooled upload.
+        super().__init__(resource, reactor=reactor, timeout=idleTimeout, parsePOSTFormSubmission=False)
         self.standardHeaders = tuple(standardHeaders)
         self.headerTimeout = headerTimeout
+        self.authenticator = authenticator
+        self.spoolFolder = spoolFolder
+        self.maxUploadSize = maxUploadSize
+        self.maxRequestHead = maxRequestHead
+        self.siteName = siteName
+
+    @classmethod
+    def fromConfig(cls, config: Config, resource: Resource, reactor, authenticator, secure: bool) -> "ApplianceSite":
+        """
+        The site of C{resource} with the limits, timeouts and spool folder of
+        C{config}; C{secure} for the HTTPS listener.
+        """
+        web = config.web
+        return cls(
+            resource,
+            standardHeaders(config, secure),
+            reactor,
+            web.idle_timeout,
+            web.header_timeout,
+            authenticator=authenticator,
+            spoolFolder=config.appliance.state_dir / "spool",
+            maxUploadSize=web.max_upload_size,
+            maxRequestHead=web.max_request_head,
+            siteName=web.site_name,
+        )
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        self.spoolFolder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An existing folder keeps the modes it was made with.
+        self.spoolFolder.chmod(0o700)
+
+    def openSpoolFile(self) -> BinaryIO:
+        """
+        A new file for a request body in the spool folder.  It has no name
+        (O_TMPFILE on Linux), so it disappears when closed, and when the
+        process dies: nothing is left behind, even after a crash.
+        """
+        return tempfile.TemporaryFile(dir=self.spoolFolder)
 
     def buildProtocol(self, addr) -> DeadlineHTTPChannel:
         channel = super().buildProtocol(addr)
         channel.headerTimeout = self.headerTimeout
+        # twisted.web allows 16 KiB for the whole head and for each line;
+        # OHIF opening many studies sends longer query strings.
+        channel.totalHeadersSize = channel.MAX_LENGTH = self.maxRequestHead
         return channel
 
     def log(self, request: Request) -> None:
         accessLog.info(
             "{line}",
-            line=http.combinedLogFormatter(http.datetimeToLogString(self.reactor.seconds()), request),
+            line=accessLogLine(http.datetimeToLogString(self.reactor.seconds()), request),
             method=request.method.decode("latin-1"),
             uri=request.uri.decode("latin-1"),
             code=request.code,
             length=request.sentLength,
         )
+
+
+def accessLogLine(timestamp: str, request: Request) -> str:
+    """
+    C{request} in combined log format, with its account's name as the user
+    (twisted.web's formatter always writes "-" there).
+    """
+    line = http.combinedLogFormatter(timestamp, request)
+    account = getattr(request, "account", None)
+    if account is None:
+        return line
+    # User names are letters, digits and ._@+- (appliance.web.users): nothing to escape.
+    client, rest = line.split(" - - ", 1)
+    return f"{client} - {account.name} {rest}"
+
+
+class NoCredentials:
+    """
+    The authenticator of the plain-HTTP listener, which only redirects to
+    HTTPS: everyone is anonymous there, and credentials sent in clear are
+    not even looked at.
+    """
+
+    def identify(self, headers, client) -> Deferred:
+        return succeed(None)
 
 
 class WebRoot(Resource):
@@ -224,14 +255,18 @@ def standardHeaders(config: Config, secure: bool) -> List[Tuple[bytes, bytes]]:
     headers = [
         (b"X-Content-Type-Options", b"nosniff"),
         # Deep links carry study UIDs: they must not leak to other sites.
-        (b"Referrer-Policy", b"no-referrer"),
+        (b"Referrer-Policy", b"same-origin"),
     ]
     if secure and config.web.hsts_max_age > 0:
         headers.append((b"Strict-Transport-Security", b"max-age=%d" % (config.web.hsts_max_age,)))
     return headers
 
 
-def buildWebRoot(config: Config, orthanc) -> WebRoot:
+def buildWebRoot(config: Config, orthanc, routes: Mapping[bytes, Resource] = {}) -> WebRoot:
+    """
+    The site's resources, ungated: C{/healthz}, C{routes} (first path segment
+    to resource) and the viewer for every other path.
+    """
     web = config.web
     if not (web.ohif_root / "index.html").is_file():
         log.error(
@@ -247,7 +282,20 @@ def buildWebRoot(config: Config, orthanc) -> WebRoot:
     )
     root = WebRoot(viewer)
     root.putChild(b"healthz", HealthResource(orthanc))
+    for name, resource in routes.items():
+        root.putChild(name, resource)
     return root
+
+
+def buildSiteResource(config: Config, orthanc, authenticator: Authenticator, proxyRoutes: Mapping[bytes, Resource]) -> Resource:
+    """
+    The daemon's HTTPS site: every resource behind the access gate, the login
+    and logout pages, and the proxy routes to Orthanc.
+    """
+    routes = dict(proxyRoutes)
+    routes[b"login"] = LoginResource(authenticator, config.web)
+    routes[b"logout"] = LogoutResource(authenticator)
+    return AccessGate(buildWebRoot(config, orthanc, routes), authenticator, config.web)
 
 
 def _listener(reactor, address: ListenAddress, factory, name: str) -> StreamServerEndpointService:
@@ -260,11 +308,16 @@ def _listener(reactor, address: ListenAddress, factory, name: str) -> StreamServ
     return service
 
 
-def buildWebService(config: Config, orthanc, reactor=None, tls: Optional[ServerTLS] = None) -> MultiService:
+def buildWebService(
+    config: Config, resource: Resource, authenticator, reactor=None, tls: Optional[ServerTLS] = None
+) -> MultiService:
     """
-    The HTTPS listener and, unless disabled, the HTTP one.
+    The HTTPS listener serving C{resource} and, unless disabled, the HTTP
+    one that redirects to it.
 
-    @param orthanc: the supervisor, for /healthz.
+    @param resource: the site's root (L{buildSiteResource} for the daemon).
+    @param authenticator: identifies the sender of each HTTPS request
+        (L{appliance.web.auth.Authenticator}) before C{resource} sees it.
     @param tls: the connection creator (default: one for the configured
         certificate); the same object can later be given a new certificate.
     """
@@ -273,18 +326,12 @@ def buildWebService(config: Config, orthanc, reactor=None, tls: Optional[ServerT
     web = config.web
     tls = tls or ServerTLS(loadServerCertificate(config), [b"http/1.1"])
     service = MultiService()
-    site = ApplianceSite(
-        buildWebRoot(config, orthanc), standardHeaders(config, True), reactor, web.idle_timeout, web.header_timeout
-    )
+    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True)
     https = ConnectionCap(TLSMemoryBIOFactory(tls, False, site), web.max_connections)
     _listener(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
-        redirect = ApplianceSite(
-            RedirectToHTTPS(web.listen_https.port),
-            standardHeaders(config, False),
-            reactor,
-            web.idle_timeout,
-            web.header_timeout,
+        redirect = ApplianceSite.fromConfig(
+            config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False
         )
         plain = ConnectionCap(redirect, web.max_connections)
         _listener(reactor, web.listen_http, plain, "http").setServiceParent(service)

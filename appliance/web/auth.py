@@ -1,0 +1,847 @@
+"""
+Who is asking, and may they: accounts, browser sessions, HTTP Basic, failed
+login throttling, and the gate in front of every route.
+
+    request ──▶ Authenticator.identify ──▶ request.account ──▶ AccessGate ──▶ WebRoot
+                 session cookie, or                            public, 302 to /login,
+                 HTTP Basic (scrypt in a thread)               401, 403, 429, or on
+
+Browsers log in on the login page (appliance.web.login) and carry the session
+cookie; API clients send HTTP Basic with every request, verified once in a
+thread and then remembered briefly.  The users themselves come from the users
+file (appliance.web.users).
+"""
+
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import secrets
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from urllib.parse import quote_from_bytes, urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web import http
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from appliance.config import AuthSection, WebSection
+from appliance.web.pages import Page
+
+# ROLES and Account are part of this module's interface (the request layer
+# and the proxy import them from here); they live with the users file that
+# defines them.
+from appliance.web.users import DUMMY_HASH, ROLES, Account, UserEntry, UsersFile, verifyPassword  # noqa: F401
+
+#: The browser session's cookie: the __Host- prefix makes browsers insist on
+#: Secure, Path=/ and no Domain, so no other host can set or shadow it.
+SESSION_COOKIE = b"__Host-pacs-session"
+
+#: How long a verified HTTP Basic credential is remembered (unless the users
+#: file changes first), and how many are.
+BASIC_CACHE_LIFETIME = 300.0
+BASIC_CACHE_SIZE = 1000
+
+#: How often expired sessions and old failures are forgotten.
+PURGE_INTERVAL = 60.0
+
+#: Password checks run on this many threads at most: each scrypt takes a core
+#: and tens of MiB, so a burst of logins queues instead of starving the box.
+VERIFY_THREADS = 2
+
+SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
+
+#: RFC 6585's status, which twisted.web.http has no name for.
+TOO_MANY_REQUESTS = 429
+
+
+def displayName(name: str) -> str:
+    """
+    A user name as given by a client, safe for one log line.
+    """
+    return repr(name[:64] + ("…" if len(name) > 64 else ""))
+
+
+def clientKey(client) -> str:
+    """
+    Whom failed logins are counted against: the IPv4 address, or the /64 of
+    an IPv6 one (one host usually holds a whole /64).
+    """
+    host = getattr(client, "host", None)
+    if host is None:
+        return str(client)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+def basicCredentials(headers: Headers) -> Optional[bytes]:
+    """
+    The base64 token of the request's HTTP Basic C{Authorization} header, or
+    L{None} if it has none (another scheme, or more than one header, counts
+    as none).
+    """
+    values = headers.getRawHeaders(b"authorization")
+    if not values or len(values) != 1:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    return token.strip()
+
+
+def sessionTokens(headers: Headers) -> List[bytes]:
+    """
+    Every value of the session cookie the request carries.
+    """
+    tokens = []
+    for header in headers.getRawHeaders(b"cookie", []):
+        for pair in header.split(b";"):
+            name, equals, value = pair.strip().partition(b"=")
+            if equals and name == SESSION_COOKIE and value:
+                tokens.append(value)
+    return tokens
+
+
+def _decodeBasic(token: bytes) -> Optional[Tuple[str, str]]:
+    try:
+        decoded = binascii.a2b_base64(token, strict_mode=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    name, colon, password = decoded.partition(":")
+    return (name, password) if colon else None
+
+
+@dataclass
+class _Session:
+    name: str
+    created: float
+    lastUsed: float
+
+
+class SessionStore:
+    """
+    Browser sessions, in memory: a random 256-bit token each, ended after
+    C{idleTimeout} seconds without use, C{lifetime} seconds after the login,
+    at logout, or when the user's line in the users file changes.
+
+    Sessions are kept under a hash of their token, so that the table itself
+    holds nothing a client could present.  A restart ends every session.
+    """
+
+    def __init__(self, idleTimeout: float, lifetime: float, clock) -> None:
+        self._idleTimeout = idleTimeout
+        self._lifetime = lifetime
+        self._clock = clock
+        self._sessions: Dict[bytes, _Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @staticmethod
+    def _key(token: bytes) -> bytes:
+        return hashlib.sha256(token).digest()
+
+    def create(self, name: str) -> bytes:
+        """
+        Start a session for user C{name}; returns its token (the cookie value).
+        """
+        token = secrets.token_urlsafe(32).encode("ascii")
+        now = self._clock.seconds()
+        self._sessions[self._key(token)] = _Session(name, now, now)
+        return token
+
+    def lookup(self, token: bytes) -> Optional[str]:
+        """
+        The user of the live session C{token}, which counts as a use; L{None}
+        if there is no such session (any more).
+        """
+        key = self._key(token)
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        now = self._clock.seconds()
+        if self._expired(session, now):
+            del self._sessions[key]
+            return None
+        session.lastUsed = now
+        return session.name
+
+    def end(self, token: bytes) -> None:
+        self._sessions.pop(self._key(token), None)
+
+    def endUsers(self, names: FrozenSet[str]) -> int:
+        """
+        End every session of the users C{names}; returns how many ended.
+        """
+        ended = [key for key, session in self._sessions.items() if session.name in names]
+        for key in ended:
+            del self._sessions[key]
+        return len(ended)
+
+    def purge(self) -> None:
+        """
+        Forget the sessions that have expired.
+        """
+        now = self._clock.seconds()
+        for key in [key for key, session in self._sessions.items() if self._expired(session, now)]:
+            del self._sessions[key]
+
+    def _expired(self, session: _Session, now: float) -> bool:
+        return now - session.lastUsed >= self._idleTimeout or now - session.created >= self._lifetime
+
+
+def backoff(attempts: int) -> float:
+    """
+    How long a password check waits when the address has C{attempts} failed
+    (or unfinished) attempts in the window, counted from its last failure:
+    nothing for the first two, then 1 s doubling up to 30 s.
+    """
+    return 0.0 if attempts < 2 else float(min(2 ** (attempts - 2), 30))
+
+
+class LoginThrottle:
+    """
+    Failed logins (login form and HTTP Basic) per client address (see
+    L{clientKey}).
+
+    Each password check first asks L{attempt}: after failures it is delayed
+    (L{backoff}, so a user who mistypes is slowed, not refused), and once the
+    address has C{maxFailures} failed or unfinished attempts within
+    C{window} seconds it is refused (429) until the oldest failure is
+    C{window} seconds old.  Unfinished attempts count, so that a burst of
+    parallel guesses gets no more checks than a slow sequence.  A successful
+    login forgets the address's failures.
+    """
+
+    log = Logger()
+
+    def __init__(self, maxFailures: int, window: float, clock) -> None:
+        self._maxFailures = maxFailures
+        self._window = window
+        self._clock = clock
+        self._failures: Dict[str, Deque[float]] = {}
+        self._checking: Dict[str, int] = {}
+
+    def attempt(self, client) -> Optional[float]:
+        """
+        Reserve a password check for C{client}: L{None} if its address must
+        wait (see L{retryAfter}), else the seconds to wait before the check.
+        End every reserved check with L{succeeded}, L{failed} or L{abandoned}.
+        """
+        key = clientKey(client)
+        failures = self._recent(key)
+        attempts = len(failures) + self._checking.get(key, 0)
+        if attempts >= self._maxFailures:
+            return None
+        self._checking[key] = self._checking.get(key, 0) + 1
+        now = self._clock.seconds()
+        last = failures[-1] if failures else now
+        return max(0.0, last + backoff(attempts) - now)
+
+    def retryAfter(self, client) -> float:
+        """
+        Seconds the address of C{client} must wait before it may try to log
+        in again; 0 if it may try now.
+        """
+        key = clientKey(client)
+        failures = self._recent(key)
+        if len(failures) + self._checking.get(key, 0) < self._maxFailures:
+            return 0.0
+        if len(failures) < self._maxFailures:
+            # Refused for checks still running: their outcome decides.
+            return 1.0
+        return max(1.0, failures[-self._maxFailures] + self._window - self._clock.seconds())
+
+    def succeeded(self, client) -> None:
+        key = clientKey(client)
+        self._release(key)
+        self._failures.pop(key, None)
+
+    def failed(self, client) -> None:
+        key = clientKey(client)
+        self._release(key)
+        failures = self._failures.setdefault(key, deque(maxlen=self._maxFailures))
+        failures.append(self._clock.seconds())
+        if len(self._recent(key)) == self._maxFailures:
+            self.log.warn(
+                "Refusing logins from {client} for {seconds:.0f}s: {count} failed logins"
+                " within {window:.0f}s",
+                client=key,
+                seconds=self.retryAfter(client),
+                count=self._maxFailures,
+                window=self._window,
+            )
+
+    def abandoned(self, client) -> None:
+        """
+        A reserved check ended without an answer (an error): it counts for
+        nothing.
+        """
+        self._release(clientKey(client))
+
+    def purge(self) -> None:
+        """
+        Forget the addresses whose failures are all older than the window.
+        """
+        for key in list(self._failures):
+            self._recent(key)
+
+    def _release(self, key: str) -> None:
+        left = self._checking.pop(key, 0) - 1
+        if left > 0:
+            self._checking[key] = left
+
+    def _recent(self, key: str) -> Deque[float]:
+        failures = self._failures.get(key)
+        if failures is None:
+            return deque()
+        horizon = self._clock.seconds() - self._window
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        if not failures:
+            del self._failures[key]
+        return failures
+
+
+RunInThread = Callable[..., Deferred]
+
+
+class Authenticator(Service):
+    """
+    Identifies the user behind a request, and logs users in and out.
+
+    Password checks (scrypt) run on a small thread pool of its own, started
+    and stopped with the service; C{runInThread} replaces it in tests.  The
+    service also forgets expired sessions and failures periodically.
+
+    @param users: the users file.
+    @param auth: the [auth] configuration.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        users: UsersFile,
+        auth: AuthSection,
+        reactor=None,
+        runInThread: Optional[RunInThread] = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self._reactor = reactor
+        self._users = users
+        self.sessions = SessionStore(auth.session_idle_timeout, auth.session_lifetime, reactor)
+        self.throttle = LoginThrottle(auth.max_login_failures, auth.login_failure_window, reactor)
+        self._threadPool: Optional[ThreadPool] = None
+        if runInThread is None:
+            self._threadPool = ThreadPool(minthreads=0, maxthreads=VERIFY_THREADS, name="password-verification")
+            pool = self._threadPool
+
+            def runInThread(function, *arguments):
+                return deferToThreadPool(reactor, pool, function, *arguments)
+
+        self._runInThread = runInThread
+        # Verified Basic credentials, under a keyed hash of the header: the
+        # table holds no password, nor anything that could be replayed.
+        self._cacheKey = secrets.token_bytes(32)
+        self._basicCache: "OrderedDict[bytes, Tuple[UserEntry, float]]" = OrderedDict()
+        self._pending: Dict[bytes, List[Deferred]] = {}
+        self._purging = LoopingCall(self._purge)
+        self._purging.clock = reactor
+        users.subscribe(self._usersChanged)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._threadPool is not None:
+            self._threadPool.start()
+        self._purging.start(PURGE_INTERVAL, now=False).addErrback(
+            lambda failure: self.log.failure("Stopped forgetting expired sessions", failure)
+        )
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._purging.running:
+            self._purging.stop()
+        if self._threadPool is not None:
+            self._threadPool.stop()
+
+    # --- identification -----------------------------------------------------
+
+    def identify(self, headers: Headers, client) -> "Deferred[Optional[Account]]":
+        """
+        The account behind a request: from its HTTP Basic credentials if it
+        carries an C{Authorization: Basic} header (invalid ones give L{None},
+        whatever cookie comes with them), else from its session cookie.
+
+        Fires at once when memory answers (a session, a Basic credential
+        verified recently, an address refused by the L{LoginThrottle});
+        checks the password in a thread otherwise, after the throttle's
+        back-off.  Never fails: errors are logged and give L{None}.
+        """
+        try:
+            identified = self._identify(headers, client)
+        except Exception:
+            self.log.failure("Could not identify a request from {client}", client=str(client))
+            return succeed(None)
+        return identified.addErrback(self._identifyFailed, client)
+
+    def _identifyFailed(self, failure: Failure, client) -> None:
+        self.log.failure("Could not identify a request from {client}", failure, client=str(client))
+        return None
+
+    def _identify(self, headers: Headers, client) -> "Deferred[Optional[Account]]":
+        credentials = basicCredentials(headers)
+        if credentials is not None:
+            return self._basic(credentials, client)
+        for token in sessionTokens(headers):
+            name = self.sessions.lookup(token)
+            entry = self._users.lookup(name) if name is not None else None
+            if entry is not None:
+                return succeed(entry.account)
+        return succeed(None)
+
+    def _basic(self, credentials: bytes, client) -> "Deferred[Optional[Account]]":
+        key = hmac.new(self._cacheKey, credentials, hashlib.sha256).digest()
+        cached = self._basicCache.get(key)
+        if cached is not None:
+            entry, expires = cached
+            if expires > self._reactor.seconds() and self._users.lookup(entry.name) == entry:
+                self._basicCache.move_to_end(key)
+                return succeed(entry.account)
+            del self._basicCache[key]
+        decoded = _decodeBasic(credentials)
+        if decoded is None:
+            self.log.info("Refused malformed HTTP Basic credentials from {client}", client=clientKey(client))
+            return succeed(None)
+        waiting = self._pending.get(key)
+        if waiting is not None:
+            # The same credentials are being checked: share the outcome.
+            shared: Deferred = Deferred()
+            waiting.append(shared)
+            return shared
+        self._pending[key] = []
+        name, password = decoded
+        checking = self._check(name, password, client, "HTTP Basic")
+        checking.addBoth(self._basicChecked, key)
+        return checking.addCallback(lambda entry: entry.account if entry is not None else None)
+
+    def _basicChecked(self, result, key: bytes):
+        entry = result if isinstance(result, UserEntry) else None
+        if entry is not None:
+            self._basicCache[key] = (entry, self._reactor.seconds() + BASIC_CACHE_LIFETIME)
+            while len(self._basicCache) > BASIC_CACHE_SIZE:
+                self._basicCache.popitem(last=False)
+        # Those waiting get the outcome even if this one failed (logged by identify).
+        for shared in self._pending.pop(key, []):
+            shared.callback(entry.account if entry is not None else None)
+        return result
+
+    # --- logging in and out -------------------------------------------------
+
+    def retryAfter(self, client) -> float:
+        """
+        Seconds the address of C{client} must wait before it may try to log in.
+        """
+        return self.throttle.retryAfter(client)
+
+    def login(self, name: str, password: str, client) -> "Deferred[Optional[Account]]":
+        """
+        Check a user name and password from the login form (in a thread);
+        fires with the account, or L{None} (counted as a failed login).
+        Never fails.
+        """
+        checking = self._check(name, password, client, "login form")
+        return checking.addCallback(lambda entry: entry.account if entry is not None else None)
+
+    def startSession(self, account: Account, previous: List[bytes]) -> bytes:
+        """
+        End the C{previous} sessions of the browser and start one for
+        C{account}; returns its token.
+        """
+        for token in previous:
+            self.sessions.end(token)
+        self.log.info("{user} logged in", user=account.name)
+        return self.sessions.create(account.name)
+
+    def endSession(self, token: bytes) -> None:
+        name = self.sessions.lookup(token)
+        self.sessions.end(token)
+        if name is not None:
+            self.log.info("{user} logged out", user=name)
+
+    def _check(self, name: str, password: str, client, method: str) -> "Deferred[Optional[UserEntry]]":
+        delay = self.throttle.attempt(client)
+        if delay is None:
+            return succeed(None)
+        entry = self._users.lookup(name)
+        # An unknown user costs the same scrypt work as a known one.
+        stored = entry.passwordHash if entry is not None else DUMMY_HASH
+        if delay > 0:
+            checking = deferLater(self._reactor, delay, self._runInThread, verifyPassword, password, stored)
+        else:
+            checking = maybeDeferred(self._runInThread, verifyPassword, password, stored)
+        checking.addCallback(self._checked, name, entry, client, method)
+        return checking.addErrback(self._checkFailed, name, client)
+
+    def _checked(self, matches: bool, name: str, entry: Optional[UserEntry], client, method: str) -> Optional[UserEntry]:
+        if matches and entry is not None:
+            if self._users.lookup(name) != entry:
+                self.throttle.abandoned(client)
+                self.log.info("The account {user} changed while its password was checked", user=name)
+                return None
+            self.throttle.succeeded(client)
+            return entry
+        self.throttle.failed(client)
+        self.log.warn(
+            "Failed login for {user} from {client} ({method}): {reason}",
+            user=displayName(name),
+            client=clientKey(client),
+            method=method,
+            reason="wrong password" if entry is not None else "no such user",
+        )
+        return None
+
+    def _checkFailed(self, failure: Failure, name: str, client) -> None:
+        # The check's slot is given back: an error is not a failed login.
+        self.throttle.abandoned(client)
+        self.log.failure(
+            "Could not check the password of {user} from {client}",
+            failure,
+            user=displayName(name),
+            client=clientKey(client),
+        )
+        return None
+
+    def _usersChanged(self, names: FrozenSet[str]) -> None:
+        self._basicCache.clear()
+        ended = self.sessions.endUsers(names)
+        if ended:
+            self.log.info(
+                "Ended {count} sessions of changed or removed users: {users}",
+                count=ended,
+                users=", ".join(sorted(names)),
+            )
+
+    def _purge(self) -> None:
+        self.sessions.purge()
+        self.throttle.purge()
+        now = self._reactor.seconds()
+        for key in [key for key, (_, expires) in self._basicCache.items() if expires <= now]:
+            del self._basicCache[key]
+
+
+# --- the gate ---------------------------------------------------------------
+
+
+def isNavigation(request: Request) -> bool:
+    """
+    Is this a browser loading a page (not a script fetching data)?  Browsers
+    say so with C{Sec-Fetch-Mode: navigate}; older ones are recognised by a
+    GET that accepts HTML.
+    """
+    mode = request.getHeader(b"sec-fetch-mode")
+    if mode is not None:
+        return mode == b"navigate"
+    accept = request.getHeader(b"accept") or b""
+    return request.method in (b"GET", b"HEAD") and b"text/html" in accept
+
+
+def isBrowser(request: Request) -> bool:
+    """
+    Did a browser send this request?  Every current browser sends
+    C{Sec-Fetch-Mode}; an older one still carries the session cookie once
+    it has logged in.
+    """
+    return request.getHeader(b"sec-fetch-mode") is not None or bool(sessionTokens(request.requestHeaders))
+
+
+def _originOf(url: bytes) -> Optional[bytes]:
+    try:
+        parts = urlsplit(url.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not parts.scheme or not parts.netloc:
+        return None
+    return _normalOrigin(f"{parts.scheme}://{parts.netloc}".encode("ascii"))
+
+
+def _normalOrigin(origin: bytes) -> bytes:
+    origin = origin.strip().lower()
+    for scheme, port in ((b"https://", b":443"), (b"http://", b":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[: -len(port)]
+    return origin
+
+
+def ownOrigin(request: Request) -> Optional[bytes]:
+    """
+    The site's origin as the browser addressed it (from C{Host}).
+    """
+    host = request.getHeader(b"host")
+    if not host:
+        return None
+    scheme = b"https://" if request.isSecure() else b"http://"
+    return _normalOrigin(scheme + host)
+
+
+def isSameOrigin(request: Request) -> bool:
+    """
+    Did a page of this site send this request?  C{Sec-Fetch-Site} (set by the
+    browser, never by a page) answers first: it stays reliable when a
+    referrer policy makes the browser send C{Origin: null} for same-origin
+    form posts.  Without it, C{Origin} must be the site's own, or failing
+    that C{Referer} must point into the site.
+    """
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None:
+        return site == b"same-origin"
+    own = ownOrigin(request)
+    if own is None:
+        return False
+    origin = request.getHeader(b"origin")
+    if origin is not None:
+        return _normalOrigin(origin) == own
+    referer = request.getHeader(b"referer")
+    return referer is not None and _originOf(referer) == own
+
+
+#: Files of the viewer's build that browsers fetch without credentials (a
+#: web app manifest is fetched without cookies unless its link says
+#: otherwise), or for the login page too; none holds patient data.
+PUBLIC_VIEWER_FILES = (b"favicon.ico", b"manifest.json")
+
+
+def requiredRole(name: bytes, method: bytes, rest: Sequence[bytes] = ()) -> Optional[str]:
+    """
+    The role a request needs, by the first segment of its path (C{rest}:
+    the segments after it) and its method; L{None} for the public routes.
+    """
+    if name in (b"healthz", b"login", b"logout"):
+        return None
+    if name in PUBLIC_VIEWER_FILES and not rest and method in (b"GET", b"HEAD"):
+        return None
+    if name == b"pacs":
+        if method == b"OPTIONS":
+            # CORS preflights carry no credentials; the proxy answers them.
+            return None
+        if method in (b"GET", b"HEAD"):
+            return "viewer"
+        if method == b"POST":
+            return "uploader"
+        return "admin"
+    if name == b"pacs-admin":
+        return "admin"
+    return "viewer"
+
+
+def localTarget(target: str) -> str:
+    """
+    C{target} if it is a path on this site (where the login may send the
+    browser back to), else C{/}.  Rejects other hosts (C{//host},
+    C{/\\host}, which browsers read as C{//host}) and anything not plain
+    printable ASCII (browsers drop tabs and newlines from URLs).
+    """
+    if (
+        target.startswith("/")
+        and target[1:2] not in ("/", "\\")
+        and all("\x21" <= character <= "\x7e" for character in target)
+    ):
+        return target
+    return "/"
+
+
+class Refusal(Resource):
+    """
+    A leaf answering one refusal: C{code}, C{headers}, and a JSON body
+    C{{"error": message}} or, for C{page}, that HTML page.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        headers: Tuple[Tuple[bytes, bytes], ...] = (),
+        page: Optional[bytes] = None,
+        contentSecurityPolicy: bytes = b"",
+    ) -> None:
+        super().__init__()
+        self._code = code
+        self._message = message
+        self._headers = headers
+        self._page = page
+        self._contentSecurityPolicy = contentSecurityPolicy
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(self._code)
+        request.setHeader(b"Cache-Control", b"no-store")
+        for name, value in self._headers:
+            request.setHeader(name, value)
+        if self._page is not None:
+            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+            request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy)
+            return self._page
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"error": self._message}).encode("utf-8") + b"\n"
+
+
+def _quoted(text: str) -> bytes:
+    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8") + b'"'
+
+
+def cookieChallenge(siteName: str) -> bytes:
+    """
+    The C{WWW-Authenticate} value of a 401 for browsers: the C{Cookie} scheme
+    (draft-broyer-http-cookie-auth) names the login page, and no browser
+    answers it with a password prompt.
+    """
+    return b"Cookie realm=" + _quoted(siteName) + b', form-action="/login", cookie-name="' + SESSION_COOKIE + b'"'
+
+
+class AccessGate(Resource):
+    """
+    The site's root as clients reach it: checks each request against the
+    route's policy, then hands it to the wrapped C{root}.
+
+        public       /healthz, /login (and its style sheet), /logout,
+                     OPTIONS /pacs/... (CORS preflight, answered by the proxy)
+        viewer       GET/HEAD /pacs/..., and every other path (the viewer)
+        uploader     POST /pacs/... (STOW-RS); other methods there need admin
+        admin        /pacs-admin/...
+
+    A request without an account (C{request.account} is L{None}):
+      - a browser loading a page other than /pacs/... goes to the login page
+        (302 to C{/login?next=PATH}), which brings it back;
+      - anything else gets 401 and a JSON body.  Only a client that is not a
+        browser (no C{Sec-Fetch-Mode}, no session cookie) is challenged with
+        C{WWW-Authenticate: Basic}: a browser shown that challenge would pop
+        up its own password prompt over the viewer for every background
+        request once a session expired, and would then send the credentials
+        it remembers with every request, from any site.  Browsers get the
+        C{Cookie} scheme instead (draft-broyer-http-cookie-auth), which names
+        the login page and prompts nothing;
+      - 429 with C{Retry-After} when it brought HTTP Basic credentials from an
+        address that has failed to log in too often (see L{LoginThrottle}).
+
+    A request whose account lacks the role gets 403, an HTML page for a page
+    load and JSON otherwise.  An unsafe request (not GET, HEAD or OPTIONS)
+    authenticated by the session cookie must come from this site's own pages
+    (L{isSameOrigin}), else 403 (CSRF).  One authenticated by HTTP Basic
+    needs no C{Origin} (scripts send none), but a browser sending an
+    C{Origin} of a site other than this one or a C{[web]
+    cors_allowed_origins} entry is refused too: a browser only sends Basic
+    credentials by itself, to any site's forms, if the user typed them into
+    its prompt once.
+    """
+
+    log = Logger()
+
+    def __init__(self, root: Resource, authenticator: Authenticator, web: WebSection) -> None:
+        super().__init__()
+        self._root = root
+        self._authenticator = authenticator
+        self._siteName = web.site_name
+        self._corsOrigins = frozenset(origin.encode("ascii") for origin in web.cors_allowed_origins)
+        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
+        self._forbiddenPage = Page("forbidden.html")
+        self._basicChallenge = b"Basic realm=" + _quoted(web.site_name) + b', charset="UTF-8"'
+        self._cookieChallenge = cookieChallenge(web.site_name)
+
+    def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
+        refusal = self._check(name, request)
+        if refusal is not None:
+            return refusal
+        return self._root.getChildWithDefault(name, request)
+
+    def _check(self, name: bytes, request: Request) -> Optional[Resource]:
+        role = requiredRole(name, request.method, request.postpath)
+        if role is None:
+            return None
+        account = getattr(request, "account", None)
+        if account is None:
+            return self._anonymous(name, request)
+        if request.method not in SAFE_METHODS and not self._fromOwnPages(request):
+            self.log.warn(
+                "Refused {method} {path} by {user} from {client}: it did not come from this"
+                " site's pages (Origin {origin})",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                user=account.name,
+                client=clientKey(request.getClientAddress()),
+                origin=(request.getHeader(b"origin") or b"-").decode("latin-1"),
+            )
+            return self._refuse(
+                request,
+                http.FORBIDDEN,
+                "This request was refused: it did not come from this site's own pages.",
+            )
+        if not account.has(role):
+            self.log.info(
+                "Refused {method} {path} to {user}: it needs the {role} role",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                user=account.name,
+                role=role,
+            )
+            return self._refuse(
+                request,
+                http.FORBIDDEN,
+                f"The account {account.name} may not do this: it needs the {role} role"
+                " (ask an administrator, or log in as another user).",
+            )
+        return None
+
+    def _fromOwnPages(self, request: Request) -> bool:
+        if basicCredentials(request.requestHeaders) is None:
+            return isSameOrigin(request)
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True
+        origin = _normalOrigin(origin)
+        return origin == ownOrigin(request) or origin in self._corsOrigins
+
+    def _anonymous(self, name: bytes, request: Request) -> Resource:
+        if basicCredentials(request.requestHeaders) is not None:
+            wait = self._authenticator.retryAfter(request.getClientAddress())
+            if wait > 0:
+                seconds = max(1, round(wait))
+                return Refusal(
+                    TOO_MANY_REQUESTS,
+                    f"Too many failed logins from your address: try again in {seconds} seconds.",
+                    ((b"Retry-After", b"%d" % (seconds,)),),
+                )
+        if name != b"pacs" and isNavigation(request):
+            target = request.uri if request.uri.startswith(b"/") else b"/"
+            location = b"/login?next=" + quote_from_bytes(target, safe="/").encode("ascii")
+            return Refusal(http.FOUND, "Log in first.", ((b"Location", location),))
+        challenge = self._cookieChallenge if isBrowser(request) else self._basicChallenge
+        return Refusal(
+            http.UNAUTHORIZED,
+            "Log in first: send HTTP Basic credentials, or log in at /login.",
+            ((b"WWW-Authenticate", challenge),),
+        )
+
+    def _refuse(self, request: Request, code: int, message: str) -> Refusal:
+        if not isNavigation(request):
+            return Refusal(code, message)
+        page = self._forbiddenPage.render(siteName=self._siteName, error=message)
+        return Refusal(code, message, page=page, contentSecurityPolicy=self._contentSecurityPolicy)

@@ -1,0 +1,698 @@
+"""
+The streaming reverse proxy to Orthanc's loopback HTTP port.
+
+    client ──▶ OrthancProxy.forward ──Agent, persistent pool──▶ 127.0.0.1:[orthanc] http_port
+           ◀── headers filtered, body streamed: a slow client pauses Orthanc's socket
+
+Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResource}
+(DESIGN.md says why).  Each forwarded request is one L{_Exchange}:
+
+  - the request's headers lose what is hop-by-hop, the client's credentials and
+    the appliance's session cookie, and gain Orthanc's credentials and the
+    C{Forwarded} header from which Orthanc's DICOMweb plugin writes public URLs;
+  - its body (C{request.content}, spooled by the request layer) is streamed to
+    Orthanc with its length;
+  - the answer's headers lose what is hop-by-hop and anything of Orthanc's
+    authentication; its body is written as it comes, with the upstream
+    transport registered as the request's producer, and DICOMweb JSON is
+    gzip-compressed for clients that accept it;
+  - timeouts: connecting ([web] proxy_connect_timeout), Orthanc reading the
+    request body and sending the answer's body (proxy_idle_timeout between
+    chunks; not counted while the client holds us back), and the answer's
+    headers once the request is sent (proxy_response_timeout);
+  - failures before the answer's headers become a one-sentence JSON answer:
+    503 while the supervisor says Orthanc is not ready, 504 on a timeout, 502
+    otherwise; after the headers, the client's connection is closed.
+"""
+
+import json
+import re
+from typing import Callable, List, Optional, Set
+
+from twisted.application.service import Service
+from twisted.internet import error as internetError
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
+from zope.interface import implementer
+
+from appliance.config import Config
+from appliance.orthanc.supervisor import OrthancState
+from appliance.web.auth import SESSION_COOKIE
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1),
+#: plus the proxy-authentication ones, which are for the hop that asks.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+#: Request headers that never reach Orthanc: the Agent writes Host and
+#: Content-Length itself, the client's credentials are for the appliance, the
+#: forwarding headers are ours to set, and the body was read already (Expect).
+_REQUEST_DROPPED = frozenset(
+    {b"host", b"content-length", b"authorization", b"forwarded", b"x-real-ip", b"expect"}
+)
+
+#: Answer headers that never reach the client: Orthanc's login prompt (its
+#: credentials are the appliance's business) and its server banner.  CORS is
+#: the appliance's too (see L{appliance.web.cors}).
+_RESPONSE_DROPPED = frozenset({b"www-authenticate", b"server"})
+
+#: What is compressed on the fly: DICOMweb metadata shrinks about tenfold;
+#: pixel data and images are not worth the processor time.
+COMPRESSIBLE_TYPES = frozenset({b"application/dicom+json", b"application/json"})
+GZIP_LEVEL = 6
+
+#: Statuses whose answer has no body, or a body of which gzip would break
+#: the meaning (a range of the uncompressed representation).
+_NOT_COMPRESSED_STATUSES = frozenset({http.NO_CONTENT, http.PARTIAL_CONTENT, http.NOT_MODIFIED})
+
+#: Seconds a client is told to wait while Orthanc (re)starts, and while it has
+#: failed (an administrator must act first).
+RETRY_AFTER = 5
+RETRY_AFTER_FAILED = 60
+
+#: Idle connections kept to Orthanc, and for how long: Orthanc 1.10 closes an
+#: idle keep-alive connection after one second ("Keep-Alive: timeout=1"), so
+#: the pool lets go first rather than race it.
+MAX_IDLE_CONNECTIONS = 8
+IDLE_CONNECTION_LIFETIME = 0.5
+
+#: A Host header as browsers write it: a name or an address, and a port.
+#: Nothing else (no quote, comma, semicolon, space or line break) can pass
+#: into the Forwarded header built from it.
+_PUBLIC_HOST = re.compile(rb"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+#: Signature of a route's rewriting of Orthanc's answer headers: given a
+#: lower-case name and a value, the value to send, or None to drop it.
+HeaderRewriter = Callable[[bytes, bytes], Optional[bytes]]
+
+_unavailable = {
+    OrthancState.STARTING: "Orthanc is starting; try again in a few seconds.",
+    OrthancState.RESTARTING: "Orthanc is restarting; try again in a few seconds.",
+    OrthancState.STOPPED: "Orthanc is stopped; try again when the appliance has started it.",
+    OrthancState.FAILED: "Orthanc could not be started; an administrator must look at the appliance's log.",
+}
+
+
+def jsonError(request: Request, code: int, message: str, retryAfter: Optional[int] = None) -> bytes:
+    """
+    Prepare C{request} to answer C{code} with C{{"error": message}} in JSON
+    and return that body.
+    """
+    body = json.dumps({"error": message}).encode("utf-8") + b"\n"
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    if retryAfter is not None:
+        request.setHeader(b"Retry-After", b"%d" % (retryAfter,))
+    return body
+
+
+def addVary(request: Request, names: bytes) -> None:
+    """
+    Add the comma-separated header C{names} to the answer's C{Vary}, once each.
+    """
+    current = b", ".join(request.responseHeaders.getRawHeaders(b"Vary", []))
+    present = {token.strip().lower() for token in current.split(b",") if token.strip()}
+    added = [token.strip() for token in names.split(b",") if token.strip()]
+    added = [token for token in added if token.lower() not in present]
+    if added:
+        merged = b", ".join(([current] if current else []) + added)
+        request.responseHeaders.setRawHeaders(b"Vary", [merged])
+
+
+def connectionTokens(headers: Headers) -> Set[bytes]:
+    """
+    The lower-case names a message's C{Connection} header lists: hop-by-hop too.
+    """
+    return {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"Connection", [])
+        for token in value.split(b",")
+        if token.strip()
+    }
+
+
+def withoutCookie(value: bytes, name: bytes) -> bytes:
+    """
+    A C{Cookie} header value without the cookie C{name}.
+    """
+    pairs = [pair.strip() for pair in value.split(b";")]
+    return b"; ".join(pair for pair in pairs if pair and pair.partition(b"=")[0].strip() != name)
+
+
+def cookieName(setCookie: bytes) -> bytes:
+    return setCookie.split(b";", 1)[0].partition(b"=")[0].strip()
+
+
+def publicHost(request: Request) -> Optional[bytes]:
+    """
+    The host and port the client asked for, if its one C{Host} header is sane.
+    """
+    hosts = request.requestHeaders.getRawHeaders(b"Host", [])
+    if len(hosts) != 1 or not _PUBLIC_HOST.fullmatch(hosts[0]):
+        return None
+    return hosts[0]
+
+
+def forwardingHeaders(request: Request, host: bytes) -> List[tuple]:
+    """
+    C{Forwarded} (RFC 7239) and the C{X-Forwarded-*} headers for C{request}.
+
+    The host goes unquoted: Orthanc's DICOMweb plugin takes the value verbatim,
+    quotes included, into the URLs it writes; L{publicHost} keeps anything
+    that would need quoting out of it.
+    """
+    address = request.getClientAddress()
+    client = getattr(address, "host", None)
+    client = client.encode("ascii", "replace") if client else b"unknown"
+    node = b'"[%s]"' % (client,) if b":" in client else client
+    proto = b"https" if request.isSecure() else b"http"
+    return [
+        (b"Forwarded", b"for=%s;host=%s;proto=%s" % (node, host, proto)),
+        (b"X-Forwarded-For", client),
+        (b"X-Forwarded-Proto", proto),
+        (b"X-Forwarded-Host", host),
+    ]
+
+
+def upstreamHeaders(request: Request, authorization: bytes, host: bytes) -> Headers:
+    """
+    The headers of the request to Orthanc for the client's C{request}.
+    """
+    dropped = HOP_BY_HOP | _REQUEST_DROPPED | connectionTokens(request.requestHeaders)
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lower = name.lower()
+        if lower in dropped or lower.startswith(b"x-forwarded-"):
+            continue
+        if lower == b"cookie":
+            values = [kept for kept in (withoutCookie(value, SESSION_COOKIE) for value in values) if kept]
+            if not values:
+                continue
+        headers.setRawHeaders(name, values)
+    headers.setRawHeaders(b"Authorization", [authorization])
+    for name, value in forwardingHeaders(request, host):
+        headers.setRawHeaders(name, [value])
+    return headers
+
+
+def copyAnswerHeaders(response: IResponse, request: Request, rewrite: Optional[HeaderRewriter]) -> None:
+    """
+    Copy Orthanc's answer headers to C{request}, less what must not pass.
+
+    The Agent keeps the connection headers of an answer (Connection,
+    Content-Length, Keep-Alive, Transfer-Encoding...) to itself: the headers
+    Orthanc's C{Connection} might name cannot be known here, and Orthanc
+    names none but C{keep-alive}.
+    """
+    dropped = HOP_BY_HOP | _RESPONSE_DROPPED
+    for name, values in response.headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in dropped or lower.startswith(b"access-control-"):
+            continue
+        if rewrite is not None:
+            values = [kept for kept in (rewrite(lower, value) for value in values) if kept is not None]
+        if lower == b"set-cookie":
+            # Through request.cookies, which Twisted writes as Set-Cookie (the
+            # header itself would be replaced by any cookie the site adds).
+            request.cookies.extend(value for value in values if cookieName(value) != SESSION_COOKIE)
+        elif lower == b"vary":
+            for value in values:
+                addVary(request, value)
+        elif values:
+            request.responseHeaders.setRawHeaders(name, values)
+
+
+def _describe(failure: Failure) -> str:
+    """
+    What went wrong, in a few words: the Agent wraps network errors in
+    exceptions that hold the real reasons.
+    """
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(reason) for reason in reasons)
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+def _channelPaused(request: Request) -> bool:
+    # HTTPChannel.registerProducer does not pause a producer registered while
+    # the client's transport holds the channel paused (Twisted 26.10), and no
+    # public attribute says so.
+    return bool(getattr(request.channel, "_waitingForTransport", False))
+
+
+@implementer(IStreamClientEndpoint)
+class _TimedEndpoint:
+    """
+    A TCP connection to Orthanc that gives up after C{timeout} seconds, timed
+    by the given reactor (so that tests can use a clock).
+    """
+
+    def __init__(self, reactor, port: int, timeout: float) -> None:
+        self._reactor = reactor
+        self._endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        self._timeout = timeout
+
+    def connect(self, factory) -> Deferred:
+        return self._endpoint.connect(factory).addTimeout(self._timeout, self._reactor, self._timedOut)
+
+    @staticmethod
+    def _timedOut(result: object, timeout: float) -> object:
+        # A cancelled connection attempt fails with ConnectingCancelledError,
+        # which the default of addTimeout does not turn into a TimeoutError.
+        if isinstance(result, Failure):
+            return Failure(TimeoutError(f"no connection to Orthanc within {timeout:g}s"))
+        return result
+
+
+@implementer(IAgentEndpointFactory)
+class _OrthancEndpoints:
+    def __init__(self, reactor, port: int, timeout: float) -> None:
+        self._endpoint = _TimedEndpoint(reactor, port, timeout)
+
+    def endpointForURI(self, uri) -> _TimedEndpoint:
+        return self._endpoint
+
+
+class OrthancProxy(Service):
+    """
+    Forwards requests to Orthanc; one instance per site, shared by the routes.
+    As a service, it closes its idle connections to Orthanc when stopped.
+
+    @param orthanc: the supervisor (C{state}, C{credentials}).
+    """
+
+    def __init__(self, config: Config, orthanc, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        web = config.web
+        self.orthanc = orthanc
+        self.reactor = reactor
+        self.connectTimeout = web.proxy_connect_timeout
+        self.responseTimeout = web.proxy_response_timeout
+        self.idleTimeout = web.proxy_idle_timeout
+        self.origin = b"http://127.0.0.1:%d" % (config.orthanc.http_port,)
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = MAX_IDLE_CONNECTIONS
+        self._pool.cachedConnectionTimeout = IDLE_CONNECTION_LIFETIME
+        endpoints = _OrthancEndpoints(reactor, config.orthanc.http_port, self.connectTimeout)
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
+        # Request bodies are read a block at a time by tasks of the injected
+        # reactor, not of the global one.
+        self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        self.gzip = GzipEncoderFactory()
+        self.gzip.compressLevel = GZIP_LEVEL
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        self.cooperator.stop()
+        return self._pool.closeCachedConnections()
+
+    def forward(self, request: Request, target: bytes, rewrite: Optional[HeaderRewriter] = None) -> int:
+        """
+        Answer C{request} with Orthanc's answer to the same method, headers and
+        body at C{target} (a path and query, already checked by the route).
+
+        @param rewrite: the route's changes to Orthanc's answer headers.
+        @return: L{NOT_DONE_YET}, for C{render}.
+        """
+        state, credentials = self.orthanc.state, self.orthanc.credentials
+        if state is not OrthancState.READY or credentials is None:
+            answerUnavailable(request, state)
+            return NOT_DONE_YET
+        host = publicHost(request)
+        if host is None:
+            answer(request, http.BAD_REQUEST, "The request needs one valid Host header.")
+            return NOT_DONE_YET
+        headers = upstreamHeaders(request, credentials.authorization(), host)
+        _Exchange(self, request, self.origin + target, headers, rewrite).start()
+        return NOT_DONE_YET
+
+
+def answer(request: Request, code: int, message: str, retryAfter: Optional[int] = None) -> None:
+    """
+    Answer and finish C{request} with a L{jsonError}.
+    """
+    request.write(jsonError(request, code, message, retryAfter))
+    request.finish()
+
+
+def answerUnavailable(request: Request, state: OrthancState) -> None:
+    """
+    Answer 503 for Orthanc in C{state}, with the time to wait before trying again.
+    """
+    message = _unavailable.get(state, _unavailable[OrthancState.STARTING])
+    retry = RETRY_AFTER_FAILED if state is OrthancState.FAILED else RETRY_AFTER
+    answer(request, http.SERVICE_UNAVAILABLE, message, retry)
+
+
+@implementer(IBodyProducer)
+class _WatchedBody:
+    """
+    The request body, read from its file by a L{FileBodyProducer}, telling the
+    exchange of every block Orthanc takes and of the end.
+    """
+
+    def __init__(
+        self, producer: FileBodyProducer, onBlock: Callable[[], None], onEnd: Callable[[], None]
+    ) -> None:
+        self._producer = producer
+        self._onBlock = onBlock
+        self._onEnd = onEnd
+        self._consumer = None
+        self.length = producer.length
+
+    def startProducing(self, consumer) -> Deferred:
+        self._consumer = consumer
+        self._onBlock()
+        return self._producer.startProducing(self).addCallback(self._ended)
+
+    def _ended(self, result: object) -> object:
+        self._onEnd()
+        return result
+
+    def write(self, data: bytes) -> None:
+        self._onBlock()
+        self._consumer.write(data)
+
+    def pauseProducing(self) -> None:
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
+
+
+#: The phases of an exchange: sending the request and waiting for the answer's
+#: headers, streaming the answer's body, and over (answered, or the client left).
+REQUEST, ANSWER, OVER = "request", "answer", "over"
+
+
+class _Exchange:
+    """
+    One request forwarded to Orthanc and its answer streamed back.
+
+    One timer at a time: while the body is sent, the idle timeout between
+    blocks; then the response timeout until the answer's headers; then the idle
+    timeout between blocks of the answer, stopped while the client pauses us.
+    """
+
+    log = Logger()
+
+    def __init__(self, proxy: OrthancProxy, request: Request, url: bytes, headers: Headers, rewrite) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._url = url
+        self._headers = headers
+        self._rewrite = rewrite
+        self._phase = REQUEST
+        self._pending: Optional[Deferred] = None
+        self._streamer: Optional["_AnswerStreamer"] = None
+        self._timer = None
+        self._timedOut: Optional[str] = None
+
+    # --- the request
+
+    def start(self) -> None:
+        request = self._request
+        request.notifyFinish().addErrback(self._clientGone)
+        body: Optional[_WatchedBody] = None
+        producer = FileBodyProducer(request.content, self._proxy.cooperator)
+        if producer.length:
+            body = _WatchedBody(producer, self._bodyBlockSent, self._bodySent)
+        else:
+            # The answer's clock starts now; with a body, once it is sent.
+            self._arm(self._proxy.responseTimeout, "response")
+        # Orthanc answers HEAD with 404 whatever the path: ask with GET, and
+        # stop at the answer's headers.
+        method = b"GET" if request.method == b"HEAD" else request.method
+        agent = self._proxy.agent
+        self._pending = maybeDeferred(agent.request, method, self._url, self._headers, body)
+        self._pending.addCallbacks(self._answered, self._failed)
+        self._pending.addErrback(self._bug)
+
+    def _bodyBlockSent(self) -> None:
+        if self._phase is REQUEST:
+            self._arm(self._proxy.idleTimeout, "upload")
+
+    def _bodySent(self) -> None:
+        if self._phase is REQUEST:
+            self._arm(self._proxy.responseTimeout, "response")
+
+    def _failed(self, failure: Failure) -> None:
+        if self._phase is OVER:
+            return
+        self._end()
+        proxy, request = self._proxy, self._request
+        code = http.GATEWAY_TIMEOUT
+        if self._timedOut == "upload":
+            message = f"Orthanc stopped reading the request for {proxy.idleTimeout:g}s."
+        elif self._timedOut == "response":
+            message = f"Orthanc did not answer within {proxy.responseTimeout:g}s."
+        elif failure.check(TimeoutError, internetError.TimeoutError):
+            message = f"Orthanc did not accept a connection within {proxy.connectTimeout:g}s."
+        elif proxy.orthanc.state is not OrthancState.READY:
+            # Orthanc went away under this request, and the supervisor knows.
+            self._logFailure("Orthanc stopped while answering {method} {path}: {error}", failure)
+            answerUnavailable(request, proxy.orthanc.state)
+            return
+        else:
+            code, message = (
+                http.BAD_GATEWAY,
+                "Orthanc failed to answer; try again, and tell an administrator if it persists.",
+            )
+        self._logFailure("Orthanc did not answer {method} {path}: {error}", failure)
+        answer(request, code, message)
+
+    def _bug(self, failure: Failure) -> None:
+        self.log.failure("Error while forwarding {method} {path}", failure, **self._where())
+        if self._phase is not OVER:
+            self._end()
+            self._request.loseConnection()
+
+    def _where(self) -> dict:
+        # The path without its query: QIDO queries carry patient names.
+        return {
+            "method": self._request.method.decode("latin-1"),
+            "path": self._request.path.decode("latin-1"),
+        }
+
+    def _logFailure(self, format: str, failure: Failure) -> None:
+        self.log.error(format, error=_describe(failure), **self._where())
+
+    # --- the answer
+
+    def _answered(self, response: IResponse) -> None:
+        if self._phase is OVER:
+            response.deliverBody(_Discard())
+            return
+        self.disarm()
+        request = self._request
+        if response.code == http.UNAUTHORIZED:
+            # Orthanc restarted with new credentials after this request took
+            # the old ones; its login prompt is nobody's business.
+            self._end()
+            response.deliverBody(_Discard())
+            self.log.warn(
+                "Orthanc refused the appliance's credentials for {method} {path}: it has restarted",
+                **self._where(),
+            )
+            answerUnavailable(request, OrthancState.RESTARTING)
+            return
+        self._phase = ANSWER
+        request.setResponseCode(response.code)
+        copyAnswerHeaders(response, request, self._rewrite)
+        # The Agent keeps Content-Length to itself.
+        if isinstance(response.length, int) and response.code not in http.NO_BODY_CODES:
+            request.setHeader(b"Content-Length", b"%d" % (response.length,))
+        encoder = self._encoderFor(response)
+        if request.method == b"HEAD":
+            self._end()
+            response.deliverBody(_Discard())
+            request.finish()
+            return
+        self._streamer = _AnswerStreamer(self, request, encoder)
+        response.deliverBody(self._streamer)
+
+    def _encoderFor(self, response: IResponse):
+        """
+        A gzip encoder if the answer is DICOMweb JSON that Orthanc did not
+        encode, for a client that accepts gzip; None otherwise.
+        """
+        request = self._request
+        contentType = (response.headers.getRawHeaders(b"Content-Type") or [b""])[0]
+        if contentType.split(b";")[0].strip().lower() not in COMPRESSIBLE_TYPES:
+            return None
+        if response.code in _NOT_COMPRESSED_STATUSES or response.headers.hasHeader(b"Content-Encoding"):
+            return None
+        addVary(request, b"Accept-Encoding")
+        encoder = self._proxy.gzip.encoderForRequest(request)
+        if encoder is not None:
+            # The length changes, and so does the representation a strong
+            # validator names.
+            request.responseHeaders.removeHeader(b"Content-Length")
+            etag = request.responseHeaders.getRawHeaders(b"ETag")
+            if etag and not etag[0].startswith(b"W/"):
+                request.responseHeaders.setRawHeaders(b"ETag", [b"W/" + etag[0]])
+        return encoder
+
+    def streamEnded(self, reason: Failure, encoder) -> None:
+        """
+        Orthanc's answer body ended, completely or not.
+        """
+        if self._phase is OVER:
+            return
+        self._end()
+        request = self._request
+        request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            if encoder is not None:
+                tail = encoder.finish()
+                if tail:
+                    request.write(tail)
+            request.finish()
+            return
+        self._logFailure("Orthanc broke off its answer to {method} {path}: {error}", reason)
+        request.loseConnection()
+
+    # --- timers and the client
+
+    def armIdle(self) -> None:
+        if self._phase is ANSWER:
+            self._arm(self._proxy.idleTimeout, "idle")
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self.disarm()
+        self._timer = self._proxy.reactor.callLater(seconds, self._timeout, what)
+
+    def disarm(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _end(self) -> None:
+        self._phase = OVER
+        self.disarm()
+
+    def _timeout(self, what: str) -> None:
+        self._timer = None
+        self._timedOut = what
+        if self._phase is REQUEST:
+            # Before the answer's headers: _failed answers 504.
+            self._pending.cancel()
+            return
+        self._end()
+        self.log.error(
+            "Orthanc sent nothing for {timeout}s in the middle of its answer to {method} {path};"
+            " closed the client's connection",
+            timeout=self._proxy.idleTimeout,
+            **self._where(),
+        )
+        self._streamer.stopUpstream()
+        self._request.unregisterProducer()
+        self._request.loseConnection()
+
+    def _clientGone(self, reason: Failure) -> None:
+        phase = self._phase
+        self._end()
+        if phase is REQUEST:
+            self._pending.cancel()
+        elif phase is ANSWER:
+            self._streamer.stopUpstream()
+
+
+@implementer(IPushProducer)
+class _AnswerStreamer(Protocol):
+    """
+    Receives Orthanc's answer body and writes it to the client; as the
+    request's producer, passes the client's pauses on to Orthanc's socket.
+    """
+
+    def __init__(self, exchange: _Exchange, request: Request, encoder) -> None:
+        self._exchange = exchange
+        self._request = request
+        self._encoder = encoder
+        self._paused = False
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        if _channelPaused(self._request):
+            self.pauseProducing()
+        else:
+            self._exchange.armIdle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._paused:
+            # The Response resumes its transport once after delivering what it
+            # had buffered, whatever we asked before: ask again.
+            self.transport.pauseProducing()
+        else:
+            self._exchange.armIdle()
+        if self._encoder is not None:
+            data = self._encoder.encode(data)
+        if data:
+            self._request.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._exchange.streamEnded(reason, self._encoder)
+
+    def stopUpstream(self) -> None:
+        self.transport.stopProducing()
+
+    # IPushProducer, for the client's side.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        # Orthanc is not idle while the client holds it back.
+        self._exchange.disarm()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._exchange.armIdle()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.stopUpstream()
+
+
+class _Discard(Protocol):
+    """
+    Takes an answer nobody will read, and closes its connection at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        pass

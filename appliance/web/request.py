@@ -1,0 +1,453 @@
+"""
+The HTTP request layer under the site's resources: request heads up to the
+configured size, refusals with a status and a sentence for what twisted.web
+would answer with a bare 400 (or a silent close), the request's identity
+known before any resource runs, and bodies capped, never compressed, and
+spooled to disk when large.
+
+    head complete ─ checks (400) ─ 413 / 415 ─ identify() ─┬─ no body or small: read it meanwhile
+                                                          └─ large: hold the body until identified,
+                                                             then read it (100-continue) or 401
+    body complete ─ wait for identify() ─ request.account set ─ resources
+"""
+
+import errno
+from io import BytesIO
+from typing import Optional, Sequence, Tuple
+
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from appliance.web.auth import cookieChallenge, isBrowser
+
+#: What every answer says in its Server header: no version, for scanners.
+SERVER = b"pacs-appliance"
+
+#: The largest body read from a request whose identity is not known yet, or
+#: that has none: enough for the login form, whose POST is anonymous.
+ANONYMOUS_BODY_LIMIT = 16 * 1024
+
+#: Bodies up to this size stay in memory; larger ones move to a file in the
+#: site's spool folder.
+MEMORY_BODY_LIMIT = 1024 * 1024
+
+#: Reason phrases of the refusals, as RFC 9110 names them.
+REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    507: b"Insufficient Storage",
+}
+
+ResponseHeaders = Sequence[Tuple[bytes, bytes]]
+
+
+def describeSize(size: int) -> str:
+    """
+    C{size} (bytes) as people write it in a sentence: C{4 GiB}, C{64 KiB}.
+    """
+    for unit, name in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
+
+
+class ApplianceRequest(Request):
+    """
+    A request that knows who sent it before any resource runs
+    (C{account}, from the site's authenticator), whose body is capped,
+    uncompressed, and in memory or in an anonymous file of the spool folder
+    (C{content}, at position 0, C{contentLength} bytes), and whose response
+    carries the site's standard headers.
+    """
+
+    #: Who sent the request (L{appliance.web.auth.Account}), or L{None}.
+    account = None
+    #: The length of the body in C{content}.
+    contentLength = 0
+
+    log = Logger()
+
+    _identified = False
+    _bodyAccepted = False
+    _continueWanted = False
+    _held = False
+    _refused = False
+    _received = 0
+    _waiting: Optional[Tuple[bytes, bytes, bytes]] = None
+
+    def render(self, resource: Resource) -> None:
+        # Replaces the Server header Request.process set.
+        self.setHeader(b"Server", SERVER)
+        for name, value in self.site.standardHeaders:
+            self.setHeader(name, value)
+        super().render(resource)
+
+    def gotLength(self, length: Optional[int]) -> None:
+        """
+        The head is complete (C{length} is that of the body, L{None} when
+        chunked): refuse bodies too large or compressed, start identifying
+        the sender, and hold a body too large to read from anyone until the
+        identity is known.
+        """
+        site = self.channel.site
+        self.content = BytesIO()
+        if length is not None and length > site.maxUploadSize:
+            self._refuse(413, self._tooLarge())
+            return
+        if length != 0 and self.requestHeaders.hasHeader(b"Content-Encoding"):
+            # Orthanc must never decompress what a client sends (DESIGN.md).
+            self._refuse(
+                415,
+                "Compressed request bodies are not accepted: send it without a Content-Encoding.",
+                [(b"Accept-Encoding", b"identity")],
+            )
+            return
+        self._bodyAccepted = length is not None and length <= ANONYMOUS_BODY_LIMIT
+        identity = maybeDeferred(site.authenticator.identify, self.requestHeaders, self.client)
+        identity.addErrback(self._identifyFailed)
+        identity.addCallback(self._identifiedAs)
+        identity.addErrback(
+            lambda failure: self.log.failure(
+                "Could not carry on with the request of {client}", failure, client=self._peer()
+            )
+        )
+        if not (self._bodyAccepted or self._refused):
+            self._held = True
+            self.channel.holdBody()
+
+    def expectContinue(self) -> None:
+        """
+        The client waits for a 100 (Continue) before it sends the body: it
+        gets one once the body may be read, never when it is refused.
+        """
+        if self._bodyAccepted:
+            self.channel.sendContinue()
+        elif not self._refused:
+            self._continueWanted = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused or self._disconnected:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.maxUploadSize:
+            self._refuse(413, self._tooLarge())
+            return
+        try:
+            if self._received > MEMORY_BODY_LIMIT and isinstance(self.content, BytesIO):
+                self._spool()
+            self.content.write(data)
+        except OSError as error:
+            self._storageFailed(error)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        The body is complete: the resources run once the sender is known.
+        """
+        try:
+            self.content.flush()
+        except OSError as error:
+            self._storageFailed(error)
+            return
+        self.contentLength = self.content.tell()
+        if self._identified:
+            super().requestReceived(command, path, version)
+        else:
+            self._waiting = (command, path, version)
+
+    def _identifyFailed(self, failure) -> None:
+        self.log.failure("Could not identify the sender of a request from {client}", failure, client=self._peer())
+
+    def _identifiedAs(self, account) -> None:
+        if self._disconnected or self._refused:
+            return
+        self.account = account
+        self._identified = True
+        if not self._bodyAccepted:
+            if account is None:
+                self._refuse(
+                    401,
+                    f"Log in first: a request with a body larger than {describeSize(ANONYMOUS_BODY_LIMIT)}"
+                    " is only read from a known user.",
+                    [(b"WWW-Authenticate", self._challenge())],
+                )
+                return
+            self._acceptBody()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            super().requestReceived(*waiting)
+
+    def _challenge(self) -> bytes:
+        siteName = self.channel.site.siteName
+        # As the access gate does: a browser shown a Basic challenge pops up
+        # its own password prompt (see appliance.web.auth.AccessGate).  And
+        # plain HTTP never invites credentials sent in clear.
+        if isBrowser(self) or not self.isSecure():
+            return cookieChallenge(siteName)
+        realm = siteName.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8")
+        return b'Basic realm="' + realm + b'", charset="UTF-8"'
+
+    def _acceptBody(self) -> None:
+        self._bodyAccepted = True
+        # The 100 goes out before any of the body is read, and so before a
+        # response that reading it may produce at once.
+        if self._continueWanted:
+            self._continueWanted = False
+            self.channel.sendContinue()
+        if self._held:
+            self._held = False
+            self.channel.releaseBody()
+
+    def _spool(self) -> None:
+        """
+        Move the body received so far from memory to a file of the spool folder.
+        """
+        spool = self.channel.site.openSpoolFile()
+        try:
+            spool.write(self.content.getvalue())
+        except OSError:
+            spool.close()
+            raise
+        self.content = spool
+
+    def _storageFailed(self, error: OSError) -> None:
+        folder = str(self.channel.site.spoolFolder)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.log.error(
+                "No space left in {folder} for the upload of {client}: refused with 507",
+                folder=folder,
+                client=self._peer(),
+            )
+            self._refuse(
+                507, "The appliance has no disk space left for this upload: ask its administrator to free some."
+            )
+        else:
+            self.log.error(
+                "Could not store the upload of {client} in {folder}: {error}",
+                folder=folder,
+                client=self._peer(),
+                error=str(error),
+            )
+            self._refuse(500, "The appliance could not store this upload: its log says why.")
+
+    def _tooLarge(self) -> str:
+        limit = describeSize(self.channel.site.maxUploadSize)
+        return f"The request body is larger than the {limit} the appliance accepts."
+
+    def _refuse(self, status: int, sentence: str, headers: ResponseHeaders = ()) -> None:
+        self._refused = True
+        # Closing the spool file is what frees its disk space.
+        self.content.close()
+        self.channel.refuse(status, sentence, headers)
+
+    def _peer(self) -> str:
+        return getattr(self.client, "host", str(self.client))
+
+
+class DeadlineHTTPChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel that:
+
+      - aborts a connection whose client has not sent a whole request head
+        within C{headerTimeout}: from the connection (so the TLS handshake
+        counts) and from the end of each response.  twisted.web's own
+        timeout is an idle timer that every byte resets, which a client
+        sending its headers a byte at a time never trips;
+      - accepts request heads up to C{totalHeadersSize} bytes (also the
+        longest line, C{MAX_LENGTH}), and answers 414 or 431 beyond;
+      - answers malformed requests, and requests it refuses for what their
+        head says, with a status and a sentence and closes the connection
+        (L{refuse}); twisted.web writes a bare 400, or closes silently;
+      - holds a request's body unread while the request layer decides
+        whether to read it (L{holdBody}), and sends 100 (Continue) only when
+        it does.
+    """
+
+    headerTimeout: float
+    _headerDeadline = None
+    _refused = False
+    log = Logger()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._startHeaderDeadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        # After a refusal, nothing more the client sends is looked at.
+        if not self._refused:
+            super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuseLongHead()
+        elif line[:1] in (b" ", b"\t"):
+            # twisted.web joins folded lines; a folded Transfer-Encoding is a
+            # classic smuggling disguise, and RFC 9112 allows refusing them.
+            self.refuse(400, "Header values folded over several lines are not accepted.")
+        else:
+            super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuseLongHead()
+
+    def _refuseLongHead(self) -> None:
+        limit = describeSize(self.totalHeadersSize)
+        # Nothing of the head has been counted yet while its first line comes in.
+        if self._receivedHeaderSize == 0:
+            self.refuse(414, f"The request's URL is longer than the {limit} the appliance accepts.")
+        else:
+            self.refuse(431, f"The request's headers are larger than the {limit} the appliance accepts.")
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeaderDeadline()
+        problem = self._headProblem(self.requests[-1].requestHeaders)
+        if problem is None:
+            super().allHeadersReceived()
+        else:
+            self.refuse(400, problem)
+
+    def _headProblem(self, headers: Headers) -> Optional[str]:
+        """
+        What twisted.web lets through and this site does not, in a sentence.
+        """
+        target = self._path
+        if not (target.startswith(b"/") or (target == b"*" and self._command == b"OPTIONS")):
+            return "The request's target must be a path (starting with /)."
+        if max(target) > 0x7E:
+            return "The request's URL must be ASCII: percent-encode other characters."
+        hosts = headers.getRawHeaders(b"Host", [])
+        if len(hosts) > 1 or (self._version == b"HTTP/1.1" and not hosts):
+            return "The request must have one Host header."
+        # twisted.web takes "identity" as no coding at all (the length is
+        # then Content-Length's, or none); RFC 9112 knows only chunked.
+        if headers.hasHeader(b"Transfer-Encoding") and self.length is not None:
+            return "The only Transfer-Encoding accepted is chunked."
+        return None
+
+    def allContentReceived(self) -> None:
+        # A decoder may finish a body it had buffered after a refusal.
+        if not self._refused:
+            super().allContentReceived()
+
+    def _send100Continue(self) -> None:
+        # twisted.web sends it as soon as the head is in; the request layer
+        # decides, since it may refuse the body instead.
+        self.requests[-1].expectContinue()
+
+    def sendContinue(self) -> None:
+        """
+        Tell the client to send the body it holds back (Expect: 100-continue).
+        """
+        super()._send100Continue()
+
+    def holdBody(self) -> None:
+        """
+        Stop reading what the client sends (its body) until L{releaseBody}.
+        """
+        # LineReceiver hands nothing more to the body decoder while paused,
+        # not even what is already buffered; the transport stops reading.
+        self.paused = True
+        self._networkProducer.pauseProducing()
+
+    def releaseBody(self) -> None:
+        """
+        Read the body L{holdBody} held, from what is buffered on.
+        """
+        self.paused = False
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        self.dataReceived(b"")
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        # The transport may drain an earlier response while a body is held:
+        # that must not restart reading the body.
+        if self.paused:
+            self._networkProducer.pauseProducing()
+
+    def refuse(self, status: int, sentence: str, headers: ResponseHeaders = ()) -> None:
+        """
+        Answer C{status} with C{sentence} (and C{headers}), ignore anything
+        more from the client, and close the connection once that is written.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self.persistent = False
+        self.paused = True
+        self.clearLineBuffer()
+        site = self.site
+        body = sentence.encode("utf-8") + b"\n"
+        response = Headers()
+        for name, value in [
+            (b"Server", SERVER),
+            (b"Date", http.datetimeToString(site.reactor.seconds())),
+            *site.standardHeaders,
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", b"%d" % (len(body),)),
+            (b"Cache-Control", b"no-store"),
+            (b"Connection", b"close"),
+            *headers,
+        ]:
+            response.addRawHeader(name, value)
+        self.writeHeaders(b"HTTP/1.1", b"%d" % (status,), REASONS[status], response)
+        self.write(body)
+        self.log.info(
+            "Refused a request from {client} with {status}: {sentence}",
+            client=getattr(self.transport.getPeer(), "host", "-"),
+            status=status,
+            sentence=sentence,
+        )
+        # Closing a socket with unread data resets the connection, which can
+        # destroy the answer before the client reads it; TLS instead waits for
+        # the client's close_notify and reads (here: discards) what it still
+        # sends, a body held or not.  abortTimeout bounds that wait, whatever
+        # the idle timer was doing.
+        self.setTimeout(None)
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self._networkProducer.resumeProducing()
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Every malformation twisted.web detects: the request line, a header,
+        # the length (both Content-Length and Transfer-Encoding, duplicates,
+        # not a number), a chunk.
+        self.refuse(400, "The request is malformed.")
+
+    def requestDone(self, request: Request) -> None:
+        # Started first: the next request's head may already be buffered, and
+        # is parsed inside requestDone.
+        if self.persistent:
+            self._startHeaderDeadline()
+        super().requestDone(request)
+
+    def connectionLost(self, reason) -> None:
+        self._cancelHeaderDeadline()
+        super().connectionLost(reason)
+
+    def _startHeaderDeadline(self) -> None:
+        self._cancelHeaderDeadline()
+        self._headerDeadline = self.callLater(self.headerTimeout, self._headersTooSlow)
+
+    def _cancelHeaderDeadline(self) -> None:
+        deadline, self._headerDeadline = self._headerDeadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _headersTooSlow(self) -> None:
+        self._headerDeadline = None
+        self.log.info(
+            "Closed the connection of {client}: no complete request within {timeout}s",
+            client=str(self.transport.getPeer()),
+            timeout=self.headerTimeout,
+        )
+        self.transport.abortConnection()

@@ -1,0 +1,312 @@
+"""
+The two doors to Orthanc, and what each lets through.
+
+    /pacs/...        Orthanc's DICOMweb API (DicomWeb.Root is /pacs/ there too):
+                     QIDO-RS, WADO-RS, STOW-RS, WADO-URI; optional CORS
+    /pacs-admin/...  Orthanc's HTTP root (Orthanc Explorer and the REST API),
+                     with redirects and cookies kept under /pacs-admin/, and
+                     without the endpoints that run code or stop Orthanc
+
+Every path is resolved the way Orthanc's HTTP server (civetweb) will
+understand it (percent-decoded, an encoded slash separating too, empty and dot
+segments resolved) and sent to Orthanc re-encoded from that resolution, so
+what the policy checked is exactly what Orthanc serves.  Orthanc's "method
+faking" (an C{X-HTTP-Method-Override} header, or C{?_method=} on a GET) is
+refused: it would let a GET change things behind the appliance's back.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+from urllib.parse import quote, unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from appliance.config import Config
+from appliance.orthanc.settings import DICOMWEB_ROOT
+from appliance.web.cors import CorsPolicy
+from appliance.web.proxy import OrthancProxy, jsonError
+
+#: Where the lead's site mounts the two routes.
+PACS = b"pacs"
+PACS_ADMIN = b"pacs-admin"
+
+#: The DICOMweb resources of Orthanc's plugin that clients use: the plugin's
+#: own client (C{servers}) and its pages (C{app}) are for administrators.
+DICOMWEB_RESOURCES = frozenset({b"studies", b"series", b"instances", b"wado"})
+
+READ_METHODS = (b"GET", b"HEAD", b"OPTIONS")
+STOW_METHODS = (b"GET", b"HEAD", b"POST", b"OPTIONS")
+ADMIN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS")
+
+#: A path segment, re-encoded: what RFC 3986 allows unencoded in a segment,
+#: except the characters some parser might treat as a separator.
+_SEGMENT_SAFE = "-._~!$'()*+,=:@"
+
+#: A query string as it may be passed on: printable ASCII, no space.
+_QUERY = re.compile(rb"[\x21-\x7e]*")
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+#: Wildcard for one path segment in L{UNSAFE_ENDPOINTS}.
+ANY = None
+
+#: Orthanc endpoints refused on /pacs-admin unless [web] admin_unsafe_endpoints
+#: is yes: (methods, or None for all; path prefix, lower case; what it does).
+#: Lua runs only through execute-script in Orthanc 1.10; the node lists are
+#: rendered from the appliance's configuration, and a node added by hand would
+#: receive patient data without the DICOM TLS forwarder.
+UNSAFE_ENDPOINTS = (
+    (None, (b"tools", b"execute-script"), "runs Lua code inside Orthanc"),
+    (None, (b"tools", b"shutdown"), "stops Orthanc"),
+    (None, (b"tools", b"reset"), "restarts Orthanc"),
+    ((b"PUT", b"DELETE"), (b"modalities", ANY), "changes the DICOM nodes Orthanc sends studies to"),
+    ((b"PUT", b"DELETE"), (b"peers", ANY), "changes the Orthanc peers Orthanc sends studies to"),
+    (
+        (b"PUT", b"DELETE"),
+        (DICOMWEB_ROOT.strip("/").encode("ascii"), b"servers", ANY),
+        "changes the DICOMweb servers Orthanc sends studies to",
+    ),
+)
+
+
+class BadPath(Exception):
+    """
+    The request's path or query cannot be passed on; the message says why.
+    """
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    Where a request goes, as Orthanc will understand it.
+
+    @ivar segments: the decoded path segments after the route's mount.
+    @ivar trailingSlash: whether the path ends with a slash.
+    @ivar query: the query string as sent, with its C{?}, or empty.
+    """
+
+    segments: Tuple[bytes, ...]
+    trailingSlash: bool
+    query: bytes
+
+    def upstream(self, *prefix: bytes) -> bytes:
+        """
+        The path and query to ask Orthanc for, under the segments C{prefix}.
+        """
+        segments = prefix + self.segments
+        path = b"/" + b"/".join(quote(segment, safe=_SEGMENT_SAFE).encode("ascii") for segment in segments)
+        if self.trailingSlash and segments:
+            path += b"/"
+        return path + self.query
+
+
+def resolveTarget(request: Request, mount: bytes) -> Target:
+    """
+    The L{Target} of C{request}, which the site routed to C{mount}.
+
+    @raise BadPath: for an invalid percent-encoding, a NUL, a path that climbs
+        out of the mount, a query with raw non-ASCII or control characters,
+        or Orthanc's method faking.
+    """
+    raw = request.path
+    if not raw.startswith(b"/"):
+        raise BadPath("The request's path must start with a slash.")
+    if _BAD_ESCAPE.search(raw):
+        raise BadPath("The request's path has an invalid percent-encoding.")
+    decoded = unquote_to_bytes(raw)
+    if b"\0" in decoded:
+        raise BadPath("The request's path contains a NUL character.")
+    segments = []
+    parts = decoded.split(b"/")[1:]
+    for part in parts:
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if len(segments) <= 1:
+                raise BadPath(f"The request's path leaves /{mount.decode('ascii')}/.")
+            segments.pop()
+            continue
+        segments.append(part)
+    if segments[:1] != [mount]:
+        raise BadPath(f"The request's path leaves /{mount.decode('ascii')}/.")
+    _, question, query = request.uri.partition(b"?")
+    if not _QUERY.fullmatch(query):
+        raise BadPath("The query string has characters that must be percent-encoded.")
+    if request.requestHeaders.hasHeader(b"X-HTTP-Method-Override") or _fakesMethod(query):
+        raise BadPath(
+            "Method overrides (X-HTTP-Method-Override, _method) are not accepted; send the method itself."
+        )
+    trailingSlash = parts[-1] in (b"", b".", b"..")
+    return Target(tuple(segments[1:]), trailingSlash, question + query)
+
+
+def _fakesMethod(query: bytes) -> bool:
+    for argument in query.split(b"&"):
+        name = unquote_to_bytes(argument.partition(b"=")[0].replace(b"+", b" "))
+        if name.strip().lower() == b"_method":
+            return True
+    return False
+
+
+def notAllowed(request: Request, allowed: Tuple[bytes, ...]) -> bytes:
+    """
+    A 405 answer listing the C{allowed} methods.
+    """
+    methods = b", ".join(allowed)
+    request.setHeader(b"Allow", methods)
+    sentence = f"{request.method.decode('latin-1')} is not allowed here (allowed: {methods.decode('ascii')})."
+    return jsonError(request, http.NOT_ALLOWED, sentence)
+
+
+class PacsResource(Resource):
+    """
+    C{/pacs/...}: Orthanc's DICOMweb API, for the viewer and API clients.
+    """
+
+    isLeaf = True
+
+    def __init__(self, proxy: OrthancProxy, cors: CorsPolicy) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._cors = cors
+
+    def render(self, request: Request):
+        self._cors.decorate(request)
+        if request.method == b"OPTIONS":
+            return self._cors.answerOptions(request)
+        try:
+            target = resolveTarget(request, PACS)
+        except BadPath as error:
+            return jsonError(request, http.BAD_REQUEST, str(error))
+        if not target.segments or target.segments[0] not in DICOMWEB_RESOURCES:
+            return jsonError(request, http.NOT_FOUND, "This is not a DICOMweb resource of the archive.")
+        # STOW-RS: POST /studies or /studies/{StudyInstanceUID}.
+        stow = target.segments[0] == b"studies" and len(target.segments) <= 2
+        allowed = STOW_METHODS if stow else READ_METHODS
+        if request.method not in allowed:
+            return notAllowed(request, allowed)
+        return self._proxy.forward(request, target.upstream(PACS))
+
+
+class PacsAdminResource(Resource):
+    """
+    C{/pacs-admin/...}: Orthanc's whole HTTP API and Orthanc Explorer, for
+    administrators, less L{UNSAFE_ENDPOINTS} unless C{allowUnsafe}.
+    """
+
+    isLeaf = True
+    log = Logger()
+    prefix = b"/" + PACS_ADMIN
+
+    def __init__(self, proxy: OrthancProxy, allowUnsafe: bool) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._allowUnsafe = allowUnsafe
+
+    def render(self, request: Request):
+        if request.method == b"OPTIONS":
+            request.setResponseCode(http.NO_CONTENT)
+            request.setHeader(b"Allow", b", ".join(ADMIN_METHODS))
+            return b""
+        if request.method not in ADMIN_METHODS:
+            return notAllowed(request, ADMIN_METHODS)
+        try:
+            target = resolveTarget(request, PACS_ADMIN)
+        except BadPath as error:
+            return jsonError(request, http.BAD_REQUEST, str(error))
+        if not target.segments and not target.trailingSlash:
+            # Orthanc's pages use relative links: they need the slash.
+            request.setResponseCode(http.MOVED_PERMANENTLY)
+            request.setHeader(b"Location", self.prefix + b"/" + target.query)
+            request.setHeader(b"Content-Length", b"0")
+            return b""
+        refusal = self._unsafe(request.method, target)
+        if refusal is not None:
+            account = getattr(request, "account", None)
+            self.log.warn(
+                "Refused {method} {path} to {user}: it {what} ([web] admin_unsafe_endpoints is no)",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1"),
+                user=account.name if account is not None else "-",
+                what=refusal,
+            )
+            return jsonError(
+                request,
+                http.FORBIDDEN,
+                f"This Orthanc endpoint {refusal}; the appliance refuses it unless"
+                " [web] admin_unsafe_endpoints is yes.",
+            )
+        return self._proxy.forward(request, target.upstream(), self.rewriteHeader)
+
+    def _unsafe(self, method: bytes, target: Target) -> Optional[str]:
+        if self._allowUnsafe:
+            return None
+        # Orthanc's routes are case-sensitive; comparing without case refuses
+        # at least everything Orthanc would serve.
+        segments = tuple(segment.lower() for segment in target.segments)
+        for methods, pattern, what in UNSAFE_ENDPOINTS:
+            if methods is not None and method not in methods:
+                continue
+            if len(segments) >= len(pattern) and all(
+                wanted is ANY or wanted == segment for wanted, segment in zip(pattern, segments)
+            ):
+                return what
+        return None
+
+    def rewriteHeader(self, name: bytes, value: bytes) -> Optional[bytes]:
+        """
+        Keep Orthanc's redirects and cookies under /pacs-admin/.
+        """
+        if name in (b"location", b"content-location"):
+            return self._rewriteLocation(value)
+        if name == b"set-cookie":
+            return self._rewriteCookie(value)
+        return value
+
+    _ORTHANC_URL = re.compile(
+        rb"(?i:https?)://(?:127\.0\.0\.1|localhost|\[::1\])(?::[0-9]+)?(?P<path>/[^\s]*)?"
+    )
+
+    def _rewriteLocation(self, value: bytes) -> bytes:
+        absolute = self._ORTHANC_URL.fullmatch(value.strip())
+        if absolute is not None:
+            return self.prefix + (absolute.group("path") or b"/")
+        if value.startswith(b"/") and not value.startswith(b"//"):
+            return self.prefix + value
+        # Relative references resolve under /pacs-admin/ already.
+        return value
+
+    def _rewriteCookie(self, value: bytes) -> bytes:
+        nameValue, *attributes = value.split(b";")
+        kept = [nameValue.strip()]
+        path = b"/"
+        for attribute in attributes:
+            key = attribute.partition(b"=")[0].strip().lower()
+            if key == b"path":
+                given = attribute.partition(b"=")[2].strip()
+                path = given if given.startswith(b"/") else b"/"
+            elif key != b"domain":
+                # A Domain would share the cookie with other hosts.
+                kept.append(attribute.strip())
+        kept.insert(1, b"Path=" + self.prefix + path)
+        return b"; ".join(kept)
+
+
+def buildProxyResources(config: Config, orthanc, reactor=None) -> Tuple[OrthancProxy, Dict[bytes, Resource]]:
+    """
+    The proxy to Orthanc and the resources to mount as children of the site's
+    root, by name.  The proxy is a service: add it to the daemon's service
+    tree so that its connections to Orthanc are closed when it stops.
+
+    @param orthanc: the supervisor (C{state}, C{credentials}).
+    """
+    proxy = OrthancProxy(config, orthanc, reactor)
+    resources: Dict[bytes, Resource] = {
+        PACS: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
+        PACS_ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints),
+    }
+    return proxy, resources

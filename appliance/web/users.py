@@ -1,0 +1,580 @@
+"""
+The users file: one account a line, its password hashes, and the daemon's
+copy of it, read again whenever the file changes.
+
+    # comments and blank lines are allowed
+    NAME:HASH:ROLES          admin:scrypt$ln=15$r=8$p=1$<salt>$<key>:admin
+
+HASH is scrypt (memory-hard) in a self-describing, colon-free encoding: the
+parameters travel with each hash, so that the defaults can be raised later and
+older hashes still verify.  ROLES is a comma-separated list from
+L{ROLES}.  The file is written by C{pacs-appliance passwd}
+(see L{setUser}, L{deleteUser}): atomically, keeping every other line as it was.
+"""
+
+import base64
+import errno
+import fcntl
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+
+#: The roles, from least to most: each includes those before it.
+ROLES = ("viewer", "uploader", "admin")
+
+
+@dataclass(frozen=True)
+class Account:
+    """
+    A user as the site sees them: a name and the roles the users file gives.
+    """
+
+    name: str
+    roles: FrozenSet[str]
+
+    def has(self, role: str) -> bool:
+        """
+        Does the account hold C{role}, or a role that includes it?
+        """
+        rank = ROLES.index(role)
+        return any(ROLES.index(held) >= rank for held in self.roles)
+
+#: A user name: letters, digits and a few separators (e-mail addresses fit),
+#: never a colon (the field separator) nor white space.
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+
+#: The users file is small (a line a user); anything larger is not one, and
+#: the cap keeps its synchronous read short.
+MAX_FILE_SIZE = 1024 * 1024
+
+#: The most memory a stored hash's parameters may ask scrypt for.
+MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
+
+#: How often the daemon looks at the file's metadata for a change.
+CHECK_INTERVAL = 2.0
+
+
+class PasswordHashError(ValueError):
+    """
+    A stored hash is not one this module can verify.
+    """
+
+
+class UsersFileError(Exception):
+    """
+    The users file cannot be read or written; the message says why.
+    """
+
+
+@dataclass(frozen=True)
+class ScryptParameters:
+    """
+    scrypt's costs: N = 2**ln, block size r, parallelism p.
+    """
+
+    ln: int = 15
+    r: int = 8
+    p: int = 1
+
+    @property
+    def memory(self) -> int:
+        """
+        Bytes scrypt needs with these parameters.
+        """
+        return 128 * self.r * (2**self.ln)
+
+    def check(self) -> None:
+        """
+        @raise PasswordHashError: for parameters outside the bounds a stored
+            hash may ask for (a corrupt or hostile line must not make the
+            daemon allocate gigabytes).
+        """
+        if not (1 <= self.ln <= 24 and 1 <= self.r <= 64 and 1 <= self.p <= 16):
+            raise PasswordHashError(f"scrypt parameters out of range: ln={self.ln} r={self.r} p={self.p}")
+        if self.memory > MAX_SCRYPT_MEMORY:
+            raise PasswordHashError(f"scrypt parameters need more than {MAX_SCRYPT_MEMORY // 2**20} MiB")
+
+
+#: N = 2**15, r = 8, p = 1: 32 MiB and about 0.13 s on this project's
+#: reference machine (Go's x/crypto/scrypt recommendation).  Raising them later
+#: only affects hashes written afterwards.
+DEFAULT_PARAMETERS = ScryptParameters()
+
+_SALT_SIZE = 16
+_KEY_SIZE = 32
+_HASH = re.compile(r"scrypt\$ln=(\d{1,2})\$r=(\d{1,2})\$p=(\d{1,2})\$([A-Za-z0-9+/]{22})\$([A-Za-z0-9+/]{43})")
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class PasswordHash:
+    """
+    A parsed stored hash.
+    """
+
+    parameters: ScryptParameters
+    salt: bytes
+    key: bytes
+
+    @classmethod
+    def parse(cls, text: str) -> "PasswordHash":
+        """
+        @raise PasswordHashError: if C{text} is not a hash of ours.
+        """
+        match = _HASH.fullmatch(text)
+        if match is None:
+            raise PasswordHashError("not a scrypt$ln=..$r=..$p=..$SALT$KEY hash")
+        ln, r, p, salt, key = match.groups()
+        parameters = ScryptParameters(int(ln), int(r), int(p))
+        parameters.check()
+        return cls(parameters, _b64decode(salt), _b64decode(key))
+
+    def encode(self) -> str:
+        p = self.parameters
+        return f"scrypt$ln={p.ln}$r={p.r}$p={p.p}${_b64encode(self.salt)}${_b64encode(self.key)}"
+
+
+def _scrypt(password: str, salt: bytes, parameters: ScryptParameters) -> bytes:
+    # NFC: the same password typed on two systems may arrive composed or not.
+    return hashlib.scrypt(
+        unicodedata.normalize("NFC", password).encode("utf-8"),
+        salt=salt,
+        n=2**parameters.ln,
+        r=parameters.r,
+        p=parameters.p,
+        # OpenSSL needs a little more than the nominal 128*r*N.
+        maxmem=2 * parameters.memory,
+        dklen=_KEY_SIZE,
+    )
+
+
+def hashPassword(password: str, parameters: ScryptParameters = DEFAULT_PARAMETERS) -> str:
+    """
+    The stored form of C{password}, with a new random salt.  Slow on purpose:
+    never call it in the reactor thread.
+    """
+    salt = secrets.token_bytes(_SALT_SIZE)
+    return PasswordHash(parameters, salt, _scrypt(password, salt, parameters)).encode()
+
+
+def verifyPassword(password: str, stored: str) -> bool:
+    """
+    Does C{password} match the stored hash?  Slow on purpose (the hash's own
+    parameters): never call it in the reactor thread.
+
+    @raise PasswordHashError: if C{stored} is not a hash of ours.
+    """
+    parsed = PasswordHash.parse(stored)
+    return hmac.compare_digest(_scrypt(password, parsed.salt, parsed.parameters), parsed.key)
+
+
+#: What an unknown user's password is checked against, so that the answer
+#: takes as long as for a known one: the default parameters, and a key no
+#: password gives in practice.
+DUMMY_HASH = PasswordHash(DEFAULT_PARAMETERS, bytes(_SALT_SIZE), bytes(_KEY_SIZE)).encode()
+
+
+def parseRoles(text: str) -> FrozenSet[str]:
+    """
+    The roles of a comma-separated list.
+
+    @raise ValueError: with a sentence, if a role is unknown or none is given.
+    """
+    roles = [role.strip() for role in text.split(",") if role.strip()]
+    if not roles:
+        raise ValueError(f"no role given (roles: {', '.join(ROLES)})")
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+    return frozenset(roles)
+
+
+def formatRoles(roles: FrozenSet[str]) -> str:
+    return ",".join(role for role in ROLES if role in roles)
+
+
+def checkUserName(name: str) -> None:
+    """
+    @raise ValueError: with a sentence, if C{name} cannot be a user name.
+    """
+    if not USER_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a valid user name (1 to 64 letters, digits, '.', '_', '@',"
+            " '+' or '-', starting with a letter or a digit)"
+        )
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    """
+    One valid line of the users file.
+    """
+
+    name: str
+    passwordHash: str
+    roles: FrozenSet[str]
+
+    @property
+    def account(self) -> Account:
+        return Account(self.name, self.roles)
+
+    def line(self) -> str:
+        return f"{self.name}:{self.passwordHash}:{formatRoles(self.roles)}"
+
+
+def parseLine(line: str) -> Optional[UserEntry]:
+    """
+    The user on C{line}, or L{None} for a comment or a blank line.
+
+    @raise ValueError: with a sentence, if the line is malformed.
+    """
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    fields = stripped.split(":")
+    if len(fields) != 3:
+        raise ValueError("a user line is NAME:HASH:ROLES")
+    name, passwordHash, roles = fields
+    checkUserName(name)
+    try:
+        PasswordHash.parse(passwordHash)
+    except PasswordHashError as error:
+        raise ValueError(f"the password hash of {name!r} is unusable: {error}") from None
+    return UserEntry(name, passwordHash, parseRoles(roles))
+
+
+def parseUsers(text: str, source: str, log: Logger) -> Dict[str, UserEntry]:
+    """
+    The users of a users file's C{text}; a malformed line is logged (naming
+    C{source} and the line number) and skipped, so the others keep working.
+    """
+    users: Dict[str, UserEntry] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = parseLine(line)
+        except ValueError as error:
+            log.error("{source}, line {number}: skipped, {problem}", source=source, number=number, problem=str(error))
+            continue
+        if entry is None:
+            continue
+        if entry.name in users:
+            log.error(
+                "{source}, line {number}: skipped, the user {user!r} is already on an earlier line",
+                source=source,
+                number=number,
+                user=entry.name,
+            )
+            continue
+        users[entry.name] = entry
+    return users
+
+
+def readUsersText(path: Path) -> Optional[str]:
+    """
+    The text of the users file, or L{None} if there is none.
+
+    @raise UsersFileError: if the file exists but is unreadable, too large,
+        or not text.
+    """
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_FILE_SIZE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UsersFileError(f"cannot read {path}: {error.strerror}") from None
+    if len(data) > MAX_FILE_SIZE:
+        raise UsersFileError(f"{path} is larger than {MAX_FILE_SIZE // 1024} KiB: it is not a users file")
+    if b"\0" in data:
+        raise UsersFileError(f"{path} contains NUL bytes: it is not a users file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsersFileError(f"{path} is not UTF-8 text") from None
+
+
+# --- writing (pacs-appliance passwd) ----------------------------------------
+
+
+def _lineUser(line: str) -> Optional[str]:
+    """
+    The user name a line is about, whether or not the rest of it is valid.
+    """
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    return stripped.split(":", 1)[0]
+
+
+class _Unchanged(Exception):
+    """
+    Nothing to write.
+    """
+
+
+def _rewrite(path: Path, change: Callable[[List[str]], List[str]]) -> None:
+    """
+    Replace the users file with C{change} applied to its lines, atomically
+    (a temporary file renamed over it), keeping its owner and group, mode
+    0640.  Another C{passwd} waits: the folder is locked for the change.
+
+    @raise UsersFileError: with a sentence.
+    """
+    folder = path.parent
+    try:
+        lock = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise UsersFileError(f"cannot open the folder {folder}: {error.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = readUsersText(path)
+        lines = change(text.splitlines() if text else [])
+        try:
+            owner = os.stat(path)
+        except FileNotFoundError:
+            owner = None
+        _replace(path, "".join(line + "\n" for line in lines), owner)
+        os.fsync(lock)
+    finally:
+        os.close(lock)
+
+
+def _replace(path: Path, text: str, owner: Optional[os.stat_result]) -> None:
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:
+        raise UsersFileError(f"cannot write in {path.parent}: {error.strerror}") from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            os.fchmod(stream.fileno(), 0o640)
+            if owner is not None:
+                # The daemon reads the file through its group (root:pacs-appliance).
+                os.fchown(stream.fileno(), owner.st_uid, owner.st_gid)
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        os.unlink(temporary)
+        if error.errno == errno.EPERM:
+            raise UsersFileError(
+                f"cannot keep the owner and group of {path} (run the command as root)"
+            ) from None
+        raise UsersFileError(f"cannot write {path}: {error.strerror}") from None
+
+
+def findUser(path: Path, name: str) -> Optional[UserEntry]:
+    """
+    The valid line of user C{name} in the users file, if there is one.
+
+    @raise UsersFileError: if the file cannot be read.
+    """
+    text = readUsersText(path) or ""
+    for line in text.splitlines():
+        if _lineUser(line) == name:
+            try:
+                return parseLine(line)
+            except ValueError:
+                return None
+    return None
+
+
+def setUser(path: Path, entry: UserEntry) -> bool:
+    """
+    Write C{entry} into the users file: in place of the user's line (valid
+    or not) if there is one, else at the end.  Every other line stays as it
+    was.  Returns whether the user was already there.
+
+    @raise UsersFileError: with a sentence.
+    """
+    found = False
+
+    def change(lines: List[str]) -> List[str]:
+        nonlocal found
+        result = []
+        for line in lines:
+            if _lineUser(line) == entry.name:
+                if not found:
+                    result.append(entry.line())
+                found = True
+            else:
+                result.append(line)
+        if not found:
+            result.append(entry.line())
+        return result
+
+    _rewrite(path, change)
+    return found
+
+
+def deleteUser(path: Path, name: str) -> bool:
+    """
+    Remove every line of user C{name}; returns whether there was one (the
+    file is left untouched if not).
+
+    @raise UsersFileError: with a sentence.
+    """
+    found = False
+
+    def change(lines: List[str]) -> List[str]:
+        nonlocal found
+        kept = [line for line in lines if _lineUser(line) != name]
+        found = len(kept) != len(lines)
+        if not found:
+            raise _Unchanged()
+        return kept
+
+    try:
+        _rewrite(path, change)
+    except _Unchanged:
+        pass
+    return found
+
+
+# --- the daemon's copy ------------------------------------------------------
+
+
+_Signature = Tuple[int, int, int, int, int]
+
+
+def _signature(status: os.stat_result) -> _Signature:
+    # The inode catches a rename over the file (passwd), the change time a
+    # rewrite in place within the same modification time.
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+class UsersFile(Service):
+    """
+    The accounts of the users file, read at construction (so they are there
+    before any listener starts) and again when it changes: its metadata is
+    checked every C{interval} seconds while the service runs, and
+    L{reload} (SIGHUP) reads it whatever the metadata says.
+
+    The file is read in the reactor thread: it is a local file whose size is
+    checked first and capped at L{MAX_FILE_SIZE} (a few KiB in practice), so
+    the read is as short as a stat, and reading synchronously keeps changes in
+    order (no two reads can finish out of turn).
+
+    A missing file means no users.  A file that cannot be read or is not a
+    users file keeps the previous accounts in force.  Listeners given to
+    L{subscribe} learn the names whose line changed or went away.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: Path, reactor=None, interval: float = CHECK_INTERVAL) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self.path = path
+        self._interval = interval
+        self._users: Dict[str, UserEntry] = {}
+        self._signature: Optional[_Signature] = None
+        self._listeners: List[Callable[[FrozenSet[str]], None]] = []
+        self._checking = LoopingCall(self.check)
+        self._checking.clock = reactor
+        self._read(starting=True)
+
+    @property
+    def users(self) -> Mapping[str, UserEntry]:
+        return self._users
+
+    def lookup(self, name: str) -> Optional[UserEntry]:
+        return self._users.get(name)
+
+    def subscribe(self, listener: Callable[[FrozenSet[str]], None]) -> None:
+        """
+        Call C{listener} with the names whose line changed or was removed,
+        after each read that changed any.
+        """
+        self._listeners.append(listener)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._checking.start(self._interval, now=False).addErrback(
+            lambda failure: self.log.failure("Stopped watching {path}", failure, path=str(self.path))
+        )
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._checking.running:
+            self._checking.stop()
+
+    def check(self) -> None:
+        """
+        Read the file again if its metadata changed.
+        """
+        if self._currentSignature() != self._signature:
+            self._read()
+
+    def reload(self) -> None:
+        """
+        Read the file again now (SIGHUP).
+        """
+        self._read()
+
+    def _currentSignature(self) -> Optional[_Signature]:
+        try:
+            return _signature(os.stat(self.path))
+        except OSError:
+            return None
+
+    def _read(self, starting: bool = False) -> None:
+        signature = self._currentSignature()
+        try:
+            text = readUsersText(self.path)
+        except UsersFileError as error:
+            self._signature = signature
+            if starting:
+                self.log.error("{problem}: nobody can log in until it is fixed", problem=str(error))
+            else:
+                self.log.error(
+                    "{problem}: the {count} users read before stay in force", problem=str(error), count=len(self._users)
+                )
+            return
+        self._signature = signature
+        if text is None:
+            users: Dict[str, UserEntry] = {}
+            self.log.warn(
+                "There is no users file {path}: nobody can log in. Create the first"
+                " administrator with: pacs-appliance passwd admin --roles admin",
+                path=str(self.path),
+            )
+        else:
+            users = parseUsers(text, str(self.path), self.log)
+            if users:
+                self.log.info("Read {count} users from {path}", count=len(users), path=str(self.path))
+            else:
+                self.log.warn(
+                    "The users file {path} holds no user: nobody can log in. Create the"
+                    " first administrator with: pacs-appliance passwd admin --roles admin",
+                    path=str(self.path),
+                )
+        changed = frozenset(
+            name for name, entry in self._users.items() if users.get(name) != entry
+        )
+        self._users = users
+        if changed:
+            for listener in self._listeners:
+                try:
+                    listener(changed)
+                except Exception:
+                    self.log.failure("Could not apply the change of users {users}", users=", ".join(sorted(changed)))

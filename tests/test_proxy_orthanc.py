@@ -1,0 +1,376 @@
+"""
+The proxy routes in front of the real Orthanc from Debian, started by the
+supervisor, served over HTTPS on loopback: QIDO-RS, WADO-RS, STOW-RS and
+WADO-URI through /pacs (with dicomweb-client as one of the clients), every URL
+Orthanc writes fetched back through the proxy, Orthanc Explorer and a refused
+endpoint through /pacs-admin, and Orthanc killed between and during requests.
+"""
+
+import gzip
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import threading
+import urllib.parse
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from pydicom.dataset import Dataset
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+from twisted.protocols.policies import WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.tls import ServerTLS, loadServerCertificate, selfSignedPaths
+from appliance.web.routes import buildProxyResources
+from tests.support import ctSeries, storeInstances, temporaryFolder, testConfig
+
+#: Generous: the machines are shared, and Orthanc creates its database first.
+READY_TIMEOUT = 120
+
+DICOM_JSON = "application/dicom+json"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+MULTIPART_OCTETS = 'multipart/related; type="application/octet-stream"'
+
+#: The tags whose values are URLs Orthanc writes: RetrieveURL, and every
+#: element's BulkDataURI.
+RETRIEVE_URL = "00081190"
+
+
+def writtenURLs(document) -> Iterator[str]:
+    """
+    Every RetrieveURL and BulkDataURI in a DICOM JSON document.
+    """
+    if isinstance(document, list):
+        for item in document:
+            yield from writtenURLs(item)
+    elif isinstance(document, dict):
+        for key, value in document.items():
+            if key == "BulkDataURI":
+                yield value
+            elif key == RETRIEVE_URL and isinstance(value, dict):
+                yield from value.get("Value", [])
+            else:
+                yield from writtenURLs(value)
+
+
+def multipartParts(contentType: str, body: bytes) -> List[bytes]:
+    """
+    The bodies of the parts of a multipart/related answer.
+    """
+    boundary = [p.split("=", 1)[1].strip('"') for p in contentType.split(";") if p.strip().startswith("boundary=")][0]
+    delimiter = b"--" + boundary.encode("ascii")
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _, _, content = chunk.partition(b"\r\n\r\n")
+        parts.append(content[: -len(b"\r\n")] if content.endswith(b"\r\n") else content)
+    return parts
+
+
+class OpenConnections(WrappingFactory):
+    """
+    The site's factory, counting its open connections so that a test ends
+    only when the server has seen every client's connection close.
+    """
+
+    def __init__(self, wrappedFactory) -> None:
+        super().__init__(wrappedFactory)
+        self._waiting: List[Deferred] = []
+
+    def whenAllClosed(self) -> Deferred:
+        if not self.protocols:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        if not self.protocols:
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(None)
+
+
+class ProxyToOrthancCase(TestCase):
+    timeout = 300
+
+    def setUp(self):
+        folder = temporaryFolder(self)
+        # Orthanc takes C-STORE only from the modalities it knows.
+        self.config = testConfig(folder, **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}})
+        self.supervisor = OrthancSupervisor(self.config)
+        self.supervisor.startService()
+        self.addCleanup(self.stopSupervisor)
+        proxy, children = buildProxyResources(self.config, self.supervisor, reactor)
+        proxy.startService()
+        self.addCleanup(proxy.stopService)
+        root = Resource()
+        for name, child in children.items():
+            root.putChild(name, child)
+        tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
+        connections = OpenConnections(TLSMemoryBIOFactory(tls, False, Site(root)))
+        listening = reactor.listenTCP(0, connections, interface="127.0.0.1")
+        self.addCleanup(lambda: connections.whenAllClosed().addTimeout(30, reactor))
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+        self.origin = f"https://127.0.0.1:{self.port}"
+        self.context = ssl.create_default_context(cafile=str(selfSignedPaths(self.config)[0]))
+        return self.waitFor(OrthancState.READY)
+
+    def stopSupervisor(self):
+        if self.supervisor.running:
+            return self.supervisor.stopService()
+
+    def waitFor(self, state: OrthancState) -> Deferred:
+        return self.supervisor.whenState(state).addTimeout(READY_TIMEOUT, reactor)
+
+    def fetch(self, target: str, method: str = "GET", headers: Optional[Dict[str, str]] = None, body: Optional[bytes] = None):
+        """
+        One request through the proxy, in a thread: a Deferred firing with
+        C{(status, headers, body)}.  C{target} is a path or a URL of the proxy.
+        """
+        url = urllib.parse.urlsplit(target)
+        if url.scheme:
+            self.assertEqual(f"{url.scheme}://{url.netloc}", self.origin, target)
+        path = url.path + (f"?{url.query}" if url.query else "")
+
+        def request():
+            connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=60)
+            try:
+                connection.request(method, path, body=body, headers=headers or {})
+                response = connection.getresponse()
+                return response.status, response.headers, response.read()
+            finally:
+                connection.close()
+
+        return deferToThread(request)
+
+    async def fetchJSON(self, target: str, **headers: str):
+        status, answerHeaders, body = await self.fetch(target, headers={"Accept": DICOM_JSON, **headers})
+        self.assertEqual(status, 200, (target, body[:300]))
+        return json.loads(body)
+
+
+class DicomWebTests(ProxyToOrthancCase):
+    async def test_queryRetrieveAndEveryWrittenURL(self):
+        series = ctSeries(3)
+        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, series), [0, 0, 0])
+        study, seriesUID = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
+        instances = {ds.SOPInstanceUID: ds for ds in series}
+
+        # QIDO-RS, the studies answer compressed for a client that accepts gzip.
+        status, headers, body = await self.fetch(
+            "/pacs/studies?PatientID=TEST-0001", headers={"Accept": DICOM_JSON, "Accept-Encoding": "gzip"}
+        )
+        self.assertEqual((status, headers["Content-Encoding"]), (200, "gzip"))
+        self.assertIn("Accept-Encoding", headers["Vary"])
+        studies = json.loads(gzip.decompress(body))
+        self.assertEqual([s["0020000D"]["Value"] for s in studies], [[study]])
+        seriesList = await self.fetchJSON(f"/pacs/studies/{study}/series")
+        self.assertEqual([s["0020000E"]["Value"] for s in seriesList], [[seriesUID]])
+        found = await self.fetchJSON(f"/pacs/studies/{study}/series/{seriesUID}/instances")
+        self.assertEqual(sorted(i["00080018"]["Value"][0] for i in found), sorted(instances))
+
+        # HEAD, which Orthanc itself answers with 404.
+        status, headers, body = await self.fetch(f"/pacs/studies/{study}/series", method="HEAD", headers={"Accept": DICOM_JSON})
+        self.assertEqual((status, headers["Content-Type"], body), (200, DICOM_JSON, b""))
+
+        # WADO-RS metadata.
+        metadata = await self.fetchJSON(f"/pacs/studies/{study}/metadata")
+        self.assertEqual(len(metadata), 3)
+
+        # Every URL Orthanc wrote is the public one, and answers through the proxy.
+        urls = set(writtenURLs([studies, seriesList, found, metadata]))
+        self.assertTrue(any("/bulk/" in url for url in urls), urls)
+        self.assertIn(f"{self.origin}/pacs/studies/{study}", urls)
+        for url in sorted(urls):
+            self.assertTrue(url.startswith(f"{self.origin}/pacs/"), url)
+            accept = MULTIPART_OCTETS if "/bulk/" in url else MULTIPART_DICOM
+            status, headers, body = await self.fetch(url, headers={"Accept": accept})
+            self.assertEqual(status, 200, (url, body[:300]))
+            self.assertTrue(headers["Content-Type"].startswith("multipart/related"), url)
+
+        # The whole study, one instance per part.
+        status, headers, body = await self.fetch(f"/pacs/studies/{study}", headers={"Accept": MULTIPART_DICOM})
+        parts = multipartParts(headers["Content-Type"], body)
+        self.assertEqual((status, len(parts)), (200, 3))
+        self.assertTrue(all(part[128:132] == b"DICM" for part in parts))
+
+        # One frame: the pixels as they were stored.
+        some = series[1]
+        status, headers, body = await self.fetch(
+            f"/pacs/studies/{study}/series/{seriesUID}/instances/{some.SOPInstanceUID}/frames/1",
+            headers={"Accept": MULTIPART_OCTETS},
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(multipartParts(headers["Content-Type"], body), [some.PixelData])
+
+        # Rendered.
+        status, headers, body = await self.fetch(
+            f"/pacs/studies/{study}/series/{seriesUID}/instances/{some.SOPInstanceUID}/rendered",
+            headers={"Accept": "image/png"},
+        )
+        self.assertEqual((status, headers["Content-Type"], body[:4]), (200, "image/png", b"\x89PNG"))
+
+        # WADO-URI.
+        status, headers, body = await self.fetch(
+            f"/pacs/wado?requestType=WADO&studyUID={study}&seriesUID={seriesUID}"
+            f"&objectUID={some.SOPInstanceUID}&contentType=application/dicom"
+        )
+        self.assertEqual((status, headers["Content-Type"], body[128:132]), (200, "application/dicom", b"DICM"))
+
+    async def test_dicomwebClientStoresAndRetrieves(self):
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        series = ctSeries(4, patientID="STOW-0001")
+        for ds in series:
+            # dicomweb-client writes a dataset as it is: with a preamble, as a
+            # DICOM file, which is what it expects back.
+            ds.preamble = b"\0" * 128
+        study, seriesUID = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
+
+        context = self.context
+
+        class TrustTheAppliance(requests.adapters.HTTPAdapter):
+            # urllib3 verifies with VERIFY_X509_STRICT, under which the
+            # generated self-signed certificate is no trust anchor: use the
+            # context the other clients of these tests use.
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, ssl_context=context, **kwargs)
+
+        def session() -> Tuple[DICOMwebClient, requests.Session]:
+            http = requests.Session()
+            http.mount(self.origin, TrustTheAppliance())
+            client = DICOMwebClient(url=f"{self.origin}/pacs", session=http)
+            # dicomweb-client sends a Host header without the port (RFC 9110
+            # wants it when it is not the scheme's default), from which Orthanc
+            # writes URLs for port 443: give it the whole authority.
+            client.host = f"127.0.0.1:{self.port}"
+            return client, http
+
+        def storeAndRetrieve():
+            client, http = session()
+            try:
+                stored = client.store_instances(series)
+                studies = client.search_for_studies(search_filters={"PatientID": "STOW-0001"})
+                instances = client.search_for_instances(study, seriesUID)
+                metadata = client.retrieve_study_metadata(study)
+                frames = client.retrieve_instance_frames(
+                    study, seriesUID, series[2].SOPInstanceUID, [1],
+                    media_types=(("application/octet-stream", series[2].file_meta.TransferSyntaxUID),),
+                )
+                bulk = [
+                    client.retrieve_bulkdata(url, media_types=("application/octet-stream",))
+                    for url in writtenURLs(metadata)
+                    if url.endswith("/7fe00010")
+                ]
+                retrieved = client.retrieve_study(study)
+                return stored, studies, instances, metadata, frames, bulk, retrieved
+            finally:
+                http.close()
+
+        stored, studies, instances, metadata, frames, bulk, retrieved = await deferToThread(storeAndRetrieve)
+        self.assertIsInstance(stored, Dataset)
+        self.assertEqual(len(stored.ReferencedSOPSequence), 4)
+        self.assertEqual(len(stored.get("FailedSOPSequence", [])), 0)
+        written = [stored.RetrieveURL] + [item.RetrieveURL for item in stored.ReferencedSOPSequence]
+        self.assertTrue(all(url.startswith(f"{self.origin}/pacs/studies/{study}") for url in written), written)
+        self.assertEqual([s["0020000D"]["Value"][0] for s in studies], [study])
+        self.assertEqual(len(instances), 4)
+        self.assertEqual(len(metadata), 4)
+        self.assertEqual(frames, [series[2].PixelData])
+        self.assertEqual(sorted(b"".join(parts) for parts in bulk), sorted(ds.PixelData for ds in series))
+        self.assertEqual(sorted(ds.SOPInstanceUID for ds in retrieved), sorted(ds.SOPInstanceUID for ds in series))
+
+
+class AdminTests(ProxyToOrthancCase):
+    async def test_explorerAndRefusedShutdown(self):
+        status, headers, _ = await self.fetch("/pacs-admin")
+        self.assertEqual((status, headers["Location"]), (301, "/pacs-admin/"))
+        status, headers, _ = await self.fetch("/pacs-admin/")
+        self.assertEqual(status // 100, 3)
+        target = urllib.parse.urljoin(f"{self.origin}/pacs-admin/", headers["Location"])
+        self.assertEqual(target, f"{self.origin}/pacs-admin/app/explorer.html")
+        status, headers, body = await self.fetch(target)
+        self.assertEqual(status, 200)
+        self.assertIn(b"Orthanc Explorer", body)
+        self.assertNotIn("WWW-Authenticate", headers)
+
+        pid = self.supervisor.pid
+        for path in ("/pacs-admin/tools/shutdown", "/pacs-admin/tools/%73hutdown", "/pacs-admin/tools/x/..%2fshutdown"):
+            status, headers, body = await self.fetch(path, method="POST", body=b"")
+            self.assertEqual(status, 403, path)
+            self.assertIn("admin_unsafe_endpoints", json.loads(body)["error"])
+        status, _, body = await self.fetch("/pacs-admin/system")
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["DicomAet"], self.config.orthanc.aet)
+        self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
+
+
+class OrthancKilledTests(ProxyToOrthancCase):
+    async def test_killedBetweenRequests(self):
+        restarting = self.supervisor.whenState(OrthancState.RESTARTING)
+        os.kill(self.supervisor.pid, signal.SIGKILL)
+        await restarting
+        status, headers, body = await self.fetch("/pacs/studies", headers={"Accept": DICOM_JSON})
+        self.assertEqual((status, headers["Retry-After"], headers["Content-Type"]), (503, "5", "application/json"))
+        self.assertIn("Orthanc", json.loads(body)["error"])
+        await self.waitFor(OrthancState.READY)
+        status, _, body = await self.fetch("/pacs/studies", headers={"Accept": DICOM_JSON})
+        self.assertEqual((status, json.loads(body)), (200, []))
+
+    async def test_killedDuringADownload(self):
+        # A study far larger than the socket buffers between Orthanc and the
+        # client, so that Orthanc is still sending when it is killed.
+        big = ctSeries(4, rows=8, columns=8)
+        for ds in big:
+            ds.Rows = ds.Columns = 2048
+            ds.PixelData = os.urandom(2048 * 2048 * 2)
+        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, big), [0] * 4)
+        started, killed = threading.Event(), threading.Event()
+        path = f"/pacs/studies/{big[0].StudyInstanceUID}"
+
+        def download() -> Tuple[bytes, int]:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            with self.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
+                    "Connection: close\r\n\r\n".encode("ascii")
+                )
+                received = b""
+                while b"\r\n\r\n" not in received or len(received) < 256 * 1024:
+                    received += tls.recv(65536)
+                started.set()
+                self.assertTrue(killed.wait(60))
+                total = len(received)
+                # Ends (no hang) when the proxy closes the connection.
+                while True:
+                    data = tls.recv(1024 * 1024)
+                    if not data:
+                        break
+                    total += len(data)
+                return received.partition(b"\r\n")[0], total
+
+        downloading = deferToThread(download)
+        await deferToThread(started.wait, 60)
+        restarting = self.supervisor.whenState(OrthancState.RESTARTING)
+        os.kill(self.supervisor.pid, signal.SIGKILL)
+        await restarting
+        killed.set()
+        statusLine, total = await downloading
+        self.assertEqual(statusLine, b"HTTP/1.1 200 OK")
+        self.assertLess(total, sum(len(ds.PixelData) for ds in big))
+        await self.waitFor(OrthancState.READY)
+        status, _, _ = await self.fetch(f"{path}/metadata", headers={"Accept": DICOM_JSON})
+        self.assertEqual(status, 200)

@@ -1,0 +1,1014 @@
+"""
+User accounts in memory: password hashes, the users file and its re-reading,
+sessions, HTTP Basic, throttling, the access gate in front of every route,
+and the login page, against a Clock and a real Site over StringTransport.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import urlencode
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
+from appliance.reload import ReloadOnSighup
+from appliance.web import auth
+from appliance.web.auth import (
+    BASIC_CACHE_LIFETIME,
+    SESSION_COOKIE,
+    AccessGate,
+    Account,
+    Authenticator,
+    SessionStore,
+    clientKey,
+    localTarget,
+)
+from appliance.web.login import LoginResource, LogoutResource
+from appliance.web.site import WebRoot
+from appliance.web.users import (
+    DEFAULT_PARAMETERS,
+    DUMMY_HASH,
+    PasswordHash,
+    PasswordHashError,
+    ScryptParameters,
+    UsersFile,
+    hashPassword,
+    parseUsers,
+    verifyPassword,
+)
+from tests.support import temporaryFolder, testConfig
+
+#: Cheap parameters for the tests' users: the format is the same.
+FAST = ScryptParameters(ln=4, r=8, p=1)
+
+HOST = "pacs.example:8443"
+OWN_ORIGIN = "https://" + HOST
+CLIENT = IPv4Address("TCP", "192.0.2.10", 50000)
+OTHER_CLIENT = IPv4Address("TCP", "192.0.2.11", 50000)
+
+PASSWORDS = {
+    "vera": "viewer-password-1",
+    "uli": "uploader-password-2",
+    "ada": "admin-password-3",
+}
+ROLES_OF = {"vera": "viewer", "uli": "uploader", "ada": "admin"}
+
+
+def captureLogs(case) -> List[dict]:
+    """
+    Every log event until the test C{case} ends.
+    """
+    manager = capturedLogs()
+    events = manager.__enter__()
+    case.addCleanup(manager.__exit__, None, None, None)
+    return events
+
+
+def logText(events: List[dict]) -> str:
+    """
+    All of C{events}, formatted and raw, to search for what must not be there.
+    """
+    return "\n".join(f"{formatEvent(event)} {event!r}" for event in events)
+
+
+def writeUsers(path: Path, lines: List[str]) -> None:
+    """
+    Replace the users file as passwd does (rename over it), with a new
+    modification time so the change shows whatever the clock's resolution.
+    """
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    stamp = (path.stat().st_mtime_ns + 10**9) if path.exists() else 10**18
+    os.utime(temporary, ns=(stamp, stamp))
+    os.replace(temporary, path)
+
+
+def userLine(name: str, password: Optional[str] = None, roles: Optional[str] = None) -> str:
+    return f"{name}:{hashPassword(password or PASSWORDS[name], FAST)}:{roles or ROLES_OF[name]}"
+
+
+def basicHeader(name: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{name}:{password}".encode("utf-8"))
+
+
+def headers(**values: bytes) -> Headers:
+    return Headers({name.replace("_", "-").encode("ascii"): [value] for name, value in values.items()})
+
+
+class InlineThreads:
+    """
+    Stands in for the password-checking thread pool: records each call and
+    runs it at once, or holds it until L{release} when C{hold} is set.
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[object, tuple]] = []
+        self.hold = False
+        self.held: List[Tuple[Deferred, object, tuple]] = []
+
+    def __call__(self, function, *arguments) -> Deferred:
+        self.calls.append((function, arguments))
+        if self.hold:
+            waiting: Deferred = Deferred()
+            self.held.append((waiting, function, arguments))
+            return waiting
+        return succeed(function(*arguments))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for waiting, function, arguments in held:
+            waiting.callback(function(*arguments))
+
+
+class AuthFixture:
+    """
+    A users file with a viewer, an uploader and an admin, read by a
+    L{UsersFile} and an L{Authenticator} on a Clock, their password checks
+    run inline by L{InlineThreads}.
+    """
+
+    def __init__(self, case, **auth: object) -> None:
+        self.folder = temporaryFolder(case)
+        self.usersPath = self.folder / "users"
+        writeUsers(self.usersPath, [userLine(name) for name in PASSWORDS])
+        settings = {"max_login_failures": 4, "login_failure_window": "10m"}
+        settings.update(auth)
+        self.config = testConfig(
+            self.folder,
+            auth={"users_file": self.usersPath, **settings},
+            web={"site_name": 'Radiology "North"', "cors_allowed_origins": "https://viewer.example"},
+        )
+        self.clock = MemoryReactorClock()
+        self.threads = InlineThreads()
+        self.users = UsersFile(self.usersPath, self.clock)
+        self.authenticator = Authenticator(self.users, self.config.auth, self.clock, self.threads)
+        self.users.startService()
+        case.addCleanup(self.users.stopService)
+
+    def rewriteUsers(self, lines: List[str]) -> None:
+        writeUsers(self.usersPath, lines)
+        self.clock.advance(2)
+
+    def identify(self, client=CLIENT, **values: bytes) -> Optional[Account]:
+        identified = self.authenticator.identify(headers(**values), client)
+        return identified.result
+
+
+class PasswordHashTests(SynchronousTestCase):
+    def test_roundTrip(self):
+        stored = hashPassword("correct horse", FAST)
+        self.assertTrue(verifyPassword("correct horse", stored))
+        self.assertFalse(verifyPassword("correct horsE", stored))
+        self.assertFalse(verifyPassword("", stored))
+
+    def test_formatIsSelfDescribingAndColonFree(self):
+        stored = hashPassword("p", FAST)
+        self.assertRegex(stored, r"^scrypt\$ln=4\$r=8\$p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$")
+        self.assertNotIn(":", stored)
+        self.assertNotEqual(stored, hashPassword("p", FAST), "every hash has its own salt")
+
+    def test_defaultParametersAreMemoryHard(self):
+        self.assertEqual((DEFAULT_PARAMETERS.ln, DEFAULT_PARAMETERS.r, DEFAULT_PARAMETERS.p), (15, 8, 1))
+        self.assertEqual(DEFAULT_PARAMETERS.memory, 32 * 1024 * 1024)
+        stored = hashPassword("default")
+        self.assertTrue(stored.startswith("scrypt$ln=15$r=8$p=1$"))
+        self.assertTrue(verifyPassword("default", stored))
+
+    def test_parametersComeFromTheStoredHash(self):
+        """
+        A hash written with other parameters (older, weaker defaults) still
+        verifies: ln is the base-2 logarithm of scrypt's N.
+        """
+        salt = b"0123456789abcdef"
+        key = hashlib.scrypt(b"old password", salt=salt, n=2**6, r=4, p=2, dklen=32)
+        stored = PasswordHash(ScryptParameters(6, 4, 2), salt, key).encode()
+        self.assertTrue(stored.startswith("scrypt$ln=6$r=4$p=2$"))
+        self.assertTrue(verifyPassword("old password", stored))
+        self.assertFalse(verifyPassword("new password", stored))
+
+    def test_hostileParametersAreRefused(self):
+        for ln, r, p in ((25, 8, 1), (20, 64, 1), (10, 8, 99)):
+            text = PasswordHash(ScryptParameters(ln, r, p), bytes(16), bytes(32)).encode()
+            self.assertRaises(PasswordHashError, verifyPassword, "x", text)
+
+    def test_passwordsAreComparedInNormalForm(self):
+        composed, decomposed = "caf\u00e9-password", "cafe\u0301-password"
+        self.assertTrue(verifyPassword(decomposed, hashPassword(composed, FAST)))
+
+    def test_dummyHashUsesTheDefaultParameters(self):
+        self.assertEqual(PasswordHash.parse(DUMMY_HASH).parameters, DEFAULT_PARAMETERS)
+
+
+class AccountTests(SynchronousTestCase):
+    def test_rolesAreCumulative(self):
+        viewer = Account("v", frozenset({"viewer"}))
+        uploader = Account("u", frozenset({"uploader"}))
+        admin = Account("a", frozenset({"admin"}))
+        self.assertEqual([viewer.has(role) for role in auth.ROLES], [True, False, False])
+        self.assertEqual([uploader.has(role) for role in auth.ROLES], [True, True, False])
+        self.assertEqual([admin.has(role) for role in auth.ROLES], [True, True, True])
+
+
+class UsersFileTests(SynchronousTestCase):
+    def setUp(self):
+        self.folder = temporaryFolder(self)
+        self.path = self.folder / "users"
+        self.clock = MemoryReactorClock()
+        self.events = captureLogs(self)
+
+    def errors(self) -> List[str]:
+        return [formatEvent(event) for event in self.events if event["log_level"] >= LogLevel.error]
+
+    def test_parsesUsersSkippingCommentsAndMalformedLines(self):
+        good = userLine("vera")
+        lines = [
+            "# The appliance's users",
+            "",
+            good,
+            "   ",
+            "uli:" + hashPassword("x", FAST),
+            "bad name:" + hashPassword("x", FAST) + ":viewer",
+            "eve:" + hashPassword("x", FAST) + ":viewer,root",
+            "mallory:plaintext:viewer",
+            "nobody:" + hashPassword("x", FAST) + ":",
+            userLine("ada", roles="viewer,admin"),
+            userLine("vera", password="another password"),
+        ]
+        users = parseUsers("\n".join(lines), "/etc/users", UsersFile.log)
+        self.assertEqual(sorted(users), ["ada", "vera"])
+        self.assertEqual(users["vera"].line(), good)
+        self.assertEqual(users["ada"].account, Account("ada", frozenset({"viewer", "admin"})))
+        problems = self.errors()
+        self.assertEqual(len(problems), 6)
+        for number, problem in zip((5, 6, 7, 8, 9, 11), problems):
+            self.assertTrue(problem.startswith(f"/etc/users, line {number}: skipped, "), problem)
+        self.assertIn("unknown role 'root'", problems[2])
+        self.assertIn("already on an earlier line", problems[5])
+
+    def test_missingFileMeansNoUsersAndSaysHowToCreateOne(self):
+        users = UsersFile(self.path, self.clock)
+        self.assertEqual(dict(users.users), {})
+        [warning] = [formatEvent(event) for event in self.events if event["log_level"] == LogLevel.warn]
+        self.assertIn(str(self.path), warning)
+        self.assertIn("pacs-appliance passwd admin --roles admin", warning)
+
+    def test_readAgainWhenTheFileChanges(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock, interval=2)
+        users.startService()
+        self.addCleanup(users.stopService)
+        changes: List[frozenset] = []
+        users.subscribe(changes.append)
+        self.assertEqual(sorted(users.users), ["vera"])
+
+        vera = userLine("vera", roles="uploader")
+        writeUsers(self.path, [vera, userLine("ada")])
+        self.clock.advance(1.9)
+        self.assertEqual(sorted(users.users), ["vera"])
+        self.clock.advance(0.1)
+        self.assertEqual(sorted(users.users), ["ada", "vera"])
+        self.assertEqual(users.lookup("vera").roles, frozenset({"uploader"}))
+        self.assertEqual(changes, [frozenset({"vera"})], "changed users only, not added ones")
+
+        writeUsers(self.path, [vera])
+        self.clock.advance(2)
+        self.assertEqual(changes[-1], frozenset({"ada"}))
+        self.assertIsNone(users.lookup("ada"))
+
+    def test_unchangedFileIsNotReadAgain(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        users.startService()
+        self.addCleanup(users.stopService)
+        self.clock.advance(2)
+        self.clock.advance(2)
+        reads = [event for event in self.events if event.get("log_format", "").startswith("Read {count}")]
+        self.assertEqual(len(reads), 1)
+
+    def test_corruptedFileKeepsThePreviousUsers(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        users.startService()
+        self.addCleanup(users.stopService)
+        self.path.write_bytes(b"vera:\xff\xfe\0garbage\n")
+        self.clock.advance(2)
+        self.assertEqual(sorted(users.users), ["vera"])
+        [problem] = self.errors()
+        self.assertIn(str(self.path), problem)
+        self.assertIn("the 1 users read before stay in force", problem)
+
+    def test_unreadableFileKeepsThePreviousUsers(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        self.path.unlink()
+        self.path.mkdir()
+        users.reload()
+        self.assertEqual(sorted(users.users), ["vera"])
+        [problem] = self.errors()
+        self.assertIn(f"cannot read {self.path}", problem)
+
+    def test_removedFileMeansNoUsers(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        self.path.unlink()
+        users.reload()
+        self.assertEqual(dict(users.users), {})
+
+    def test_reloadReadsAtOnce(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        writeUsers(self.path, [userLine("ada")])
+        users.reload()
+        self.assertEqual(sorted(users.users), ["ada"])
+
+
+class SighupTests(TestCase):
+    @inlineCallbacks
+    def test_sighupReadsTheUsersFileAgain(self):
+        """
+        ReloadOnSighup has the users file read again at once, whatever the
+        configuration says (here it is refused).
+        """
+
+        class Notify:
+            def reloading(self):
+                pass
+
+            def reloaded(self, outcome):
+                pass
+
+        folder = temporaryFolder(self)
+        path = folder / "users"
+        writeUsers(path, [userLine("vera")])
+        config = testConfig(folder)
+        users = UsersFile(path, MemoryReactorClock())
+        reloader = ReloadOnSighup(config, [], Notify(), reloadables=[users])
+        writeUsers(path, [userLine("ada")])
+        config.sources[0].write_text("[nonsense]\n")
+        reloaded = reloader.reload()
+        self.assertEqual(sorted(users.users), ["ada"])
+        self.assertEqual((yield reloaded), "Reload refused (see the log)")
+
+
+class SessionStoreTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.sessions = SessionStore(idleTimeout=60, lifetime=300, clock=self.clock)
+
+    def test_tokensAreRandom256Bits(self):
+        first, second = self.sessions.create("vera"), self.sessions.create("vera")
+        self.assertNotEqual(first, second)
+        self.assertEqual(len(base64.urlsafe_b64decode(first + b"=")), 32)
+
+    def test_idleExpiry(self):
+        token = self.sessions.create("vera")
+        self.clock.advance(59)
+        self.assertEqual(self.sessions.lookup(token), "vera")
+        self.clock.advance(59)
+        self.assertEqual(self.sessions.lookup(token), "vera", "each use restarts the idle timer")
+        self.clock.advance(60)
+        self.assertIsNone(self.sessions.lookup(token))
+        self.assertEqual(len(self.sessions), 0)
+
+    def test_absoluteExpiry(self):
+        token = self.sessions.create("vera")
+        for _ in range(9):
+            self.clock.advance(30)
+            self.assertEqual(self.sessions.lookup(token), "vera")
+        self.clock.advance(30)
+        self.assertIsNone(self.sessions.lookup(token), "300 s after the login, however active")
+
+    def test_endAndEndUsers(self):
+        vera, ada, ada2 = (self.sessions.create(name) for name in ("vera", "ada", "ada"))
+        self.sessions.end(vera)
+        self.assertIsNone(self.sessions.lookup(vera))
+        self.assertEqual(self.sessions.endUsers(frozenset({"ada"})), 2)
+        self.assertIsNone(self.sessions.lookup(ada))
+        self.assertIsNone(self.sessions.lookup(ada2))
+
+    def test_purgeForgetsExpiredSessions(self):
+        self.sessions.create("vera")
+        self.clock.advance(30)
+        live = self.sessions.create("ada")
+        self.clock.advance(40)
+        self.sessions.purge()
+        self.assertEqual(len(self.sessions), 1)
+        self.assertEqual(self.sessions.lookup(live), "ada")
+
+    def test_tokensAreNotKept(self):
+        token = self.sessions.create("vera")
+        self.assertNotIn(token, repr(self.sessions.__dict__).encode("ascii"))
+
+
+class AuthenticatorTests(SynchronousTestCase):
+    def setUp(self):
+        self.events = captureLogs(self)
+        self.fixture = AuthFixture(self)
+        self.threads = self.fixture.threads
+        self.authenticator = self.fixture.authenticator
+
+    def test_sessionCookie(self):
+        token = self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        cookie = b"other=1; " + SESSION_COOKIE + b"=" + token
+        self.assertEqual(self.fixture.identify(cookie=cookie), Account("vera", frozenset({"viewer"})))
+        self.assertIsNone(self.fixture.identify(cookie=SESSION_COOKIE + b"=forged"))
+        self.assertIsNone(self.fixture.identify())
+        self.assertEqual(self.threads.calls, [], "sessions need no password check")
+
+    def test_sessionEndsWhenTheUserIsDeletedOrChanged(self):
+        vera = self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        ada = self.authenticator.startSession(Account("ada", frozenset({"admin"})), [])
+        uli = self.authenticator.startSession(Account("uli", frozenset({"uploader"})), [])
+        self.fixture.rewriteUsers([userLine("ada", password="a new password"), self.fixture.users.lookup("uli").line()])
+        self.assertIsNone(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + vera), "deleted")
+        self.assertIsNone(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + ada), "password changed")
+        self.assertEqual(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + uli).name, "uli")
+
+    def test_basic(self):
+        account = self.fixture.identify(authorization=basicHeader("uli", PASSWORDS["uli"]))
+        self.assertEqual(account, Account("uli", frozenset({"uploader"})))
+        [(function, (password, stored))] = self.threads.calls
+        self.assertIs(function, verifyPassword)
+        self.assertEqual(stored, self.fixture.users.lookup("uli").passwordHash)
+
+    def test_basicRunsInAThreadAndShares(self):
+        """
+        The check is handed to the thread pool, and requests with the same
+        credentials arriving meanwhile wait for that one check.
+        """
+        self.threads.hold = True
+        header = basicHeader("uli", PASSWORDS["uli"])
+        first = self.authenticator.identify(headers(authorization=header), CLIENT)
+        second = self.authenticator.identify(headers(authorization=header), CLIENT)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.threads.release()
+        self.assertEqual(self.successResultOf(first).name, "uli")
+        self.assertEqual(self.successResultOf(second).name, "uli")
+        self.assertEqual(len(self.threads.calls), 1)
+
+    def test_basicCache(self):
+        header = basicHeader("vera", PASSWORDS["vera"])
+        for _ in range(3):
+            self.assertEqual(self.fixture.identify(authorization=header).name, "vera")
+        self.assertEqual(len(self.threads.calls), 1, "verified once, then remembered")
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "wrong password")))
+        self.assertEqual(len(self.threads.calls), 2, "other credentials are checked")
+
+        self.fixture.clock.advance(BASIC_CACHE_LIFETIME)
+        self.assertEqual(self.fixture.identify(authorization=header).name, "vera")
+        self.assertEqual(len(self.threads.calls), 3, "remembered briefly")
+
+        self.fixture.rewriteUsers([userLine(name) for name in PASSWORDS] + ["# a comment"])
+        self.assertEqual(self.fixture.identify(authorization=header).name, "vera")
+        self.assertEqual(len(self.threads.calls), 4, "forgotten when the users file changes")
+
+        self.fixture.rewriteUsers([userLine("vera", password="a new password")])
+        self.assertIsNone(self.fixture.identify(authorization=header))
+
+    def test_basicCacheHoldsNoPassword(self):
+        self.fixture.identify(authorization=basicHeader("vera", PASSWORDS["vera"]))
+        state = repr(self.authenticator.__dict__)
+        self.assertNotIn(PASSWORDS["vera"], state)
+        self.assertNotIn(base64.b64encode(b"vera:" + PASSWORDS["vera"].encode()).decode(), state)
+
+    def test_unknownUserCostsTheSameWork(self):
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("nobody", "some password")))
+        [(function, (password, stored))] = self.threads.calls
+        self.assertIs(function, verifyPassword)
+        self.assertEqual((password, stored), ("some password", DUMMY_HASH))
+        [warning] = [formatEvent(event) for event in self.events if event["log_level"] == LogLevel.warn]
+        self.assertEqual(warning, "Failed login for 'nobody' from 192.0.2.10 (HTTP Basic): no such user")
+
+    def test_failedLoginIsLoggedWithoutThePassword(self):
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "guessed-secret")))
+        self.successResultOf(self.authenticator.login("ada", "another-guess", OTHER_CLIENT))
+        warnings = [formatEvent(event) for event in self.events if event["log_level"] == LogLevel.warn]
+        self.assertEqual(
+            warnings,
+            [
+                "Failed login for 'vera' from 192.0.2.10 (HTTP Basic): wrong password",
+                "Failed login for 'ada' from 192.0.2.11 (login form): wrong password",
+            ],
+        )
+        text = logText(self.events)
+        for secret in ("guessed-secret", "another-guess", base64.b64encode(b"vera:guessed-secret").decode()):
+            self.assertNotIn(secret, text)
+
+    def test_malformedBasicIsRefusedWithoutACheck(self):
+        for value in (b"Basic !!!", b"Basic " + base64.b64encode(b"no colon"), b"Basic " + base64.b64encode(b"\xff:x")):
+            self.assertIsNone(self.fixture.identify(authorization=value))
+        self.assertEqual(self.threads.calls, [])
+
+    def test_basicWinsOverTheCookie(self):
+        token = self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        cookie = SESSION_COOKIE + b"=" + token
+        self.assertIsNone(self.fixture.identify(cookie=cookie, authorization=basicHeader("ada", "wrong")))
+        self.assertEqual(self.fixture.identify(cookie=cookie, authorization=b"Bearer x").name, "vera")
+
+    def test_throttling(self):
+        clock = self.fixture.clock
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "wrong 1")))
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "wrong 2")), "no wait after one failure")
+        # After two failures the next check waits 1 s, then 2 s, doubling.
+        for attempt, wait in ((3, 1), (4, 2)):
+            checks = len(self.threads.calls)
+            identified = self.authenticator.identify(headers(authorization=basicHeader("vera", f"wrong {attempt}")), CLIENT)
+            clock.advance(wait - 0.5)
+            self.assertEqual(len(self.threads.calls), checks)
+            self.assertNoResult(identified)
+            clock.advance(0.5)
+            self.assertIsNone(self.successResultOf(identified))
+            self.assertEqual(self.authenticator.retryAfter(CLIENT), 0 if attempt < 4 else 600 - 3)
+        # 4 failures (max_login_failures) within the window: refused without a
+        # check until the first is 10 minutes old.
+        checks = len(self.threads.calls)
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", PASSWORDS["vera"])))
+        self.assertEqual(len(self.threads.calls), checks)
+        self.assertEqual(self.authenticator.retryAfter(OTHER_CLIENT), 0, "per address")
+        self.assertEqual(self.fixture.identify(OTHER_CLIENT, authorization=basicHeader("vera", PASSWORDS["vera"])).name, "vera")
+        clock.advance(600 - 3)
+        self.assertEqual(self.authenticator.retryAfter(CLIENT), 0)
+        # Two failures are still in the window: the check waits its back-off (counted from the last failure).
+        identified = self.authenticator.identify(headers(authorization=basicHeader("vera", PASSWORDS["vera"])), CLIENT)
+        self.assertEqual(self.successResultOf(identified).name, "vera")
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "wrong 5")), "a success forgets the failures")
+        [blocked] = [event for event in self.events if event.get("log_format", "").startswith("Refusing logins")]
+        self.assertEqual(blocked["client"], "192.0.2.10")
+
+    def test_parallelGuessesGetNoMoreChecks(self):
+        self.threads.hold = True
+        guesses = [
+            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {n}")), CLIENT) for n in range(10)
+        ]
+        self.fixture.clock.advance(60)
+        self.assertEqual(len(self.threads.calls), 4, "max_login_failures checks at once, the rest refused")
+        self.assertGreater(self.authenticator.retryAfter(CLIENT), 0)
+        self.threads.release()
+        for guess in guesses:
+            self.assertIsNone(self.successResultOf(guess))
+
+    def test_ipv6AddressesAreThrottledBySubnet(self):
+        self.assertEqual(clientKey(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)), "2001:db8:1:2::/64")
+        self.assertEqual(clientKey(IPv6Address("TCP", "::ffff:192.0.2.1", 1)), "192.0.2.1")
+
+    def test_identifyNeverFails(self):
+        def broken(function, *arguments):
+            return fail(RuntimeError("thread pool is gone"))
+
+        self.authenticator._runInThread = broken
+        self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "x")))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_purge(self):
+        self.authenticator.startService()
+        self.addCleanup(self.authenticator.stopService)
+        self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        self.fixture.identify(authorization=basicHeader("vera", "wrong"))
+        self.fixture.clock.advance(3600)
+        self.assertEqual(len(self.authenticator.sessions), 0)
+        self.assertEqual(self.authenticator.throttle._failures, {})
+
+
+class ThreadTests(TestCase):
+    """
+    The Authenticator with its own thread pool and the real reactor.
+    """
+
+    @inlineCallbacks
+    def test_passwordIsCheckedOutsideTheReactorThread(self):
+        fixture = AuthFixture(self)
+        authenticator = Authenticator(fixture.users, fixture.config.auth)
+        authenticator.startService()
+        self.addCleanup(authenticator.stopService)
+        threads = []
+
+        def recordingVerify(password, stored):
+            threads.append(threading.current_thread())
+            return verifyPassword(password, stored)
+
+        self.patch(auth, "verifyPassword", recordingVerify)
+        identified = authenticator.identify(headers(authorization=basicHeader("ada", PASSWORDS["ada"])), CLIENT)
+        self.assertNoResult(identified)
+        self.assertEqual((yield identified).name, "ada")
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.main_thread())
+
+
+# --- the gate and the login page, over HTTP ---------------------------------
+
+
+class Echo(Resource):
+    """
+    A route behind the gate: answers 200 and its own name for any method.
+    """
+
+    isLeaf = True
+
+    def __init__(self, name: bytes) -> None:
+        super().__init__()
+        self.name = name
+
+    def render(self, request):
+        request.setHeader(b"Content-Type", b"text/plain")
+        return self.name + b" " + request.method
+
+
+class IdentifiedRequest(Request):
+    """
+    What the site's request layer does, in short: identify the sender
+    before any resource runs.  Over TLS in the real site.
+    """
+
+    def process(self):
+        identified = self.channel.site.authenticator.identify(self.requestHeaders, self.getClientAddress())
+
+        def identifiedAs(account):
+            self.account = account
+            Request.process(self)
+
+        identified.addCallback(identifiedAs)
+
+    def isSecure(self):
+        return True
+
+
+class Response:
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        statusLine, *lines = head.split(b"\r\n")
+        self.code = int(statusLine.split()[1])
+        self.headers: Dict[str, List[str]] = {}
+        for line in lines:
+            name, _, value = line.decode("latin-1").partition(":")
+            self.headers.setdefault(name.strip().lower(), []).append(value.strip())
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    def cookie(self) -> Optional[bytes]:
+        value = self.header("set-cookie")
+        if value is None:
+            return None
+        return value.split(";")[0].encode("ascii")
+
+
+NAVIGATE = {"Sec-Fetch-Mode": "navigate", "Sec-Fetch-Site": "none", "Accept": "text/html"}
+SCRIPT = {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin", "Accept": "application/json"}
+
+
+class GateTests(SynchronousTestCase):
+    def setUp(self):
+        self.events = captureLogs(self)
+        self.fixture = AuthFixture(self)
+        authenticator = self.fixture.authenticator
+        web = self.fixture.config.web
+        root = WebRoot(Echo(b"viewer"))
+        for name in (b"pacs", b"pacs-admin", b"healthz"):
+            root.putChild(name, Echo(name))
+        root.putChild(b"login", LoginResource(authenticator, web))
+        root.putChild(b"logout", LogoutResource(authenticator))
+        self.site = Site(AccessGate(root, authenticator, web), reactor=self.fixture.clock)
+        self.site.requestFactory = IdentifiedRequest
+        self.site.authenticator = authenticator
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: Optional[Dict[str, str]] = None,
+        body: bytes = b"",
+        cookie: Optional[bytes] = None,
+        user: Optional[str] = None,
+        password: Optional[str] = None,
+    ) -> Response:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        if cookie is not None:
+            lines.append("Cookie: " + cookie.decode("ascii"))
+        if user is not None:
+            lines.append("Authorization: " + basicHeader(user, password or PASSWORDS[user]).decode("ascii"))
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8443), peerAddress=CLIENT
+        )
+        channel = self.site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+        response = Response(transport.value())
+        channel.connectionLost(Failure(ConnectionDone()))
+        return response
+
+    def login(self, user: str, password: Optional[str] = None, target: str = "/", cookie=None) -> Response:
+        form = urlencode({"user": user, "password": password or PASSWORDS[user], "next": target}).encode("ascii")
+        return self.request(
+            "POST",
+            "/login",
+            {"Origin": OWN_ORIGIN, "Content-Type": "application/x-www-form-urlencoded"},
+            form,
+            cookie=cookie,
+        )
+
+    def session(self, user: str) -> bytes:
+        response = self.login(user)
+        self.assertEqual(response.code, 303)
+        return response.cookie()
+
+    # anonymous
+
+    def test_publicRoutes(self):
+        self.assertEqual(self.request("GET", "/healthz").body, b"healthz GET")
+        self.assertEqual(self.request("GET", "/login").code, 200)
+        self.assertEqual(self.request("GET", "/login/login.css").code, 200)
+        self.assertEqual(self.request("GET", "/logout").code, 303)
+        preflight = self.request(
+            "OPTIONS", "/pacs/studies", {"Origin": "https://viewer.example", "Access-Control-Request-Method": "GET"}
+        )
+        self.assertEqual(preflight.body, b"pacs OPTIONS")
+
+    def test_anonymousApiClientIsChallengedWithBasic(self):
+        for path in ("/pacs/studies", "/", "/app-config.js", "/pacs-admin/system"):
+            response = self.request("GET", path)
+            self.assertEqual(response.code, 401, path)
+            self.assertEqual(response.header("WWW-Authenticate"), 'Basic realm="Radiology \\"North\\"", charset="UTF-8"')
+            self.assertEqual(response.header("Content-Type"), "application/json")
+            self.assertIn("Log in", response.json()["error"])
+
+    def test_anonymousNavigationGoesToTheLoginPage(self):
+        response = self.request("GET", "/viewer?StudyInstanceUIDs=1.2.3&x=%2F", NAVIGATE)
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.header("Location"), "/login?next=/viewer%3FStudyInstanceUIDs%3D1.2.3%26x%3D%252F")
+        # An older browser: no Sec-Fetch headers, but it asks for HTML.
+        response = self.request("GET", "/pacs-admin/", {"Accept": "text/html,application/xhtml+xml"})
+        self.assertEqual(response.header("Location"), "/login?next=/pacs-admin/")
+
+    def test_anonymousBrowserRequestsGetNoBasicPrompt(self):
+        """
+        The viewer's background requests after its session expired: 401,
+        but with a challenge browsers do not answer with a password prompt.
+        """
+        for headers, cookie in ((SCRIPT, None), ({}, SESSION_COOKIE + b"=expired"), (NAVIGATE, None)):
+            response = self.request("GET", "/pacs/studies", headers, cookie=cookie)
+            self.assertEqual(response.code, 401)
+            challenge = response.header("WWW-Authenticate")
+            self.assertTrue(challenge.startswith('Cookie realm="Radiology \\"North\\"", form-action="/login"'), challenge)
+
+    # roles
+
+    def test_viewer(self):
+        self.assertEqual(self.request("GET", "/pacs/studies", user="vera").code, 200)
+        self.assertEqual(self.request("HEAD", "/pacs/studies", user="vera").code, 200)
+        self.assertEqual(self.request("GET", "/", user="vera").body, b"viewer GET")
+        upload = self.request("POST", "/pacs/studies", body=b"x", user="vera")
+        self.assertEqual(upload.code, 403)
+        self.assertEqual(
+            upload.json()["error"],
+            "The account vera may not do this: it needs the uploader role (ask an administrator, or log in as another user).",
+        )
+        self.assertEqual(self.request("GET", "/pacs-admin/system", user="vera").code, 403)
+
+    def test_forbiddenPageForNavigation(self):
+        response = self.request("GET", "/pacs-admin/", NAVIGATE, user="vera")
+        self.assertEqual(response.code, 403)
+        self.assertEqual(response.header("Content-Type"), "text/html; charset=utf-8")
+        self.assertEqual(response.header("Content-Security-Policy"), DEFAULT_CONTENT_SECURITY_POLICY)
+        self.assertIn(b"it needs the admin role", response.body)
+        self.assertIn(b'href="/logout"', response.body)
+        self.assertIn(b"Radiology &quot;North&quot;", response.body)
+
+    def test_uploader(self):
+        self.assertEqual(self.request("POST", "/pacs/studies", body=b"x", user="uli").body, b"pacs POST")
+        self.assertEqual(self.request("DELETE", "/pacs/studies/1", user="uli").code, 403)
+        self.assertEqual(self.request("GET", "/pacs-admin/", user="uli").code, 403)
+
+    def test_admin(self):
+        self.assertEqual(self.request("GET", "/pacs-admin/app/explorer.html", user="ada").body, b"pacs-admin GET")
+        self.assertEqual(self.request("POST", "/pacs-admin/instances", body=b"x", user="ada").code, 200)
+        self.assertEqual(self.request("POST", "/pacs/studies", body=b"x", user="ada").code, 200)
+
+    def test_pathSegmentsAreCheckedDecoded(self):
+        self.assertEqual(self.request("GET", "/pacs%2Dadmin/system", user="vera").code, 403)
+
+    # sessions, CSRF
+
+    def test_sessionCarriesTheRoles(self):
+        cookie = self.session("uli")
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 200)
+        self.assertEqual(self.request("GET", "/pacs-admin/", NAVIGATE, cookie=cookie).code, 403)
+
+    def test_unsafeSessionRequestsMustComeFromTheSite(self):
+        cookie = self.session("uli")
+        cases = [
+            ({}, 403),
+            ({"Origin": "https://evil.example"}, 403),
+            ({"Origin": "null"}, 403),
+            ({"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}, 403),
+            ({"Sec-Fetch-Site": "same-site", "Origin": "https://other.pacs.example:8443"}, 403),
+            ({"Origin": "https://viewer.example"}, 403),
+            ({"Origin": OWN_ORIGIN}, 200),
+            ({"Origin": "HTTPS://PACS.example:8443"}, 200),
+            # Under Referrer-Policy: no-referrer browsers send "Origin: null"
+            # even for their own site's forms; Sec-Fetch-Site still tells.
+            ({"Sec-Fetch-Site": "same-origin", "Origin": "null"}, 200),
+            ({"Referer": OWN_ORIGIN + "/viewer?StudyInstanceUIDs=1"}, 200),
+            ({"Referer": "https://evil.example/"}, 403),
+        ]
+        for headers, code in cases:
+            response = self.request("POST", "/pacs/studies", headers, b"x", cookie=cookie)
+            self.assertEqual(response.code, code, headers)
+        refusals = [event for event in self.events if event.get("log_format", "").startswith("Refused {method}")]
+        self.assertEqual(len(refusals), 7)
+        self.assertEqual(self.request("GET", "/pacs/studies", {"Origin": "https://evil.example"}, cookie=cookie).code, 200)
+
+    def test_basicIsExemptFromTheOriginCheck(self):
+        self.assertEqual(self.request("POST", "/pacs/studies", {}, b"x", user="uli").code, 200)
+        allowed = {"Origin": "https://viewer.example"}
+        self.assertEqual(self.request("POST", "/pacs/studies", allowed, b"x", user="uli").code, 200)
+        # A browser replaying credentials it remembers from a Basic prompt.
+        foreign = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+        self.assertEqual(self.request("POST", "/pacs/studies", foreign, b"x", user="uli").code, 403)
+
+    # throttling
+
+    def test_tooManyFailuresGet429(self):
+        for attempt in range(4):
+            self.fixture.clock.advance(30)
+            response = self.request("GET", "/pacs/studies", user="vera", password=f"wrong {attempt}")
+            self.assertEqual(response.code, 401 if attempt < 3 else 429)
+        response = self.request("GET", "/pacs/studies", user="vera")
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.header("Retry-After"), str(600 - 90))
+        self.assertEqual(response.json()["error"], "Too many failed logins from your address: try again in 510 seconds.")
+        self.fixture.clock.advance(600)
+        self.assertEqual(self.request("GET", "/pacs/studies", user="vera").code, 200)
+
+    # the login page
+
+    def test_loginPage(self):
+        response = self.request("GET", "/login?next=/viewer%3FStudyInstanceUIDs%3D1.2", NAVIGATE)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.header("Content-Type"), "text/html; charset=utf-8")
+        self.assertEqual(response.header("Content-Security-Policy"), DEFAULT_CONTENT_SECURITY_POLICY)
+        self.assertEqual(response.header("Referrer-Policy"), "same-origin")
+        self.assertEqual(response.header("Cache-Control"), "no-store")
+        page = response.body.decode("utf-8")
+        self.assertIn("<title>Radiology &quot;North&quot;: log in</title>", page)
+        self.assertIn('<form method="post" action="/login"', page)
+        self.assertIn('name="user"', page)
+        self.assertIn('type="password"', page)
+        self.assertIn('<input type="hidden" name="next" value="/viewer?StudyInstanceUIDs=1.2">', page)
+        self.assertIn('<link rel="stylesheet" href="/login/login.css">', page)
+        self.assertNotIn("<script", page)
+        self.assertNotIn("style=", page)
+        self.assertNotIn("<style", page)
+        stylesheet = self.request("GET", "/login/login.css")
+        self.assertEqual(stylesheet.header("Content-Type"), "text/css; charset=utf-8")
+        self.assertIn(b"body {", stylesheet.body)
+        etag = stylesheet.header("ETag")
+        self.assertEqual(self.request("GET", "/login/login.css", {"If-None-Match": etag}).code, 304)
+        self.assertEqual(self.request("GET", "/login/other.css").code, 404)
+
+    def test_loginSetsTheCookieAndReturns(self):
+        response = self.login("vera", target="/viewer?StudyInstanceUIDs=1.2")
+        self.assertEqual(response.code, 303)
+        self.assertEqual(response.header("Location"), "/viewer?StudyInstanceUIDs=1.2")
+        setCookie = response.header("Set-Cookie")
+        self.assertRegex(setCookie, r"^__Host-pacs-session=[A-Za-z0-9_-]{43}; ")
+        attributes = sorted(part.strip().lower() for part in setCookie.split(";")[1:])
+        self.assertEqual(attributes, ["httponly", "path=/", "samesite=strict", "secure"], "and no Max-Age")
+        self.assertEqual(self.request("GET", "/", NAVIGATE, cookie=response.cookie()).body, b"viewer GET")
+
+    def test_loginGoesBackOnlyToThisSite(self):
+        for target, location in (
+            ("/pacs-admin/", "/pacs-admin/"),
+            ("//evil.example/", "/"),
+            ("/\\evil.example/", "/"),
+            ("https://evil.example/", "/"),
+            ("/\t/evil.example", "/"),
+            ("", "/"),
+        ):
+            self.assertEqual(self.login("ada", target=target).header("Location"), location, target)
+        self.assertEqual(localTarget("/viewer?a=b&c=%2F"), "/viewer?a=b&c=%2F")
+
+    def test_failedLogin(self):
+        response = self.login("vera", password="not-her-password")
+        self.assertEqual(response.code, 401)
+        self.assertTrue(response.header("WWW-Authenticate").startswith("Cookie realm="))
+        self.assertIsNone(response.header("Set-Cookie"))
+        page = response.body.decode("utf-8")
+        self.assertIn("The user name or password is incorrect.", page)
+        self.assertIn('value="vera"', page)
+        self.assertNotIn("not-her-password", logText(self.events))
+
+    def test_loginPageEscapesWhatItShows(self):
+        response = self.login('<script>alert("x")</script>', password="whatever-password")
+        self.assertNotIn(b"<script>", response.body)
+        self.assertIn(b"&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;", response.body)
+
+    def test_loginMustComeFromTheLoginPage(self):
+        form = urlencode({"user": "vera", "password": PASSWORDS["vera"]}).encode("ascii")
+        for headers in (
+            {},
+            {"Origin": "https://evil.example"},
+            {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+        ):
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            response = self.request("POST", "/login", headers, form)
+            self.assertEqual(response.code, 403, headers)
+            self.assertIsNone(response.header("Set-Cookie"))
+        self.assertEqual(self.fixture.threads.calls, [], "no password was checked")
+        sameOrigin = {"Sec-Fetch-Site": "same-origin", "Origin": "null", "Content-Type": "application/x-www-form-urlencoded"}
+        self.assertEqual(self.request("POST", "/login", sameOrigin, form).code, 303)
+
+    def test_malformedLoginForms(self):
+        for contentType, body in (
+            ("application/json", b'{"user": "vera"}'),
+            ("application/x-www-form-urlencoded", b"user=vera&password=%ff%fe"),
+            ("application/x-www-form-urlencoded", b"&".join(b"f%d=1" % (n,) for n in range(20))),
+        ):
+            response = self.request("POST", "/login", {"Origin": OWN_ORIGIN, "Content-Type": contentType}, body)
+            self.assertEqual(response.code, 400, body)
+            self.assertIn(b"The login form could not be read", response.body)
+        response = self.request(
+            "POST", "/login", {"Origin": OWN_ORIGIN, "Content-Type": "application/x-www-form-urlencoded"}, b"user=vera"
+        )
+        self.assertIn(b"Enter your user name and password.", response.body)
+
+    def test_loginRotatesTheSession(self):
+        first = self.session("vera")
+        second = self.login("uli", cookie=first).cookie()
+        self.assertNotEqual(first, second)
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=first).code, 401)
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=second).code, 200)
+
+    def test_logoutEndsTheSessionOnTheServer(self):
+        cookie = self.session("vera")
+        response = self.request("GET", "/logout", NAVIGATE, cookie=cookie)
+        self.assertEqual(response.code, 303)
+        self.assertEqual(response.header("Location"), "/login")
+        cleared = response.header("Set-Cookie")
+        self.assertTrue(cleared.startswith("__Host-pacs-session=; "), cleared)
+        self.assertIn("Max-Age=0", cleared)
+        # A copy of the old cookie is worth nothing now.
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 401)
+        self.assertEqual(self.request("GET", "/", NAVIGATE, cookie=cookie).code, 302)
+
+    def test_logoutByPost(self):
+        cookie = self.session("vera")
+        self.assertEqual(self.request("POST", "/logout", {"Origin": OWN_ORIGIN}, cookie=cookie).code, 303)
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 401)
+
+    def test_sessionExpiresThroughTheSite(self):
+        cookie = self.session("vera")
+        self.fixture.clock.advance(29 * 60)
+        self.assertEqual(self.request("GET", "/", NAVIGATE, cookie=cookie).code, 200)
+        self.fixture.clock.advance(30 * 60)
+        self.assertEqual(self.request("GET", "/", NAVIGATE, cookie=cookie).code, 302)
+
+    def test_loginThrottling(self):
+        for attempt in range(4):
+            self.fixture.clock.advance(30)
+            response = self.login("vera", password=f"wrong password {attempt}")
+            self.assertEqual(response.code, 401 if attempt < 3 else 429)
+        response = self.login("vera")
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.header("Retry-After"), "510")
+        self.assertIn(b"Too many failed logins from your address: try again in 510 seconds.", response.body)
+        self.fixture.clock.advance(600)
+        self.assertEqual(self.login("vera").code, 303)
+
+    def test_loginAnswersNobodyWhenTheBrowserLeft(self):
+        self.fixture.threads.hold = True
+        form = urlencode({"user": "vera", "password": PASSWORDS["vera"]}).encode("ascii")
+        raw = (
+            f"POST /login HTTP/1.1\r\nHost: {HOST}\r\nOrigin: {OWN_ORIGIN}\r\n"
+            f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n"
+        ).encode("ascii") + form
+        transport = StringTransport(peerAddress=CLIENT)
+        channel = self.site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        channel.dataReceived(raw)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.fixture.threads.release()
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])

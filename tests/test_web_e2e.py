@@ -1,0 +1,219 @@
+"""
+The README's promise, end to end in headless Chromium against the whole
+daemon (real Orthanc, real OHIF): an admin logs in on the login page, uploads a
+study in Orthanc Explorer under /pacs-admin/, sees it in the OHIF study list,
+opens it and the image is drawn on the canvas; every request the viewer made
+carried the session.  A viewer gets 403 from /pacs-admin/.
+"""
+
+import base64
+import json
+import re
+import ssl
+import urllib.request
+from pathlib import Path
+from typing import Dict, List
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from appliance.tls import selfSignedPaths
+from tests.daemon import addUser, startDaemon
+from tests.support import ctSeries, temporaryFolder, testConfig
+from tests.test_web_viewer import ARTIFACTS, VIEWER, requireViewer, startChromium
+
+ADMIN = ("imaging-admin", "admin password for the test")
+READER = ("reader", "reader password for the test")
+
+#: Reads the pixels of every visible canvas: OHIF (cornerstone3D) copies each
+#: rendered viewport into a 2D canvas, so a drawn image shows there as many
+#: grey levels, a blank viewport as one.
+CANVAS_PIXELS = """
+const found = [];
+for (const canvas of document.querySelectorAll('canvas')) {
+  if (canvas.width < 64 || canvas.height < 64) continue;
+  const context = canvas.getContext('2d', {willReadFrequently: true});
+  if (!context) continue;
+  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+  const levels = new Set();
+  let lit = 0;
+  for (let i = 0; i < data.length; i += 4 * 7) {
+    levels.add(data[i] << 16 | data[i + 1] << 8 | data[i + 2]);
+    if (data[i] + data[i + 1] + data[i + 2] > 30) lit++;
+  }
+  found.push({width: canvas.width, height: canvas.height, levels: levels.size,
+              litFraction: lit / (data.length / (4 * 7))});
+}
+return found;
+"""
+
+
+def basic(user) -> Dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()}
+
+
+def insecureContext() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ViewerEndToEndTests(TestCase):
+    timeout = 420
+
+    @inlineCallbacks
+    def setUp(self):
+        requireViewer(self)
+        self.folder = temporaryFolder(self)
+        users = self.folder / "users"
+        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
+        addUser(users, READER[0], READER[1], ["viewer"])
+        self.config = testConfig(self.folder, web={"ohif_root": VIEWER}, auth={"users_file": users})
+        self.output, _ = yield startDaemon(self, self.config)
+        self.base = f"https://localhost:{self.config.web.listen_https.port}"
+        self.series = ctSeries(12, rows=256, columns=256)
+        self.studyUID = self.series[0].StudyInstanceUID
+        self.files: List[Path] = []
+        for number, instance in enumerate(self.series):
+            path = self.folder / "upload" / f"{number:03d}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            instance.save_as(path, enforce_file_format=True)
+            self.files.append(path)
+
+    def studiesInArchive(self) -> List[dict]:
+        request = urllib.request.Request(
+            f"{self.base}/pacs/studies?StudyInstanceUID={self.studyUID}&includefield=00201208",
+            headers=basic(ADMIN),
+        )
+        with urllib.request.urlopen(request, context=insecureContext(), timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body else []
+
+    def waitUntil(self, browser, condition, timeout: float = 60, message: str = ""):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        return WebDriverWait(browser, timeout, poll_frequency=0.2).until(condition, message)
+
+    def logIn(self, browser, user, path: str = "/") -> None:
+        from selenium.webdriver.common.by import By
+
+        browser.get(self.base + path)
+        self.waitUntil(browser, lambda b: "/login" in b.current_url, message="no redirect to the login page")
+        browser.find_element(By.CSS_SELECTOR, "input[name=user]").send_keys(user[0])
+        browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(user[1])
+        browser.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+        self.waitUntil(browser, lambda b: "/login" not in b.current_url, message="the login did not go through")
+
+    def uploadInExplorer(self, browser) -> None:
+        from selenium.webdriver.common.by import By
+
+        browser.get(self.base + "/pacs-admin/")
+        self.waitUntil(browser, lambda b: b.current_url.endswith("/pacs-admin/app/explorer.html"))
+        browser.get(self.base + "/pacs-admin/app/explorer.html#upload")
+        # jQuery Mobile shows the upload page once its transition is over.
+        self.waitUntil(browser, lambda b: b.find_element(By.ID, "upload-button").is_displayed())
+        browser.find_element(By.ID, "fileupload").send_keys("\n".join(str(path) for path in self.files))
+        browser.find_element(By.ID, "upload-button").click()
+        self.waitUntil(
+            browser,
+            lambda b: any(int(s.get("00201208", {}).get("Value", [0])[0]) == len(self.files) for s in self.studiesInArchive()),
+            timeout=120,
+            message="the study uploaded in Orthanc Explorer did not reach the archive",
+        )
+
+    def openStudy(self, browser) -> List[dict]:
+        from selenium.webdriver.common.by import By
+
+        browser.get(self.base + "/")
+        self.waitUntil(
+            browser,
+            lambda b: "ACC0001" in b.find_element(By.TAG_NAME, "body").text,
+            timeout=90,
+            message="the study list does not show the uploaded study",
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "study-list-with-study.png"))
+        browser.get(f"{self.base}/viewer?StudyInstanceUIDs={self.studyUID}")
+
+        def drawn(b):
+            canvases = b.execute_script(CANVAS_PIXELS)
+            return [c for c in canvases if c["levels"] > 20 and c["litFraction"] > 0.2] or False
+
+        canvases = self.waitUntil(browser, drawn, timeout=120, message="no canvas shows the image")
+        browser.save_screenshot(str(ARTIFACTS / "study-viewer.png"))
+        return canvases
+
+    def test_adminUploadsAndViewsReaderIsRefusedAdmin(self):
+        certificate = selfSignedPaths(self.config)[0]
+        profile = self.folder / "chromium"
+
+        def browse():
+            from selenium.webdriver.common.by import By
+
+            browser = startChromium(certificate, str(profile))
+            try:
+                self.logIn(browser, ADMIN, "/pacs-admin/")
+                self.uploadInExplorer(browser)
+                canvases = self.openStudy(browser)
+                browser.get(self.base + "/logout")
+                self.waitUntil(browser, lambda b: "/login" in b.current_url)
+                # The old session is over: the viewer asks for a login again.
+                browser.get(self.base + "/")
+                self.waitUntil(browser, lambda b: "/login" in b.current_url)
+
+                self.logIn(browser, READER)
+                readerList = self.waitUntil(
+                    browser,
+                    lambda b: "ACC0001" in b.find_element(By.TAG_NAME, "body").text,
+                    timeout=90,
+                    message="the reader's study list does not show the study",
+                )
+                browser.get(self.base + "/pacs-admin/")
+                refusal = browser.find_element(By.TAG_NAME, "body").text
+                return canvases, readerList, refusal, browser.get_log("browser")
+            except Exception:
+                # What the browser showed, and what it said, for the CI artefacts.
+                ARTIFACTS.mkdir(exist_ok=True)
+                browser.save_screenshot(str(ARTIFACTS / "e2e-failure.png"))
+                (ARTIFACTS / "e2e-failure-console.json").write_text(json.dumps(browser.get_log("browser"), indent=1))
+                (ARTIFACTS / "e2e-failure-daemon.log").write_text("\n".join(self.output.lines))
+                raise
+            finally:
+                browser.quit()
+
+        def check(result):
+            canvases, readerList, refusal, console = result
+            self.assertTrue(canvases)
+            self.assertTrue(readerList)
+            self.assertIn("needs the admin role", refusal)
+            refused = [
+                entry["message"]
+                for entry in console
+                if entry["level"] == "SEVERE"
+                and (" 401 " in entry["message"] or (" 403 " in entry["message"] and "pacs-admin" not in entry["message"]))
+            ]
+            self.assertEqual(refused, [])
+            self.assertGreater((ARTIFACTS / "study-viewer.png").stat().st_size, 10_000)
+            self.checkEveryViewerRequestCarriedTheSession()
+            refusals = [line for line in self.output.lines if f" - {READER[0]} [" in line and '"GET /pacs-admin/' in line]
+            self.assertTrue(refusals and all('" 403 ' in line for line in refusals), "\n".join(self.output.lines[-40:]))
+
+        return deferToThread(browse).addCallback(check)
+
+    def checkEveryViewerRequestCarriedTheSession(self) -> None:
+        """
+        The access log names the user of every request: each one the viewer
+        made for DICOMweb, WADO or its own files while the admin was logged in
+        was answered for that user, none refused.
+        """
+        pattern = re.compile(r'\S+ - (?P<user>\S+) \[[^\]]+\] "(?P<method>\S+) (?P<path>\S+) [^"]*" (?P<status>\d{3})')
+        requests = [m for m in map(pattern.search, self.output.lines) if m]
+        dicomweb = [m for m in requests if m.group("path").startswith("/pacs/")]
+        self.assertTrue(dicomweb, "the viewer made no DICOMweb request")
+        for match in dicomweb:
+            self.assertIn(match.group("user"), (ADMIN[0], READER[0]), match.group(0))
+            self.assertLess(int(match.group("status")), 400, match.group(0))
+        frames = [m for m in dicomweb if "/frames/" in m.group("path") or "/wado" in m.group("path")]
+        self.assertTrue(frames, "the viewer fetched no pixel data")
