@@ -181,6 +181,13 @@ def generateSelfSigned(
         .add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
+        # The key identifiers: verifiers of the CA/Browser Forum profile (such
+        # as cryptography's) refuse a server certificate without an authority
+        # key identifier, even one that is its own trust anchor.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     keyPath.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ package installs, runs as the unit would run it, and is removed and purged.
 The binary is built once per test session and shared by the .deb test.
 """
 
+import base64
+import grp
 import http.client
 import json
 import os
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -197,10 +200,23 @@ class Daemon:
             self.process.wait()
 
 
-def httpsGet(port: int, path: str):
+#: The user the package tests create with the frozen C{pacs-appliance passwd}.
+READER = ("reader", "package test password")
+READER_HEADERS = {"Authorization": "Basic " + base64.b64encode(":".join(READER).encode()).decode()}
+
+
+def addReader(program: str, usersFile: Optional[Path] = None) -> None:
+    command = [program, "passwd", READER[0], "--roles", "viewer", "--password-stdin"]
+    if usersFile is not None:
+        command[2:2] = ["--users", str(usersFile)]
+    added = subprocess.run(command, input=READER[1] + "\n", capture_output=True, text=True, env=BARE_ENVIRONMENT)
+    assert added.returncode == 0, added.stderr
+
+
+def httpsGet(port: int, path: str, headers: Optional[dict] = None):
     connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=unverifiedContext())
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -224,8 +240,12 @@ def test_frozenDaemonUnderSystemd(frozenBuild, tmp_path):
     authority = TestAuthority(tmp_path / "ca")
     installCertificate(authority, tmp_path / "tls", "first.example")
     httpsPort, dicomPort = freePort(), freePort()
+    addReader(str(frozenBuild / "pacs-appliance"), tmp_path / "users")
     config = writeTestConfig(
-        tmp_path, web={"listen_https": f"127.0.0.1:{httpsPort}"}, dicom={"listen": f"127.0.0.1:{dicomPort}"}
+        tmp_path,
+        web={"listen_https": f"127.0.0.1:{httpsPort}"},
+        dicom={"listen": f"127.0.0.1:{dicomPort}"},
+        auth={"users_file": tmp_path / "users"},
     )
     download = 48 * 1024 * 1024
     (tmp_path / "ohif" / "large.bin").write_bytes(os.urandom(1024) * (download // 1024))
@@ -240,7 +260,7 @@ def test_frozenDaemonUnderSystemd(frozenBuild, tmp_path):
         assert notify.waitFor("WATCHDOG", timeout=5)["WATCHDOG"] == "1"
 
         inFlight = http.client.HTTPSConnection("127.0.0.1", httpsPort, timeout=30, context=unverifiedContext())
-        inFlight.request("GET", "/large.bin")
+        inFlight.request("GET", "/large.bin", headers=READER_HEADERS)
         response = inFlight.getresponse()
         received = len(response.read(1024 * 1024))
         assert commonName(inFlight.sock) == "first.example"
@@ -348,6 +368,9 @@ def test_debInstallRunAsTheUnitRemovePurge(debPackage, tmp_path):
         users = Path("/etc/pacs-appliance/users")
         assert (oct(users.stat().st_mode & 0o777), users.stat().st_uid) == ("0o640", 0)
         assert not orthancWants.exists(), "Debian's orthanc.service is still enabled"
+        # The operator's first step; the file stays readable by the unit's group.
+        addReader("/usr/bin/pacs-appliance")
+        assert (users.stat().st_mode & 0o777, grp.getgrgid(users.stat().st_gid).gr_name) == (0o640, "pacs-appliance")
         # The shipped configuration is valid as installed (the viewer is there).
         checked = subprocess.run(
             ["/usr/bin/pacs-appliance", "check-config"], env=BARE_ENVIRONMENT, capture_output=True, text=True
@@ -387,7 +410,8 @@ def test_debInstallRunAsTheUnitRemovePurge(debPackage, tmp_path):
             notify.waitFor("READY")
             status, body = httpsGet(httpsPort, "/healthz")
             assert (status, json.loads(body)["status"]) == (200, "ok")
-            status, body = httpsGet(httpsPort, "/")
+            assert httpsGet(httpsPort, "/")[0] == 401
+            status, body = httpsGet(httpsPort, "/", READER_HEADERS)
             assert status == 200 and b"<title>OHIF" in body, body[:300]
             assert notify.waitFor("WATCHDOG", timeout=5)["WATCHDOG"] == "1"
             # The self-signed certificate was written as the unit's user.

@@ -5,6 +5,7 @@ certificate and its names, certificate replacement, and whole responses.
 """
 
 import http.client
+import ipaddress
 import socket
 import ssl
 import threading
@@ -14,6 +15,7 @@ from typing import List, Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.verification import PolicyBuilder, Store
 from service_identity import VerificationError
 from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet import reactor
@@ -255,6 +257,32 @@ class CertificateTests(ListenerCase):
             self.assertIsNotNone(wrongName)
 
         return deferToThread(attempt).addCallback(check)
+
+    def test_strictVerification(self):
+        """
+        A client in OpenSSL's strict X.509 mode (on by default from Python
+        3.13, in its default context and urllib3 2's) that trusts the
+        generated certificate accepts it as its own trust anchor.
+        """
+        strict = clientContext(cafile=self.certificatePath)
+        strict.verify_flags |= ssl.VERIFY_X509_STRICT
+
+        def check(result):
+            self.assertEqual(result["version"], "TLSv1.3")
+
+        return deferToThread(handshake, self.port, strict, "localhost").addCallback(check)
+
+    def test_profileVerification(self):
+        """
+        cryptography's verifier, which holds server certificates to RFC 5280
+        and the CA/Browser Forum's profile, accepts the generated certificate
+        as its own trust anchor for "localhost" and the loopback address.
+        """
+        certificate = x509.load_pem_x509_certificate(self.certificatePath.read_bytes())
+        policy = PolicyBuilder().store(Store([certificate]))
+        for name in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
+            chain = policy.build_server_verifier(name).verify(certificate, [])
+            self.assertEqual(chain, [certificate])
 
     def test_generatedOnceAndKept(self):
         first = self.certificatePath.read_bytes()

@@ -579,6 +579,9 @@ class BackpressureTests(ProxyCase):
         client.transport.producer.pauseProducing()
         upstream.respond(head(headers=[("Content-Type", "application/octet-stream")], length=30) + b"a" * 10)
         self.assertEqual(upstream.transport.producerState, "paused")
+        # Orthanc is not idle while the client holds it back.
+        self.reactor.advance(IDLE * 10)
+        self.assertFalse(client.transport.disconnecting)
         client.transport.producer.resumeProducing()
         upstream.respond(b"b" * 20)
         self.assertEqual(client.answer().body, b"a" * 10 + b"b" * 20)

@@ -265,22 +265,33 @@ def openDescriptorsOf(path: Path) -> int:
 
 class SlowClientTransport(StringTransport):
     """
-    A transport that, like a TCP one, pauses its producer once more than
-    C{bufferSize} bytes wait for a client that reads nothing until L{drain}.
+    A transport that, like the TLS one, pauses its producer once when more
+    than C{bufferSize} bytes wait for a client that reads nothing, and resumes
+    it when the client has read them all (L{drain}).
     """
 
     bufferSize = 64 * 1024
+    taken = 0
+    producerPaused = False
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        if self.producer is not None and len(self.io.getvalue()) - self.taken > self.bufferSize:
-            self.producer.pauseProducing()
+        if len(self.io.getvalue()) - self.taken > self.bufferSize:
+            self.holdBack()
 
-    taken = 0
+    def holdBack(self) -> None:
+        """
+        Pause the producer, as a full buffer does, unless it is paused already.
+        """
+        if self.producer is not None and not self.producerPaused:
+            self.producerPaused = True
+            self.producer.pauseProducing()
 
     def drain(self) -> None:
         self.taken = len(self.io.getvalue())
-        self.producer.resumeProducing()
+        if self.producerPaused:
+            self.producerPaused = False
+            self.producer.resumeProducing()
 
 
 class StreamingTests(SiteCase):
@@ -290,28 +301,55 @@ class StreamingTests(SiteCase):
 
     path = "/big.bundle.fedcba9876543210.js"
 
-    def connect(self) -> Tuple[SlowClientTransport, object]:
+    def connect(self, heldBack: bool = False) -> Tuple[SlowClientTransport, object]:
+        """
+        A connection asking for the big file; C{heldBack}: one whose client
+        had not read what was written before the request came.
+        """
         transport = SlowClientTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
         protocol = self.site.buildProtocol(transport.getPeer())
         protocol.makeConnection(transport)
+        if heldBack:
+            transport.holdBack()
         protocol.dataReceived(request("GET", self.path))
         return transport, protocol
 
-    def test_slowClientHoldsOneBuffer(self) -> None:
-        transport, protocol = self.connect()
-        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+    def readAll(self, transport: SlowClientTransport) -> List[int]:
+        """
+        Read as the client until the file is sent; how much was waiting each time.
+        """
         buffered = []
         file = self.root / self.path[1:]
         # The producer closes the file when it has sent the last block.
         while openDescriptorsOf(file) and len(buffered) < 1000:
             buffered.append(len(transport.io.getvalue()) - transport.taken)
             transport.drain()
+        return buffered
+
+    def test_slowClientHoldsOneBuffer(self) -> None:
+        transport, protocol = self.connect()
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        buffered = self.readAll(transport)
         # Never more than the transport's buffer and one block of the file.
         self.assertLessEqual(max(buffered), SlowClientTransport.bufferSize + FileRangeProducer.blockSize + 1024)
         # ...so it took several pauses to send it.
         self.assertGreaterEqual(len(buffered), len(BIG_BUNDLE) // (SlowClientTransport.bufferSize + FileRangeProducer.blockSize))
         self.assertTrue(transport.value().endswith(b"\r\n\r\n" + BIG_BUNDLE))
         self.assertEqual(openDescriptorsOf(self.root / self.path[1:]), 0)
+
+    def test_heldBackClientGetsNothingUntilItReads(self) -> None:
+        """
+        A file producer that starts while the client's connection holds the
+        channel paused writes nothing until the connection resumes it.
+        """
+        transport, protocol = self.connect(heldBack=True)
+        self.addCleanup(protocol.connectionLost, Failure(ConnectionDone()))
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(openDescriptorsOf(self.root / self.path[1:]), 1)
+        buffered = self.readAll(transport)
+        self.assertEqual(buffered[0], 0)
+        self.assertLessEqual(max(buffered), SlowClientTransport.bufferSize + FileRangeProducer.blockSize + 1024)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n" + BIG_BUNDLE))
 
     def test_clientLeavingClosesTheFile(self) -> None:
         transport, protocol = self.connect()
@@ -445,7 +483,7 @@ class SecurityHeaderTests(SiteCase):
         self.assertIn("frame-ancestors 'none'", policy)
         self.assertEqual(self.header(headers, "Cross-Origin-Opener-Policy"), "same-origin")
         self.assertEqual(self.header(headers, "Cross-Origin-Embedder-Policy"), "require-corp")
-        self.assertEqual(self.header(headers, "Referrer-Policy"), "no-referrer")
+        self.assertEqual(self.header(headers, "Referrer-Policy"), "same-origin")
         self.assertEqual(self.header(headers, "Strict-Transport-Security"), "max-age=31536000")
         self.assertEqual(self.header(headers, "Server"), "pacs-appliance")
 

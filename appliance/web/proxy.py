@@ -54,6 +54,7 @@ from zope.interface import implementer
 from appliance.config import Config
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.auth import SESSION_COOKIE
+from appliance.web.streaming import registerStreamingProducer
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),
 #: plus the proxy-authentication ones, which are for the hop that asks.
@@ -260,13 +261,6 @@ def _describe(failure: Failure) -> str:
     if reasons:
         return "; ".join(_describe(reason) for reason in reasons)
     return failure.getErrorMessage() or failure.type.__name__
-
-
-def _channelPaused(request: Request) -> bool:
-    # HTTPChannel.registerProducer does not pause a producer registered while
-    # the client's transport holds the channel paused (Twisted 26.10), and no
-    # public attribute says so.
-    return bool(getattr(request.channel, "_waitingForTransport", False))
 
 
 @implementer(IStreamClientEndpoint)
@@ -645,11 +639,9 @@ class _AnswerStreamer(Protocol):
         self._paused = False
 
     def connectionMade(self) -> None:
-        self._request.registerProducer(self, True)
-        if _channelPaused(self._request):
-            self.pauseProducing()
-        else:
-            self._exchange.armIdle()
+        # Armed first: pausing (a client that is not reading) disarms it.
+        self._exchange.armIdle()
+        registerStreamingProducer(self._request, self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._paused:

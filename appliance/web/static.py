@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from appliance.web.methods import answerOtherMethod, isRead
+from appliance.web.streaming import registerStreamingProducer
 
 INDEX = "index.html"
 APP_CONFIG = "app-config.js"
@@ -518,8 +519,7 @@ class FileRangeProducer:
         # The file is closed when the client goes away, whether or not the
         # transport stops its producer.
         self._request.notifyFinish().addErrback(lambda reason: self.stopProducing())
-        # A channel that is paused already pauses us right here.
-        self._request.registerProducer(self, True)
+        registerStreamingProducer(self._request, self)
         self._produce()
 
     def pauseProducing(self) -> None:
