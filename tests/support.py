@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 from pydicom.dataset import FileMetaDataset, Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from twisted.internet.defer import Deferred, succeed
+from twisted.protocols.policies import WrappingFactory
 
 from appliance.config import Config, loadConfig
 
@@ -25,6 +27,32 @@ def freePort() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+class ConnectionTracker(WrappingFactory):
+    """
+    Knows when the last connection it wraps has closed (L{whenClosed}), so
+    that a test ends only when the server has seen every client's connection
+    close.
+    """
+
+    def __init__(self, wrappedFactory) -> None:
+        super().__init__(wrappedFactory)
+        self._waiting: List[Deferred] = []
+
+    def whenClosed(self) -> Deferred:
+        if not self.protocols:
+            return succeed(None)
+        waiting: Deferred = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        if not self.protocols:
+            waiting, self._waiting = self._waiting, []
+            for each in waiting:
+                each.callback(None)
 
 
 def temporaryFolder(case) -> Path:

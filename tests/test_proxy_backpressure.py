@@ -121,6 +121,8 @@ def readAtACrawl(port: int, studyUID: str) -> int:
             if not chunk:
                 return total
             total += len(chunk)
+            # The pause is the slow client being simulated, not a wait for
+            # something to happen.
             time.sleep(READ_PAUSE)
     finally:
         connection.close()
@@ -154,6 +156,7 @@ class SlowReaderTests(TestCase):
 
         self.assertGreater(received, STUDY_BYTES)
         growth = max(samples) - baseline
+        # The figure the README reports (shown with pytest -s).
         print(
             f"\nslow reader: {received / 1e6:.0f} MB read, daemon RSS {baseline / 1e6:.0f} MB"
             f" before, at most {max(samples) / 1e6:.0f} MB during ({len(samples)} samples)"

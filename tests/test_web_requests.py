@@ -25,7 +25,6 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -36,7 +35,7 @@ from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.auth import Account
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
 from appliance.web.site import ApplianceSite
-from tests.support import freePort, temporaryFolder, testConfig
+from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig
 from tests.test_tls import clientContext
 
 ALICE = Account("alice", frozenset({"uploader"}))
@@ -806,30 +805,6 @@ def tlsExchange(port: int, chunks: Sequence[bytes]) -> bytes:
                     break
                 received += data
             return received
-
-
-class ConnectionTracker(WrappingFactory):
-    """
-    Knows when the last connection it wraps has closed (L{whenClosed}).
-    """
-
-    def __init__(self, wrappedFactory) -> None:
-        super().__init__(wrappedFactory)
-        self._waiting: List[Deferred] = []
-
-    def whenClosed(self) -> Deferred:
-        if not self.protocols:
-            return succeed(None)
-        waiting: Deferred = Deferred()
-        self._waiting.append(waiting)
-        return waiting
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        if not self.protocols:
-            waiting, self._waiting = self._waiting, []
-            for each in waiting:
-                each.callback(None)
 
 
 class OverTLSTests(TestCase):

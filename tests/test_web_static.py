@@ -602,15 +602,20 @@ class AccessLogTests(SiteCase):
         events: List[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.get("/viewer?x=1", **{"User-Agent": "test-agent", "Referer": "https://pacs.example/"})
+        self.get(
+            '/viewer?PatientName=Doe"',
+            **{"User-Agent": 'test-agent\t"x"', "Referer": "https://pacs.example/viewer?StudyInstanceUIDs=1.2"},
+        )
         self.get("/missing.js")
         lines = [event for event in events if event.get("log_namespace") == "appliance.web.access"]
         self.assertEqual(len(lines), 2)
         self.assertRegex(
             lines[0]["line"],
-            r'^"127\.0\.0\.1" - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /viewer\?x=1 HTTP/1\.1"'
-            rf' 200 {len(INDEX_HTML)} "https://pacs\.example/" "test-agent"$',
+            r'^"127\.0\.0\.1" - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /viewer\?\.\.\. HTTP/1\.1"'
+            rf' 200 {len(INDEX_HTML)} "https://pacs\.example/viewer\?\.\.\." "test-agent\\t\\"x\\""$',
         )
+        # Patient data from DICOMweb searches stays out of the journal.
+        self.assertNotIn("Doe", repr(lines[0]))
         self.assertEqual((lines[1]["code"], lines[1]["uri"]), (404, "/missing.js"))
 
 

@@ -144,24 +144,47 @@ class ApplianceSite(Site):
             "{line}",
             line=accessLogLine(http.datetimeToLogString(self.reactor.seconds()), request),
             method=request.method.decode("latin-1"),
-            uri=request.uri.decode("latin-1"),
+            uri=withoutQuery(request.uri).decode("latin-1"),
             code=request.code,
             length=request.sentLength,
         )
 
 
+def withoutQuery(uri: bytes) -> bytes:
+    """
+    C{uri} with its query, if any, replaced by C{?...}: DICOMweb searches put
+    patient names and birth dates there, which have no place in the journal.
+    """
+    path, mark, _ = uri.partition(b"?")
+    return path + b"?..." if mark else path
+
+
+def _logText(value: bytes) -> str:
+    # Client-chosen bytes: control characters and quotes must not forge lines
+    # or fields.
+    return value.decode("latin-1").encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
 def accessLogLine(timestamp: str, request: Request) -> str:
     """
-    C{request} in combined log format, with its account's name as the user
-    (twisted.web's formatter always writes "-" there).
+    C{request} in combined log format, with its account's name as the user,
+    and neither its query nor its referrer's (see L{withoutQuery}).
     """
-    line = http.combinedLogFormatter(timestamp, request)
+    client = request.getClientAddress()
     account = getattr(request, "account", None)
-    if account is None:
-        return line
-    # User names are letters, digits and ._@+- (appliance.web.users): nothing to escape.
-    client, rest = line.split(" - - ", 1)
-    return f"{client} - {account.name} {rest}"
+    referrer = request.getHeader(b"referer")
+    return '"{}" - {} {} "{} {} {}" {} {} "{}" "{}"'.format(
+        _logText(getattr(client, "host", "-").encode("latin-1")),
+        account.name if account is not None else "-",
+        timestamp,
+        _logText(request.method),
+        _logText(withoutQuery(request.uri)),
+        _logText(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        _logText(withoutQuery(referrer)) if referrer else "-",
+        _logText(request.getHeader(b"user-agent") or b"-"),
+    )
 
 
 class NoCredentials:
