@@ -211,11 +211,20 @@ def passwd(options: PasswdOptions) -> int:
             existing = findUser(path, name)
             roles = existing.roles if existing is not None else frozenset({"viewer"})
         password = _readPassword(name, options["password-stdin"])
+        created = not path.exists()
         replaced = setUser(path, UserEntry(name, hashPassword(password), roles))
     except (PasswdError, UsersFileError) as error:
         print(f"pacs-appliance passwd: {error}", file=sys.stderr)
         return 1
     print(f"{'Changed' if replaced else 'Added'} the user {name} (roles: {formatRoles(roles)}) in {path}.")
+    if created and path.stat().st_gid == 0:
+        # A new file has the group of its folder (appliance.web.users).
+        print(
+            f"pacs-appliance passwd: warning: the new file {path} belongs to the group root: unless the"
+            f" daemon runs as root, give it the daemon's group so that it can read it (for the package:"
+            f" chgrp pacs-appliance {path})",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -311,16 +311,35 @@ def parseContentSecurityPolicy(text: str, base: Path) -> str:
     return text
 
 
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def normalOrigin(origin: str) -> Optional[str]:
+    """
+    C{origin} as browsers write it in an C{Origin} header (lower case, no
+    default port), so that equal origins compare equal; L{None} if it is not
+    an http or https origin.
+    """
+    match = _ORIGIN.fullmatch(origin.strip().lower())
+    if match is None:
+        return None
+    scheme, host, port = match.groups()
+    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
+
+
 def parseOrigins(text: str, base: Path) -> Tuple[str, ...]:
     origins = []
     for origin in text.split():
-        match = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?", origin)
-        if match is None:
+        normal = normalOrigin(origin)
+        if normal is None:
             raise ValueError(
                 f"{origin!r} is not an origin (scheme, host and optional port, like"
                 " https://viewer.example.org or https://10.1.2.3:8443, with no path)"
             )
-        origins.append(origin.lower())
+        origins.append(normal)
     return tuple(origins)
 
 

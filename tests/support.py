@@ -2,6 +2,7 @@
 Helpers shared by the test suites: configuration files, free ports, DICOM data.
 """
 
+import base64
 import shutil
 import socket
 import tempfile
@@ -10,14 +11,18 @@ import urllib.request
 import sys
 from array import array
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from pydicom.dataset import FileMetaDataset, Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
+from zope.interface import implementer
 
 from appliance.config import Config, loadConfig
+from appliance.web.users import ScryptParameters, UserEntry, hashPassword, setUser
 
 
 def freePort() -> int:
@@ -125,6 +130,28 @@ def writeTestConfig(folder: Path, **sections: Dict[str, object]) -> Path:
 
 testConfig.__test__ = False  # helpers, not tests
 writeTestConfig.__test__ = False
+
+
+#: The scrypt cost of the passwords tests write: the hash carries its own
+#: parameters, so the daemon checks these cheaply, and the tests that use them
+#: are about what an account may do, not about the cost of a check.
+TEST_SCRYPT = ScryptParameters(ln=4)
+
+
+def writeUser(usersFile: Path, name: str, password: str, roles: Sequence[str]) -> None:
+    """
+    Add or change a user in C{usersFile} in-process, with the users module's
+    own writer and hashing (as C{pacs-appliance passwd} does) at the cost of
+    L{TEST_SCRYPT}.
+    """
+    setUser(usersFile, UserEntry(name, hashPassword(password, TEST_SCRYPT), frozenset(roles)))
+
+
+def basicAuthorization(name: str, password: str) -> str:
+    """
+    The value of an HTTP Basic C{Authorization} header.
+    """
+    return "Basic " + base64.b64encode(f"{name}:{password}".encode("utf-8")).decode("ascii")
 
 
 def ctSeries(
@@ -334,19 +361,30 @@ class TestAuthority:
         return path
 
 
-def httpExchange(factory, raw: bytes):
+@implementer(ISSLTransport)
+class TLSStringTransport(StringTransport):
+    """
+    An in-memory transport that passes for the HTTPS listener's, as far as
+    twisted.web asks (C{request.isSecure()}).
+    """
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+def httpExchange(factory, raw: bytes, secure: bool = False):
     """
     Feed the raw HTTP request C{raw} to a protocol built by the web
     C{factory} (a Site) over an in-memory transport (which never pauses its
-    producer) and return C{(status, headers, body)} of the first response,
-    headers as a dict of lower-case names to lists of values.
+    producer, and passes for TLS if C{secure}) and return C{(status,
+    headers, body)} of the first response, headers as a dict of lower-case
+    names to lists of values.
     """
     from twisted.internet.address import IPv4Address
     from twisted.internet.error import ConnectionDone
-    from twisted.internet.testing import StringTransport
     from twisted.python.failure import Failure
 
-    transport = StringTransport(
+    transport = (TLSStringTransport if secure else StringTransport)(
         hostAddress=IPv4Address("TCP", "127.0.0.1", 443),
         peerAddress=IPv4Address("TCP", "127.0.0.1", 54321),
     )

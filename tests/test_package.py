@@ -362,6 +362,7 @@ def test_debInstallRunAsTheUnitRemovePurge(debPackage, tmp_path):
             output += fixed.stdout
         assert dpkg("-s", "pacs-appliance").returncode == 0, installed.stderr
         assert "pacs-appliance is installed" in output
+        assert "create the first administrator with: pacs-appliance passwd admin --roles admin" in output
 
         state = Path("/var/lib/pacs-appliance")
         assert pwd.getpwuid(state.stat().st_uid).pw_name == "pacs-appliance"

@@ -73,7 +73,8 @@ def passwdAtTerminal(arguments: List[str], answers: List[str], timeout: float = 
 def test_addsAUserFromStandardInput(tmp_path):
     users = tmp_path / "users"
     result = passwd("--users", str(users), "ada", "--roles", "admin", "--password-stdin", password="s3cret pass")
-    assert (result.returncode, result.stderr) == (0, "")
+    # stderr: see test_newFileGetsTheGroupOfItsFolder.
+    assert result.returncode == 0, result.stderr
     assert result.stdout == f"Added the user ada (roles: admin) in {users}.\n"
     [line] = users.read_text().splitlines()
     name, stored, roles = line.split(":")
@@ -206,6 +207,44 @@ def test_keepsOwnerAndGroup(tmp_path):
     assert passwd("--users", str(users), "ada", "--password-stdin", password="a password").returncode == 0
     status = users.stat()
     assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (0, 65534, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file a group needs root")
+def test_newFileGetsTheGroupOfItsFolder(tmp_path):
+    """
+    A users file created by passwd (as root) gets the group of its folder,
+    through which the daemon reads it, and nothing more is said.
+    """
+    folder = tmp_path / "pacs-appliance"
+    folder.mkdir()
+    os.chown(folder, 0, 65534)
+    users = folder / "users"
+    result = passwd("--users", str(users), "ada", "--password-stdin", password="a password")
+    assert (result.returncode, result.stderr) == (0, "")
+    status = users.stat()
+    assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (0, 65534, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a folder of the group root needs root")
+def test_newFileOfTheGroupRootIsWarnedAbout(tmp_path):
+    """
+    In a folder of the group root (/etc/pacs-appliance of the package), the
+    new file is root's only: one warning line says what to do.
+    """
+    folder = tmp_path / "pacs-appliance"
+    folder.mkdir()
+    os.chown(folder, 0, 0)
+    users = folder / "users"
+    result = passwd("--users", str(users), "ada", "--password-stdin", password="a password")
+    assert result.returncode == 0
+    assert result.stderr == (
+        f"pacs-appliance passwd: warning: the new file {users} belongs to the group root: unless the daemon"
+        f" runs as root, give it the daemon's group so that it can read it (for the package: chgrp"
+        f" pacs-appliance {users})\n"
+    )
+    assert users.stat().st_gid == 0
+    result = passwd("--users", str(users), "vera", "--password-stdin", password="a password")
+    assert (result.returncode, result.stderr) == (0, ""), "said once, when the file is created"
 
 
 def test_writesAtomically(tmp_path):

@@ -1,9 +1,12 @@
 """
-The proxy routes in front of the real Orthanc from Debian, started by the
-supervisor, served over HTTPS on loopback: QIDO-RS, WADO-RS, STOW-RS and
-WADO-URI through /pacs (with dicomweb-client as one of the clients), every URL
-Orthanc writes fetched back through the proxy, Orthanc Explorer and a refused
-endpoint through /pacs-admin, and Orthanc killed between and during requests.
+The appliance's HTTPS site (access gate, request layer, proxy routes) in front
+of the real Orthanc from Debian, started by the supervisor, on loopback, every
+client sending HTTP Basic for a user of the users file: QIDO-RS, WADO-RS,
+STOW-RS (spooled uploads too) and WADO-URI through /pacs (with dicomweb-client
+as one of the clients), every URL Orthanc writes fetched back through the
+site, Orthanc Explorer and a refused endpoint through /pacs-admin, refusals
+for missing credentials and roles, and Orthanc killed between and during
+requests.
 """
 
 import gzip
@@ -15,22 +18,32 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from typing import Dict, Iterator, List, Optional, Tuple
+from io import BytesIO
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pydicom.dataset import Dataset
+from twisted.application.service import MultiService
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
-from appliance.tls import ServerTLS, loadServerCertificate, selfSignedPaths
+from appliance.tls import selfSignedPaths
+from appliance.web.auth import Authenticator
+from appliance.web.request import MEMORY_BODY_LIMIT
 from appliance.web.routes import buildProxyResources
-from tests.support import ctSeries, storeInstances, temporaryFolder, testConfig
+from appliance.web.site import buildSiteResource, buildWebService
+from appliance.web.users import UsersFile
+from tests.support import (
+    ConnectionTracker,
+    basicAuthorization,
+    ctSeries,
+    storeInstances,
+    temporaryFolder,
+    testConfig,
+    writeUser,
+)
 
 #: Generous: the machines are shared, and Orthanc creates its database first.
 READY_TIMEOUT = 120
@@ -42,6 +55,13 @@ MULTIPART_OCTETS = 'multipart/related; type="application/octet-stream"'
 #: The tags whose values are URLs Orthanc writes: RetrieveURL, and every
 #: element's BulkDataURI.
 RETRIEVE_URL = "00081190"
+
+#: The users of the users file: (name, password, roles).
+VIEWER = ("reader", "viewer test password", ("viewer",))
+UPLOADER = ("modality", "uploader test password", ("uploader",))
+ADMIN = ("hospital-it", "admin test password", ("admin",))
+
+User = Tuple[str, str, Sequence[str]]
 
 
 def writtenURLs(document) -> Iterator[str]:
@@ -76,55 +96,68 @@ def multipartParts(contentType: str, body: bytes) -> List[bytes]:
     return parts
 
 
-class OpenConnections(WrappingFactory):
+def stowBody(datasets: Sequence[Dataset]) -> Tuple[str, bytes]:
     """
-    The site's factory, counting its open connections so that a test ends
-    only when the server has seen every client's connection close.
+    The content type and body of a STOW-RS request storing C{datasets}.
     """
-
-    def __init__(self, wrappedFactory) -> None:
-        super().__init__(wrappedFactory)
-        self._waiting: List[Deferred] = []
-
-    def whenAllClosed(self) -> Deferred:
-        if not self.protocols:
-            return succeed(None)
-        waiter: Deferred = Deferred()
-        self._waiting.append(waiter)
-        return waiter
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        if not self.protocols:
-            waiting, self._waiting = self._waiting, []
-            for waiter in waiting:
-                waiter.callback(None)
+    boundary = "stow-test-boundary"
+    body = b""
+    for ds in datasets:
+        encoded = BytesIO()
+        ds.save_as(encoded, enforce_file_format=True)
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + encoded.getvalue() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode("ascii")
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', body
 
 
 class ProxyToOrthancCase(TestCase):
+    """
+    The daemon's HTTPS site, wired as L{appliance.service.buildService}
+    wires it, in front of a supervised Orthanc.
+
+    @cvar user: whom the requests of L{fetch} come from by default.
+    """
+
     timeout = 300
+    user: User = UPLOADER
 
     def setUp(self):
         folder = temporaryFolder(self)
-        # Orthanc takes C-STORE only from the modalities it knows.
-        self.config = testConfig(folder, **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}})
+        usersFile = folder / "users"
+        self.config = testConfig(
+            folder,
+            auth={"users_file": usersFile},
+            # Only the HTTPS listener: its redirects are tested elsewhere.
+            web={"listen_http": ""},
+            # Orthanc takes C-STORE only from the modalities it knows.
+            **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}},
+        )
+        for name, password, roles in (VIEWER, UPLOADER, ADMIN):
+            writeUser(usersFile, name, password, roles)
         self.supervisor = OrthancSupervisor(self.config)
         self.supervisor.startService()
         self.addCleanup(self.stopSupervisor)
-        proxy, children = buildProxyResources(self.config, self.supervisor, reactor)
-        proxy.startService()
-        self.addCleanup(proxy.stopService)
-        root = Resource()
-        for name, child in children.items():
-            root.putChild(name, child)
-        tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
-        connections = OpenConnections(TLSMemoryBIOFactory(tls, False, Site(root)))
-        listening = reactor.listenTCP(0, connections, interface="127.0.0.1")
-        self.addCleanup(lambda: connections.whenAllClosed().addTimeout(30, reactor))
-        self.addCleanup(listening.stopListening)
-        self.port = listening.getHost().port
+        services = MultiService()
+        users = UsersFile(self.config.auth.users_file, reactor)
+        users.setServiceParent(services)
+        authenticator = Authenticator(users, self.config.auth, reactor)
+        authenticator.setServiceParent(services)
+        proxy, proxyRoutes = buildProxyResources(self.config, self.supervisor, reactor)
+        proxy.setServiceParent(services)
+        site = buildSiteResource(self.config, self.supervisor, authenticator, proxyRoutes)
+        web = buildWebService(self.config, site, authenticator, reactor)
+        web.setServiceParent(services)
+        # Clients close their end before the reactor sees it: the test ends
+        # once the site has seen every connection close.
+        https = web.getServiceNamed("https")
+        connections = https.factory = ConnectionTracker(https.factory)
+        services.startService()
+        self.addCleanup(lambda: connections.whenClosed().addTimeout(30, reactor))
+        self.addCleanup(services.stopService)
+        self.port = self.config.web.listen_https.port
         self.origin = f"https://127.0.0.1:{self.port}"
-        self.context = ssl.create_default_context(cafile=str(selfSignedPaths(self.config)[0]))
+        self.caFile = str(selfSignedPaths(self.config)[0])
+        self.context = ssl.create_default_context(cafile=self.caFile)
         return self.waitFor(OrthancState.READY)
 
     def stopSupervisor(self):
@@ -134,20 +167,34 @@ class ProxyToOrthancCase(TestCase):
     def waitFor(self, state: OrthancState) -> Deferred:
         return self.supervisor.whenState(state).addTimeout(READY_TIMEOUT, reactor)
 
-    def fetch(self, target: str, method: str = "GET", headers: Optional[Dict[str, str]] = None, body: Optional[bytes] = None):
+    def fetch(
+        self,
+        target: str,
+        method: str = "GET",
+        headers: Optional[Dict[str, str]] = None,
+        body: Optional[bytes] = None,
+        user: Optional[User] = None,
+        anonymous: bool = False,
+    ):
         """
-        One request through the proxy, in a thread: a Deferred firing with
-        C{(status, headers, body)}.  C{target} is a path or a URL of the proxy.
+        One request through the site, in a thread: a Deferred firing with
+        C{(status, headers, body)}.  C{target} is a path or a URL of the site.
+        The request carries HTTP Basic credentials of C{user} (default:
+        L{user}), or none if C{anonymous}.
         """
         url = urllib.parse.urlsplit(target)
         if url.scheme:
             self.assertEqual(f"{url.scheme}://{url.netloc}", self.origin, target)
         path = url.path + (f"?{url.query}" if url.query else "")
+        headers = dict(headers or {})
+        if not anonymous:
+            name, password, _ = user or self.user
+            headers["Authorization"] = basicAuthorization(name, password)
 
         def request():
             connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=60)
             try:
-                connection.request(method, path, body=body, headers=headers or {})
+                connection.request(method, path, body=body, headers=headers)
                 response = connection.getresponse()
                 return response.status, response.headers, response.read()
             finally:
@@ -176,6 +223,13 @@ class DicomWebTests(ProxyToOrthancCase):
         self.assertIn("Accept-Encoding", headers["Vary"])
         studies = json.loads(gzip.decompress(body))
         self.assertEqual([s["0020000D"]["Value"] for s in studies], [[study]])
+        # The same search without credentials: an API client is challenged.
+        status, headers, body = await self.fetch(
+            "/pacs/studies?PatientID=TEST-0001", headers={"Accept": DICOM_JSON}, anonymous=True
+        )
+        self.assertEqual(status, 401, body)
+        self.assertTrue(headers["WWW-Authenticate"].startswith("Basic realm="), headers["WWW-Authenticate"])
+        self.assertNotIn(study.encode("ascii"), body)
         seriesList = await self.fetchJSON(f"/pacs/studies/{study}/series")
         self.assertEqual([s["0020000E"]["Value"] for s in seriesList], [[seriesUID]])
         found = await self.fetchJSON(f"/pacs/studies/{study}/series/{seriesUID}/instances")
@@ -233,25 +287,34 @@ class DicomWebTests(ProxyToOrthancCase):
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        series = ctSeries(4, patientID="STOW-0001")
+        # Larger than dicomweb-client's chunk size (10**6 bytes by default),
+        # so sent chunked, and than the request layer keeps in memory, so
+        # spooled to disk.
+        series = ctSeries(4, rows=512, columns=512, patientID="STOW-0001")
+        self.assertGreater(sum(len(ds.PixelData) for ds in series), max(MEMORY_BODY_LIMIT, 10**6))
         for ds in series:
             # dicomweb-client writes a dataset as it is: with a preamble, as a
             # DICOM file, which is what it expects back.
             ds.preamble = b"\0" * 128
         study, seriesUID = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
 
-        context = self.context
-
-        class TrustTheAppliance(requests.adapters.HTTPAdapter):
-            # urllib3 verifies with VERIFY_X509_STRICT, under which the
-            # generated self-signed certificate is no trust anchor: use the
-            # context the other clients of these tests use.
-            def init_poolmanager(self, *args, **kwargs):
-                super().init_poolmanager(*args, ssl_context=context, **kwargs)
+        # A viewer may not store: refused once its (spooled) body is read.
+        contentType, body = stowBody(series)
+        status, _, answer = await self.fetch(
+            "/pacs/studies", "POST", {"Content-Type": contentType, "Accept": DICOM_JSON}, body, user=VIEWER
+        )
+        self.assertEqual(status, 403, answer[:300])
+        self.assertIn("uploader role", json.loads(answer)["error"])
+        self.assertEqual(await self.fetchJSON("/pacs/studies?PatientID=STOW-0001"), [])
 
         def session() -> Tuple[DICOMwebClient, requests.Session]:
             http = requests.Session()
-            http.mount(self.origin, TrustTheAppliance())
+            # requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, when set,
+            # replace a Session's verify (psf/requests#3829): none of the
+            # environment's settings apply to a loopback test.
+            http.trust_env = False
+            http.verify = self.caFile
+            http.auth = self.user[:2]
             client = DICOMwebClient(url=f"{self.origin}/pacs", session=http)
             # dicomweb-client sends a Host header without the port (RFC 9110
             # wants it when it is not the scheme's default), from which Orthanc
@@ -295,6 +358,8 @@ class DicomWebTests(ProxyToOrthancCase):
 
 
 class AdminTests(ProxyToOrthancCase):
+    user = ADMIN
+
     async def test_explorerAndRefusedShutdown(self):
         status, headers, _ = await self.fetch("/pacs-admin")
         self.assertEqual((status, headers["Location"]), (301, "/pacs-admin/"))
@@ -315,6 +380,25 @@ class AdminTests(ProxyToOrthancCase):
         status, _, body = await self.fetch("/pacs-admin/system")
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(body)["DicomAet"], self.config.orthanc.aet)
+        self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
+
+    async def test_pathsOrthancReadsDifferently(self):
+        # Orthanc's HTTP server (civetweb 1.15 on Debian 12) reads a
+        # backslash, even percent-encoded, as a slash, and drops the dots
+        # that end a segment: such paths must neither take a viewer or an
+        # uploader out of the DICOMweb API nor an administrator to a refused
+        # endpoint.
+        pid = self.supervisor.pid
+        for user, method, path in (
+            (VIEWER, "GET", "/pacs/studies/x%5C..%5C..%5C..%5Csystem"),
+            (VIEWER, "GET", "/pacs/studies/x\\..\\..\\..\\system"),
+            (UPLOADER, "POST", "/pacs/studies/x%5C..%5C..%5C..%5Ctools%5Cshutdown"),
+            (ADMIN, "POST", "/pacs-admin/tools%5Cshutdown"),
+            (ADMIN, "POST", "/pacs-admin/tools/shutdown."),
+        ):
+            body = b"" if method == "POST" else None
+            status, _, answer = await self.fetch(path, method, {"Accept": "application/json"}, body, user=user)
+            self.assertIn(status, (400, 403), (user[0], method, path, answer[:200]))
         self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
 
 
@@ -346,6 +430,7 @@ class OrthancKilledTests(ProxyToOrthancCase):
             with self.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                 tls.sendall(
                     f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
+                    f"Authorization: {basicAuthorization(*self.user[:2])}\r\n"
                     "Connection: close\r\n\r\n".encode("ascii")
                 )
                 received = b""

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlencode
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
@@ -23,25 +23,30 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from twisted.web.test.requesthelper import DummyChannel
 
 from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
 from appliance.reload import ReloadOnSighup
 from appliance.web import auth
 from appliance.web.auth import (
     BASIC_CACHE_LIFETIME,
+    BUSY_MESSAGE,
+    MAX_PENDING_CHECKS,
     SESSION_COOKIE,
     AccessGate,
     Account,
     Authenticator,
+    PasswordChecksBusy,
     SessionStore,
     clientKey,
     localTarget,
+    requestOrigin,
 )
 from appliance.web.login import LoginResource, LogoutResource
 from appliance.web.site import WebRoot
 from appliance.web.users import (
     DEFAULT_PARAMETERS,
-    DUMMY_HASH,
+    ROLES,
     PasswordHash,
     PasswordHashError,
     ScryptParameters,
@@ -109,6 +114,13 @@ def headers(**values: bytes) -> Headers:
     return Headers({name.replace("_", "-").encode("ascii"): [value] for name, value in values.items()})
 
 
+def clientNumber(number: int) -> IPv4Address:
+    """
+    The address of client C{number}: each gets its own throttle.
+    """
+    return IPv4Address("TCP", f"198.51.100.{number}", 50000)
+
+
 class InlineThreads:
     """
     Stands in for the password-checking thread pool: records each call and
@@ -138,22 +150,31 @@ class AuthFixture:
     """
     A users file with a viewer, an uploader and an admin, read by a
     L{UsersFile} and an L{Authenticator} on a Clock, their password checks
-    run inline by L{InlineThreads}.
+    run inline by L{InlineThreads}; C{verified} records each password and
+    stored hash scrypt was run for.
     """
 
-    def __init__(self, case, **auth: object) -> None:
+    def __init__(self, case, **authSettings: object) -> None:
         self.folder = temporaryFolder(case)
         self.usersPath = self.folder / "users"
         writeUsers(self.usersPath, [userLine(name) for name in PASSWORDS])
         settings = {"max_login_failures": 4, "login_failure_window": "10m"}
-        settings.update(auth)
+        settings.update(authSettings)
         self.config = testConfig(
             self.folder,
             auth={"users_file": self.usersPath, **settings},
-            web={"site_name": 'Radiology "North"', "cors_allowed_origins": "https://viewer.example"},
+            # Not as browsers write it: origins are compared normalised.
+            web={"site_name": 'Radiology "North"', "cors_allowed_origins": "HTTPS://Viewer.Example:443"},
         )
         self.clock = MemoryReactorClock()
         self.threads = InlineThreads()
+        self.verified: List[Tuple[str, str]] = []
+
+        def recordingVerify(password: str, stored: str) -> bool:
+            self.verified.append((password, stored))
+            return verifyPassword(password, stored)
+
+        case.patch(auth, "verifyPassword", recordingVerify)
         self.users = UsersFile(self.usersPath, self.clock)
         self.authenticator = Authenticator(self.users, self.config.auth, self.clock, self.threads)
         self.users.startService()
@@ -166,6 +187,17 @@ class AuthFixture:
     def identify(self, client=CLIENT, **values: bytes) -> Optional[Account]:
         identified = self.authenticator.identify(headers(**values), client)
         return identified.result
+
+    def fillPasswordChecks(self) -> List[Deferred]:
+        """
+        Start L{MAX_PENDING_CHECKS} password checks from as many addresses,
+        held on the pool (until C{threads.release()}); their Deferreds.
+        """
+        self.threads.hold = True
+        return [
+            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {number}")), clientNumber(number))
+            for number in range(MAX_PENDING_CHECKS)
+        ]
 
 
 class PasswordHashTests(SynchronousTestCase):
@@ -209,8 +241,6 @@ class PasswordHashTests(SynchronousTestCase):
         composed, decomposed = "caf\u00e9-password", "cafe\u0301-password"
         self.assertTrue(verifyPassword(decomposed, hashPassword(composed, FAST)))
 
-    def test_dummyHashUsesTheDefaultParameters(self):
-        self.assertEqual(PasswordHash.parse(DUMMY_HASH).parameters, DEFAULT_PARAMETERS)
 
 
 class AccountTests(SynchronousTestCase):
@@ -218,9 +248,9 @@ class AccountTests(SynchronousTestCase):
         viewer = Account("v", frozenset({"viewer"}))
         uploader = Account("u", frozenset({"uploader"}))
         admin = Account("a", frozenset({"admin"}))
-        self.assertEqual([viewer.has(role) for role in auth.ROLES], [True, False, False])
-        self.assertEqual([uploader.has(role) for role in auth.ROLES], [True, True, False])
-        self.assertEqual([admin.has(role) for role in auth.ROLES], [True, True, True])
+        self.assertEqual([viewer.has(role) for role in ROLES], [True, False, False])
+        self.assertEqual([uploader.has(role) for role in ROLES], [True, True, False])
+        self.assertEqual([admin.has(role) for role in ROLES], [True, True, True])
 
 
 class UsersFileTests(SynchronousTestCase):
@@ -335,6 +365,29 @@ class UsersFileTests(SynchronousTestCase):
         users.reload()
         self.assertEqual(sorted(users.users), ["ada"])
 
+    def test_dummyHashHasTheParametersMostUsersHave(self):
+        """
+        An unknown user's password is checked against a hash with the
+        parameters most users' hashes have (older defaults included), read
+        again with the file; the defaults when there is no user.
+        """
+        older = ScryptParameters(ln=5, r=8, p=1)
+
+        def dummyParameters(users: UsersFile) -> ScryptParameters:
+            return PasswordHash.parse(users.dummyHash).parameters
+
+        users = UsersFile(self.path, self.clock)
+        self.assertEqual(dummyParameters(users), DEFAULT_PARAMETERS)
+        writeUsers(self.path, [userLine("vera"), userLine("uli"), f"ada:{hashPassword('x', older)}:admin"])
+        users.reload()
+        self.assertEqual(dummyParameters(users), FAST)
+        writeUsers(self.path, [userLine("vera"), f"uli:{hashPassword('x', older)}:uploader", f"ada:{hashPassword('x', older)}:admin"])
+        users.reload()
+        self.assertEqual(dummyParameters(users), older)
+        writeUsers(self.path, ["# nobody"])
+        users.reload()
+        self.assertEqual(dummyParameters(users), DEFAULT_PARAMETERS)
+
 
 class SighupTests(TestCase):
     @inlineCallbacks
@@ -441,9 +494,8 @@ class AuthenticatorTests(SynchronousTestCase):
     def test_basic(self):
         account = self.fixture.identify(authorization=basicHeader("uli", PASSWORDS["uli"]))
         self.assertEqual(account, Account("uli", frozenset({"uploader"})))
-        [(function, (password, stored))] = self.threads.calls
-        self.assertIs(function, verifyPassword)
-        self.assertEqual(stored, self.fixture.users.lookup("uli").passwordHash)
+        self.assertEqual(len(self.threads.calls), 1)
+        self.assertEqual(self.fixture.verified, [(PASSWORDS["uli"], self.fixture.users.lookup("uli").passwordHash)])
 
     def test_basicRunsInAThreadAndShares(self):
         """
@@ -487,10 +539,15 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertNotIn(base64.b64encode(b"vera:" + PASSWORDS["vera"].encode()).decode(), state)
 
     def test_unknownUserCostsTheSameWork(self):
+        """
+        An unknown name is checked against a hash with the parameters of the
+        users' hashes (here the tests' cheap ones, not the defaults).
+        """
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("nobody", "some password")))
-        [(function, (password, stored))] = self.threads.calls
-        self.assertIs(function, verifyPassword)
-        self.assertEqual((password, stored), ("some password", DUMMY_HASH))
+        self.assertEqual(len(self.threads.calls), 1)
+        [(password, stored)] = self.fixture.verified
+        self.assertEqual((password, stored), ("some password", self.fixture.users.dummyHash))
+        self.assertEqual(PasswordHash.parse(stored).parameters, FAST)
         [warning] = [formatEvent(event) for event in self.events if event["log_level"] == LogLevel.warn]
         self.assertEqual(warning, "Failed login for 'nobody' from 192.0.2.10 (HTTP Basic): no such user")
 
@@ -574,6 +631,94 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "x")))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_checkThatCannotStartLeavesNothingBehind(self):
+        """
+        A check that raises as it starts answers nobody (logged), and the
+        next request with the same credentials is checked, not left waiting
+        for it.
+        """
+        attempt = self.authenticator.throttle.attempt
+
+        def broken(client):
+            raise RuntimeError("throttle table corrupted")
+
+        self.authenticator.throttle.attempt = broken
+        header = basicHeader("vera", PASSWORDS["vera"])
+        self.assertIsNone(self.fixture.identify(authorization=header))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.authenticator.throttle.attempt = attempt
+        self.assertEqual(self.fixture.identify(authorization=header).name, "vera")
+
+    def test_busyBeyondTheCap(self):
+        """
+        Beyond MAX_PENDING_CHECKS waiting or running, from any addresses,
+        identify and login fail with PasswordChecksBusy without queueing
+        anything (the address's throttle slot is given back), logged once;
+        once the checks are done, passwords are checked again.
+        """
+        waiting = self.fixture.fillPasswordChecks()
+        self.assertEqual(len(self.threads.calls), MAX_PENDING_CHECKS)
+        late = self.authenticator.identify(headers(authorization=basicHeader("ada", PASSWORDS["ada"])), CLIENT)
+        self.failureResultOf(late, PasswordChecksBusy)
+        self.failureResultOf(self.authenticator.login("ada", PASSWORDS["ada"], CLIENT), PasswordChecksBusy)
+        self.assertEqual(len(self.threads.calls), MAX_PENDING_CHECKS)
+        self.assertEqual(self.authenticator.throttle._checking.get(clientKey(CLIENT)), None)
+        token = self.authenticator.startSession(Account("uli", frozenset({"uploader"})), [])
+        self.assertEqual(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + token).name, "uli", "sessions need no check")
+        busy = [event for event in self.events if "password checks are waiting" in event.get("log_format", "")]
+        self.assertEqual(len(busy), 1)
+
+        self.threads.release()
+        for identified in waiting:
+            self.assertIsNone(self.successResultOf(identified))
+        self.threads.hold = False
+        self.assertEqual(self.fixture.identify(authorization=basicHeader("ada", PASSWORDS["ada"])).name, "ada")
+
+    def test_busyAfterTheBackOff(self):
+        """
+        A check delayed by the throttle's back-off is refused at the end of
+        the wait if the checks are busy then: waiting costs no slot.
+        """
+        for attempt in range(2):
+            self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", f"wrong {attempt}")))
+        delayed = self.authenticator.identify(headers(authorization=basicHeader("vera", PASSWORDS["vera"])), CLIENT)
+        self.fixture.fillPasswordChecks()
+        self.fixture.clock.advance(1)
+        self.failureResultOf(delayed, PasswordChecksBusy)
+
+    def test_checkWhoseClientLeftIsSkipped(self):
+        """
+        Cancelling identify (the client left) skips a check still waiting
+        for a thread, unless another request with the same credentials
+        still waits for it; nothing is logged as an error.
+        """
+        self.threads.hold = True
+        alone = self.authenticator.identify(headers(authorization=basicHeader("ada", PASSWORDS["ada"])), CLIENT)
+        header = headers(authorization=basicHeader("vera", PASSWORDS["vera"]))
+        leaving = self.authenticator.identify(header, CLIENT)
+        staying = self.authenticator.identify(header, OTHER_CLIENT)
+        alone.cancel()
+        leaving.cancel()
+        self.failureResultOf(alone, CancelledError)
+        self.failureResultOf(leaving, CancelledError)
+        self.threads.release()
+        self.assertEqual(self.successResultOf(staying).name, "vera")
+        self.assertEqual([password for password, _ in self.fixture.verified], [PASSWORDS["vera"]])
+        self.assertEqual(self.authenticator.throttle._checking, {})
+        self.assertEqual([event for event in self.events if event["log_level"] >= LogLevel.error], [])
+
+        # Cancelled during the back-off: never handed to the pool.
+        self.threads.hold = False
+        for attempt in range(2):
+            self.fixture.identify(OTHER_CLIENT, authorization=basicHeader("uli", f"wrong {attempt}"))
+        calls = len(self.threads.calls)
+        delayed = self.authenticator.identify(headers(authorization=basicHeader("uli", PASSWORDS["uli"])), OTHER_CLIENT)
+        delayed.cancel()
+        self.failureResultOf(delayed, CancelledError)
+        self.fixture.clock.advance(60)
+        self.assertEqual(len(self.threads.calls), calls)
+        self.assertEqual(self.authenticator.throttle._checking, {})
+
     def test_purge(self):
         self.authenticator.startService()
         self.addCleanup(self.authenticator.stopService)
@@ -631,7 +776,8 @@ class Echo(Resource):
 class IdentifiedRequest(Request):
     """
     What the site's request layer does, in short: identify the sender
-    before any resource runs.  Over TLS in the real site.
+    before any resource runs, and mark credentials the busy password
+    checks could not look at.  Over TLS in the real site.
     """
 
     def process(self):
@@ -641,7 +787,12 @@ class IdentifiedRequest(Request):
             self.account = account
             Request.process(self)
 
-        identified.addCallback(identifiedAs)
+        def busy(failure):
+            failure.trap(PasswordChecksBusy)
+            self.credentialsUnchecked = True
+            identifiedAs(None)
+
+        identified.addCallbacks(identifiedAs, busy)
 
     def isSecure(self):
         return True
@@ -685,7 +836,7 @@ class GateTests(SynchronousTestCase):
         for name in (b"pacs", b"pacs-admin", b"healthz"):
             root.putChild(name, Echo(name))
         root.putChild(b"login", LoginResource(authenticator, web))
-        root.putChild(b"logout", LogoutResource(authenticator))
+        root.putChild(b"logout", LogoutResource(authenticator, web))
         self.site = Site(AccessGate(root, authenticator, web), reactor=self.fixture.clock)
         self.site.requestFactory = IdentifiedRequest
         self.site.authenticator = authenticator
@@ -733,6 +884,23 @@ class GateTests(SynchronousTestCase):
         response = self.login(user)
         self.assertEqual(response.code, 303)
         return response.cookie()
+
+    def assertPage(self, response: Response, code: int, title: str) -> str:
+        """
+        C{response} is one of the site's pages, C{code}, titled C{title},
+        uncached and without script or inline style (the site's policy);
+        returns its text.
+        """
+        self.assertEqual(response.code, code)
+        self.assertEqual(response.header("Content-Type"), "text/html; charset=utf-8")
+        self.assertEqual(response.header("Content-Security-Policy"), DEFAULT_CONTENT_SECURITY_POLICY)
+        self.assertEqual(response.header("Cache-Control"), "no-store")
+        page = response.body.decode("utf-8")
+        self.assertIn(f"<title>Radiology &quot;North&quot;: {title}</title>", page)
+        self.assertIn('<link rel="stylesheet" href="/login/login.css">', page)
+        for forbidden in ("<script", "style=", "<style"):
+            self.assertNotIn(forbidden, page)
+        return page
 
     # anonymous
 
@@ -789,12 +957,10 @@ class GateTests(SynchronousTestCase):
 
     def test_forbiddenPageForNavigation(self):
         response = self.request("GET", "/pacs-admin/", NAVIGATE, user="vera")
-        self.assertEqual(response.code, 403)
-        self.assertEqual(response.header("Content-Type"), "text/html; charset=utf-8")
-        self.assertEqual(response.header("Content-Security-Policy"), DEFAULT_CONTENT_SECURITY_POLICY)
-        self.assertIn(b"it needs the admin role", response.body)
-        self.assertIn(b'href="/logout"', response.body)
-        self.assertIn(b"Radiology &quot;North&quot;", response.body)
+        page = self.assertPage(response, 403, "not allowed")
+        self.assertIn("it needs the admin role", page)
+        self.assertIn('href="/logout"', page)
+        self.assertIn("<h1>Radiology &quot;North&quot;</h1>", page)
 
     def test_uploader(self):
         self.assertEqual(self.request("POST", "/pacs/studies", body=b"x", user="uli").body, b"pacs POST")
@@ -842,11 +1008,33 @@ class GateTests(SynchronousTestCase):
 
     def test_basicIsExemptFromTheOriginCheck(self):
         self.assertEqual(self.request("POST", "/pacs/studies", {}, b"x", user="uli").code, 200)
+        # Configured as HTTPS://Viewer.Example:443.
         allowed = {"Origin": "https://viewer.example"}
         self.assertEqual(self.request("POST", "/pacs/studies", allowed, b"x", user="uli").code, 200)
+        own = {"Origin": "https://PACS.example:8443"}
+        self.assertEqual(self.request("POST", "/pacs/studies", own, b"x", user="uli").code, 200)
         # A browser replaying credentials it remembers from a Basic prompt.
         foreign = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
         self.assertEqual(self.request("POST", "/pacs/studies", foreign, b"x", user="uli").code, 403)
+
+    def test_requestOrigin(self):
+        """
+        The request's Origin as browsers write it; C{null}, which matches no
+        site, for what is no origin and for several headers.
+        """
+        request = Request(DummyChannel())
+        self.assertIsNone(requestOrigin(request))
+        for values, origin in (
+            ([b"HTTPS://PACS.Example:443"], b"https://pacs.example"),
+            ([b"http://pacs.example:80"], b"http://pacs.example"),
+            ([b"https://[2001:DB8::1]:8443"], b"https://[2001:db8::1]:8443"),
+            ([b"null"], b"null"),
+            ([b"https://pacs.example/path"], b"null"),
+            ([b"https://caf\xe9.example"], b"null"),
+            ([b"https://evil.example", b"https://pacs.example"], b"null"),
+        ):
+            request.requestHeaders.setRawHeaders(b"Origin", values)
+            self.assertEqual(requestOrigin(request), origin, values)
 
     # throttling
 
@@ -866,21 +1054,11 @@ class GateTests(SynchronousTestCase):
 
     def test_loginPage(self):
         response = self.request("GET", "/login?next=/viewer%3FStudyInstanceUIDs%3D1.2", NAVIGATE)
-        self.assertEqual(response.code, 200)
-        self.assertEqual(response.header("Content-Type"), "text/html; charset=utf-8")
-        self.assertEqual(response.header("Content-Security-Policy"), DEFAULT_CONTENT_SECURITY_POLICY)
-        self.assertEqual(response.header("Referrer-Policy"), "same-origin")
-        self.assertEqual(response.header("Cache-Control"), "no-store")
-        page = response.body.decode("utf-8")
-        self.assertIn("<title>Radiology &quot;North&quot;: log in</title>", page)
+        page = self.assertPage(response, 200, "log in")
         self.assertIn('<form method="post" action="/login"', page)
         self.assertIn('name="user"', page)
         self.assertIn('type="password"', page)
         self.assertIn('<input type="hidden" name="next" value="/viewer?StudyInstanceUIDs=1.2">', page)
-        self.assertIn('<link rel="stylesheet" href="/login/login.css">', page)
-        self.assertNotIn("<script", page)
-        self.assertNotIn("style=", page)
-        self.assertNotIn("<style", page)
         stylesheet = self.request("GET", "/login/login.css")
         self.assertEqual(stylesheet.header("Content-Type"), "text/css; charset=utf-8")
         self.assertIn(b"body {", stylesheet.body)
@@ -978,6 +1156,54 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(self.request("POST", "/logout", {"Origin": OWN_ORIGIN}, cookie=cookie).code, 303)
         self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 401)
 
+    def test_logoutTypedOrFromTheSite(self):
+        """
+        A GET the user typed (Sec-Fetch-Site: none, or an older browser's
+        request without Sec-Fetch headers) or one from the site's own pages
+        logs out at once.
+        """
+        for headers in (
+            NAVIGATE,
+            {},
+            {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate"},
+            {"Referer": OWN_ORIGIN + "/viewer?StudyInstanceUIDs=1"},
+        ):
+            cookie = self.session("vera")
+            response = self.request("GET", "/logout", headers, cookie=cookie)
+            self.assertEqual((response.code, response.header("Location")), (303, "/login"), headers)
+            self.assertIn("Max-Age=0", response.header("Set-Cookie"))
+            self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 401, headers)
+
+    def test_logoutNotFromTheSiteEndsNothing(self):
+        """
+        A GET another site made the browser send (a link, an image), and a
+        POST not from this site's pages, end nothing and keep the cookie:
+        they get a page whose button posts the logout from this site.
+        """
+        cookie = self.session("vera")
+        refused = "The logout was refused: it did not come from this site&#x27;s pages."
+        for method, headers, code, error in (
+            ("GET", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, 200, ""),
+            ("GET", {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}, 200, ""),
+            ("GET", {"Origin": "https://evil.example"}, 200, ""),
+            ("GET", {"Origin": "null"}, 200, ""),
+            ("GET", {"Referer": "https://evil.example/page"}, 200, ""),
+            ("POST", {}, 403, refused),
+            ("POST", {"Origin": "https://evil.example"}, 403, refused),
+            ("POST", {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}, 403, refused),
+        ):
+            response = self.request(method, "/logout", headers, cookie=cookie)
+            page = self.assertPage(response, code, "log out")
+            self.assertIsNone(response.header("Set-Cookie"), headers)
+            self.assertIn(f'<p class="error" role="alert">{error}</p>', page)
+            self.assertIn('<form method="post" action="/logout">', page)
+            self.assertIn('<button type="submit">Log out</button>', page)
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 200)
+        # The button.
+        button = {"Sec-Fetch-Site": "same-origin", "Origin": OWN_ORIGIN}
+        self.assertEqual(self.request("POST", "/logout", button, cookie=cookie).code, 303)
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 401)
+
     def test_sessionExpiresThroughTheSite(self):
         cookie = self.session("vera")
         self.fixture.clock.advance(29 * 60)
@@ -997,6 +1223,28 @@ class GateTests(SynchronousTestCase):
         self.fixture.clock.advance(600)
         self.assertEqual(self.login("vera").code, 303)
 
+    def test_busyPasswordChecksAre503(self):
+        """
+        While MAX_PENDING_CHECKS are waiting, credentials that need a check
+        get 503 with Retry-After: JSON behind the gate, the form on the
+        login page.  Public routes and sessions still work.
+        """
+        cookie = self.session("uli")
+        self.fixture.fillPasswordChecks()
+        response = self.request("GET", "/pacs/studies", user="vera")
+        self.assertEqual((response.code, response.header("Retry-After")), (503, "5"))
+        self.assertEqual(response.header("Content-Type"), "application/json")
+        self.assertEqual(response.json()["error"], BUSY_MESSAGE)
+        self.assertEqual(self.request("GET", "/healthz", user="vera").body, b"healthz GET")
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 200)
+        login = self.login("vera")
+        page = self.assertPage(login, 503, "log in")
+        self.assertEqual(login.header("Retry-After"), "5")
+        self.assertIn(BUSY_MESSAGE, page)
+        self.assertIn('value="vera"', page)
+        self.assertIsNone(login.header("Set-Cookie"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_loginAnswersNobodyWhenTheBrowserLeft(self):
         self.fixture.threads.hold = True
         form = urlencode({"user": "vera", "password": PASSWORDS["vera"]}).encode("ascii")
@@ -1011,4 +1259,5 @@ class GateTests(SynchronousTestCase):
         channel.connectionLost(Failure(ConnectionDone()))
         self.fixture.threads.release()
         self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.fixture.verified, [], "the check was skipped")
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -32,7 +32,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from appliance.tls import ServerTLS, loadServerCertificate
-from appliance.web.auth import Account
+from appliance.web.auth import BUSY_MESSAGE, Account, PasswordChecksBusy
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
 from appliance.web.site import ApplianceSite
 from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig
@@ -51,26 +51,37 @@ Response = Tuple[int, Dict[str, List[str]], bytes]
 class FakeAuthenticator:
     """
     Knows Alice by her Basic credentials, nobody else.  With C{later}, each
-    answer waits in C{pending} until the test fires it (L{answer}).
+    answer waits in C{pending} until the test fires it (L{answer}), and a
+    cancelled one is counted in C{cancelled}.  With C{busy}, credentials
+    cannot be checked (L{PasswordChecksBusy}).
     """
 
     def __init__(self, later: bool = False) -> None:
         self.later = later
+        self.busy = False
         self.pending: List[Tuple[Deferred, Optional[Account]]] = []
         self.calls: List[object] = []
+        self.cancelled = 0
 
     def identify(self, headers, client) -> Deferred:
         self.calls.append(client)
+        if self.busy and headers.hasHeader(b"Authorization"):
+            return fail(PasswordChecksBusy())
         account = ALICE if headers.getRawHeaders(b"Authorization") == [ALICE_AUTHORIZATION] else None
         if not self.later:
             return succeed(account)
-        waiting: Deferred = Deferred()
+        waiting: Deferred = Deferred(self._cancel)
         self.pending.append((waiting, account))
         return waiting
 
+    def _cancel(self, waiting: Deferred) -> None:
+        self.cancelled += 1
+
     def answer(self) -> None:
         waiting, account = self.pending.pop(0)
-        waiting.callback(account)
+        # A cancelled identification is never answered.
+        if not waiting.called:
+            waiting.callback(account)
 
 
 class EchoResource(Resource):
@@ -100,6 +111,7 @@ class EchoResource(Resource):
                 "read": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(),
                 "account": request.account.name if request.account else None,
+                "credentialsUnchecked": request.credentialsUnchecked,
                 "spooled": spooled,
             }
         ).encode("utf-8")
@@ -646,6 +658,23 @@ class IdentityTests(InMemoryCase):
         self.assertTrue(request.content.closed)
         self.assertEqual(self.echo.seen, [])
 
+    def test_connectionLostCancelsTheIdentification(self) -> None:
+        """
+        A client that leaves while its password waits to be checked cancels
+        that check (the authenticator then skips it); one that leaves after
+        cancels nothing.
+        """
+        connection = self.connect()
+        connection.send(rawRequest("GET", "/", [ALICE_HEADER]))
+        self.authenticator.answer()
+        connection.lose(ConnectionLost)
+        self.assertEqual(self.authenticator.cancelled, 0)
+        connection = self.connect()
+        connection.send(rawRequest("GET", "/", [ALICE_HEADER]))
+        connection.lose(ConnectionLost)
+        self.assertEqual(self.authenticator.cancelled, 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_connectionLostWhileIdentifying(self) -> None:
         for raw in (
             rawRequest("GET", "/"),
@@ -685,6 +714,41 @@ class IdentityTests(InMemoryCase):
         status, _, body = connection.responses()[0]
         self.assertEqual((status, json.loads(body)["account"]), (200, None))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class BusyTests(InMemoryCase):
+    """
+    Credentials the authenticator's busy password checks cannot look at
+    (L{PasswordChecksBusy}).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.authenticator.busy = True
+
+    def test_heldBodyIs503(self) -> None:
+        connection = self.connect()
+        connection.send(rawRequest("POST", "/", [ALICE_HEADER, ("Content-Length", "100000")], b"x" * 1000))
+        request = connection.protocol.requests[0]
+        _, headers, body = self.assertRefused(connection, 503)
+        self.assertEqual(headers["retry-after"], ["5"])
+        self.assertEqual(body.decode("utf-8"), BUSY_MESSAGE + "\n")
+        self.assertTrue(request.content.closed)
+        self.assertEqual(self.echo.seen, [])
+
+    def test_otherRequestsGoOnMarked(self) -> None:
+        """
+        Without a body to hold, the request goes on without an account and
+        marked, so that the access gate answers it (503 where a login is
+        needed).
+        """
+        for raw in (rawRequest("GET", "/", [ALICE_HEADER]), rawRequest("POST", "/", [ALICE_HEADER, ("Content-Length", "5")], b"hello")):
+            status, _, body = self.exchange(raw)
+            echoed = json.loads(body)
+            self.assertEqual((status, echoed["account"], echoed["credentialsUnchecked"]), (200, None, True))
+        status, _, body = self.exchange(rawRequest("GET", "/"))
+        self.assertFalse(json.loads(body)["credentialsUnchecked"])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class SpoolTests(InMemoryCase):

@@ -16,7 +16,6 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
-import json
 import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, T
 from urllib.parse import quote_from_bytes, urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -35,13 +34,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from appliance.config import AuthSection, WebSection
-from appliance.web.pages import Page
+from appliance.config import AuthSection, WebSection, normalOrigin
+from appliance.web.pages import Page, jsonError, preparePage
 
-# ROLES and Account are part of this module's interface (the request layer
-# and the proxy import them from here); they live with the users file that
-# defines them.
-from appliance.web.users import DUMMY_HASH, ROLES, Account, UserEntry, UsersFile, verifyPassword  # noqa: F401
+# Account is part of this module's interface; it lives with the users file
+# that defines the accounts (and ROLES).
+from appliance.web.users import Account, UserEntry, UsersFile, verifyPassword
 
 #: The browser session's cookie: the __Host- prefix makes browsers insist on
 #: Secure, Path=/ and no Domain, so no other host can set or shadow it.
@@ -59,6 +57,21 @@ PURGE_INTERVAL = 60.0
 #: and tens of MiB, so a burst of logins queues instead of starving the box.
 VERIFY_THREADS = 2
 
+#: The most password checks waiting for a thread or running, from all
+#: addresses together; more are refused (L{PasswordChecksBusy}) rather than
+#: queued.  Credentials from many addresses would otherwise queue scrypt
+#: work without bound, and a real login behind them would wait as long:
+#: 32 checks drain in about 2 s on the reference machine (2 threads, 0.13 s
+#: each).
+MAX_PENDING_CHECKS = 32
+
+#: What a client refused for busy password checks is told: wait this many
+#: seconds (the queue drains in about 2), and why.
+BUSY_RETRY_AFTER = 5
+BUSY_MESSAGE = f"The appliance is busy checking other passwords: try again in {BUSY_RETRY_AFTER} seconds."
+
+#: The methods that change nothing (RFC 9110 9.2.1), all that read-only
+#: routes allow.
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
 
 #: RFC 6585's status, which twisted.web.http has no name for.
@@ -106,15 +119,30 @@ def basicCredentials(headers: Headers) -> Optional[bytes]:
     return token.strip()
 
 
+def cookiePairs(header: bytes) -> List[bytes]:
+    """
+    The C{name=value} pairs of a C{Cookie} header value, as sent.
+    """
+    return [pair.strip() for pair in header.split(b";") if pair.strip()]
+
+
+def cookieName(pair: bytes) -> bytes:
+    """
+    The name of a cookie given as C{name=value}: a pair of a C{Cookie}
+    header, or a whole C{Set-Cookie} value (its attributes follow a C{;}).
+    """
+    return pair.split(b";", 1)[0].partition(b"=")[0].strip()
+
+
 def sessionTokens(headers: Headers) -> List[bytes]:
     """
     Every value of the session cookie the request carries.
     """
     tokens = []
     for header in headers.getRawHeaders(b"cookie", []):
-        for pair in header.split(b";"):
-            name, equals, value = pair.strip().partition(b"=")
-            if equals and name == SESSION_COOKIE and value:
+        for pair in cookiePairs(header):
+            value = pair.partition(b"=")[2]
+            if cookieName(pair) == SESSION_COOKIE and value:
                 tokens.append(value)
     return tokens
 
@@ -320,6 +348,74 @@ class LoginThrottle:
         return failures
 
 
+class PasswordChecksBusy(Exception):
+    """
+    A password check was not started: L{MAX_PENDING_CHECKS} are waiting or
+    running already.  The client should try again after L{BUSY_RETRY_AFTER}
+    seconds (503 and C{Retry-After}, with L{BUSY_MESSAGE}).
+    """
+
+
+class _QueuedCheck:
+    """
+    A password check handed to the thread pool: C{wanted} turns false when
+    nobody waits for its outcome any more (the client left).
+    """
+
+    wanted = True
+
+
+def _verifyIfWanted(check: _QueuedCheck, password: str, stored: str) -> Optional[bool]:
+    # On a thread of the pool: a check whose client left while it waited for
+    # its turn costs nothing.
+    if not check.wanted:
+        return None
+    return verifyPassword(password, stored)
+
+
+def _fire(deferred: Deferred, result: object) -> Deferred:
+    """
+    Fire C{deferred} with C{result}, a value or a L{Failure}; returns it.
+    """
+    if isinstance(result, Failure):
+        deferred.errback(result)
+    else:
+        deferred.callback(result)
+    return deferred
+
+
+class _SharedOutcome:
+    """
+    The outcome of one Deferred for several callers, each with a Deferred of
+    its own (L{follow}).  A caller that cancels its Deferred leaves; the
+    shared one is cancelled when the last caller has left.
+    """
+
+    def __init__(self, shared: Deferred) -> None:
+        self._shared = shared
+        self._followers: List[Deferred] = []
+        self._outcome: Optional[Tuple[object]] = None
+        shared.addBoth(self._fired)
+
+    def follow(self) -> Deferred:
+        if self._outcome is not None:
+            return _fire(Deferred(), self._outcome[0])
+        follower: Deferred = Deferred(self._left)
+        self._followers.append(follower)
+        return follower
+
+    def _left(self, follower: Deferred) -> None:
+        self._followers.remove(follower)
+        if not self._followers:
+            self._shared.cancel()
+
+    def _fired(self, result: object) -> None:
+        self._outcome = (result,)
+        followers, self._followers = self._followers, []
+        for follower in followers:
+            _fire(follower, result)
+
+
 RunInThread = Callable[..., Deferred]
 
 
@@ -363,7 +459,11 @@ class Authenticator(Service):
         # table holds no password, nor anything that could be replayed.
         self._cacheKey = secrets.token_bytes(32)
         self._basicCache: "OrderedDict[bytes, Tuple[UserEntry, float]]" = OrderedDict()
-        self._pending: Dict[bytes, List[Deferred]] = {}
+        # Basic credentials being checked, under the same keyed hash: the
+        # requests that bring them meanwhile share that check.
+        self._pending: Dict[bytes, _SharedOutcome] = {}
+        self._checksPending = 0
+        self._busy = False
         self._purging = LoopingCall(self._purge)
         self._purging.clock = reactor
         users.subscribe(self._usersChanged)
@@ -394,7 +494,10 @@ class Authenticator(Service):
         Fires at once when memory answers (a session, a Basic credential
         verified recently, an address refused by the L{LoginThrottle});
         checks the password in a thread otherwise, after the throttle's
-        back-off.  Never fails: errors are logged and give L{None}.
+        back-off.  Fails only with L{PasswordChecksBusy}, when the password
+        could not be checked for too many checks waiting: other errors are
+        logged and give L{None}.  Cancelling the Deferred (the client left)
+        skips a check still waiting for a thread.
         """
         try:
             identified = self._identify(headers, client)
@@ -403,7 +506,9 @@ class Authenticator(Service):
             return succeed(None)
         return identified.addErrback(self._identifyFailed, client)
 
-    def _identifyFailed(self, failure: Failure, client) -> None:
+    def _identifyFailed(self, failure: Failure, client) -> Optional[Failure]:
+        if failure.check(PasswordChecksBusy, CancelledError):
+            return failure
         self.log.failure("Could not identify a request from {client}", failure, client=str(client))
         return None
 
@@ -431,28 +536,26 @@ class Authenticator(Service):
         if decoded is None:
             self.log.info("Refused malformed HTTP Basic credentials from {client}", client=clientKey(client))
             return succeed(None)
-        waiting = self._pending.get(key)
-        if waiting is not None:
-            # The same credentials are being checked: share the outcome.
-            shared: Deferred = Deferred()
-            waiting.append(shared)
-            return shared
-        self._pending[key] = []
-        name, password = decoded
-        checking = self._check(name, password, client, "HTTP Basic")
-        checking.addBoth(self._basicChecked, key)
-        return checking.addCallback(lambda entry: entry.account if entry is not None else None)
+        shared = self._pending.get(key)
+        if shared is None:
+            name, password = decoded
+            checking = self._check(name, password, client, "HTTP Basic").addCallback(self._basicChecked, key)
+            # Registered only once the check exists (nothing is left behind
+            # if starting it raises), and forgotten when it ends, even at once.
+            shared = self._pending[key] = _SharedOutcome(checking)
+            checking.addBoth(self._basicSettled, key)
+        return shared.follow()
 
-    def _basicChecked(self, result, key: bytes):
-        entry = result if isinstance(result, UserEntry) else None
-        if entry is not None:
-            self._basicCache[key] = (entry, self._reactor.seconds() + BASIC_CACHE_LIFETIME)
-            while len(self._basicCache) > BASIC_CACHE_SIZE:
-                self._basicCache.popitem(last=False)
-        # Those waiting get the outcome even if this one failed (logged by identify).
-        for shared in self._pending.pop(key, []):
-            shared.callback(entry.account if entry is not None else None)
-        return result
+    def _basicSettled(self, result: None, key: bytes) -> None:
+        self._pending.pop(key, None)
+
+    def _basicChecked(self, entry: Optional[UserEntry], key: bytes) -> Optional[Account]:
+        if entry is None:
+            return None
+        self._basicCache[key] = (entry, self._reactor.seconds() + BASIC_CACHE_LIFETIME)
+        while len(self._basicCache) > BASIC_CACHE_SIZE:
+            self._basicCache.popitem(last=False)
+        return entry.account
 
     # --- logging in and out -------------------------------------------------
 
@@ -466,7 +569,8 @@ class Authenticator(Service):
         """
         Check a user name and password from the login form (in a thread);
         fires with the account, or L{None} (counted as a failed login).
-        Never fails.
+        Fails only with L{PasswordChecksBusy} (see L{identify}); cancelling
+        it skips a check still waiting for a thread.
         """
         checking = self._check(name, password, client, "login form")
         return checking.addCallback(lambda entry: entry.account if entry is not None else None)
@@ -492,14 +596,49 @@ class Authenticator(Service):
         if delay is None:
             return succeed(None)
         entry = self._users.lookup(name)
-        # An unknown user costs the same scrypt work as a known one.
-        stored = entry.passwordHash if entry is not None else DUMMY_HASH
+        # An unknown user costs the same scrypt work as most known ones.
+        stored = entry.passwordHash if entry is not None else self._users.dummyHash
         if delay > 0:
-            checking = deferLater(self._reactor, delay, self._runInThread, verifyPassword, password, stored)
+            checking = deferLater(self._reactor, delay, self._verify, password, stored)
         else:
-            checking = maybeDeferred(self._runInThread, verifyPassword, password, stored)
+            checking = self._verify(password, stored)
         checking.addCallback(self._checked, name, entry, client, method)
         return checking.addErrback(self._checkFailed, name, client)
+
+    def _verify(self, password: str, stored: str) -> "Deferred[bool]":
+        """
+        Verify C{password} against C{stored} on the thread pool; fails with
+        L{PasswordChecksBusy} if L{MAX_PENDING_CHECKS} are there already.
+        Cancelling the result skips the check if it has not started.
+        """
+        if self._checksPending >= MAX_PENDING_CHECKS:
+            if not self._busy:
+                self._busy = True
+                self.log.warn(
+                    "{count} password checks are waiting: refusing more with 503 until they are done",
+                    count=self._checksPending,
+                )
+            return fail(PasswordChecksBusy())
+        check = _QueuedCheck()
+
+        def abandon(outcome: Deferred) -> None:
+            check.wanted = False
+
+        outcome: Deferred = Deferred(abandon)
+        self._checksPending += 1
+        running = maybeDeferred(self._runInThread, _verifyIfWanted, check, password, stored)
+        running.addBoth(self._verified, outcome)
+        return outcome
+
+    def _verified(self, result: object, outcome: Deferred) -> None:
+        self._checksPending -= 1
+        if self._checksPending == 0:
+            self._busy = False
+        if not outcome.called:
+            _fire(outcome, result)
+        elif isinstance(result, Failure):
+            # Its client left, but a check that failed is still worth a line.
+            self.log.failure("Could not check a password", result)
 
     def _checked(self, matches: bool, name: str, entry: Optional[UserEntry], client, method: str) -> Optional[UserEntry]:
         if matches and entry is not None:
@@ -519,9 +658,14 @@ class Authenticator(Service):
         )
         return None
 
-    def _checkFailed(self, failure: Failure, name: str, client) -> None:
+    def _checkFailed(self, failure: Failure, name: str, client) -> Optional[Failure]:
         # The check's slot is given back: an error is not a failed login.
         self.throttle.abandoned(client)
+        if failure.check(PasswordChecksBusy):
+            return failure
+        if failure.check(CancelledError):
+            # The client left: nobody looks at the outcome.
+            return None
         self.log.failure(
             "Could not check the password of {user} from {client}",
             failure,
@@ -573,27 +717,41 @@ def isBrowser(request: Request) -> bool:
     return request.getHeader(b"sec-fetch-mode") is not None or bool(sessionTokens(request.requestHeaders))
 
 
+def _normalOrigin(origin: bytes) -> Optional[bytes]:
+    try:
+        normal = normalOrigin(origin.decode("ascii"))
+    except UnicodeDecodeError:
+        return None
+    return normal.encode("ascii") if normal is not None else None
+
+
 def _originOf(url: bytes) -> Optional[bytes]:
     try:
         parts = urlsplit(url.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         return None
-    if not parts.scheme or not parts.netloc:
-        return None
     return _normalOrigin(f"{parts.scheme}://{parts.netloc}".encode("ascii"))
 
 
-def _normalOrigin(origin: bytes) -> bytes:
-    origin = origin.strip().lower()
-    for scheme, port in ((b"https://", b":443"), (b"http://", b":80")):
-        if origin.startswith(scheme) and origin.endswith(port):
-            return origin[: -len(port)]
-    return origin
+def requestOrigin(request: Request) -> Optional[bytes]:
+    """
+    The request's C{Origin}, written as L{appliance.config.normalOrigin}
+    writes the site's own and C{[web] cors_allowed_origins}, so that equal
+    origins compare equal; L{None} without the header.  Several headers, or
+    a value that is no http(s) origin (C{null}), give C{null}, which is no
+    site's origin.
+    """
+    origins = request.requestHeaders.getRawHeaders(b"origin")
+    if origins is None:
+        return None
+    normal = _normalOrigin(origins[0]) if len(origins) == 1 else None
+    return normal if normal is not None else b"null"
 
 
 def ownOrigin(request: Request) -> Optional[bytes]:
     """
-    The site's origin as the browser addressed it (from C{Host}).
+    The site's origin as the browser addressed it (from C{Host}), L{None}
+    without a usable C{Host}.
     """
     host = request.getHeader(b"host")
     if not host:
@@ -616,11 +774,30 @@ def isSameOrigin(request: Request) -> bool:
     own = ownOrigin(request)
     if own is None:
         return False
-    origin = request.getHeader(b"origin")
+    origin = requestOrigin(request)
     if origin is not None:
-        return _normalOrigin(origin) == own
+        return origin == own
     referer = request.getHeader(b"referer")
     return referer is not None and _originOf(referer) == own
+
+
+def isCrossSite(request: Request) -> bool:
+    """
+    Did another site make the browser send this request (a link, a form, an
+    image)?  C{Sec-Fetch-Site} answers first: C{cross-site} and C{same-site}
+    are other sites, C{none} is the user's own doing (typed, bookmarked).
+    Without it, an C{Origin} or failing that a C{Referer} that is not the
+    site's own; a request with neither is not.
+    """
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None:
+        return site not in (b"same-origin", b"none")
+    own = ownOrigin(request)
+    origin = requestOrigin(request)
+    if origin is not None:
+        return origin != own
+    referer = request.getHeader(b"referer")
+    return referer is not None and _originOf(referer) != own
 
 
 #: Files of the viewer's build that browsers fetch without credentials (a
@@ -668,6 +845,14 @@ def localTarget(target: str) -> str:
     return "/"
 
 
+def requestTarget(request: Request) -> bytes:
+    """
+    The path and query C{request} asked for, or C{/} for a target that is
+    no path (C{OPTIONS *}): where a redirect may bring the client back to.
+    """
+    return request.uri if request.uri.startswith(b"/") else b"/"
+
+
 class Refusal(Resource):
     """
     A leaf answering one refusal: C{code}, C{headers}, and a JSON body
@@ -692,20 +877,24 @@ class Refusal(Resource):
         self._contentSecurityPolicy = contentSecurityPolicy
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(self._code)
-        request.setHeader(b"Cache-Control", b"no-store")
         for name, value in self._headers:
             request.setHeader(name, value)
-        if self._page is not None:
-            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-            request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy)
-            return self._page
-        request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps({"error": self._message}).encode("utf-8") + b"\n"
+        if self._page is None:
+            return jsonError(request, self._code, self._message)
+        preparePage(request, self._code, self._contentSecurityPolicy)
+        return self._page
 
 
 def _quoted(text: str) -> bytes:
     return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8") + b'"'
+
+
+def basicChallenge(siteName: str) -> bytes:
+    """
+    The C{WWW-Authenticate} value of a 401 for API clients: HTTP Basic, in
+    the site's name, with UTF-8 credentials (RFC 7617).
+    """
+    return b"Basic realm=" + _quoted(siteName) + b', charset="UTF-8"'
 
 
 def cookieChallenge(siteName: str) -> bytes:
@@ -740,7 +929,11 @@ class AccessGate(Resource):
         C{Cookie} scheme instead (draft-broyer-http-cookie-auth), which names
         the login page and prompts nothing;
       - 429 with C{Retry-After} when it brought HTTP Basic credentials from an
-        address that has failed to log in too often (see L{LoginThrottle}).
+        address that has failed to log in too often (see L{LoginThrottle});
+      - 503 with C{Retry-After} and a JSON body when its credentials could
+        not be checked for too many password checks waiting (the request
+        layer then sets C{request.credentialsUnchecked}; see
+        L{PasswordChecksBusy}).  Public routes are still served.
 
     A request whose account lacks the role gets 403, an HTML page for a page
     load and JSON otherwise.  An unsafe request (not GET, HEAD or OPTIONS)
@@ -762,8 +955,8 @@ class AccessGate(Resource):
         self._siteName = web.site_name
         self._corsOrigins = frozenset(origin.encode("ascii") for origin in web.cors_allowed_origins)
         self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
-        self._forbiddenPage = Page("forbidden.html")
-        self._basicChallenge = b"Basic realm=" + _quoted(web.site_name) + b', charset="UTF-8"'
+        self._forbiddenPage = Page("forbidden.html", "not allowed")
+        self._basicChallenge = basicChallenge(web.site_name)
         self._cookieChallenge = cookieChallenge(web.site_name)
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
@@ -813,13 +1006,14 @@ class AccessGate(Resource):
     def _fromOwnPages(self, request: Request) -> bool:
         if basicCredentials(request.requestHeaders) is None:
             return isSameOrigin(request)
-        origin = request.getHeader(b"origin")
+        origin = requestOrigin(request)
         if origin is None:
             return True
-        origin = _normalOrigin(origin)
         return origin == ownOrigin(request) or origin in self._corsOrigins
 
     def _anonymous(self, name: bytes, request: Request) -> Resource:
+        if getattr(request, "credentialsUnchecked", False):
+            return Refusal(http.SERVICE_UNAVAILABLE, BUSY_MESSAGE, ((b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,)),))
         if basicCredentials(request.requestHeaders) is not None:
             wait = self._authenticator.retryAfter(request.getClientAddress())
             if wait > 0:
@@ -830,8 +1024,7 @@ class AccessGate(Resource):
                     ((b"Retry-After", b"%d" % (seconds,)),),
                 )
         if name != b"pacs" and isNavigation(request):
-            target = request.uri if request.uri.startswith(b"/") else b"/"
-            location = b"/login?next=" + quote_from_bytes(target, safe="/").encode("ascii")
+            location = b"/login?next=" + quote_from_bytes(requestTarget(request), safe="/").encode("ascii")
             return Refusal(http.FOUND, "Log in first.", ((b"Location", location),))
         challenge = self._cookieChallenge if isBrowser(request) else self._basicChallenge
         return Refusal(

@@ -2,7 +2,8 @@
 Cross-origin access to C{/pacs}, for a viewer hosted on another origin
 (C{[web] cors_allowed_origins}; none by default).
 
-Only origins on the list, compared exactly, get CORS headers; every answer
+Only origins on the list get CORS headers (compared as browsers write
+origins: see L{appliance.web.auth.requestOrigin}); every answer
 says C{Vary: Origin} so that no cache hands one origin's answer to another.
 Preflight requests are answered here and never reach Orthanc: browsers send
 them without credentials, so the access gate lets them through.
@@ -13,6 +14,7 @@ from typing import Iterable, Optional, Tuple
 from twisted.web import http
 from twisted.web.server import Request
 
+from appliance.web.auth import requestOrigin
 from appliance.web.proxy import addVary
 
 #: How long a browser may reuse a preflight answer (Chromium caps it at 2 h):
@@ -35,14 +37,17 @@ class CorsPolicy:
     """
 
     def __init__(self, allowedOrigins: Iterable[str], methods: Tuple[bytes, ...]) -> None:
-        self._origins = frozenset(origin.lower().encode("ascii") for origin in allowedOrigins)
+        # Written by appliance.config.normalOrigin, as requestOrigin writes the request's.
+        self._origins = frozenset(origin.encode("ascii") for origin in allowedOrigins)
         self._methods = methods
 
     def _allowedOrigin(self, request: Request) -> Optional[bytes]:
-        origins = request.requestHeaders.getRawHeaders(b"Origin", [])
-        if len(origins) == 1 and origins[0].lower() in self._origins:
-            return origins[0]
-        return None
+        """
+        The request's C{Origin} (as browsers write it, so as they sent it),
+        if it is on the list.
+        """
+        origin = requestOrigin(request)
+        return origin if origin in self._origins else None
 
     def decorate(self, request: Request) -> None:
         """

@@ -6,7 +6,9 @@ The login page and logout, for browsers.
                              session, 303 back to PATH (a path of this site)
     GET  /login/login.css    the pages' style sheet
     GET or POST /logout      ends the session on the server, clears the
-                             cookie, 303 to /login
+                             cookie, 303 to /login; a GET another site
+                             made the browser send, or a POST not from this
+                             site's pages, gets a page with a button instead
 
 The session cookie is a browser-session cookie (no Max-Age): it ends when the
 browser closes, which suits shared workstations, and the server ends the
@@ -20,6 +22,7 @@ from urllib.parse import parse_qs
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
@@ -27,20 +30,25 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.config import WebSection
 from appliance.web.auth import (
+    BUSY_MESSAGE,
+    BUSY_RETRY_AFTER,
     SESSION_COOKIE,
     TOO_MANY_REQUESTS,
     Account,
     Authenticator,
+    PasswordChecksBusy,
     clientKey,
     cookieChallenge,
+    isCrossSite,
     isSameOrigin,
     localTarget,
     sessionTokens,
 )
-from appliance.web.pages import STYLESHEET_NAME, Page, asset
+from appliance.web.pages import STYLESHEET_NAME, Page, asset, preparePage
 
-#: The login form is a few hundred bytes; anything larger is not one.
-MAX_FORM_SIZE = 16 * 1024
+# The login form is a few hundred bytes: the request layer reads anonymous
+# bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
+from appliance.web.request import ANONYMOUS_BODY_LIMIT
 
 _EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
 
@@ -99,7 +107,7 @@ class LoginResource(Resource):
         self._authenticator = authenticator
         self._siteName = web.site_name
         self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
-        self._page = Page("login.html")
+        self._page = Page("login.html", "log in")
         self.putChild(STYLESHEET_NAME.encode("ascii"), StyleSheet())
 
     def getChild(self, name: bytes, request: Request) -> Resource:
@@ -133,9 +141,15 @@ class LoginResource(Resource):
             return self._tooMany(request, target, name, wait)
         checking = self._authenticator.login(name, password, client)
         finished = request.notifyFinish()
-        # Fails if the browser goes away: _checked then has no one to answer.
-        finished.addErrback(lambda failure: None)
-        checking.addCallback(self._checked, request, finished, name, target)
+        # Fails if the browser goes away: the check is skipped if it has not
+        # started, and _checked has no one to answer.
+        finished.addErrback(lambda failure: checking.cancel())
+        checking.addCallbacks(
+            self._checked,
+            self._busy,
+            (request, finished, name, target),
+            errbackArgs=(request, finished, name, target),
+        )
         checking.addErrback(
             lambda failure: self.log.failure("Could not answer a login from {client}", failure, client=clientKey(client))
         )
@@ -159,6 +173,14 @@ class LoginResource(Resource):
         request.write(body)
         request.finish()
 
+    def _busy(self, failure: Failure, request: Request, finished: Deferred, name: str, target: str) -> None:
+        failure.trap(PasswordChecksBusy)
+        if finished.called:
+            return
+        request.setHeader(b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,))
+        request.write(self._form(request, http.SERVICE_UNAVAILABLE, target, BUSY_MESSAGE, name))
+        request.finish()
+
     def _tooMany(self, request: Request, target: str, name: str, wait: float) -> bytes:
         seconds = max(1, round(wait))
         request.setHeader(b"Retry-After", b"%d" % (seconds,))
@@ -171,13 +193,7 @@ class LoginResource(Resource):
         )
 
     def _form(self, request: Request, code: int, target: str, error: str = "", name: str = "") -> bytes:
-        request.setResponseCode(code)
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy)
-        # The site's no-referrer policy would make browsers post the form
-        # with "Origin: null"; same-origin still tells other sites nothing.
-        request.setHeader(b"Referrer-Policy", b"same-origin")
+        preparePage(request, code, self._contentSecurityPolicy)
         return self._page.render(siteName=self._siteName, error=error, user=name, next=target)
 
     @staticmethod
@@ -199,8 +215,8 @@ class LoginResource(Resource):
         if contentType != b"application/x-www-form-urlencoded":
             return None
         request.content.seek(0)
-        body = request.content.read(MAX_FORM_SIZE + 1)
-        if len(body) > MAX_FORM_SIZE:
+        body = request.content.read(ANONYMOUS_BODY_LIMIT + 1)
+        if len(body) > ANONYMOUS_BODY_LIMIT:
             return None
         try:
             fields = parse_qs(body.decode("ascii"), keep_blank_values=True, max_num_fields=10, errors="strict")
@@ -214,21 +230,49 @@ class LogoutResource(Resource):
     C{/logout}: ends the browser's session on the server, clears its cookie,
     and sends it to the login page.  Needs no session: without one it only
     clears the cookie.
+
+    Another site must not log the user out (a link or an image pointing
+    here): a GET another site made the browser send (L{isCrossSite}), and a
+    POST that did not come from this site's pages (L{isSameOrigin}), end
+    nothing and get a page whose button posts the logout from this site.
+    A GET from the site's own pages or typed by the user logs out at once.
     """
 
     isLeaf = True
+    log = Logger()
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, web: WebSection) -> None:
         super().__init__()
         self._authenticator = authenticator
+        self._siteName = web.site_name
+        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
+        self._page = Page("logout.html", "log out")
 
     def render_GET(self, request: Request) -> bytes:
+        if isCrossSite(request):
+            return self._confirmation(request, http.OK)
+        return self._logOut(request)
+
+    def render_POST(self, request: Request) -> bytes:
+        if not isSameOrigin(request):
+            self.log.warn(
+                "Refused a logout from {client}: it was not posted from this site's pages",
+                client=clientKey(request.getClientAddress()),
+            )
+            return self._confirmation(
+                request, http.FORBIDDEN, "The logout was refused: it did not come from this site's pages."
+            )
+        return self._logOut(request)
+
+    def _logOut(self, request: Request) -> bytes:
         for token in sessionTokens(request.requestHeaders):
             self._authenticator.endSession(token)
         _setSessionCookie(request, b"", expire=True)
         return _seeOther(request, b"/login")
 
-    render_POST = render_GET
+    def _confirmation(self, request: Request, code: int, error: str = "") -> bytes:
+        preparePage(request, code, self._contentSecurityPolicy)
+        return self._page.render(siteName=self._siteName, error=error)
 
     def render_HEAD(self, request: Request) -> bytes:
         # HEAD is safe: it shows where logout leads but ends nothing.

@@ -25,7 +25,6 @@ Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResour
     otherwise; after the headers, the client's connection is closed.
 """
 
-import json
 import re
 from typing import Callable, List, Optional, Set
 
@@ -53,7 +52,9 @@ from zope.interface import implementer
 
 from appliance.config import Config
 from appliance.orthanc.supervisor import OrthancState
-from appliance.web.auth import SESSION_COOKIE
+from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
+from appliance.web.pages import jsonError
+from appliance.web.request import HOST_NAME
 from appliance.web.streaming import registerStreamingProducer
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -107,7 +108,7 @@ IDLE_CONNECTION_LIFETIME = 0.5
 #: A Host header as browsers write it: a name or an address, and a port.
 #: Nothing else (no quote, comma, semicolon, space or line break) can pass
 #: into the Forwarded header built from it.
-_PUBLIC_HOST = re.compile(rb"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+_PUBLIC_HOST = re.compile(rb"(?:%s|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?" % (HOST_NAME.pattern,))
 
 #: Signature of a route's rewriting of Orthanc's answer headers: given a
 #: lower-case name and a value, the value to send, or None to drop it.
@@ -119,21 +120,6 @@ _unavailable = {
     OrthancState.STOPPED: "Orthanc is stopped; try again when the appliance has started it.",
     OrthancState.FAILED: "Orthanc could not be started; an administrator must look at the appliance's log.",
 }
-
-
-def jsonError(request: Request, code: int, message: str, retryAfter: Optional[int] = None) -> bytes:
-    """
-    Prepare C{request} to answer C{code} with C{{"error": message}} in JSON
-    and return that body.
-    """
-    body = json.dumps({"error": message}).encode("utf-8") + b"\n"
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Content-Length", b"%d" % (len(body),))
-    if retryAfter is not None:
-        request.setHeader(b"Retry-After", b"%d" % (retryAfter,))
-    return body
 
 
 def addVary(request: Request, names: bytes) -> None:
@@ -161,26 +147,22 @@ def connectionTokens(headers: Headers) -> Set[bytes]:
     }
 
 
-def withoutCookie(value: bytes, name: bytes) -> bytes:
+def withoutSessionCookie(value: bytes) -> bytes:
     """
-    A C{Cookie} header value without the cookie C{name}.
+    A C{Cookie} header value without the appliance's session cookie.
     """
-    pairs = [pair.strip() for pair in value.split(b";")]
-    return b"; ".join(pair for pair in pairs if pair and pair.partition(b"=")[0].strip() != name)
-
-
-def cookieName(setCookie: bytes) -> bytes:
-    return setCookie.split(b";", 1)[0].partition(b"=")[0].strip()
+    return b"; ".join(pair for pair in cookiePairs(value) if cookieName(pair) != SESSION_COOKIE)
 
 
 def publicHost(request: Request) -> Optional[bytes]:
     """
-    The host and port the client asked for, if its one C{Host} header is sane.
+    The host and port the client asked for, if its C{Host} header (the
+    request layer lets one at most through) is sane.
     """
-    hosts = request.requestHeaders.getRawHeaders(b"Host", [])
-    if len(hosts) != 1 or not _PUBLIC_HOST.fullmatch(hosts[0]):
+    host = request.getHeader(b"Host")
+    if host is None or not _PUBLIC_HOST.fullmatch(host):
         return None
-    return hosts[0]
+    return host
 
 
 def forwardingHeaders(request: Request, host: bytes) -> List[tuple]:
@@ -215,7 +197,7 @@ def upstreamHeaders(request: Request, authorization: bytes, host: bytes) -> Head
         if lower in dropped or lower.startswith(b"x-forwarded-"):
             continue
         if lower == b"cookie":
-            values = [kept for kept in (withoutCookie(value, SESSION_COOKIE) for value in values) if kept]
+            values = [kept for kept in (withoutSessionCookie(value) for value in values) if kept]
             if not values:
                 continue
         headers.setRawHeaders(name, values)

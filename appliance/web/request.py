@@ -8,21 +8,31 @@ spooled to disk when large.
     head complete ─ checks (400) ─ 413 / 415 ─ identify() ─┬─ no body or small: read it meanwhile
                                                           └─ large: hold the body until identified,
                                                              then read it (100-continue) or 401
+                                                             (503 if the password checks are busy)
     body complete ─ wait for identify() ─ request.account set ─ resources
 """
 
 import errno
+import re
 from io import BytesIO
 from typing import Optional, Sequence, Tuple
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from appliance.web.auth import cookieChallenge, isBrowser
+from appliance.web.auth import (
+    BUSY_MESSAGE,
+    BUSY_RETRY_AFTER,
+    PasswordChecksBusy,
+    basicChallenge,
+    cookieChallenge,
+    isBrowser,
+)
 
 #: What every answer says in its Server header: no version, for scanners.
 SERVER = b"pacs-appliance"
@@ -44,10 +54,16 @@ REASONS = {
     415: b"Unsupported Media Type",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    503: b"Service Unavailable",
     507: b"Insufficient Storage",
 }
 
-ResponseHeaders = Sequence[Tuple[bytes, bytes]]
+#: Header names and values, in order: the site's standard headers, those of
+#: a refusal.
+HeaderPairs = Sequence[Tuple[bytes, bytes]]
+
+#: A host name or IPv4 address as a browser writes it in the Host header.
+HOST_NAME = re.compile(rb"[A-Za-z0-9.-]{1,253}")
 
 
 def describeSize(size: int) -> str:
@@ -71,6 +87,10 @@ class ApplianceRequest(Request):
 
     #: Who sent the request (L{appliance.web.auth.Account}), or L{None}.
     account = None
+    #: Whether the request's credentials could not be checked, for too many
+    #: password checks waiting (L{appliance.web.auth.PasswordChecksBusy}):
+    #: C{account} is then L{None}, and the access gate answers 503.
+    credentialsUnchecked = False
     #: The length of the body in C{content}.
     contentLength = 0
 
@@ -83,6 +103,7 @@ class ApplianceRequest(Request):
     _refused = False
     _received = 0
     _waiting: Optional[Tuple[bytes, bytes, bytes]] = None
+    _identity: Optional[Deferred] = None
 
     def render(self, resource: Resource) -> None:
         # Replaces the Server header Request.process set.
@@ -112,9 +133,8 @@ class ApplianceRequest(Request):
             )
             return
         self._bodyAccepted = length is not None and length <= ANONYMOUS_BODY_LIMIT
-        identity = maybeDeferred(site.authenticator.identify, self.requestHeaders, self.client)
-        identity.addErrback(self._identifyFailed)
-        identity.addCallback(self._identifiedAs)
+        identity = self._identity = maybeDeferred(site.authenticator.identify, self.requestHeaders, self.client)
+        identity.addCallbacks(self._identifiedAs, self._notIdentified)
         identity.addErrback(
             lambda failure: self.log.failure(
                 "Could not carry on with the request of {client}", failure, client=self._peer()
@@ -163,8 +183,27 @@ class ApplianceRequest(Request):
         else:
             self._waiting = (command, path, version)
 
-    def _identifyFailed(self, failure) -> None:
-        self.log.failure("Could not identify the sender of a request from {client}", failure, client=self._peer())
+    def connectionLost(self, reason: Failure) -> None:
+        # The authenticator skips a password check still waiting for a thread.
+        if self._identity is not None:
+            self._identity.cancel()
+        super().connectionLost(reason)
+
+    def _notIdentified(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            # The client left (connectionLost).
+            return
+        if not failure.check(PasswordChecksBusy):
+            self.log.failure("Could not identify the sender of a request from {client}", failure, client=self._peer())
+            self._identifiedAs(None)
+            return
+        if self._disconnected or self._refused:
+            return
+        if not self._bodyAccepted:
+            self._refuse(503, BUSY_MESSAGE, [(b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,))])
+            return
+        self.credentialsUnchecked = True
+        self._identifiedAs(None)
 
     def _identifiedAs(self, account) -> None:
         if self._disconnected or self._refused:
@@ -192,8 +231,7 @@ class ApplianceRequest(Request):
         # plain HTTP never invites credentials sent in clear.
         if isBrowser(self) or not self.isSecure():
             return cookieChallenge(siteName)
-        realm = siteName.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8")
-        return b'Basic realm="' + realm + b'", charset="UTF-8"'
+        return basicChallenge(siteName)
 
     def _acceptBody(self) -> None:
         self._bodyAccepted = True
@@ -242,7 +280,7 @@ class ApplianceRequest(Request):
         limit = describeSize(self.channel.site.maxUploadSize)
         return f"The request body is larger than the {limit} the appliance accepts."
 
-    def _refuse(self, status: int, sentence: str, headers: ResponseHeaders = ()) -> None:
+    def _refuse(self, status: int, sentence: str, headers: HeaderPairs = ()) -> None:
         self._refused = True
         # Closing the spool file is what frees its disk space.
         self.content.close()
@@ -373,7 +411,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         if self.paused:
             self._networkProducer.pauseProducing()
 
-    def refuse(self, status: int, sentence: str, headers: ResponseHeaders = ()) -> None:
+    def refuse(self, status: int, sentence: str, headers: HeaderPairs = ()) -> None:
         """
         Answer C{status} with C{sentence} (and C{headers}), ignore anything
         more from the client, and close the connection once that is written.

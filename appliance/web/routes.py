@@ -27,8 +27,10 @@ from twisted.web.server import Request
 
 from appliance.config import Config
 from appliance.orthanc.settings import DICOMWEB_ROOT
+from appliance.web.auth import SAFE_METHODS
 from appliance.web.cors import CorsPolicy
-from appliance.web.proxy import OrthancProxy, jsonError
+from appliance.web.pages import jsonError
+from appliance.web.proxy import OrthancProxy
 
 #: Where the lead's site mounts the two routes.
 PACS = b"pacs"
@@ -38,7 +40,6 @@ PACS_ADMIN = b"pacs-admin"
 #: own client (C{servers}) and its pages (C{app}) are for administrators.
 DICOMWEB_RESOURCES = frozenset({b"studies", b"series", b"instances", b"wado"})
 
-READ_METHODS = (b"GET", b"HEAD", b"OPTIONS")
 STOW_METHODS = (b"GET", b"HEAD", b"POST", b"OPTIONS")
 ADMIN_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS")
 
@@ -104,6 +105,15 @@ class Target:
         return path + self.query
 
 
+#: A path segment Orthanc's web server (civetweb) reads exactly as we do.
+#: It takes a backslash (raw or %5C) for a slash and drops the dots that end
+#: a segment (C{/tools/shutdown.} is C{/tools/shutdown}): either would let a
+#: path past the checks made here on its decoded form.  UIDs, Orthanc's
+#: identifiers and its REST paths need nothing beyond RFC 3986's path
+#: characters.
+_SEGMENT = re.compile(rb"\.\.|[A-Za-z0-9_~!$&'()*+,;=:@.-]*[A-Za-z0-9_~!$&'()*+,;=:@-]")
+
+
 def resolveTarget(request: Request, mount: bytes) -> Target:
     """
     The L{Target} of C{request}, which the site routed to C{mount}.
@@ -125,6 +135,11 @@ def resolveTarget(request: Request, mount: bytes) -> Target:
     for part in parts:
         if part in (b"", b"."):
             continue
+        if not _SEGMENT.fullmatch(part):
+            raise BadPath(
+                "The request's path has a segment Orthanc would read differently (a backslash, a"
+                " character outside URL path characters, or a trailing dot)."
+            )
         if part == b"..":
             if len(segments) <= 1:
                 raise BadPath(f"The request's path leaves /{mount.decode('ascii')}/.")
@@ -186,7 +201,7 @@ class PacsResource(Resource):
             return jsonError(request, http.NOT_FOUND, "This is not a DICOMweb resource of the archive.")
         # STOW-RS: POST /studies or /studies/{StudyInstanceUID}.
         stow = target.segments[0] == b"studies" and len(target.segments) <= 2
-        allowed = STOW_METHODS if stow else READ_METHODS
+        allowed = STOW_METHODS if stow else SAFE_METHODS
         if request.method not in allowed:
             return notAllowed(request, allowed)
         return self._proxy.forward(request, target.upstream(PACS))

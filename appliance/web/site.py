@@ -14,10 +14,9 @@ decides whether its account may reach the resource.
 """
 
 import ipaddress
-import re
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, List, Mapping, Optional, Sequence, Tuple
+from typing import BinaryIO, List, Mapping, Optional, Tuple
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -33,16 +32,11 @@ from twisted.web.server import Request, Site
 from appliance.config import Config, ListenAddress
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.appconfig import renderAppConfig
-from appliance.web.auth import AccessGate, Authenticator
+from appliance.web.auth import AccessGate, Authenticator, requestTarget
 from appliance.web.health import HealthResource
 from appliance.web.login import LoginResource, LogoutResource
-from appliance.web.request import ApplianceRequest, DeadlineHTTPChannel
+from appliance.web.request import HOST_NAME, ApplianceRequest, DeadlineHTTPChannel, HeaderPairs
 from appliance.web.static import ViewerResource
-
-Headers = Sequence[Tuple[bytes, bytes]]
-
-#: A host name or IPv4 address as a browser writes it in the Host header.
-_HOST_NAME = re.compile(rb"[A-Za-z0-9.-]{1,253}")
 
 
 #: One line a request in combined log format, under its own namespace so that
@@ -75,7 +69,7 @@ class ApplianceSite(Site):
     def __init__(
         self,
         resource: Resource,
-        standardHeaders: Headers,
+        standardHeaders: HeaderPairs,
         reactor,
         idleTimeout: float,
         headerTimeout: float,
@@ -231,7 +225,7 @@ class RedirectToHTTPS(Resource):
             request.setResponseCode(http.BAD_REQUEST)
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             return b"Bad Host header.\n"
-        target = request.uri if request.uri.startswith(b"/") else b"/"
+        target = requestTarget(request)
         request.setResponseCode(http.MOVED_PERMANENTLY)
         request.setHeader(b"Location", b"https://" + host + self._port + target)
         request.setHeader(b"Content-Length", b"0")
@@ -243,7 +237,7 @@ class RedirectToHTTPS(Resource):
         C{host} as it goes into the Location header (IPv6 in brackets), or
         L{None} if it is neither a name nor an address.
         """
-        if _HOST_NAME.fullmatch(host):
+        if HOST_NAME.fullmatch(host):
             return host
         try:
             return b"[%s]" % (ipaddress.IPv6Address(host.decode("ascii")).compressed.encode("ascii"),)
@@ -317,7 +311,7 @@ def buildSiteResource(config: Config, orthanc, authenticator: Authenticator, pro
     """
     routes = dict(proxyRoutes)
     routes[b"login"] = LoginResource(authenticator, config.web)
-    routes[b"logout"] = LogoutResource(authenticator)
+    routes[b"logout"] = LogoutResource(authenticator, config.web)
     return AccessGate(buildWebRoot(config, orthanc, routes), authenticator, config.web)
 
 

@@ -22,9 +22,10 @@ import re
 import secrets
 import tempfile
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -50,6 +51,7 @@ class Account:
         """
         rank = ROLES.index(role)
         return any(ROLES.index(held) >= rank for held in self.roles)
+
 
 #: A user name: letters, digits and a few separators (e-mail addresses fit),
 #: never a colon (the field separator) nor white space.
@@ -187,10 +189,24 @@ def verifyPassword(password: str, stored: str) -> bool:
     return hmac.compare_digest(_scrypt(password, parsed.salt, parsed.parameters), parsed.key)
 
 
-#: What an unknown user's password is checked against, so that the answer
-#: takes as long as for a known one: the default parameters, and a key no
-#: password gives in practice.
-DUMMY_HASH = PasswordHash(DEFAULT_PARAMETERS, bytes(_SALT_SIZE), bytes(_KEY_SIZE)).encode()
+def dummyHash(parameters: ScryptParameters) -> str:
+    """
+    A hash with C{parameters} and a key no password gives in practice: what
+    an unknown user's password is checked against, so that the answer takes
+    as long as for a known one.
+    """
+    return PasswordHash(parameters, bytes(_SALT_SIZE), bytes(_KEY_SIZE)).encode()
+
+
+def commonParameters(entries: Iterable["UserEntry"]) -> ScryptParameters:
+    """
+    The scrypt parameters most of C{entries}' hashes use (the first seen of
+    equally common ones), or the defaults when there is no entry.
+    """
+    counts = Counter(PasswordHash.parse(entry.passwordHash).parameters for entry in entries)
+    if not counts:
+        return DEFAULT_PARAMETERS
+    return counts.most_common(1)[0][0]
 
 
 def parseRoles(text: str) -> FrozenSet[str]:
@@ -335,7 +351,8 @@ def _rewrite(path: Path, change: Callable[[List[str]], List[str]]) -> None:
     """
     Replace the users file with C{change} applied to its lines, atomically
     (a temporary file renamed over it), keeping its owner and group, mode
-    0640.  Another C{passwd} waits: the folder is locked for the change.
+    0640; a new file gets the group of its folder.  Another C{passwd} waits:
+    the folder is locked for the change.
 
     @raise UsersFileError: with a sentence.
     """
@@ -349,16 +366,18 @@ def _rewrite(path: Path, change: Callable[[List[str]], List[str]]) -> None:
         text = readUsersText(path)
         lines = change(text.splitlines() if text else [])
         try:
-            owner = os.stat(path)
+            status = os.stat(path)
+            owner, group, new = status.st_uid, status.st_gid, False
         except FileNotFoundError:
-            owner = None
-        _replace(path, "".join(line + "\n" for line in lines), owner)
+            # The folder may be root:pacs-appliance, like the packaged file.
+            owner, group, new = -1, os.fstat(lock).st_gid, True
+        _replace(path, "".join(line + "\n" for line in lines), owner, group, new)
         os.fsync(lock)
     finally:
         os.close(lock)
 
 
-def _replace(path: Path, text: str, owner: Optional[os.stat_result]) -> None:
+def _replace(path: Path, text: str, owner: int, group: int, new: bool) -> None:
     try:
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as error:
@@ -366,9 +385,8 @@ def _replace(path: Path, text: str, owner: Optional[os.stat_result]) -> None:
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
             os.fchmod(stream.fileno(), 0o640)
-            if owner is not None:
-                # The daemon reads the file through its group (root:pacs-appliance).
-                os.fchown(stream.fileno(), owner.st_uid, owner.st_gid)
+            # The daemon reads the file through its group (root:pacs-appliance).
+            os.fchown(stream.fileno(), owner, group)
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
@@ -376,9 +394,8 @@ def _replace(path: Path, text: str, owner: Optional[os.stat_result]) -> None:
     except OSError as error:
         os.unlink(temporary)
         if error.errno == errno.EPERM:
-            raise UsersFileError(
-                f"cannot keep the owner and group of {path} (run the command as root)"
-            ) from None
+            wanted = "the group of its folder" if new else "its owner and group"
+            raise UsersFileError(f"cannot give {path} {wanted} (run the command as root)") from None
         raise UsersFileError(f"cannot write {path}: {error.strerror}") from None
 
 
@@ -469,10 +486,15 @@ class UsersFile(Service):
     checked every C{interval} seconds while the service runs, and
     L{reload} (SIGHUP) reads it whatever the metadata says.
 
-    The file is read in the reactor thread: it is a local file whose size is
-    checked first and capped at L{MAX_FILE_SIZE} (a few KiB in practice), so
+    The file is read in the reactor thread: it is a local file, read up to
+    L{MAX_FILE_SIZE} and refused if it holds more (a few KiB in practice), so
     the read is as short as a stat, and reading synchronously keeps changes in
     order (no two reads can finish out of turn).
+
+    C{dummyHash} is what an unknown user's password is checked against: a
+    hash with the scrypt parameters most users have (L{commonParameters}),
+    so that an unknown name costs what most known ones do, whatever
+    parameters were the default when their passwords were set.
 
     A missing file means no users.  A file that cannot be read or is not a
     users file keeps the previous accounts in force.  Listeners given to
@@ -487,6 +509,7 @@ class UsersFile(Service):
         self.path = path
         self._interval = interval
         self._users: Dict[str, UserEntry] = {}
+        self.dummyHash = dummyHash(DEFAULT_PARAMETERS)
         self._signature: Optional[_Signature] = None
         self._listeners: List[Callable[[FrozenSet[str]], None]] = []
         self._checking = LoopingCall(self.check)
@@ -572,6 +595,7 @@ class UsersFile(Service):
             name for name, entry in self._users.items() if users.get(name) != entry
         )
         self._users = users
+        self.dummyHash = dummyHash(commonParameters(users.values()))
         if changed:
             for listener in self._listeners:
                 try:

@@ -1,0 +1,318 @@
+"""
+Who may reach what through the whole HTTPS site, in memory: the request layer
+(L{ApplianceSite}), the access gate and every route of L{buildSiteResource}
+with the proxy routes of L{buildProxyResources}, the real L{Authenticator}
+reading a users file, and the proxy's C{forward} replaced by a recorder so
+that no Orthanc is needed.
+
+Each table row is a raw request (user, method, path as sent, headers) and
+what must come of it: the status, and what reached the proxy (nothing, or the
+path asked of Orthanc).
+"""
+
+from typing import List, NamedTuple, Optional, Tuple, Union
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import NOT_DONE_YET
+
+from appliance.web.auth import Authenticator
+from appliance.web.routes import buildProxyResources
+from appliance.web.site import ApplianceSite, buildSiteResource
+from appliance.web.users import UsersFile
+from tests.support import basicAuthorization, httpExchange, temporaryFolder, testConfig, writeUser
+from tests.test_web_static import FakeOrthanc
+
+#: The users file's accounts by role, as (name, password); "intruder" is
+#: the viewer's name with a wrong password.
+CREDENTIALS = {
+    "viewer": ("reader", "viewer password"),
+    "uploader": ("modality", "uploader password"),
+    "admin": ("hospital-it", "admin password"),
+    "intruder": ("reader", "not the viewer password"),
+}
+
+#: The body sent with every POST and PUT.
+BODY = b"--a small body--"
+
+Headers = Tuple[Tuple[str, str], ...]
+
+
+class Row(NamedTuple):
+    """
+    A request and what must come of it.
+
+    @ivar user: a key of L{CREDENTIALS} (sent as HTTP Basic), or L{None}.
+    @ivar status: the status, or the statuses any of which will do.
+    @ivar forwarded: the path and query the proxy is asked to get from
+        Orthanc, or L{None} if the request must not reach the proxy.
+    """
+
+    user: Optional[str]
+    method: str
+    path: str
+    status: Union[int, Tuple[int, ...]]
+    forwarded: Optional[str] = None
+    headers: Headers = ()
+
+    @property
+    def body(self) -> bytes:
+        return BODY if self.method in ("POST", "PUT") else b""
+
+
+#: What a browser loading a page sends (L{appliance.web.auth.isNavigation}).
+NAVIGATION = (("Accept", "text/html,application/xhtml+xml"),)
+
+PUBLIC = [
+    Row(None, "GET", "/healthz", 200),
+    Row(None, "GET", "/login", 200),
+    Row(None, "GET", "/favicon.ico", 200),
+    Row(None, "GET", "/manifest.json", 200),
+    Row(None, "HEAD", "/manifest.json", 200),
+    # The viewer's configuration and pages are not public.
+    Row(None, "GET", "/app-config.js", 401),
+    Row(None, "GET", "/app-config.js", 302, headers=NAVIGATION),
+    Row("viewer", "GET", "/app-config.js", 200),
+    Row(None, "GET", "/", 401),
+    Row(None, "GET", "/", 302, headers=NAVIGATION),
+    # A public file's name does not open what follows it.
+    Row(None, "GET", "/favicon.ico/../pacs-admin/system", 401),
+    Row(None, "POST", "/favicon.ico", 401),
+    Row(None, "GET", "/healthz/../pacs/studies", 200),
+    Row(None, "GET", "/healthz/%2e%2e/pacs/studies", 200),
+    Row(None, "GET", "/login/../pacs-admin/system", 404),
+    # CORS preflights carry no credentials; the proxy answers them itself.
+    Row(None, "OPTIONS", "/pacs/studies", 204),
+    Row(
+        None,
+        "OPTIONS",
+        "/pacs/studies",
+        204,
+        headers=(("Origin", "https://viewer.example"), ("Access-Control-Request-Method", "POST")),
+    ),
+    Row("admin", "OPTIONS", "/pacs/studies", 204),
+]
+
+ROLES = [
+    # /pacs: viewers read, uploaders store, nobody else changes anything.
+    Row(None, "GET", "/pacs/studies", 401),
+    Row("intruder", "GET", "/pacs/studies", 401),
+    Row("viewer", "GET", "/pacs/studies?PatientID=P1", 200, "/pacs/studies?PatientID=P1"),
+    Row("viewer", "HEAD", "/pacs/studies", 200, "/pacs/studies"),
+    Row("viewer", "GET", "/pacs/wado?requestType=WADO", 200, "/pacs/wado?requestType=WADO"),
+    Row("viewer", "GET", "/pacs/servers", 404),
+    Row(None, "POST", "/pacs/studies", 401),
+    Row("viewer", "POST", "/pacs/studies", 403),
+    Row("uploader", "POST", "/pacs/studies", 200, "/pacs/studies"),
+    Row("uploader", "POST", "/pacs/studies/1.2.3", 200, "/pacs/studies/1.2.3"),
+    Row("admin", "POST", "/pacs/studies", 200, "/pacs/studies"),
+    # Outside STOW-RS, POST is no DICOMweb method.
+    Row("uploader", "POST", "/pacs/studies/1.2.3/series", 405),
+    Row("uploader", "POST", "/pacs/wado", 405),
+    Row("admin", "POST", "/pacs/instances", 405),
+    Row("uploader", "DELETE", "/pacs/studies/1.2.3", 403),
+    Row("admin", "DELETE", "/pacs/studies/1.2.3", 405),
+    Row("admin", "PUT", "/pacs/studies", 405),
+    # Methods are case-sensitive: "get" is no GET.
+    Row("viewer", "get", "/pacs/studies", 403),
+    Row("admin", "get", "/pacs/studies", 405),
+    Row("viewer", "TRACE", "/pacs/studies", 403),
+    Row("admin", "PATCH", "/pacs-admin/system", 405),
+    # /pacs-admin: administrators only, however the name is spelt.
+    Row(None, "GET", "/pacs-admin/system", 401),
+    Row("viewer", "GET", "/pacs-admin/system", 403),
+    Row("uploader", "GET", "/pacs-admin/system", 403),
+    Row("admin", "GET", "/pacs-admin/system", 200, "/system"),
+    Row("admin", "GET", "/pacs-admin", 301),
+    Row("admin", "GET", "/pacs-admin/", 200, "/"),
+    Row(None, "GET", "/%70acs-admin/system", 401),
+    Row("viewer", "GET", "/%70acs-admin/system", 403),
+    Row("admin", "GET", "/%70acs-admin/system", 200, "/system"),
+    # Another name: the viewer's pages (which need a user), never Orthanc.
+    Row(None, "GET", "/PACS-ADMIN/system", 401),
+    Row("viewer", "GET", "/PACS-ADMIN/system", 200),
+    Row("admin", "GET", "/PACS-ADMIN/system", 200),
+]
+
+PATHS = [
+    # Only paths: the absolute form would name the route in a host part.
+    Row("admin", "GET", "http://pacs.example/pacs-admin/system", 400),
+    Row("viewer", "GET", "https://pacs.example/pacs/studies", 400),
+    # Climbing out of /pacs into /pacs-admin, literally or encoded.
+    Row(None, "GET", "/pacs/../pacs-admin/system", 401),
+    Row("viewer", "GET", "/pacs/../pacs-admin/system", 400),
+    Row("admin", "GET", "/pacs/../pacs-admin/system", 400),
+    Row("viewer", "GET", "/pacs/%2e%2e/pacs-admin/system", 400),
+    Row("admin", "GET", "/pacs/%2E%2E/pacs-admin/system", 400),
+    Row("viewer", "GET", "/pacs/studies/%2e%2e/%2e%2e/pacs-admin/system", 400),
+    Row("viewer", "GET", "/pacs/studies/..%2f..%2fsystem", 400),
+    Row("admin", "GET", "/pacs/studies/..%2f..%2fsystem", 400),
+    Row("viewer", "GET", "/pacs/studies%2f..%2f..%2fsystem", 400),
+    Row("viewer", "GET", "/pacs/..%2fpacs-admin/system", 400),
+    Row("viewer", "GET", "/pacs-admin/../pacs/studies", 403),
+    Row("admin", "GET", "/pacs-admin/../pacs/studies", 400),
+    # Empty and dot first segments are no route to Orthanc.
+    Row(None, "GET", "//pacs-admin/system", 401),
+    Row("viewer", "GET", "//pacs-admin/system", 400),
+    Row("admin", "GET", "//pacs-admin/system", 400),
+    Row("viewer", "GET", "/./pacs-admin/system", 400),
+    Row("admin", "GET", "/./pacs-admin/system", 400),
+    Row("viewer", "GET", "/pacs%2f..%2fpacs-admin/system", 400),
+    # Inside a route, paths are resolved as Orthanc would, then re-encoded.
+    Row("viewer", "GET", "/pacs/studies/../series", 200, "/pacs/series"),
+    Row("viewer", "GET", "/pacs//studies/./1.2.3", 200, "/pacs/studies/1.2.3"),
+    Row("viewer", "GET", "/pacs/studies%2f1.2.3", 200, "/pacs/studies/1.2.3"),
+    Row("viewer", "GET", "/%70acs/studies", 200, "/pacs/studies"),
+    Row("admin", "GET", "/pacs-admin/patients/%2e%2e/system", 200, "/system"),
+    Row("viewer", "GET", "/pacs/studies/1.2.3%00", 400),
+]
+
+METHOD_OVERRIDES = [
+    Row("viewer", "GET", "/pacs/studies?_method=DELETE", 400),
+    Row("viewer", "GET", "/pacs/studies/1.2.3?a=1&%5Fmethod=DELETE", 400),
+    Row("admin", "GET", "/pacs-admin/patients/1?_method=DELETE", 400),
+    Row("viewer", "GET", "/pacs/studies", 400, headers=(("X-HTTP-Method-Override", "DELETE"),)),
+    Row("uploader", "POST", "/pacs/studies", 400, headers=(("X-HTTP-Method-Override", "DELETE"),)),
+    Row("admin", "GET", "/pacs-admin/system", 400, headers=(("x-http-method-override", "PUT"),)),
+    Row("admin", "POST", "/pacs-admin/tools/find", 400, headers=(("X-HTTP-Method-Override", "DELETE"),)),
+]
+
+UNSAFE_ENDPOINTS = [
+    Row("admin", "POST", "/pacs-admin/tools/execute-script", 403),
+    Row("admin", "GET", "/pacs-admin/tools/execute-script", 403),
+    Row("admin", "POST", "/pacs-admin/tools/Execute-Script", 403),
+    Row("admin", "POST", "/pacs-admin/TOOLS/EXECUTE-SCRIPT", 403),
+    Row("admin", "POST", "/pacs-admin/tools/execute-script/", 403),
+    Row("admin", "POST", "/pacs-admin//tools/./execute-script", 403),
+    Row("admin", "POST", "/pacs-admin/tools%2fexecute-script", 403),
+    Row("admin", "POST", "/pacs-admin/tools/execute%2Dscript", 403),
+    Row("admin", "POST", "/pacs-admin/%74ools/execute-script", 403),
+    Row("admin", "POST", "/pacs-admin/x/../tools/execute-script", 403),
+    Row("admin", "POST", "/pacs-admin/x/%2e%2e/tools/execute-script", 403),
+    Row("admin", "POST", "/pacs-admin/tools/shutdown", 403),
+    Row("admin", "POST", "/pacs-admin/tools/reset", 403),
+    Row("admin", "PUT", "/pacs-admin/modalities/elsewhere", 403),
+    Row("admin", "DELETE", "/pacs-admin/peers/elsewhere", 403),
+    Row("admin", "PUT", "/pacs-admin/pacs/servers/elsewhere", 403),
+    # What an administrator does every day goes through.
+    Row("admin", "POST", "/pacs-admin/tools/find", 200, "/tools/find"),
+    Row("admin", "GET", "/pacs-admin/modalities", 200, "/modalities"),
+    Row("admin", "POST", "/pacs-admin/modalities/elsewhere/store", 200, "/modalities/elsewhere/store"),
+    Row("admin", "DELETE", "/pacs-admin/studies/1", 200, "/studies/1"),
+]
+
+
+#: Orthanc's HTTP server (civetweb 1.15 on Debian 12) reads a backslash, even
+#: percent-encoded, as a slash, and drops the dots that end a segment
+#: (C{/tools/now.} is C{/tools/now}): the site must refuse such paths, or
+#: check them as Orthanc will read them.
+ORTHANC_READINGS = [
+    Row("viewer", "GET", "/pacs/studies/x%5C..%5C..%5C..%5Csystem", 400),
+    Row("viewer", "GET", "/pacs/studies/x%5c..%5c..%5c..%5cpatients", 400),
+    Row("viewer", "GET", "/pacs/studies/x\\..\\..\\..\\system", 400),
+    Row("uploader", "POST", "/pacs/studies/x%5C..%5C..%5C..%5Ctools%5Cshutdown", 400),
+    Row("admin", "POST", "/pacs-admin/tools%5Cshutdown", (400, 403)),
+    Row("admin", "POST", "/pacs-admin/tools\\execute-script", (400, 403)),
+    Row("admin", "POST", "/pacs-admin/tools/shutdown.", (400, 403)),
+    Row("admin", "POST", "/pacs-admin/tools./reset", (400, 403)),
+    Row("admin", "POST", "/pacs-admin/tools/execute-script..", (400, 403)),
+    Row("admin", "PUT", "/pacs-admin/modalities./elsewhere", (400, 403)),
+]
+
+
+class AccessTests(SynchronousTestCase):
+    maxDiff = None
+
+    def setUp(self) -> None:
+        folder = temporaryFolder(self)
+        usersFile = folder / "users"
+        config = testConfig(folder, auth={"users_file": usersFile})
+        for role in ("viewer", "uploader", "admin"):
+            writeUser(usersFile, *CREDENTIALS[role], [role])
+        for name in ("favicon.ico", "manifest.json"):
+            (config.web.ohif_root / name).write_bytes(b"{}")
+        clock = MemoryReactorClock()
+        # Password checks in the test's thread: a thread pool would answer
+        # through the real reactor, and the test's hashes are cheap.
+        authenticator = Authenticator(
+            UsersFile(usersFile, clock), config.auth, clock, runInThread=maybeDeferred
+        )
+        orthanc = FakeOrthanc()
+        proxy, proxyRoutes = buildProxyResources(config, orthanc, clock)
+        self.patch(proxy, "forward", self.recordForward)
+        self.forwarded: List[Tuple[str, str, bytes]] = []
+        self.site = ApplianceSite.fromConfig(
+            config, buildSiteResource(config, orthanc, authenticator, proxyRoutes), clock, authenticator, True
+        )
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+
+    def recordForward(self, request, target: bytes, rewrite=None):
+        """
+        In place of L{OrthancProxy.forward}: note what reached the proxy and
+        answer 200.
+        """
+        self.forwarded.append((request.method.decode("ascii"), target.decode("ascii"), request.content.read()))
+        request.setHeader(b"Content-Length", b"0")
+        request.finish()
+        return NOT_DONE_YET
+
+    def exchange(self, row: Row):
+        """
+        Send C{row}'s request on a new connection; C{(status, headers,
+        body)} of the answer.
+        """
+        lines = [f"{row.method} {row.path} HTTP/1.1", "Host: pacs.example"]
+        if row.user is not None:
+            lines.append("Authorization: " + basicAuthorization(*CREDENTIALS[row.user]))
+        lines += [f"{name}: {value}" for name, value in row.headers]
+        if row.body:
+            lines.append(f"Content-Length: {len(row.body)}")
+        return httpExchange(self.site, ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + row.body, secure=True)
+
+    def assertTable(self, rows: List[Row]) -> None:
+        """
+        Each row's request gets its status, and reaches the proxy as the row
+        says; every mismatch is reported at once.
+        """
+        expected, actual = [], []
+        for row in rows:
+            status, _, _ = self.exchange(row)
+            if isinstance(row.status, tuple) and status in row.status:
+                status = row.status
+            forwarded, self.forwarded = self.forwarded, []
+            reached = [] if row.forwarded is None else [(row.method, row.forwarded, row.body)]
+            described = " ".join([row.user or "anonymous", row.method, row.path] + [": ".join(h) for h in row.headers])
+            expected.append((described, row.status, reached))
+            actual.append((described, status, forwarded))
+        self.assertEqual(actual, expected)
+
+    def test_publicRoutes(self) -> None:
+        self.assertTable(PUBLIC)
+
+    def test_roles(self) -> None:
+        self.assertTable(ROLES)
+
+    def test_paths(self) -> None:
+        self.assertTable(PATHS)
+
+    def test_methodOverrides(self) -> None:
+        self.assertTable(METHOD_OVERRIDES)
+
+    def test_unsafeEndpoints(self) -> None:
+        self.assertTable(UNSAFE_ENDPOINTS)
+
+    def test_pathsOrthancReadsDifferently(self) -> None:
+        self.assertTable(ORTHANC_READINGS)
+
+    def test_challenges(self) -> None:
+        """
+        An API client without credentials is challenged for HTTP Basic; a
+        browser loading a page goes to the login page and comes back.
+        """
+        status, headers, _ = self.exchange(Row(None, "GET", "/pacs/studies", 401))
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["www-authenticate"], ['Basic realm="PACS", charset="UTF-8"'])
+        status, headers, _ = self.exchange(Row(None, "GET", "/viewer?StudyInstanceUIDs=1.2", 302, headers=NAVIGATION))
+        self.assertEqual((status, headers["location"]), (302, ["/login?next=/viewer%3FStudyInstanceUIDs%3D1.2"]))
