@@ -173,8 +173,13 @@ class Config:
 # that set it, returns the typed value or raises ValueError with a sentence.
 
 
+def _isNumber(text: str) -> bool:
+    # str.isdigit also takes superscripts and other scripts' digits.
+    return re.fullmatch(r"[0-9]{1,10}", text) is not None
+
+
 def parsePort(text: str, base: Path) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _isNumber(text) or not 1 <= int(text) <= 65535:
         raise ValueError(f"{text!r} is not a port number (1-65535)")
     return int(text)
 
@@ -207,7 +212,7 @@ _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 
 
 def parseSize(text: str, base: Path) -> int:
-    match = re.fullmatch(r"(\d+)\s*([KMG]?)(?:i?B)?", text, re.IGNORECASE)
+    match = re.fullmatch(r"([0-9]{1,12})\s*([KMG]?)(?:i?B)?", text, re.IGNORECASE)
     if match is None:
         raise ValueError(f"{text!r} is not a size (a number with an optional K, M or G suffix)")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
@@ -217,7 +222,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
 
 
 def parseDuration(text: str, base: Path) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|)", text)
+    match = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h|)", text)
     if match is None:
         raise ValueError(
             f"{text!r} is not a duration (a number with a unit: 500ms, 30s, 5m, 1h)"
@@ -233,7 +238,7 @@ def parsePositiveDuration(text: str, base: Path) -> float:
 
 
 def parseCount(text: str, base: Path) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not _isNumber(text) or int(text) < 1:
         raise ValueError(f"{text!r} is not a whole number of at least 1")
     return int(text)
 
@@ -287,7 +292,13 @@ def parseCertificateSubject(text: str, base: Path) -> Optional[x509.Name]:
 def parsePath(text: str, base: Path) -> Path:
     if not text:
         raise ValueError("a path is required")
-    return Path(os.path.normpath(base / Path(text).expanduser()))
+    try:
+        path = Path(os.path.normpath(base / Path(text).expanduser()))
+    except RuntimeError:
+        raise ValueError(f"{text!r} names the home folder of a user that does not exist")
+    if len(os.fsencode(path)) > 4095 or any(len(os.fsencode(part)) > 255 for part in path.parts):
+        raise ValueError(f"{text!r} is longer than a path can be")
+    return path
 
 
 def parseOptionalPath(text: str, base: Path) -> Optional[Path]:
@@ -470,6 +481,15 @@ def configFiles(mainPath: Path) -> List[Path]:
     return [mainPath] + extra
 
 
+def _shown(name: str) -> str:
+    """
+    A section or key name from the file as a problem line may show it: with
+    escapes for anything but printable ASCII, so that no name can forge lines
+    or colour a terminal.
+    """
+    return name if name.isascii() and name.isprintable() else ascii(name)[1:-1]
+
+
 def _readFile(path: Path, settings: Dict[str, Dict[str, _Setting]], problems: List[str]) -> None:
     parser = configparser.ConfigParser(
         interpolation=None,
@@ -495,7 +515,7 @@ def _readFile(path: Path, settings: Dict[str, Dict[str, _Setting]], problems: Li
         known = _schemaOf(section)
         if known is None:
             problems.append(
-                f"{path}: [{section}]: unknown section (known: {', '.join(SCHEMA)},"
+                f"{path}: [{_shown(section)}]: unknown section (known: {', '.join(SCHEMA)},"
                 f" {MODALITY_PREFIX}NAME)"
             )
             continue
@@ -503,14 +523,14 @@ def _readFile(path: Path, settings: Dict[str, Dict[str, _Setting]], problems: Li
             r"[A-Za-z0-9_-]{1,64}", section[len(MODALITY_PREFIX) :]
         ):
             problems.append(
-                f"{path}: [{section}]: a modality name is 1 to 64 letters, digits, - or _"
+                f"{path}: [{_shown(section)}]: a modality name is 1 to 64 letters, digits, - or _"
             )
             continue
         # An empty [modality:NAME] must still be reported for its missing keys.
         settings.setdefault(section, {})
         for key, value in parser.items(section):
             if key not in known:
-                problems.append(f"{path}: [{section}] {key}: unknown key")
+                problems.append(f"{path}: [{_shown(section)}] {_shown(key)}: unknown key")
                 continue
             settings.setdefault(section, {})[key] = _Setting(value.strip(), path)
 

@@ -221,6 +221,11 @@ def _selectALPN(protocols: Sequence[bytes]) -> Callable[[SSL.Connection, List[by
     return select
 
 
+#: OpenSSL's SSL_OP_PRIORITIZE_CHACHA (1.1.1 and 3.x), for which pyOpenSSL has
+#: no name.
+OP_PRIORITIZE_CHACHA = 0x00200000
+
+
 def serverContext(certificate: PrivateCertificate, protocols: Sequence[bytes] = ()) -> SSL.Context:
     """
     A new OpenSSL context with the appliance's policy, presenting C{certificate}
@@ -228,15 +233,22 @@ def serverContext(certificate: PrivateCertificate, protocols: Sequence[bytes] = 
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    # No server cipher preference: every suite offered is strong, so the client
-    # may pick the one fastest for it (ChaCha20 without AES instructions), as
-    # Mozilla's profile advises.  No session tickets: their key would live as
-    # long as the process and undo forward secrecy; sessions resume from the
-    # server's cache instead.
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+    # The server's order of suites (AES-GCM first), except that a client
+    # preferring ChaCha20 (no AES instructions) gets it: scanners and security
+    # reviews rate "no server order" as a finding, and this keeps what Mozilla's
+    # advice to leave the choice to the client was for.  No session tickets:
+    # their key would live as long as the process and undo forward secrecy;
+    # sessions resume from the server's cache instead.
+    context.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_NO_TICKET
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | OP_PRIORITIZE_CHACHA
+    )
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
-    _restrictGroups(context)
+    restrictGroups(context)
     context.use_certificate(certificate.original.to_cryptography())
     context.use_privatekey(certificate.privateKey.original.to_cryptography_key())
     context.check_privatekey()
@@ -247,7 +259,7 @@ def serverContext(certificate: PrivateCertificate, protocols: Sequence[bytes] = 
     return context
 
 
-def _restrictGroups(context: SSL.Context) -> None:
+def restrictGroups(context: SSL.Context) -> None:
     """
     Offer only the groups of L{GROUP_LISTS}: OpenSSL's default also offers
     finite-field groups in TLS 1.3, which the policy excludes.  pyOpenSSL has

@@ -60,6 +60,21 @@ class ConnectionTracker(WrappingFactory):
                 each.callback(None)
 
 
+def freePorts(count: int) -> List[int]:
+    """
+    C{count} different TCP ports nothing listens on right now (all held open
+    together while chosen, so no two are the same).
+    """
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def temporaryFolder(case) -> Path:
     """
     A new folder outside the checkout, removed when the test C{case} ends.
@@ -111,15 +126,13 @@ def writeTestConfig(folder: Path, **sections: Dict[str, object]) -> Path:
     and DICOM listeners on free loopback ports, a stub viewer and a certificate that
     will be generated into C{folder}; C{sections} override or add keys.
     """
+    httpPort, dicomPort, httpsPort, redirectPort, tlsPort = freePorts(5)
     base: Dict[str, Dict[str, object]] = {
         "appliance": {"state_dir": folder / "state", "runtime_dir": folder / "run"},
-        "orthanc": {"http_port": freePort(), "dicom_port": freePort()},
+        "orthanc": {"http_port": httpPort, "dicom_port": dicomPort},
         "tls": {"certificate": folder / "tls" / "cert.pem", "private_key": folder / "tls" / "key.pem"},
-        "web": {
-            "listen_https": f"127.0.0.1:{freePort()}",
-            "listen_http": f"127.0.0.1:{freePort()}",
-        },
-        "dicom": {"listen": f"127.0.0.1:{freePort()}"},
+        "web": {"listen_https": f"127.0.0.1:{httpsPort}", "listen_http": f"127.0.0.1:{redirectPort}"},
+        "dicom": {"listen": f"127.0.0.1:{tlsPort}"},
     }
     for section, keys in sections.items():
         base.setdefault(section, {}).update(keys)

@@ -25,6 +25,7 @@ from twisted.internet.ssl import PrivateCertificate
 from zope.interface import implementer
 
 from appliance.config import DicomSection
+from appliance.tls import restrictGroups
 
 _BCP195_ND_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -79,7 +80,11 @@ class DicomTLSContext:
             | SSL.OP_CIPHER_SERVER_PREFERENCE
             | SSL.OP_NO_RENEGOTIATION
             | SSL.OP_SINGLE_ECDH_USE
+            # As on HTTPS: a ticket key living as long as the process would
+            # undo forward secrecy.
+            | SSL.OP_NO_TICKET
         )
+        restrictGroups(context)
         context.use_certificate(certificate.original.to_cryptography())
         context.use_privatekey(certificate.privateKey.original.to_cryptography_key())
         context.check_privatekey()

@@ -151,6 +151,9 @@ def resolveTarget(request: Request, mount: bytes) -> Target:
     _, question, query = request.uri.partition(b"?")
     if not _QUERY.fullmatch(query):
         raise BadPath("The query string has characters that must be percent-encoded.")
+    if b"\0" in unquote_to_bytes(query):
+        # Orthanc's web server would cut the query short there.
+        raise BadPath("The query string contains a NUL character.")
     if request.requestHeaders.hasHeader(b"X-HTTP-Method-Override") or _fakesMethod(query):
         raise BadPath(
             "Method overrides (X-HTTP-Method-Override, _method) are not accepted; send the method itself."
