@@ -109,6 +109,7 @@ class WebSection:
     max_connections: int
     max_request_head: int
     max_upload_size: int
+    min_body_rate: int
     proxy_connect_timeout: float
     proxy_response_timeout: float
     proxy_idle_timeout: float
@@ -425,6 +426,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_connections": Key(parseCount, "1000"),
         "max_request_head": Key(parseSize, "64K"),
         "max_upload_size": Key(parseSize, "4G"),
+        "min_body_rate": Key(parseSize, "1K"),
         "proxy_connect_timeout": Key(parsePositiveDuration, "5s"),
         "proxy_response_timeout": Key(parsePositiveDuration, "5m"),
         "proxy_idle_timeout": Key(parsePositiveDuration, "2m"),

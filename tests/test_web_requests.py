@@ -177,6 +177,7 @@ def makeSite(
         maxUploadSize=MAX_UPLOAD,
         maxRequestHead=MAX_HEAD,
         siteName="St Elsewhere",
+        minBodyRate=1024,
     )
     return site, echo
 
@@ -438,6 +439,50 @@ class HeadSizeTests(InMemoryCase):
         self.assertFalse(connection.transport.disconnecting)
         clock.advance(2)
         self.assertTrue(connection.transport.disconnecting)
+
+
+class BodyRateTests(InMemoryCase):
+    """
+    A body must come at 1 KiB/s on average after the 30 s of grace of the
+    head deadline; the time it is held unread does not count.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = MemoryReactorClock()
+        self.site, _ = makeSite(self.folder, self.authenticator, self.clock)
+        self.connection = Connection(self.site)
+        self.addCleanup(self.connection.lose)
+
+    def sendHead(self) -> None:
+        self.connection.send(rawRequest("POST", "/", [ALICE_HEADER, ("Content-Length", "1000000")]))
+
+    def test_tricklingBodyAborted(self) -> None:
+        self.sendHead()
+        for _ in range(30):
+            self.connection.send(b"x")
+            self.clock.advance(1)
+        self.assertFalse(self.connection.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.connection.transport.disconnecting)
+
+    def test_steadyBodyKept(self) -> None:
+        self.sendHead()
+        for _ in range(120):
+            self.connection.send(b"x" * 1100)
+            self.clock.advance(1)
+        self.assertFalse(self.connection.transport.disconnecting)
+
+    def test_heldTimeNotCounted(self) -> None:
+        self.authenticator.later = True
+        self.sendHead()
+        # Less than the idle timeout, which does apply while the body is held.
+        self.clock.advance(50)
+        self.authenticator.answer()
+        self.clock.advance(29)
+        self.assertFalse(self.connection.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.connection.transport.disconnecting)
 
 
 class BodyLimitTests(InMemoryCase):

@@ -158,6 +158,7 @@ class ApplianceRequest(Request):
         if self._refused or self._disconnected:
             return
         self._received += len(data)
+        self.channel.bodyProgress(len(data))
         if self._received > self.channel.site.maxUploadSize:
             self._refuse(413, self._tooLarge())
             return
@@ -304,12 +305,21 @@ class DeadlineHTTPChannel(http.HTTPChannel):
       - answers malformed requests, and requests it refuses for what their
         head says, with a status and a sentence and closes the connection
         (L{refuse}); twisted.web writes a bare 400, or closes silently;
+      - aborts a connection whose request body arrives slower than
+        C{minBodyRate} bytes a second on average, after C{headerTimeout} of
+        grace (not counting the time the body is held): the idle timer alone
+        would let a byte every C{idleTimeout} hold a connection for days;
       - holds a request's body unread while the request layer decides
         whether to read it (L{holdBody}), and sends 100 (Continue) only when
         it does.
     """
 
     headerTimeout: float
+    minBodyRate: int
+    _bodyDeadline = None
+    _bodyHeldSince: Optional[float] = None
+    _bodyStarted = 0.0
+    _bodyReceived = 0
     _headerDeadline = None
     _refused = False
     log = Logger()
@@ -347,10 +357,13 @@ class DeadlineHTTPChannel(http.HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._cancelHeaderDeadline()
         problem = self._headProblem(self.requests[-1].requestHeaders)
-        if problem is None:
-            super().allHeadersReceived()
-        else:
+        if problem is not None:
             self.refuse(400, problem)
+            return
+        # Zero: no body follows; None: a chunked one.
+        if self.length != 0:
+            self._startBodyDeadline()
+        super().allHeadersReceived()
 
     def _headProblem(self, headers: Headers) -> Optional[str]:
         """
@@ -371,6 +384,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         return None
 
     def allContentReceived(self) -> None:
+        self._cancelBodyDeadline()
         # A decoder may finish a body it had buffered after a refusal.
         if not self._refused:
             super().allContentReceived()
@@ -394,12 +408,20 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         # not even what is already buffered; the transport stops reading.
         self.paused = True
         self._networkProducer.pauseProducing()
+        if self._bodyDeadline is not None:
+            self._cancelBodyDeadline()
+            self._bodyHeldSince = self._now()
 
     def releaseBody(self) -> None:
         """
         Read the body L{holdBody} held, from what is buffered on.
         """
         self.paused = False
+        if self._bodyHeldSince is not None:
+            # The body was not read while held: that time is not the client's.
+            self._bodyStarted += self._now() - self._bodyHeldSince
+            self._bodyHeldSince = None
+            self._checkBodyRate()
         if not self._waitingForTransport:
             self._networkProducer.resumeProducing()
         self.dataReceived(b"")
@@ -418,6 +440,8 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         """
         if self._refused:
             return
+        # The refusal has its own way of ending the connection.
+        self._cancelBodyDeadline()
         self._refused = True
         self.persistent = False
         self.paused = True
@@ -470,6 +494,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
 
     def connectionLost(self, reason) -> None:
         self._cancelHeaderDeadline()
+        self._cancelBodyDeadline()
         super().connectionLost(reason)
 
     def _startHeaderDeadline(self) -> None:
@@ -478,6 +503,44 @@ class DeadlineHTTPChannel(http.HTTPChannel):
 
     def _cancelHeaderDeadline(self) -> None:
         deadline, self._headerDeadline = self._headerDeadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def bodyProgress(self, count: int) -> None:
+        """
+        C{count} more bytes of the request's body arrived.
+        """
+        self._bodyReceived += count
+
+    def _now(self) -> float:
+        return self.site.reactor.seconds()
+
+    def _startBodyDeadline(self) -> None:
+        self._bodyStarted = self._now()
+        self._bodyReceived = 0
+        self._bodyHeldSince = None
+        self._checkBodyRate()
+
+    def _checkBodyRate(self) -> None:
+        """
+        Abort if the body is behind the pace C{minBodyRate} allows, else look
+        again when it would next be behind.
+        """
+        self._bodyDeadline = None
+        allowed = self._bodyStarted + self.headerTimeout + self._bodyReceived / self.minBodyRate
+        now = self._now()
+        if now < allowed:
+            self._bodyDeadline = self.callLater(allowed - now, self._checkBodyRate)
+            return
+        self.log.info(
+            "Closed the connection of {client}: its request body came slower than {rate} bytes a second",
+            client=str(self.transport.getPeer()),
+            rate=self.minBodyRate,
+        )
+        self.transport.abortConnection()
+
+    def _cancelBodyDeadline(self) -> None:
+        deadline, self._bodyDeadline = self._bodyDeadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
 

@@ -61,6 +61,8 @@ class ApplianceSite(Site):
     @param maxRequestHead: the largest request head (request line and
         headers), in bytes.
     @param siteName: the realm of the 401 given before a body is read.
+    @param minBodyRate: the slowest average pace of a request body, in bytes
+        a second, after C{headerTimeout} of grace.
     """
 
     requestFactory = ApplianceRequest
@@ -79,6 +81,7 @@ class ApplianceSite(Site):
         maxUploadSize: int,
         maxRequestHead: int,
         siteName: str,
+        minBodyRate: int,
     ) -> None:
         # Resources read request.content themselves: twisted.web would read
         # a form body whole into request.args, even a spooled upload.
@@ -90,6 +93,7 @@ class ApplianceSite(Site):
         self.maxUploadSize = maxUploadSize
         self.maxRequestHead = maxRequestHead
         self.siteName = siteName
+        self.minBodyRate = minBodyRate
 
     @classmethod
     def fromConfig(cls, config: Config, resource: Resource, reactor, authenticator, secure: bool) -> "ApplianceSite":
@@ -109,6 +113,7 @@ class ApplianceSite(Site):
             maxUploadSize=web.max_upload_size,
             maxRequestHead=web.max_request_head,
             siteName=web.site_name,
+            minBodyRate=web.min_body_rate,
         )
 
     def startFactory(self) -> None:
@@ -128,6 +133,7 @@ class ApplianceSite(Site):
     def buildProtocol(self, addr) -> DeadlineHTTPChannel:
         channel = super().buildProtocol(addr)
         channel.headerTimeout = self.headerTimeout
+        channel.minBodyRate = self.minBodyRate
         # twisted.web allows 16 KiB for the whole head and for each line;
         # OHIF opening many studies sends longer query strings.
         channel.totalHeadersSize = channel.MAX_LENGTH = self.maxRequestHead

@@ -1,0 +1,372 @@
+"""
+Faults with accounting ("nothing lost"): while a web client STOWs instances
+and a modality C-STOREs over DICOM TLS, both without pause, Orthanc is killed
+with SIGKILL twice and the daemon reloads on SIGHUP once.  Afterwards every
+instance whose store was acknowledged as successful is in the archive, every
+other store was reported to its sender as a failure, and the daemon is ready
+again without anyone's help.  The counts are printed.
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Set, Tuple
+from urllib.parse import quote
+
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.trial.unittest import TestCase
+
+from appliance.tls import selfSignedPaths
+from tests.daemon import addUser, startDaemon
+from tests.support import basicAuthorization, ctSeries, temporaryFolder, testConfig
+
+UPLOADER = ("uploader", "uploader password for the fault test")
+ADMIN = ("imaging-admin", "admin password for the fault test")
+#: How long one request or one DICOM exchange may take before its sender
+#: counts it as failed.
+PEER_TIMEOUT = 20
+#: How long the appliance may take to be ready again after a fault.
+RECOVERY_TIMEOUT = 60
+#: How often a condition is checked while waiting for it.
+POLL_INTERVAL = 0.1
+DICOM_JSON = "application/dicom+json"
+SOP_INSTANCE_UID = "00080018"
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+
+
+@dataclass
+class Ledger:
+    """
+    What one sender was told about each instance it tried to store:
+    C{succeeded} holds the acknowledged SOP Instance UIDs, C{failed} the
+    others with how the failure was reported.
+    """
+
+    sender: str
+    succeeded: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+
+    def record(self, uid: str, failure: Optional[str]) -> None:
+        if failure is None:
+            self.succeeded.append(uid)
+        else:
+            self.failed[uid] = failure
+
+    def failureKinds(self) -> Dict[str, int]:
+        kinds: Dict[str, int] = {}
+        for failure in self.failed.values():
+            kinds[failure] = kinds.get(failure, 0) + 1
+        return kinds
+
+
+def newInstance(studyUID: str, patientID: str):
+    """
+    One small CT instance of the study C{studyUID}, with its own series.
+    """
+    return ctSeries(1, rows=16, columns=16, studyUID=studyUID, patientID=patientID)[0]
+
+
+def stowBody(instance) -> Tuple[str, bytes]:
+    """
+    The content type and body of a STOW-RS request storing C{instance} alone.
+    """
+    boundary = uuid.uuid4().hex
+    encoded = BytesIO()
+    instance.save_as(encoded, enforce_file_format=True)
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+        + encoded.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode("ascii")
+    )
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', body
+
+
+def sequenceUIDs(answer: dict, tag: str) -> Set[str]:
+    """
+    The Referenced SOP Instance UIDs of the items of the sequence C{tag} in a
+    STOW-RS answer.
+    """
+    items = answer.get(tag, {}).get("Value", [])
+    return {uid for item in items for uid in item.get(REFERENCED_SOP_INSTANCE_UID, {}).get("Value", [])}
+
+
+def stowOutcome(status: int, body: bytes, uid: str) -> Optional[str]:
+    """
+    None if a STOW-RS answer acknowledges C{uid} as stored, else how it
+    reported the failure.
+    """
+    if status != 200:
+        return f"HTTP {status}"
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return "HTTP 200 without a JSON answer"
+    if uid in sequenceUIDs(answer, FAILED_SOP_SEQUENCE):
+        return "HTTP 200 listing it as failed"
+    if uid not in sequenceUIDs(answer, REFERENCED_SOP_SEQUENCE):
+        return "HTTP 200 without a reference to it"
+    return None
+
+
+class FaultTests(TestCase):
+    """
+    The whole daemon under load from both doors while Orthanc dies and the
+    configuration is reloaded.
+    """
+
+    timeout = 300
+    log = Logger()
+
+    @inlineCallbacks
+    def setUp(self):
+        self.folder = temporaryFolder(self)
+        users = self.folder / "users"
+        addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
+        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
+        self.config = testConfig(
+            self.folder,
+            auth={"users_file": users},
+            **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.0/8"}},
+        )
+        self.output, self.process = yield startDaemon(self, self.config)
+        self.httpsPort = self.config.web.listen_https.port
+        self.dicomPort = self.config.dicom.listen.port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # The generated certificate names this machine, not 127.0.0.1: trust
+        # the certificate itself, whatever name it carries.
+        self.context.check_hostname = False
+        self.context.load_verify_locations(str(selfSignedPaths(self.config)[0]))
+
+    # --- the appliance, as its clients see it
+
+    def request(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None):
+        """
+        One HTTPS request to the appliance (blocking); (status, body).
+        """
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.httpsPort, context=self.context, timeout=PEER_TIMEOUT
+        )
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def healthy(self) -> bool:
+        try:
+            return self.request("GET", "/healthz", {})[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    @inlineCallbacks
+    def poll(self, condition: Callable[[], bool], what: str, timeout: float = RECOVERY_TIMEOUT, blocking: bool = False):
+        """
+        Wait until C{condition()} holds, checking it every L{POLL_INTERVAL}
+        (in a thread if it is C{blocking}); fail after C{timeout} seconds.
+        """
+        deadline = reactor.seconds() + timeout
+        while True:
+            held = (yield deferToThread(condition)) if blocking else condition()
+            if held:
+                return
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"gave up after {timeout}s waiting for {what}:\n" + "\n".join(self.output.lines[-40:]))
+            yield deferLater(reactor, POLL_INTERVAL, lambda: None)
+
+    def orthancPid(self) -> int:
+        """
+        The pid of the Orthanc the daemon started last, checked to be the
+        daemon's child running Orthanc before anyone signals it.
+        """
+        pids = [int(m.group(1)) for line in self.output.lines for m in [re.search(r"Orthanc is starting: started as pid (\d+)", line)] if m]
+        self.assertTrue(pids, "the daemon never said which pid Orthanc has:\n" + "\n".join(self.output.lines))
+        pid = pids[-1]
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        self.assertEqual(parent, self.process.pid, f"pid {pid} is not the daemon's child")
+        self.assertIn(b"Orthanc", Path(f"/proc/{pid}/cmdline").read_bytes())
+        return pid
+
+    @inlineCallbacks
+    def killOrthanc(self):
+        """
+        SIGKILL the daemon's Orthanc, then wait until the daemon has noticed
+        and /healthz says it is ready again.
+        """
+        pid = self.orthancPid()
+        seen = len(self.output.lines)
+        os.kill(pid, signal.SIGKILL)
+        yield self.poll(
+            lambda: any("Orthanc is restarting" in line for line in self.output.lines[seen:]),
+            f"the daemon to notice that Orthanc (pid {pid}) died",
+        )
+        yield self.poll(self.healthy, "/healthz to say ready after the kill", blocking=True)
+        self.log.info("Orthanc (pid {pid}) was killed and replaced by pid {new}", pid=pid, new=self.orthancPid())
+
+    @inlineCallbacks
+    def reloadDaemon(self):
+        """
+        SIGHUP the daemon and wait for the outcome of the reload in its log.
+        """
+        seen = len(self.output.lines)
+        self.process.signalProcess("HUP")
+        outcomes = ("Reloaded:", "Reload refused", "Reload failed")
+
+        def outcome() -> Optional[str]:
+            for line in self.output.lines[seen:]:
+                if any(text in line for text in outcomes):
+                    return line
+            return None
+
+        yield self.poll(lambda: outcome() is not None, "the outcome of the reload")
+        self.assertIn("Reloaded:", outcome())
+
+    # --- the senders
+
+    def stowContinuously(self, ledger: Ledger, studyUID: str, stop: threading.Event) -> None:
+        """
+        STOW one instance per request over HTTPS with Basic until C{stop} is
+        set, writing down what each answer said (blocking: run in a thread).
+        """
+        headers = {"Authorization": basicAuthorization(*UPLOADER), "Accept": DICOM_JSON}
+        while not stop.is_set():
+            instance = newInstance(studyUID, "FAULT-STOW")
+            contentType, body = stowBody(instance)
+            uid = instance.SOPInstanceUID
+            try:
+                status, answer = self.request("POST", "/pacs/studies", {**headers, "Content-Type": contentType}, body)
+            except (OSError, http.client.HTTPException) as error:
+                ledger.record(uid, f"connection error ({type(error).__name__})")
+                stop.wait(POLL_INTERVAL)
+                continue
+            failure = stowOutcome(status, answer, uid)
+            ledger.record(uid, failure)
+            if failure is not None:
+                # The archive is away: do not spin while it comes back.
+                stop.wait(POLL_INTERVAL)
+
+    def storeContinuously(self, ledger: Ledger, studyUID: str, stop: threading.Event) -> None:
+        """
+        C-STORE one instance after another over DICOM TLS as the modality CT1
+        until C{stop} is set, associating again after an association ends,
+        writing down what each answer said (blocking: run in a thread).
+        """
+        ae = AE(ae_title="CT1")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = PEER_TIMEOUT
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        while not stop.is_set():
+            association = ae.associate("127.0.0.1", self.dicomPort, ae_title="PACS", tls_args=(self.context, None))
+            if not association.is_established:
+                # Refused while Orthanc is not ready: nothing was sent.
+                stop.wait(POLL_INTERVAL)
+                continue
+            try:
+                while not stop.is_set() and association.is_established:
+                    instance = newInstance(studyUID, "FAULT-DICOM")
+                    uid = instance.SOPInstanceUID
+                    try:
+                        answer = association.send_c_store(instance)
+                    except Exception as error:
+                        ledger.record(uid, f"exception ({type(error).__name__})")
+                        break
+                    status = answer.get("Status") if answer else None
+                    if status is None:
+                        ledger.record(uid, "aborted" if association.is_aborted else "no answer")
+                    else:
+                        ledger.record(uid, None if status == 0x0000 else f"status 0x{status:04X}")
+            finally:
+                if association.is_established:
+                    association.release()
+
+    # --- the archive, as an administrator sees it
+
+    def storedUIDs(self, studyUID: str) -> Set[str]:
+        """
+        The SOP Instance UIDs of the study in the archive, by QIDO-RS through
+        the appliance (blocking).
+        """
+        headers = {"Authorization": basicAuthorization(*ADMIN), "Accept": DICOM_JSON}
+        status, body = self.request("GET", f"/pacs/studies/{studyUID}/instances", headers)
+        self.assertIn(status, (200, 204), body[:300])
+        return {item[SOP_INSTANCE_UID]["Value"][0] for item in (json.loads(body) if body else [])}
+
+    def isStored(self, uid: str) -> bool:
+        """
+        Whether the archive has the instance C{uid}, asked alone (blocking).
+        """
+        headers = {"Authorization": basicAuthorization(*ADMIN), "Accept": DICOM_JSON}
+        status, body = self.request("GET", f"/pacs/instances?SOPInstanceUID={quote(uid)}", headers)
+        self.assertIn(status, (200, 204), body[:300])
+        return bool(body) and bool(json.loads(body))
+
+    @inlineCallbacks
+    def test_nothingAcknowledgedIsLost(self):
+        stow, dicom = Ledger("STOW-RS"), Ledger("C-STORE")
+        studies = {"STOW-RS": "2.25." + str(uuid.uuid4().int), "C-STORE": "2.25." + str(uuid.uuid4().int)}
+        stop = threading.Event()
+        senders = [
+            deferToThread(self.stowContinuously, stow, studies["STOW-RS"], stop),
+            deferToThread(self.storeContinuously, dicom, studies["C-STORE"], stop),
+        ]
+        try:
+            yield self.poll(lambda: stow.succeeded and dicom.succeeded, "both senders to store an instance")
+            yield self.killOrthanc()
+            yield self.killOrthanc()
+            yield self.reloadDaemon()
+            # Both doors work again, without help.
+            before = len(stow.succeeded), len(dicom.succeeded)
+            yield self.poll(
+                lambda: len(stow.succeeded) > before[0] and len(dicom.succeeded) > before[1],
+                "both senders to store an instance after the faults",
+            )
+        finally:
+            stop.set()
+            for sender in senders:
+                yield sender
+
+        self.assertTrue((yield deferToThread(self.healthy)), "/healthz does not say ready")
+        self.assertFalse(self.output.ended.called, "the daemon ended:\n" + "\n".join(self.output.lines))
+
+        report = []
+        missing: Dict[str, List[str]] = {}
+        for ledger in (stow, dicom):
+            stored = yield deferToThread(self.storedUIDs, studies[ledger.sender])
+            absent = [uid for uid in ledger.succeeded if uid not in stored]
+            # Asked alone, in case the study query left some out.
+            missing[ledger.sender] = []
+            for uid in absent:
+                if not (yield deferToThread(self.isStored, uid)):
+                    missing[ledger.sender].append(uid)
+            storedFailures = sum(1 for uid in ledger.failed if uid in stored)
+            report.append(
+                f"{ledger.sender}: {len(ledger.succeeded)} acknowledged"
+                f" ({len(ledger.succeeded) - len(missing[ledger.sender])} stored),"
+                f" {len(ledger.failed)} failed ({storedFailures} of them stored anyway);"
+                f" failures: {ledger.failureKinds()}"
+            )
+        print("\nFaults with accounting:\n  " + "\n  ".join(report))
+        for line in report:
+            self.log.info("{line}", line=line)
+
+        self.assertEqual(missing, {"STOW-RS": [], "C-STORE": []}, "acknowledged but not in the archive:\n" + "\n".join(report))
+        # The archive's faults are the appliance's, never the client's: a
+        # refused STOW is a 5xx or a broken connection, never a 4xx.
+        blamed = {uid: kind for uid, kind in stow.failed.items() if kind.startswith("HTTP 4")}
+        self.assertEqual(blamed, {}, "\n".join(report))
