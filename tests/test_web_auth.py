@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from twisted.web.test.requesthelper import DummyChannel
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
 from appliance.reload import ReloadOnSighup
@@ -43,6 +43,7 @@ from appliance.web.auth import (
     requestOrigin,
 )
 from appliance.web.login import LoginResource, LogoutResource
+from appliance.web.pages import Page
 from appliance.web.site import WebRoot
 from appliance.web.users import (
     DEFAULT_PARAMETERS,
@@ -1261,3 +1262,18 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"")
         self.assertEqual(self.fixture.verified, [], "the check was skipped")
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class PageTests(SynchronousTestCase):
+    def test_siteNameEscapedEverywhere(self) -> None:
+        """
+        The site's name goes into the layout and into page bodies as text:
+        HTML is escaped, and a "$" is no placeholder.
+        """
+        web = testConfig(temporaryFolder(self), web={"site_name": "Clinic $5 <A&B>"}).web
+        request = DummyRequest([b""])
+        page = Page("logout.html", "log out", web).answer(request, 403, error="No $error here.").decode()
+        self.assertEqual(page.count("Clinic $5 &lt;A&amp;B&gt;"), 3)
+        self.assertIn("No $error here.", page)
+        self.assertEqual(request.responseCode, 403)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"Cache-Control"), [b"no-store"])

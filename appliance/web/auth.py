@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from appliance.config import AuthSection, WebSection, normalOrigin
-from appliance.web.pages import Page, jsonError, preparePage
+from appliance.web.pages import Page, jsonError
 
 # Account is part of this module's interface; it lives with the users file
 # that defines the accounts (and ROLES).
@@ -856,7 +856,7 @@ def requestTarget(request: Request) -> bytes:
 class Refusal(Resource):
     """
     A leaf answering one refusal: C{code}, C{headers}, and a JSON body
-    C{{"error": message}} or, for C{page}, that HTML page.
+    C{{"error": message}} or, for C{page}, that HTML page with C{message}.
     """
 
     isLeaf = True
@@ -866,23 +866,20 @@ class Refusal(Resource):
         code: int,
         message: str,
         headers: Tuple[Tuple[bytes, bytes], ...] = (),
-        page: Optional[bytes] = None,
-        contentSecurityPolicy: bytes = b"",
+        page: Optional[Page] = None,
     ) -> None:
         super().__init__()
         self._code = code
         self._message = message
         self._headers = headers
         self._page = page
-        self._contentSecurityPolicy = contentSecurityPolicy
 
     def render(self, request: Request) -> bytes:
         for name, value in self._headers:
             request.setHeader(name, value)
         if self._page is None:
             return jsonError(request, self._code, self._message)
-        preparePage(request, self._code, self._contentSecurityPolicy)
-        return self._page
+        return self._page.answer(request, self._code, error=self._message)
 
 
 def _quoted(text: str) -> bytes:
@@ -952,10 +949,8 @@ class AccessGate(Resource):
         super().__init__()
         self._root = root
         self._authenticator = authenticator
-        self._siteName = web.site_name
         self._corsOrigins = frozenset(origin.encode("ascii") for origin in web.cors_allowed_origins)
-        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
-        self._forbiddenPage = Page("forbidden.html", "not allowed")
+        self._forbiddenPage = Page("forbidden.html", "not allowed", web)
         self._basicChallenge = basicChallenge(web.site_name)
         self._cookieChallenge = cookieChallenge(web.site_name)
 
@@ -1036,5 +1031,4 @@ class AccessGate(Resource):
     def _refuse(self, request: Request, code: int, message: str) -> Refusal:
         if not isNavigation(request):
             return Refusal(code, message)
-        page = self._forbiddenPage.render(siteName=self._siteName, error=message)
-        return Refusal(code, message, page=page, contentSecurityPolicy=self._contentSecurityPolicy)
+        return Refusal(code, message, page=self._forbiddenPage)

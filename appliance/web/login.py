@@ -44,7 +44,7 @@ from appliance.web.auth import (
     localTarget,
     sessionTokens,
 )
-from appliance.web.pages import STYLESHEET_NAME, Page, asset, preparePage
+from appliance.web.pages import STYLESHEET_NAME, Page, asset
 
 # The login form is a few hundred bytes: the request layer reads anonymous
 # bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
@@ -106,8 +106,7 @@ class LoginResource(Resource):
         super().__init__()
         self._authenticator = authenticator
         self._siteName = web.site_name
-        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
-        self._page = Page("login.html", "log in")
+        self._page = Page("login.html", "log in", web)
         self.putChild(STYLESHEET_NAME.encode("ascii"), StyleSheet())
 
     def getChild(self, name: bytes, request: Request) -> Resource:
@@ -193,8 +192,7 @@ class LoginResource(Resource):
         )
 
     def _form(self, request: Request, code: int, target: str, error: str = "", name: str = "") -> bytes:
-        preparePage(request, code, self._contentSecurityPolicy)
-        return self._page.render(siteName=self._siteName, error=error, user=name, next=target)
+        return self._page.answer(request, code, error=error, user=name, next=target)
 
     @staticmethod
     def _argument(arguments: Dict[bytes, List[bytes]], name: bytes) -> str:
@@ -244,9 +242,7 @@ class LogoutResource(Resource):
     def __init__(self, authenticator: Authenticator, web: WebSection) -> None:
         super().__init__()
         self._authenticator = authenticator
-        self._siteName = web.site_name
-        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
-        self._page = Page("logout.html", "log out")
+        self._page = Page("logout.html", "log out", web)
 
     def render_GET(self, request: Request) -> bytes:
         if isCrossSite(request):
@@ -271,8 +267,7 @@ class LogoutResource(Resource):
         return _seeOther(request, b"/login")
 
     def _confirmation(self, request: Request, code: int, error: str = "") -> bytes:
-        preparePage(request, code, self._contentSecurityPolicy)
-        return self._page.render(siteName=self._siteName, error=error)
+        return self._page.answer(request, code, error=error)
 
     def render_HEAD(self, request: Request) -> bytes:
         # HEAD is safe: it shows where logout leads but ends nothing.

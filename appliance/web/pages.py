@@ -16,6 +16,8 @@ from typing import Optional
 
 from twisted.web.server import Request
 
+from appliance.config import WebSection
+
 STYLESHEET_NAME = "login.css"
 
 
@@ -29,31 +31,33 @@ def asset(name: str) -> bytes:
 
 class Page:
     """
-    An HTML page: the body in the asset C{name}, titled C{title}, inside the
-    layout the pages share (C{page.html}: the head, the style sheet, the
-    site's name as the heading).  Its C{$name} placeholders, the layout's
-    C{$siteName} included, are filled with escaped text by L{render}.
+    An HTML page of the site: the body in the asset C{name}, titled
+    C{title}, inside the layout the pages share (C{page.html}: the head, the
+    style sheet, the site's name as the heading), answered under the site's
+    Content-Security-Policy.  Its C{$name} placeholders are filled with
+    escaped text by L{answer}.
     """
 
-    def __init__(self, name: str, title: str) -> None:
+    def __init__(self, name: str, title: str, web: WebSection) -> None:
+        # Filled in now, so "$" in the name is escaped for the placeholders
+        # that L{answer} fills later.
+        siteName = html.escape(web.site_name).replace("$", "$$")
         layout = Template(asset("page.html").decode("utf-8"))
-        main = asset(name).decode("utf-8").rstrip("\n")
-        self._template = Template(layout.safe_substitute(title=html.escape(title), main=main))
+        main = Template(asset(name).decode("utf-8").rstrip("\n")).safe_substitute(siteName=siteName)
+        self._template = Template(layout.safe_substitute(title=html.escape(title), siteName=siteName, main=main))
+        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
 
-    def render(self, **values: str) -> bytes:
+    def answer(self, request: Request, code: int, **values: str) -> bytes:
+        """
+        Prepare C{request} to answer C{code} with this page (HTML, never
+        cached) and return its body, with C{values} in its placeholders.
+        """
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy)
         escaped = {name: html.escape(value, quote=True) for name, value in values.items()}
         return self._template.substitute(escaped).encode("utf-8")
-
-
-def preparePage(request: Request, code: int, contentSecurityPolicy: bytes) -> None:
-    """
-    Prepare C{request} to answer C{code} with one of these pages: HTML,
-    never cached, under the site's C{contentSecurityPolicy}.
-    """
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Content-Security-Policy", contentSecurityPolicy)
 
 
 def jsonError(request: Request, code: int, message: str, retryAfter: Optional[int] = None) -> bytes:
