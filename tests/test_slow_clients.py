@@ -141,6 +141,17 @@ def checkClosed(connection: HeldConnection) -> None:
         connection.closedAt = time.monotonic()
 
 
+def attemptsWhileHeld(connections: Sequence[HeldConnection], go, attempts, limit: float) -> list:
+    """
+    Let the normal user start (C{go}), hold C{connections} until closed or
+    C{limit} seconds, and return the user's attempts made meanwhile.
+    """
+    go.set()
+    started = time.monotonic()
+    holdUntilClosed(connections, limit)
+    return [attempt for attempt in attempts if attempt.startedAt >= started]
+
+
 def holdUntilClosed(connections: Sequence[HeldConnection], limit: float) -> None:
     """
     Until the server has closed every connection, or C{limit} seconds have
@@ -297,10 +308,7 @@ class SlowClientCase(TestCase):
                     sock = openTLS(self.port, clientContext())
                     connections.append(HeldConnection(sock, openedAt, forever(b"X-Slow: a\r\n")))
                     sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
-                go.set()
-                started = time.monotonic()
-                holdUntilClosed(connections, HEADER_TIMEOUT + SLACK)
-                return connections, [attempt for attempt in attempts if attempt.startedAt >= started]
+                return connections, attemptsWhileHeld(connections, go, attempts, HEADER_TIMEOUT + SLACK)
             finally:
                 closeAll(connections)
 
@@ -332,10 +340,7 @@ class SlowClientCase(TestCase):
                         b"Content-Length: %d\r\n\r\nuser=" % (length,)
                     )
                     connections.append(HeldConnection(sock, time.monotonic(), forever(b"a")))
-                go.set()
-                started = time.monotonic()
-                holdUntilClosed(connections, HEADER_TIMEOUT + IDLE_TIMEOUT + SLACK)
-                return connections, [attempt for attempt in attempts if attempt.startedAt >= started]
+                return connections, attemptsWhileHeld(connections, go, attempts, HEADER_TIMEOUT + IDLE_TIMEOUT + SLACK)
             finally:
                 closeAll(connections)
 
@@ -450,10 +455,7 @@ class SlowClientCase(TestCase):
                         sock.sendall(hello[:20])
                         trickle = (bytes([byte]) for byte in hello[20:])
                     connections.append(HeldConnection(sock, openedAt, trickle))
-                go.set()
-                started = time.monotonic()
-                holdUntilClosed(connections, HEADER_TIMEOUT + SLACK)
-                return connections, [attempt for attempt in attempts if attempt.startedAt >= started]
+                return connections, attemptsWhileHeld(connections, go, attempts, HEADER_TIMEOUT + SLACK)
             finally:
                 closeAll(connections)
 
