@@ -30,7 +30,12 @@ class SilentSCP(Protocol):
         self._closed.callback(None)
 
 
-class UpstreamTests(TestCase):
+class StandInTestCase(TestCase):
+    """
+    Starts the forwarder alone (L{startForwarder}) in front of a stand-in for
+    Orthanc's DICOM port, with certificates of a test authority.
+    """
+
     timeout = 120
 
     def setUp(self):
@@ -67,6 +72,8 @@ class UpstreamTests(TestCase):
         context.load_verify_locations(str(self.authority.path))
         return context
 
+
+class UpstreamTests(StandInTestCase):
     async def test_orthancUnreachable(self):
         port = self.startForwarder(orthancPort=freePort())
         answer = await exchange(port, associateRequest("CT1"), self.clientContext())

@@ -6,7 +6,12 @@ relayed both ways.
 
 Refusals get a proper A-ASSOCIATE-RJ before the connection is closed; a peer
 that does not speak TLS, or sends something other than an A-ASSOCIATE-RQ, is
-closed.  Each connection ends with one log line: peer, certificate subject,
+closed.  When Orthanc's connection ends under an association, the modality is
+told at once, not left to its own timeout: by an A-ABORT if what it received so
+far ends between two PDUs, by a transient A-ASSOCIATE-RJ if Orthanc had not
+answered its request yet, and only by the close when Orthanc's connection ended
+in the middle of a PDU (any PDU after that would be read as the rest of the cut
+one).  Each connection ends with one log line: peer, certificate subject,
 calling and called AE titles, the outcome, bytes each way and duration.
 """
 
@@ -29,10 +34,13 @@ from appliance.config import Config
 from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
     ASSOCIATE_RQ_TYPE,
+    ENDING_TYPES,
     NO_REASON_GIVEN,
     PDU_HEADER,
+    PROVIDER_ABORT,
     TEMPORARY_CONGESTION,
     NotAnAssociationRequest,
+    PDUBoundaries,
     RejectResult,
     RejectSource,
     Rejection,
@@ -69,6 +77,8 @@ class ModalityConnection(RelayedConnection):
         super().__init__(factory.reactor, settings.idle_timeout)
         self.factory = factory
         self._buffer = b""
+        #: Where the PDUs relayed from Orthanc to the modality begin and end.
+        self._toModality = PDUBoundaries()
         self._deadline = None
         self.subject: Optional[x509.Name] = None
         self.callingAET = "-"
@@ -149,13 +159,26 @@ class ModalityConnection(RelayedConnection):
 
     def _orthancUnreachable(self, reason: Failure) -> None:
         self._refuse(
-            Rejection(
-                RejectResult.TRANSIENT,
-                RejectSource.SERVICE_PROVIDER_PRESENTATION,
-                TEMPORARY_CONGESTION,
-                f"Orthanc's DICOM port cannot be reached ({reason.getErrorMessage()})",
-            )
+            _orthancAway(f"Orthanc's DICOM port cannot be reached ({reason.getErrorMessage()})")
         )
+
+    # --- relaying
+
+    def upstreamDataReceived(self, data: bytes) -> None:
+        self._toModality.feed(data)
+        super().upstreamDataReceived(data)
+
+    def upstreamEnded(self) -> None:
+        toModality = self._toModality
+        if not toModality.atBoundary:
+            self.outcome += "; closed in the middle of a PDU when Orthanc's connection ended"
+        elif toModality.lastType is None:
+            rejection = _orthancAway("Orthanc closed the connection before answering")
+            self.transport.write(rejection.encode())
+            self.outcome += f"; refused ({rejection.why})"
+        elif toModality.lastType not in ENDING_TYPES:
+            self.transport.write(PROVIDER_ABORT)
+            self.outcome += "; aborted (A-ABORT) when Orthanc's connection ended"
 
     def _refuse(self, rejection: Rejection) -> None:
         self.transport.write(rejection.encode())
@@ -195,6 +218,17 @@ class ModalityConnection(RelayedConnection):
             sent=self.sent,
             duration=duration,
         )
+
+
+def _orthancAway(why: str) -> Rejection:
+    # Transient, from the service provider (presentation), congestion: the
+    # modality may try again later, when Orthanc is back.
+    return Rejection(
+        RejectResult.TRANSIENT,
+        RejectSource.SERVICE_PROVIDER_PRESENTATION,
+        TEMPORARY_CONGESTION,
+        why,
+    )
 
 
 def _describeTLSError(reason: Failure) -> str:

@@ -6,7 +6,8 @@ The connection that was accepted (L{RelayedConnection}) opens the other one
 other's producer: when one side's write buffer fills up, reading from the other
 side stops until it drains, so a slow reader never makes the relay buffer the
 stream.  The end of one direction is passed on to the other side as a half-close
-where the transport can (TCP), and as a TLS close otherwise.
+where the transport can (TCP), and as a TLS close otherwise; a subclass may send
+its peer last words first (L{RelayedConnection.upstreamEnded}).
 """
 
 import time
@@ -64,6 +65,7 @@ class RelayedConnection(Protocol, TimeoutMixin):
         self._pending = b""
         self._connecting = False
         self._relaying = False
+        self._upstreamEnded = False
         self.received = 0
         self.sent = 0
         self.started = time.monotonic()
@@ -155,6 +157,7 @@ class RelayedConnection(Protocol, TimeoutMixin):
         if self._lost:
             return
         self.transport.unregisterProducer()
+        self._endOfUpstream()
         if _isTLS(self.transport):
             # TLS has no half-close: its close alert ends both directions.
             self.transport.loseConnection()
@@ -166,7 +169,20 @@ class RelayedConnection(Protocol, TimeoutMixin):
         self._relaying = False
         if not self._lost:
             self.transport.unregisterProducer()
+            self._endOfUpstream()
             self.transport.loseConnection()
+
+    def _endOfUpstream(self) -> None:
+        if not self._upstreamEnded and not self.transport.disconnecting:
+            self._upstreamEnded = True
+            self.upstreamEnded()
+
+    def upstreamEnded(self) -> None:
+        """
+        Called once when the upstream connection stops sending or is lost
+        while this one is open, just before this one is closed: the last
+        moment to write to the peer.
+        """
 
     def readConnectionLost(self) -> None:
         if self.upstream is not None:
