@@ -9,7 +9,7 @@ timestamp and the level in words.
 
 import os
 import sys
-from typing import IO, Optional
+from typing import IO, Any, Callable, List, Optional
 
 from twisted.logger import (
     FileLogObserver,
@@ -52,14 +52,32 @@ def formatForJournal(event: dict) -> Optional[str]:
     return "".join(f"<{priority}>[{namespace}] {line}\n" for line in text.splitlines())
 
 
+def oncePerSecond(format: Callable[[int], str]) -> Callable[[Optional[float]], str]:
+    """
+    C{format} of a time in whole seconds, remembered for the last second asked
+    for: the access log would otherwise format the same time for every request.
+    """
+    last: List[Any] = [None, ""]
+
+    def formatted(when: Optional[float]) -> str:
+        second = None if when is None else int(when)
+        if second != last[0]:
+            last[:] = [second, format(second)]
+        return last[1]
+
+    return formatted
+
+
+_terminalTime = oncePerSecond(lambda second: formatTime(second, timeFormat="%Y-%m-%d %H:%M:%S%z"))
+
+
 def formatForTerminal(event: dict) -> Optional[str]:
     text = eventAsText(event, includeTimestamp=False, includeSystem=False)
     if not text:
         return None
     level = event.get("log_level", LogLevel.info).name.upper()
     namespace = event.get("log_namespace", "-")
-    when = formatTime(event.get("log_time"), timeFormat="%Y-%m-%d %H:%M:%S%z")
-    return f"{when} {level:<5} [{namespace}] {text}\n"
+    return f"{_terminalTime(event.get('log_time'))} {level:<5} [{namespace}] {text}\n"
 
 
 def dropFactoryChatter(event: dict) -> PredicateResult:

@@ -152,6 +152,9 @@ class AssetCatalog:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.realpath(root))
+        # Every request joins and stats a path: plain strings cost a fraction
+        # of pathlib's objects there.
+        self._rootText = str(self.root)
         self._assets: Dict[str, Asset] = {}
 
     def find(self, relative: str) -> Optional[Asset]:
@@ -159,7 +162,7 @@ class AssetCatalog:
         The asset at C{relative} (a checked path under the root), or L{None} if
         there is no regular file there inside the root.
         """
-        path = self.root / relative
+        path = os.path.join(self._rootText, relative)
         try:
             status = os.stat(path)
         except OSError:
@@ -173,12 +176,12 @@ class AssetCatalog:
         if not self._inside(path):
             self.log.warn("Refused {path}: a link that leads out of {root}", path=relative, root=str(self.root))
             return None
-        asset = self._describe(path, status)
+        asset = self._describe(Path(path), status)
         self._assets[relative] = asset
         return asset
 
-    def _inside(self, path: Path) -> bool:
-        return os.path.realpath(path).startswith(str(self.root) + os.sep)
+    def _inside(self, path: "str | Path") -> bool:
+        return os.path.realpath(path).startswith(self._rootText + os.sep)
 
     def _describe(self, path: Path, status: os.stat_result) -> Asset:
         representations = []
