@@ -86,6 +86,7 @@ class OrthancSection:
     health_timeout: float
     unresponsive_after: int
     max_start_failures: int
+    min_free_space: int
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "health_timeout": Key(parsePositiveDuration, "10s"),
         "unresponsive_after": Key(parseCount, "3"),
         "max_start_failures": Key(parseCount, "3"),
+        "min_free_space": Key(parseSize, "1G"),
     },
     "tls": {
         "certificate": Key(parsePath, "/etc/pacs-appliance/tls/cert.pem"),

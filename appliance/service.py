@@ -11,6 +11,8 @@ from twisted.python import usage
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
+from appliance.orthanc.settings import orthancStorageDir
+from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import CertificateUser, ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
@@ -43,20 +45,22 @@ def buildService(config: Config, reactor=None) -> MultiService:
     # The relays start first: their loopback ports go into Orthanc's configuration.
     relays = DestinationRelays(config, reactor)
     relays.setServiceParent(root)
-    orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports)
+    # One measure of Orthanc's free space: uploads and Orthanc's restarts wait for it.
+    space = StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
+    orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports, space=space)
     orthanc.setServiceParent(root)
     # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.
     certificate = loadServerCertificate(config)
     certificateUsers: List[CertificateUser] = []
     if config.dicom.listen is not None:
-        forwarder = DicomForwarderService(config, certificate, reactor)
+        forwarder = DicomForwarderService(config, certificate, reactor, space)
         forwarder.setServiceParent(root)
         certificateUsers.append(forwarder)
     users = UsersFile(config.auth.users_file, reactor)
     users.setServiceParent(root)
     authenticator = Authenticator(users, config.auth, reactor)
     authenticator.setServiceParent(root)
-    proxy, proxyRoutes = buildProxyResources(config, orthanc, reactor)
+    proxy, proxyRoutes = buildProxyResources(config, orthanc, reactor, space)
     proxy.setServiceParent(root)
     webTLS = ServerTLS(certificate, [b"http/1.1"])
     site = buildSiteResource(config, orthanc, authenticator, proxyRoutes)

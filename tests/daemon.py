@@ -2,19 +2,30 @@
 The whole daemon as a child process (C{pacs-appliance run}), and its users.
 """
 
+import http.client
+import re
+import ssl
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from appliance.config import Config
+from appliance.tls import selfSignedPaths
 
 #: The console script of the checkout's virtual environment.
 EXECUTABLE = Path(sys.executable).parent / "pacs-appliance"
+
+#: How long the daemon may take to be ready again after a fault, and how
+#: often a condition is checked while waiting for it.
+RECOVERY_TIMEOUT = 60
+POLL_INTERVAL = 0.1
 
 
 class DaemonOutput(ProcessProtocol):
@@ -71,6 +82,24 @@ def addUser(usersFile: Path, name: str, password: str, roles: Sequence[str]) -> 
     )
 
 
+def orthancPid(output: DaemonOutput, process) -> int:
+    """
+    The pid of the Orthanc the daemon started last, checked to be the
+    daemon's child running Orthanc before anyone signals it.
+    """
+    pids = [int(m.group(1)) for line in output.lines for m in [re.search(r"Orthanc is starting: started as pid (\d+)", line)] if m]
+    if not pids:
+        raise AssertionError("the daemon never said which pid Orthanc has:\n" + "\n".join(output.lines))
+    pid = pids[-1]
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    parent = int(stat.rsplit(")", 1)[1].split()[1])
+    if parent != process.pid:
+        raise AssertionError(f"pid {pid} is not the daemon's child")
+    if b"Orthanc" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        raise AssertionError(f"pid {pid} is not Orthanc")
+    return pid
+
+
 @inlineCallbacks
 def startDaemon(case, config: Config, ready: str = "Orthanc is ready"):
     """
@@ -94,3 +123,50 @@ def startDaemon(case, config: Config, ready: str = "Orthanc is ready"):
     case.addCleanup(stop)
     yield output.waitFor(ready)
     return output, process
+
+
+class DaemonClient:
+    """
+    For test cases that run the daemon of C{self.config} with
+    L{startDaemon} (its output in C{self.output}): HTTPS requests to it,
+    trusting its generated certificate, and waiting on it (the requests
+    block: run them in threads).
+    """
+
+    def trustDaemon(self) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # The generated certificate names this machine, not 127.0.0.1.
+        self.context.check_hostname = False
+        self.context.load_verify_locations(str(selfSignedPaths(self.config)[0]))
+
+    def request(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None) -> Tuple[int, bytes]:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.config.web.listen_https.port, context=self.context, timeout=30
+        )
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def healthy(self) -> bool:
+        try:
+            return self.request("GET", "/healthz", {})[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    @inlineCallbacks
+    def poll(self, condition: Callable[[], bool], what: str, timeout: float = RECOVERY_TIMEOUT, blocking: bool = True):
+        """
+        Wait until C{condition()} holds, asked every L{POLL_INTERVAL} (in a
+        thread if C{blocking}); fail after C{timeout} seconds.
+        """
+        deadline = reactor.seconds() + timeout
+        while not ((yield deferToThread(condition)) if blocking else condition()):
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"gave up after {timeout}s waiting for {what}:\n" + "\n".join(self.output.lines[-40:]))
+            yield deferLater(reactor, POLL_INTERVAL, lambda: None)
+
+    def linesSince(self, seen: int, text: str) -> List[str]:
+        return [line for line in self.output.lines[seen:] if text in line]

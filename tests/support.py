@@ -3,8 +3,10 @@ Helpers shared by the test suites: configuration files, free ports, DICOM data.
 """
 
 import base64
+import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
@@ -82,6 +84,35 @@ def temporaryFolder(case) -> Path:
     path = Path(tempfile.mkdtemp(prefix="pacs-appliance-test-"))
     case.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def tinyTmpfs(case, size: str) -> Optional[Path]:
+    """
+    A tmpfs of C{size} mounted for the test C{case} (unmounted when it ends),
+    or L{None} where this process may not mount one.
+    """
+    folder = temporaryFolder(case) / "tmpfs"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        return None
+    case.addCleanup(subprocess.run, ["umount", str(folder)], check=True)
+    return folder
+
+
+class FakeFileSystem:
+    """
+    What C{os.statvfs} says of Orthanc's storage: C{free} bytes available.
+    """
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def __call__(self, folder) -> os.statvfs_result:
+        blocks = self.free // 4096
+        return os.statvfs_result((4096, 4096, 1 << 20, blocks, blocks, 1 << 16, 1 << 15, 1 << 15, 0, 255))
 
 
 def writeConfig(folder: Path, sections: Dict[str, Dict[str, object]], name: str = "appliance.ini") -> Path:

@@ -53,15 +53,16 @@ READY_TIMEOUT = 120
 PEER_TIMEOUT = 20
 
 
-def associateRequest(callingAET: str, calledAET: str = "PACS") -> bytes:
+def associateRequest(callingAET: str, calledAET: str = "PACS", abstractSyntax: str = Verification) -> bytes:
     """
-    A well-formed A-ASSOCIATE-RQ proposing Verification, encoded by pynetdicom.
+    A well-formed A-ASSOCIATE-RQ proposing C{abstractSyntax} (Verification),
+    encoded by pynetdicom.
     """
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = callingAET
     primitive.called_ae_title = calledAET
-    context = build_context(Verification)
+    context = build_context(abstractSyntax)
     context.context_id = 1
     primitive.presentation_context_definition_list = [context]
     maximumLength = MaximumLengthNotification()

@@ -10,28 +10,22 @@ again without anyone's help.  The counts are printed.
 import http.client
 import json
 import os
-import re
 import signal
-import ssl
 import threading
 import uuid
 from dataclasses import dataclass, field
 from io import BytesIO
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 from urllib.parse import quote
 
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from appliance.tls import selfSignedPaths
-from tests.daemon import addUser, startDaemon
+from tests.daemon import POLL_INTERVAL, DaemonClient, addUser, orthancPid, startDaemon
 from tests.support import basicAuthorization, ctSeries, temporaryFolder, testConfig
 
 UPLOADER = ("uploader", "uploader password for the fault test")
@@ -39,10 +33,6 @@ ADMIN = ("imaging-admin", "admin password for the fault test")
 #: How long one request or one DICOM exchange may take before its sender
 #: counts it as failed.
 PEER_TIMEOUT = 20
-#: How long the appliance may take to be ready again after a fault.
-RECOVERY_TIMEOUT = 60
-#: How often a condition is checked while waiting for it.
-POLL_INTERVAL = 0.1
 DICOM_JSON = "application/dicom+json"
 SOP_INSTANCE_UID = "00080018"
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -124,7 +114,7 @@ def stowOutcome(status: int, body: bytes, uid: str) -> Optional[str]:
     return None
 
 
-class FaultTests(TestCase):
+class FaultTests(DaemonClient, TestCase):
     """
     The whole daemon under load from both doors while Orthanc dies and the
     configuration is reloaded.
@@ -145,64 +135,8 @@ class FaultTests(TestCase):
             **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.0/8"}},
         )
         self.output, self.process = yield startDaemon(self, self.config)
-        self.httpsPort = self.config.web.listen_https.port
         self.dicomPort = self.config.dicom.listen.port
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        # The generated certificate names this machine, not 127.0.0.1: trust
-        # the certificate itself, whatever name it carries.
-        self.context.check_hostname = False
-        self.context.load_verify_locations(str(selfSignedPaths(self.config)[0]))
-
-    # --- the appliance, as its clients see it
-
-    def request(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None):
-        """
-        One HTTPS request to the appliance (blocking); (status, body).
-        """
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", self.httpsPort, context=self.context, timeout=PEER_TIMEOUT
-        )
-        try:
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    def healthy(self) -> bool:
-        try:
-            return self.request("GET", "/healthz", {})[0] == 200
-        except (OSError, http.client.HTTPException):
-            return False
-
-    @inlineCallbacks
-    def poll(self, condition: Callable[[], bool], what: str, timeout: float = RECOVERY_TIMEOUT, blocking: bool = False):
-        """
-        Wait until C{condition()} holds, checking it every L{POLL_INTERVAL}
-        (in a thread if it is C{blocking}); fail after C{timeout} seconds.
-        """
-        deadline = reactor.seconds() + timeout
-        while True:
-            held = (yield deferToThread(condition)) if blocking else condition()
-            if held:
-                return
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"gave up after {timeout}s waiting for {what}:\n" + "\n".join(self.output.lines[-40:]))
-            yield deferLater(reactor, POLL_INTERVAL, lambda: None)
-
-    def orthancPid(self) -> int:
-        """
-        The pid of the Orthanc the daemon started last, checked to be the
-        daemon's child running Orthanc before anyone signals it.
-        """
-        pids = [int(m.group(1)) for line in self.output.lines for m in [re.search(r"Orthanc is starting: started as pid (\d+)", line)] if m]
-        self.assertTrue(pids, "the daemon never said which pid Orthanc has:\n" + "\n".join(self.output.lines))
-        pid = pids[-1]
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        self.assertEqual(parent, self.process.pid, f"pid {pid} is not the daemon's child")
-        self.assertIn(b"Orthanc", Path(f"/proc/{pid}/cmdline").read_bytes())
-        return pid
+        self.trustDaemon()
 
     @inlineCallbacks
     def killOrthanc(self):
@@ -210,15 +144,16 @@ class FaultTests(TestCase):
         SIGKILL the daemon's Orthanc, then wait until the daemon has noticed
         and /healthz says it is ready again.
         """
-        pid = self.orthancPid()
+        pid = orthancPid(self.output, self.process)
         seen = len(self.output.lines)
         os.kill(pid, signal.SIGKILL)
         yield self.poll(
             lambda: any("Orthanc is restarting" in line for line in self.output.lines[seen:]),
             f"the daemon to notice that Orthanc (pid {pid}) died",
+            blocking=False,
         )
         yield self.poll(self.healthy, "/healthz to say ready after the kill", blocking=True)
-        self.log.info("Orthanc (pid {pid}) was killed and replaced by pid {new}", pid=pid, new=self.orthancPid())
+        self.log.info("Orthanc (pid {pid}) was killed and replaced by pid {new}", pid=pid, new=orthancPid(self.output, self.process))
 
     @inlineCallbacks
     def reloadDaemon(self):
@@ -235,7 +170,7 @@ class FaultTests(TestCase):
                     return line
             return None
 
-        yield self.poll(lambda: outcome() is not None, "the outcome of the reload")
+        yield self.poll(lambda: outcome() is not None, "the outcome of the reload", blocking=False)
         self.assertIn("Reloaded:", outcome())
 
     # --- the senders
@@ -288,6 +223,12 @@ class FaultTests(TestCase):
                         break
                     status = answer.get("Status") if answer else None
                     if status is None:
+                        # pynetdicom hands back an empty answer as soon as an
+                        # abort reaches it, before its association thread has
+                        # marked the association aborted: wait for that thread,
+                        # or the next C-STORE waits out its timeout on a dead
+                        # association.
+                        association.join(PEER_TIMEOUT)
                         ledger.record(uid, "aborted" if association.is_aborted else "no answer")
                     else:
                         ledger.record(uid, None if status == 0x0000 else f"status 0x{status:04X}")
@@ -326,7 +267,7 @@ class FaultTests(TestCase):
             deferToThread(self.storeContinuously, dicom, studies["C-STORE"], stop),
         ]
         try:
-            yield self.poll(lambda: stow.succeeded and dicom.succeeded, "both senders to store an instance")
+            yield self.poll(lambda: stow.succeeded and dicom.succeeded, "both senders to store an instance", blocking=False)
             yield self.killOrthanc()
             yield self.killOrthanc()
             yield self.reloadDaemon()
@@ -335,6 +276,7 @@ class FaultTests(TestCase):
             yield self.poll(
                 lambda: len(stow.succeeded) > before[0] and len(dicom.succeeded) > before[1],
                 "both senders to store an instance after the faults",
+                blocking=False,
             )
         finally:
             stop.set()

@@ -701,7 +701,7 @@ class RecordingProxy:
     def __init__(self) -> None:
         self.forwarded: List[bytes] = []
 
-    def forward(self, request, target: bytes, rewrite=None) -> bytes:
+    def forward(self, request, target: bytes, rewrite=None, stores=False) -> bytes:
         self.forwarded.append(target)
         return b""
 

@@ -14,8 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.orthanc.process import OrthancProcessProtocol
 from appliance.orthanc.settings import ORTHANC_USER, orthancConfigurationPath
+from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
-from tests.support import temporaryFolder, testConfig
+from tests.support import FakeFileSystem, temporaryFolder, testConfig
 
 
 class FakeProcess:
@@ -182,6 +183,31 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIn("3 times in a row", self.supervisor.reason)
         self.reactor.advance(3600)
         self.assertEqual(len(self.reactor.processes), 3)
+
+    def test_failedStartsOnAFullDiskAreNotCounted(self):
+        """
+        Orthanc cannot open its index on a full disk: its failed starts wait
+        for space, at the longest restart delay, and it starts once space is
+        freed; then failed starts count again.
+        """
+        disk = FakeFileSystem(free=0)
+        self.supervisor = OrthancSupervisor(
+            self.config, self.reactor, self.probe, space=StorageSpace(temporaryFolder(self), 1024 * 1024, disk)
+        )
+        self.supervisor.startService()
+        for attempt in range(6):
+            self.reactor.processes[-1].end(exitCode=255)
+            self.assertEqual(self.supervisor.state, OrthancState.RESTARTING)
+            self.assertIn("the archive's storage is full", self.supervisor.reason)
+            self.reactor.advance(8)
+        self.assertEqual(len(self.reactor.processes), 7)
+        disk.free = 1024 * 1024
+        self.becomeReady()
+        self.reactor.processes[-1].end(exitCode=255)
+        for attempt in range(3):
+            self.reactor.advance(8)
+            self.reactor.processes[-1].end(exitCode=255)
+        self.assertEqual(self.supervisor.state, OrthancState.FAILED)
 
     def test_missingExecutableFailsAtOnce(self):
         folder = temporaryFolder(self)

@@ -53,7 +53,6 @@ from appliance.web.users import (
     ScryptParameters,
     UsersFile,
     hashPassword,
-    parseUsers,
     verifyPassword,
 )
 from tests.support import temporaryFolder, testConfig
@@ -279,14 +278,15 @@ class UsersFileTests(SynchronousTestCase):
             userLine("ada", roles="viewer,admin"),
             userLine("vera", password="another password"),
         ]
-        users = parseUsers("\n".join(lines), "/etc/users", UsersFile.log)
+        writeUsers(self.path, lines)
+        users = UsersFile(self.path, self.clock).users
         self.assertEqual(sorted(users), ["ada", "vera"])
         self.assertEqual(users["vera"].line(), good)
         self.assertEqual(users["ada"].account, Account("ada", frozenset({"viewer", "admin"})))
         problems = self.errors()
         self.assertEqual(len(problems), 6)
         for number, problem in zip((5, 6, 7, 8, 9, 11), problems):
-            self.assertTrue(problem.startswith(f"/etc/users, line {number}: skipped, "), problem)
+            self.assertTrue(problem.startswith(f"{self.path}, line {number}: skipped, "), problem)
         self.assertIn("unknown role 'root'", problems[2])
         self.assertIn("already on an earlier line", problems[5])
 
@@ -341,6 +341,52 @@ class UsersFileTests(SynchronousTestCase):
         [problem] = self.errors()
         self.assertIn(str(self.path), problem)
         self.assertIn("the 1 users read before stay in force", problem)
+
+    def test_garbageKeepsThePreviousUsersWithOneLogLine(self):
+        """
+        Text in which no line is a user (garbage, another file in its place)
+        is refused whole, in one log line, rather than read as no user: until
+        the file changes again, or a SIGHUP, it is not read again.
+        """
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        users.startService()
+        self.addCleanup(users.stopService)
+        changes: List[frozenset] = []
+        users.subscribe(changes.append)
+        self.path.write_text("[appliance]\nstate_dir = /var/lib/pacs-appliance\n# a comment\nlast: line\n")
+        self.clock.advance(2)
+        self.assertEqual(sorted(users.users), ["vera"])
+        self.assertEqual(changes, [])
+        [problem] = self.errors()
+        self.assertEqual(
+            problem,
+            f"{self.path} holds no valid user line (line 1: a user line is NAME:HASH:ROLES; 2 other"
+            " malformed lines): it is not a users file: the 1 users read before stay in force",
+        )
+        self.clock.advance(10)
+        self.assertEqual(len(self.errors()), 1)
+        users.reload()
+        self.assertEqual(len(self.errors()), 2)
+        writeUsers(self.path, [userLine("ada")])
+        self.clock.advance(2)
+        self.assertEqual(sorted(users.users), ["ada"])
+        self.assertEqual(changes, [frozenset({"vera"})])
+
+    def test_garbageAtStartLetsNobodyIn(self):
+        self.path.write_text("garbage\n")
+        users = UsersFile(self.path, self.clock)
+        self.assertEqual(dict(users.users), {})
+        [problem] = self.errors()
+        self.assertIn("nobody can log in until it is fixed", problem)
+
+    def test_onlyCommentsIsAFileWithoutUsers(self):
+        writeUsers(self.path, [userLine("vera")])
+        users = UsersFile(self.path, self.clock)
+        writeUsers(self.path, ["# everyone left"])
+        users.reload()
+        self.assertEqual(dict(users.users), {})
+        self.assertEqual(self.errors(), [])
 
     def test_unreadableFileKeepsThePreviousUsers(self):
         writeUsers(self.path, [userLine("vera")])

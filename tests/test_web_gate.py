@@ -221,6 +221,22 @@ ORTHANC_READINGS = [
 ]
 
 
+#: Orthanc's web server reads 16 KiB of request head and about 64 header
+#: lines (L{appliance.web.routes.ORTHANC_MAX_HEAD}): the routes refuse what it
+#: could not read, though the request layer accepts heads up to 64 KiB.
+ORTHANC_LIMITS = [
+    Row("viewer", "GET", "/pacs/studies?PatientID=" + "A" * (20 * 1024), 414),
+    Row("admin", "GET", "/pacs-admin/instances/" + "1" * (20 * 1024), 414),
+    Row("viewer", "GET", "/pacs/studies", 431, headers=(("X-Long", "v" * (20 * 1024)),)),
+    Row("admin", "GET", "/pacs-admin/system", 431, headers=tuple((f"X-{n}", "v") for n in range(60))),
+    Row(
+        "viewer", "GET", "/pacs/studies?PatientID=" + "A" * (12 * 1024), 200,
+        "/pacs/studies?PatientID=" + "A" * (12 * 1024),
+    ),
+    Row("admin", "GET", "/pacs-admin/system", 200, "/system", headers=tuple((f"X-{n}", "v") for n in range(45))),
+]
+
+
 class AccessTests(SynchronousTestCase):
     maxDiff = None
 
@@ -248,7 +264,7 @@ class AccessTests(SynchronousTestCase):
         self.site.startFactory()
         self.addCleanup(self.site.stopFactory)
 
-    def recordForward(self, request, target: bytes, rewrite=None):
+    def recordForward(self, request, target: bytes, rewrite=None, stores=False):
         """
         In place of L{OrthancProxy.forward}: note what reached the proxy and
         answer 200.
@@ -305,6 +321,9 @@ class AccessTests(SynchronousTestCase):
 
     def test_pathsOrthancReadsDifferently(self) -> None:
         self.assertTable(ORTHANC_READINGS)
+
+    def test_headsOrthancCannotRead(self) -> None:
+        self.assertTable(ORTHANC_LIMITS)
 
     def test_challenges(self) -> None:
         """

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -22,9 +22,11 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from appliance.orthanc.settings import OrthancCredentials
+from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
+from appliance.web.proxy import STORAGE_FULL
 from appliance.web.routes import PacsAdminResource, buildProxyResources
-from tests.support import temporaryFolder, testConfig
+from tests.support import FakeFileSystem, temporaryFolder, testConfig
 
 ORTHANC = OrthancCredentials("pacs-appliance", "orthanc-secret-password")
 CONNECT, RESPONSE, IDLE = 3, 20, 7
@@ -181,7 +183,7 @@ class ProxyCase(SynchronousTestCase):
     web: Dict[str, object] = {}
 
     def setUp(self) -> None:
-        folder = temporaryFolder(self)
+        self.folder = folder = temporaryFolder(self)
         web = {
             "proxy_connect_timeout": f"{CONNECT}s",
             "proxy_response_timeout": f"{RESPONSE}s",
@@ -868,6 +870,52 @@ class UnsafeAllowedTests(ProxyCase):
     def test_unsafeEndpointsAreForwardedWhenAllowed(self) -> None:
         self.client("POST", "/pacs-admin/tools/execute-script", body=b"print(1)")
         self.assertEqual(self.upstream().request()[0], b"POST /tools/execute-script HTTP/1.1")
+
+
+class FullStorageTests(ProxyCase):
+    MINIMUM = 64 * 2**20
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.disk = FakeFileSystem(free=10 * 2**20)
+        self.proxy.space = StorageSpace(self.folder, self.MINIMUM, self.disk)
+
+    def storageEvents(self) -> List[str]:
+        return [formatEvent(event) for event in self.events if "storage" in event.get("log_format", "")]
+
+    def test_uploadsAreRefusedWith507WithoutReachingOrthanc(self) -> None:
+        for method, path in (
+            ("POST", "/pacs/studies"),
+            ("POST", "/pacs/studies/1.2.3"),
+            ("POST", "/pacs-admin/instances"),
+        ):
+            answer = self.client(method, path, [("Content-Type", "application/dicom")], b"DICM").answer()
+            self.assertEqual(answer.status, 507, path)
+            self.assertEqual(answer.json(), {"error": STORAGE_FULL}, path)
+            self.assertEqual(answer.header("Content-Type"), "application/json")
+        self.assertEqual(self.reactor.tcpClients, [])
+        [full] = self.storageEvents()
+        self.assertIn("10.0 MiB free in", full)
+        self.assertIn("[orthanc] min_free_space (64.0 MiB)", full)
+
+    def test_readingAndOtherPostsGoOn(self) -> None:
+        for method, path, forwarded in (
+            ("GET", "/pacs/studies", b"GET /pacs/studies HTTP/1.1"),
+            ("POST", "/pacs-admin/tools/find", b"POST /tools/find HTTP/1.1"),
+            ("DELETE", "/pacs-admin/patients/abc", b"DELETE /patients/abc HTTP/1.1"),
+        ):
+            self.client(method, path, body=b"{}" if method == "POST" else b"")
+            self.assertEqual(self.upstream().request()[0], forwarded)
+        self.assertEqual(self.storageEvents(), [])
+
+    def test_uploadsGoOnOnceSpaceIsFreed(self) -> None:
+        self.assertEqual(self.client("POST", "/pacs/studies", body=b"DICM").answer().status, 507)
+        self.disk.free = self.MINIMUM
+        self.client("POST", "/pacs/studies", body=b"DICM")
+        self.assertEqual(self.upstream().request()[0], b"POST /pacs/studies HTTP/1.1")
+        full, room = self.storageEvents()
+        self.assertIn("full", full)
+        self.assertIn("room again: 64.0 MiB free", room)
 
 
 class RewriteTests(SynchronousTestCase):

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 from io import BytesIO
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -35,7 +34,7 @@ from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.auth import BUSY_MESSAGE, Account, PasswordChecksBusy
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
 from appliance.web.site import ApplianceSite
-from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig
+from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig, tinyTmpfs
 from tests.test_tls import clientContext
 
 ALICE = Account("alice", frozenset({"uploader"}))
@@ -370,6 +369,16 @@ class MalformedTests(InMemoryCase):
             self.assertEqual(len(responses), 1, raw)
             self.assertIn(responses[0][0], (200, 204), raw)
         self.assertEqual([request.contentLength for request in self.echo.seen], [5, 5, 5, 0, 0])
+
+    def test_optionsStarHasTheSiteHeaders(self) -> None:
+        """
+        twisted.web answers C{OPTIONS *} itself, without a resource: the
+        answer still names no Twisted version and carries the standard headers.
+        """
+        status, headers, _ = self.exchange(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(
+            (status, headers["server"], headers["x-content-type-options"]), (200, ["pacs-appliance"], ["nosniff"])
+        )
 
 
 class HeadSizeTests(InMemoryCase):
@@ -849,22 +858,6 @@ class FullDisk:
 
     def close(self) -> None:
         self.closed = True
-
-
-def tinyTmpfs(case, size: str) -> Optional[Path]:
-    """
-    A tmpfs of C{size} mounted for the test C{case} (unmounted when it ends),
-    or L{None} where this process may not mount one.
-    """
-    folder = temporaryFolder(case) / "tmpfs"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        return None
-    case.addCleanup(subprocess.run, ["umount", str(folder)], check=True)
-    return folder
 
 
 class FullDiskTests(InMemoryCase):

@@ -4,7 +4,9 @@ A-ASSOCIATE-RQ is read and checked, and only then is a connection to Orthanc's
 DICOM port on the loopback interface opened, the request replayed and the rest
 relayed both ways.
 
-Refusals get a proper A-ASSOCIATE-RJ before the connection is closed; a peer
+Refusals get a proper A-ASSOCIATE-RJ before the connection is closed (a
+transient one for an association that may store while Orthanc's storage is
+full, see L{appliance.orthanc.space}); a peer
 that does not speak TLS, or sends something other than an A-ASSOCIATE-RQ, is
 closed.  When Orthanc's connection ends under an association, the modality is
 told at once, not left to its own timeout: by an A-ABORT if what it received so
@@ -35,6 +37,7 @@ from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
     ASSOCIATE_RQ_TYPE,
     ENDING_TYPES,
+    LOCAL_LIMIT_EXCEEDED,
     NO_REASON_GIVEN,
     PDU_HEADER,
     PROVIDER_ABORT,
@@ -48,6 +51,8 @@ from appliance.dicom.pdu import (
 )
 from appliance.dicom.profiles import DicomTLSContext, weakProfileWarning
 from appliance.dicom.relay import RelayedConnection, RelayFactory
+from appliance.orthanc.settings import orthancStorageDir
+from appliance.orthanc.space import StorageSpace
 
 #: How long opening the loopback connection to Orthanc may take.
 UPSTREAM_CONNECT_TIMEOUT = 10
@@ -151,6 +156,18 @@ class ModalityConnection(RelayedConnection):
         if isinstance(verdict, Rejection):
             self._refuse(verdict)
             return
+        if request.mayStore and self.factory.space.full():
+            # Orthanc cannot be trusted with a full disk (appliance.orthanc.space):
+            # the modality keeps its images and tries again later.
+            self._refuse(
+                Rejection(
+                    RejectResult.TRANSIENT,
+                    RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                    LOCAL_LIMIT_EXCEEDED,
+                    "the archive's storage is full",
+                )
+            )
+            return
         self._cancelDeadline()
         self.outcome = f"accepted as [modality:{verdict.name}]"
         buffered, self._buffer = self._buffer, b""
@@ -246,10 +263,11 @@ class ForwarderFactory(RelayFactory):
     Builds a L{ModalityConnection} per accepted connection.
     """
 
-    def __init__(self, config: Config, reactor) -> None:
+    def __init__(self, config: Config, reactor, space: Optional[StorageSpace] = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.space = space or StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
 
     def buildProtocol(self, addr) -> ModalityConnection:
         return ModalityConnection(self)
@@ -296,17 +314,21 @@ class DicomForwarderService(Service):
 
     log = Logger()
 
-    def __init__(self, config: Config, certificate: PrivateCertificate, reactor=None) -> None:
+    def __init__(
+        self, config: Config, certificate: PrivateCertificate, reactor=None, space: Optional[StorageSpace] = None
+    ) -> None:
         """
         @param certificate: the server certificate, loaded once for HTTPS and
             DICOM alike (see L{appliance.tls.loadServerCertificate}).
+        @param space: the free space of Orthanc's storage: associations that
+            may store are refused while it is short.
         """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._config = config
         self._certificate = certificate
         self._reactor = reactor
-        self.factory = ForwarderFactory(config, reactor)
+        self.factory = ForwarderFactory(config, reactor, space)
         self._port = None
         self._tls: Optional[DicomTLSContext] = None
 

@@ -9,10 +9,12 @@ L{PDUBoundaries} follows where the PDUs of a relayed stream begin and end.
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Optional
+from typing import FrozenSet, Optional
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
 #: Every PDU starts with its type (1 byte), a reserved byte and its length
 #: (4 bytes, big endian) not counting these 6 bytes.
@@ -66,6 +68,7 @@ CALLED_AE_NOT_RECOGNIZED = 7  # service user
 NO_REASON_GIVEN = 1  # service user, and service provider (ACSE)
 PROTOCOL_VERSION_NOT_SUPPORTED = 2  # service provider (ACSE)
 TEMPORARY_CONGESTION = 1  # service provider (presentation)
+LOCAL_LIMIT_EXCEEDED = 2  # service provider (presentation)
 
 
 def _providerAbort() -> bytes:
@@ -150,6 +153,20 @@ class AssociationRequest:
     callingAET: str
     calledAET: str
     protocolVersion: int
+    #: The SOP classes of its presentation contexts.
+    abstractSyntaxes: FrozenSet[str] = frozenset()
+
+    @property
+    def mayStore(self) -> bool:
+        """
+        Whether it proposes a storage SOP class, or one unknown to pynetdicom
+        (private SOP classes are nearly always storage ones).
+        """
+        for uid in self.abstractSyntaxes:
+            service = uid_to_service_class(uid)
+            if service is ServiceClass or issubclass(service, StorageServiceClass):
+                return True
+        return False
 
 
 def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
@@ -162,6 +179,7 @@ def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
     try:
         request.decode(pdu)
         calling, called = request.calling_ae_title, request.called_ae_title
+        abstractSyntaxes = frozenset(str(context.abstract_syntax) for context in request.presentation_context)
     except Exception as error:
         # pynetdicom raises whatever its parsers hit (struct.error, ValueError,
         # IndexError...) on malformed input: they all mean the same here.
@@ -170,4 +188,5 @@ def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
         callingAET=calling.strip(),
         calledAET=called.strip(),
         protocolVersion=request.protocol_version,
+        abstractSyntaxes=abstractSyntaxes,
     )

@@ -8,6 +8,10 @@ stops it without ever leaving it behind.
                           ▼
                         failed  (after max_start_failures in a row, or no executable)
 
+A start that fails while Orthanc's storage is full does not count towards
+max_start_failures: Orthanc 1.10 cannot open its SQLite index on a full disk,
+and starts by itself once space is freed (see L{appliance.orthanc.space}).
+
 Unlike L{twisted.runner.procmon.ProcessMonitor}, it gives Orthanc an explicit
 environment, backs off exponentially, notices a hung Orthanc, gives up on one that
 can never start, and its C{stopService} waits for the child to be gone.
@@ -35,6 +39,7 @@ from appliance.orthanc.settings import (
     renderOrthancConfiguration,
     writeOrthancConfiguration,
 )
+from appliance.orthanc.space import StorageSpace
 
 #: How often Orthanc is asked whether it is up yet while it starts.
 STARTUP_POLL_INTERVAL = 0.2
@@ -81,6 +86,7 @@ class OrthancSupervisor(Service):
         probe=None,
         echoProbe=None,
         relayPorts: Optional[Mapping[str, int]] = None,
+        space: Optional[StorageSpace] = None,
     ) -> None:
         """
         @param probe: asks Orthanc's REST API, given the credentials.
@@ -88,6 +94,8 @@ class OrthancSupervisor(Service):
             C{probe} is given (then only what is given is asked).
         @param relayPorts: the loopback ports through which Orthanc reaches the
             modalities, by name (see L{appliance.dicom.destinations}).
+        @param space: the free space of Orthanc's storage; by default measured
+            on its folder against [orthanc] min_free_space.
         """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -102,6 +110,7 @@ class OrthancSupervisor(Service):
         self._probe = probe
         self._echoProbe = echoProbe
         self._relayPorts = relayPorts if relayPorts is not None else {}
+        self._space = space or StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
         self.dicomStatus = "not checked yet"
         self.state = OrthancState.STOPPED
         self.reason = "not started"
@@ -326,7 +335,9 @@ class OrthancSupervisor(Service):
             self._setState(OrthancState.STOPPED, exit)
             stopped.callback(None)
             return
-        if not self._becameReady:
+        if not self._becameReady and self._space.full():
+            exit += " before it was ready: the archive's storage is full, free space for it to start"
+        elif not self._becameReady:
             self._startFailures += 1
             if self._startFailures >= self._settings.max_start_failures:
                 lines = "\n".join(f"    {line}" for line in lastLines[-10:])

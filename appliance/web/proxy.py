@@ -22,7 +22,9 @@ Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResour
     headers once the request is sent (proxy_response_timeout);
   - failures before the answer's headers become a one-sentence JSON answer:
     503 while the supervisor says Orthanc is not ready, 504 on a timeout, 502
-    otherwise; after the headers, the client's connection is closed.
+    otherwise; after the headers, the client's connection is closed;
+  - an upload is answered 507 without reaching Orthanc while its storage has
+    less free space than [orthanc] min_free_space (see L{appliance.orthanc.space}).
 """
 
 import re
@@ -51,6 +53,8 @@ from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
 from zope.interface import implementer
 
 from appliance.config import Config
+from appliance.orthanc.settings import orthancStorageDir
+from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
 from appliance.web.pages import jsonError
@@ -113,6 +117,9 @@ _PUBLIC_HOST = re.compile(rb"(?:%s|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?" % (
 #: Signature of a route's rewriting of Orthanc's answer headers: given a
 #: lower-case name and a value, the value to send, or None to drop it.
 HeaderRewriter = Callable[[bytes, bytes], Optional[bytes]]
+
+#: What an upload is told while Orthanc's storage is full (with 507).
+STORAGE_FULL = "The archive's storage is full: nothing was stored; ask an administrator to free space, then send it again."
 
 _unavailable = {
     OrthancState.STARTING: "Orthanc is starting; try again in a few seconds.",
@@ -284,13 +291,16 @@ class OrthancProxy(Service):
     As a service, it closes its idle connections to Orthanc when stopped.
 
     @param orthanc: the supervisor (C{state}, C{credentials}).
+    @param space: the free space of Orthanc's storage; by default measured
+        on its folder against [orthanc] min_free_space.
     """
 
-    def __init__(self, config: Config, orthanc, reactor=None) -> None:
+    def __init__(self, config: Config, orthanc, reactor=None, space: Optional[StorageSpace] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         web = config.web
         self.orthanc = orthanc
+        self.space = space or StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
         self.reactor = reactor
         self.connectTimeout = web.proxy_connect_timeout
         self.responseTimeout = web.proxy_response_timeout
@@ -312,17 +322,23 @@ class OrthancProxy(Service):
         self.cooperator.stop()
         return self._pool.closeCachedConnections()
 
-    def forward(self, request: Request, target: bytes, rewrite: Optional[HeaderRewriter] = None) -> int:
+    def forward(
+        self, request: Request, target: bytes, rewrite: Optional[HeaderRewriter] = None, stores: bool = False
+    ) -> int:
         """
         Answer C{request} with Orthanc's answer to the same method, headers and
         body at C{target} (a path and query, already checked by the route).
 
         @param rewrite: the route's changes to Orthanc's answer headers.
+        @param stores: whether the request uploads instances into the archive.
         @return: L{NOT_DONE_YET}, for C{render}.
         """
         state, credentials = self.orthanc.state, self.orthanc.credentials
         if state is not OrthancState.READY or credentials is None:
             answerUnavailable(request, state)
+            return NOT_DONE_YET
+        if stores and self.space.full():
+            answer(request, http.INSUFFICIENT_STORAGE_SPACE, STORAGE_FULL)
             return NOT_DONE_YET
         host = publicHost(request)
         if host is None:

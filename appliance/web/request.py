@@ -22,7 +22,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from appliance.web.auth import (
@@ -105,12 +104,17 @@ class ApplianceRequest(Request):
     _waiting: Optional[Tuple[bytes, bytes, bytes]] = None
     _identity: Optional[Deferred] = None
 
-    def render(self, resource: Resource) -> None:
-        # Replaces the Server header Request.process set.
-        self.setHeader(b"Server", SERVER)
-        for name, value in self.site.standardHeaders:
-            self.setHeader(name, value)
-        super().render(resource)
+    def write(self, data: bytes) -> None:
+        # Before the head goes out, so that the answers twisted.web gives
+        # without a resource (OPTIONS *, a resource that raised) carry them
+        # too; a resource's own value of a standard header stays.
+        if not self.startedWriting:
+            # Replaces the Server header Request.process set, with Twisted's version.
+            self.setHeader(b"Server", SERVER)
+            for name, value in self.site.standardHeaders:
+                if not self.responseHeaders.hasHeader(name):
+                    self.setHeader(name, value)
+        super().write(data)
 
     def gotLength(self, length: Optional[int]) -> None:
         """

@@ -12,7 +12,9 @@ understand it (percent-decoded, an encoded slash separating too, empty and dot
 segments resolved) and sent to Orthanc re-encoded from that resolution, so
 what the policy checked is exactly what Orthanc serves.  Orthanc's "method
 faking" (an C{X-HTTP-Method-Override} header, or C{?_method=} on a GET) is
-refused: it would let a GET change things behind the appliance's back.
+refused: it would let a GET change things behind the appliance's back.  A
+request whose head Orthanc's web server could not read whole (over 16 KiB, or
+too many headers) is answered 414 or 431 here.
 """
 
 import re
@@ -27,10 +29,12 @@ from twisted.web.server import Request
 
 from appliance.config import Config
 from appliance.orthanc.settings import DICOMWEB_ROOT
+from appliance.orthanc.space import StorageSpace
 from appliance.web.auth import SAFE_METHODS
 from appliance.web.cors import CorsPolicy
 from appliance.web.pages import jsonError
 from appliance.web.proxy import OrthancProxy
+from appliance.web.request import REASONS, describeSize
 
 #: Where the lead's site mounts the two routes.
 PACS = b"pacs"
@@ -72,6 +76,22 @@ UNSAFE_ENDPOINTS = (
         "changes the DICOMweb servers Orthanc sends studies to",
     ),
 )
+
+
+#: What Orthanc's web server (CivetWeb 1.15 on Debian 12) reads of a request
+#: head, measured: beyond 16 KiB it answers 400 "Malformed message", and beyond
+#: about 64 header lines it ignores the rest, the appliance's credentials
+#: among them, so that Orthanc answers 401.
+ORTHANC_MAX_HEAD = 16 * 1024
+ORTHANC_MAX_HEADERS = 64
+
+#: What the proxy adds to a request's head on its way to Orthanc (Host,
+#: Orthanc's credentials, Forwarded and X-Forwarded-*, Content-Length), at most.
+PROXY_HEAD_LINES = 8
+PROXY_HEAD_BYTES = 1024
+
+#: Request Header Fields Too Large (RFC 6585), which twisted.web.http does not name.
+HEADERS_TOO_LARGE = 431
 
 
 class BadPath(Exception):
@@ -170,6 +190,36 @@ def _fakesMethod(query: bytes) -> bool:
     return False
 
 
+def tooLargeForOrthanc(request: Request, upstream: bytes) -> Optional[bytes]:
+    """
+    If Orthanc could not read C{request} sent to C{upstream} (the path and
+    query asked of it), prepare a 431 or 414 answer with a sentence and return
+    its body; else L{None}.  The client's headers are all counted, even those
+    the proxy drops.
+    """
+    headers = [(name, value) for name, values in request.requestHeaders.getAllRawHeaders() for value in values]
+    limit = describeSize(ORTHANC_MAX_HEAD)
+    size = len(request.method) + len(upstream) + PROXY_HEAD_BYTES
+    if len(headers) + PROXY_HEAD_LINES > ORTHANC_MAX_HEADERS:
+        status = HEADERS_TOO_LARGE
+        sentence = f"The request has more than the {ORTHANC_MAX_HEADERS - PROXY_HEAD_LINES} headers the archive reads."
+    elif size > ORTHANC_MAX_HEAD:
+        status = http.REQUEST_URI_TOO_LONG
+        sentence = (
+            f"The request's URL is too long for the archive, which reads {limit} of URL and headers:"
+            " ask for less at once."
+        )
+    elif size + sum(len(name) + len(value) + len(b": \r\n") for name, value in headers) > ORTHANC_MAX_HEAD:
+        status = HEADERS_TOO_LARGE
+        sentence = f"The request's headers are too large for the archive, which reads {limit} of URL and headers."
+    else:
+        return None
+    body = jsonError(request, status, sentence)
+    # twisted.web knows no reason phrase for 431.
+    request.setResponseCode(status, REASONS[status])
+    return body
+
+
 def notAllowed(request: Request, allowed: Tuple[bytes, ...]) -> bytes:
     """
     A 405 answer listing the C{allowed} methods.
@@ -207,7 +257,11 @@ class PacsResource(Resource):
         allowed = STOW_METHODS if stow else SAFE_METHODS
         if request.method not in allowed:
             return notAllowed(request, allowed)
-        return self._proxy.forward(request, target.upstream(PACS))
+        upstream = target.upstream(PACS)
+        refusal = tooLargeForOrthanc(request, upstream)
+        if refusal is not None:
+            return refusal
+        return self._proxy.forward(request, upstream, stores=stow and request.method == b"POST")
 
 
 class PacsAdminResource(Resource):
@@ -258,7 +312,14 @@ class PacsAdminResource(Resource):
                 f"This Orthanc endpoint {refusal}; the appliance refuses it unless"
                 " [web] admin_unsafe_endpoints is yes.",
             )
-        return self._proxy.forward(request, target.upstream(), self.rewriteHeader)
+        # Orthanc Explorer's upload; Orthanc's other writes are administrators'
+        # own actions, and some POSTs (tools/find) only read.
+        stores = request.method == b"POST" and target.segments == (b"instances",)
+        upstream = target.upstream()
+        refusal = tooLargeForOrthanc(request, upstream)
+        if refusal is not None:
+            return refusal
+        return self._proxy.forward(request, upstream, self.rewriteHeader, stores=stores)
 
     def _unsafe(self, method: bytes, target: Target) -> Optional[str]:
         if self._allowUnsafe:
@@ -314,15 +375,18 @@ class PacsAdminResource(Resource):
         return b"; ".join(kept)
 
 
-def buildProxyResources(config: Config, orthanc, reactor=None) -> Tuple[OrthancProxy, Dict[bytes, Resource]]:
+def buildProxyResources(
+    config: Config, orthanc, reactor=None, space: Optional[StorageSpace] = None
+) -> Tuple[OrthancProxy, Dict[bytes, Resource]]:
     """
     The proxy to Orthanc and the resources to mount as children of the site's
     root, by name.  The proxy is a service: add it to the daemon's service
     tree so that its connections to Orthanc are closed when it stops.
 
     @param orthanc: the supervisor (C{state}, C{credentials}).
+    @param space: the free space of Orthanc's storage (see L{OrthancProxy}).
     """
-    proxy = OrthancProxy(config, orthanc, reactor)
+    proxy = OrthancProxy(config, orthanc, reactor, space)
     resources: Dict[bytes, Resource] = {
         PACS: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
         PACS_ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints),

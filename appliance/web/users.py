@@ -278,29 +278,50 @@ def parseLine(line: str) -> Optional[UserEntry]:
     return UserEntry(name, passwordHash, parseRoles(roles))
 
 
-def parseUsers(text: str, source: str, log: Logger) -> Dict[str, UserEntry]:
+def parseUsers(text: str) -> Tuple[Dict[str, UserEntry], List[Tuple[int, str]]]:
     """
-    The users of a users file's C{text}; a malformed line is logged (naming
-    C{source} and the line number) and skipped, so the others keep working.
+    The users of a users file's C{text}, and the number of each malformed
+    line with what is wrong with it: such a line is skipped, so the others
+    keep working.
     """
     users: Dict[str, UserEntry] = {}
+    problems: List[Tuple[int, str]] = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
             entry = parseLine(line)
         except ValueError as error:
-            log.error("{source}, line {number}: skipped, {problem}", source=source, number=number, problem=str(error))
+            problems.append((number, str(error)))
             continue
         if entry is None:
             continue
         if entry.name in users:
-            log.error(
-                "{source}, line {number}: skipped, the user {user!r} is already on an earlier line",
-                source=source,
-                number=number,
-                user=entry.name,
-            )
+            problems.append((number, f"the user {entry.name!r} is already on an earlier line"))
             continue
         users[entry.name] = entry
+    return users, problems
+
+
+def readUsers(path: Path, log: Logger) -> Optional[Dict[str, UserEntry]]:
+    """
+    The users of the users file, or L{None} if there is none; each malformed
+    line is logged (with the file's name and the line number) and skipped.
+
+    @raise UsersFileError: if the file is unreadable or is not a users file:
+        not text, or not a single valid user line among its lines (garbage,
+        or another file in its place), which is refused whole rather than
+        read as no user at all.
+    """
+    text = readUsersText(path)
+    if text is None:
+        return None
+    users, problems = parseUsers(text)
+    if problems and not users:
+        number, problem = problems[0]
+        more = len(problems) - 1
+        others = f"; {more} other malformed line{'s' if more > 1 else ''}" if more else ""
+        raise UsersFileError(f"{path} holds no valid user line (line {number}: {problem}{others}): it is not a users file")
+    for number, problem in problems:
+        log.error("{source}, line {number}: skipped, {problem}", source=str(path), number=number, problem=problem)
     return users
 
 
@@ -497,7 +518,8 @@ class UsersFile(Service):
     parameters were the default when their passwords were set.
 
     A missing file means no users.  A file that cannot be read or is not a
-    users file keeps the previous accounts in force.  Listeners given to
+    users file (L{readUsers}) keeps the previous accounts in force, said in
+    one log line.  Listeners given to
     L{subscribe} learn the names whose line changed or went away.
     """
 
@@ -563,7 +585,7 @@ class UsersFile(Service):
     def _read(self, starting: bool = False) -> None:
         signature = self._currentSignature()
         try:
-            text = readUsersText(self.path)
+            users = readUsers(self.path, self.log)
         except UsersFileError as error:
             self._signature = signature
             if starting:
@@ -574,23 +596,21 @@ class UsersFile(Service):
                 )
             return
         self._signature = signature
-        if text is None:
-            users: Dict[str, UserEntry] = {}
+        if users is None:
+            users = {}
             self.log.warn(
                 "There is no users file {path}: nobody can log in. Create the first"
                 " administrator with: pacs-appliance passwd admin --roles admin",
                 path=str(self.path),
             )
+        elif users:
+            self.log.info("Read {count} users from {path}", count=len(users), path=str(self.path))
         else:
-            users = parseUsers(text, str(self.path), self.log)
-            if users:
-                self.log.info("Read {count} users from {path}", count=len(users), path=str(self.path))
-            else:
-                self.log.warn(
-                    "The users file {path} holds no user: nobody can log in. Create the"
-                    " first administrator with: pacs-appliance passwd admin --roles admin",
-                    path=str(self.path),
-                )
+            self.log.warn(
+                "The users file {path} holds no user: nobody can log in. Create the"
+                " first administrator with: pacs-appliance passwd admin --roles admin",
+                path=str(self.path),
+            )
         changed = frozenset(
             name for name, entry in self._users.items() if users.get(name) != entry
         )
