@@ -32,7 +32,8 @@ INDEX_HTML = (
     b'<body><div id="root"></div></body></html>'
 )
 BUNDLE = b"console.log('viewer');\n" * 200
-BIG_BUNDLE = bytes(range(256)) * (MEMORY_CACHE_LIMIT // 256 * 3 + 7)
+#: Streamed (too large to keep in memory), in several blocks.
+BIG_BUNDLE = bytes(range(256)) * (max(MEMORY_CACHE_LIMIT, FileRangeProducer.blockSize) // 256 * 3 + 7)
 
 
 class FakeOrthanc:
