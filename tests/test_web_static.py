@@ -488,6 +488,24 @@ class SecurityHeaderTests(SiteCase):
         self.assertEqual(self.header(headers, "Strict-Transport-Security"), "max-age=31536000")
         self.assertEqual(self.header(headers, "Server"), "pacs-appliance")
 
+    def test_policyFollowsANewIndex(self) -> None:
+        """
+        A new index.html (a viewer upgrade) gets a policy with the hashes of
+        its own inline scripts as soon as it is served.
+        """
+        self.get("/app.bundle.css")
+        newIndex = INDEX_HTML.replace(b'window.PUBLIC_URL="/"', b'window.PUBLIC_URL="/viewer/"')
+        path = self.root / "index.html"
+        path.write_bytes(newIndex)
+        os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)
+        _, headers, body = self.get("/")
+        self.assertEqual(body, newIndex)
+        policy = self.header(headers, "Content-Security-Policy")
+        [new] = inlineScriptHashes(newIndex)
+        [old] = inlineScriptHashes(INDEX_HTML)
+        self.assertIn(new, policy)
+        self.assertNotIn(old, policy)
+
     def test_isolationAndPolicyConfigurable(self) -> None:
         self.useConfig(
             temporaryFolder(self),

@@ -326,11 +326,19 @@ class DeadlineHTTPChannel(http.HTTPChannel):
     _bodyReceived = 0
     _headerDeadline = None
     _refused = False
+    _host = None
     log = Logger()
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._startHeaderDeadline()
+
+    def getHost(self):
+        # twisted.web asks for it with every request, a system call each
+        # time; it cannot change while the connection lasts.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         # After a refusal, nothing more the client sends is looked at.

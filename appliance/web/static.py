@@ -180,6 +180,12 @@ class AssetCatalog:
         self._assets[relative] = asset
         return asset
 
+    def known(self, relative: str) -> Optional[Asset]:
+        """
+        The asset at C{relative} as last found, without looking at the file.
+        """
+        return self._assets.get(relative)
+
     def _inside(self, path: "str | Path") -> bool:
         return os.path.realpath(path).startswith(self._rootText + os.sep)
 
@@ -394,9 +400,11 @@ class ViewerResource(Resource):
     def _contentSecurityPolicy(self) -> bytes:
         """
         The policy with the current index.html's inline scripts allowed; made
-        again only when index.html changes.
+        again only when index.html changes.  Its script hashes only matter to
+        index.html, which is looked at again whenever it is served: other
+        files take the index.html last seen, without a C{stat} of their own.
         """
-        index = self._catalog.find(INDEX)
+        index = self._catalog.known(INDEX) or self._catalog.find(INDEX)
         cachedFor, policy = self._policyFor
         if index is not cachedFor:
             identity = index.representations[-1] if index else None
