@@ -7,6 +7,7 @@ and strips; journald adds its own timestamp.  In a terminal, lines carry a
 timestamp and the level in words.
 """
 
+import math
 import os
 import sys
 from typing import IO, Any, Callable, List, Optional
@@ -57,10 +58,11 @@ def oncePerSecond(format: Callable[[int], str]) -> Callable[[Optional[float]], s
     C{format} of a time in whole seconds, remembered for the last second asked
     for: the access log would otherwise format the same time for every request.
     """
-    last: List[Any] = [None, ""]
+    # Nothing asked yet: a first time of None must be formatted too.
+    last: List[Any] = [object(), ""]
 
     def formatted(when: Optional[float]) -> str:
-        second = None if when is None else int(when)
+        second = None if when is None else math.floor(when)
         if second != last[0]:
             last[:] = [second, format(second)]
         return last[1]

@@ -11,7 +11,6 @@ from twisted.python import usage
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
-from appliance.orthanc.settings import orthancStorageDir
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import CertificateUser, ReloadOnSighup
@@ -46,7 +45,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     relays = DestinationRelays(config, reactor)
     relays.setServiceParent(root)
     # One measure of Orthanc's free space: uploads and Orthanc's restarts wait for it.
-    space = StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
+    space = StorageSpace.forOrthanc(config)
     orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports, space=space)
     orthanc.setServiceParent(root)
     # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.

@@ -293,6 +293,18 @@ class ForwarderAbortTests(SynchronousTestCase):
             self.assertEqual(relayed.modality.value(), ending)
             self.assertEqual(relayed.connection.outcome, "accepted as [modality:ct1]")
 
+    def test_modalityAbortedFirst(self):
+        """
+        When the modality aborts and Orthanc then closes, as PS3.8 has it,
+        the modality is sent nothing more and the log says who aborted.
+        """
+        relayed = self.relayed()
+        relayed.fromOrthanc(ACCEPT, ANSWER)
+        relayed.connection.dataReceived(pdu(0x07, b"\x00\x00\x00\x00"))
+        relayed.orthancFinished()
+        self.assertEqual(relayed.modality.value(), ACCEPT + ANSWER)
+        self.assertEqual(relayed.connection.outcome, "accepted as [modality:ct1]; aborted by the modality (A-ABORT)")
+
     def test_modalityGoneFirst(self):
         """
         When the modality's connection is gone, Orthanc's end writes nothing.

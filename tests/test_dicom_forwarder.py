@@ -12,10 +12,10 @@ import ssl
 import struct
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
@@ -53,21 +53,25 @@ READY_TIMEOUT = 120
 PEER_TIMEOUT = 20
 
 
-def associateRequest(callingAET: str, calledAET: str = "PACS", abstractSyntax: str = Verification) -> bytes:
+def associateRequest(
+    callingAET: str, calledAET: str = "PACS", abstractSyntax: str = Verification, receives: Sequence[str] = ()
+) -> bytes:
     """
     A well-formed A-ASSOCIATE-RQ proposing C{abstractSyntax} (Verification),
+    and the SOP classes it C{receives} (as the SCP only, as C-GET does),
     encoded by pynetdicom.
     """
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = callingAET
     primitive.called_ae_title = calledAET
-    context = build_context(abstractSyntax)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
+    contexts = [build_context(syntax) for syntax in (abstractSyntax, *receives)]
+    for number, context in enumerate(contexts):
+        context.context_id = 2 * number + 1
+    primitive.presentation_context_definition_list = contexts
     maximumLength = MaximumLengthNotification()
     maximumLength.maximum_length_received = 16382
-    primitive.user_information = [maximumLength]
+    primitive.user_information = [maximumLength, *(build_role(syntax, scp_role=True) for syntax in receives)]
     request = A_ASSOCIATE_RQ()
     request.from_primitive(primitive)
     return request.encode()

@@ -37,7 +37,9 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import (
     BasicTextSRStorage,
     CTImageStorage,
+    MRImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 from twisted.internet.address import IPv4Address
@@ -239,7 +241,7 @@ class FullStorageTests(DaemonClient, TestCase):
         self.assertTrue((yield deferToThread(self.healthy)))
         self.assertTrue((yield deferToThread(self.isStored, acknowledged[-1])))
         [full] = self.linesSince(seen, "The archive's storage is full")
-        self.assertIn("uploads are refused with 507", full)
+        self.assertIn("uploads are refused (507, and a transient A-ASSOCIATE-RJ for DICOM stores)", full)
 
         # Orthanc dies on the full disk: it cannot start again, and the
         # supervisor keeps trying rather than give up after max_start_failures.
@@ -299,6 +301,8 @@ class StorageSpaceTests(SynchronousTestCase):
     def test_unmeasurableFolderDoesNotRefuse(self):
         space = StorageSpace(temporaryFolder(self) / "not yet created", 2**30)
         self.assertFalse(space.full())
+        # Said once, not at every upload.
+        self.assertFalse(space.full())
         [warning] = [formatEvent(event) for event in self.events if event["log_level"] == LogLevel.warn]
         self.assertIn("Cannot measure the free space of", warning)
 
@@ -317,14 +321,14 @@ class FullStorageAssociationTests(SynchronousTestCase):
         self.factory = ForwarderFactory(config, self.reactor, StorageSpace(Path("/orthanc"), 2 * 2**20, self.disk))
         self.port = config.dicom.listen.port
 
-    def associate(self, abstractSyntax: str) -> StringTransport:
+    def associate(self, abstractSyntax: str, receives=()) -> StringTransport:
         modality = NegotiatedTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", self.port),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
         )
         connection = self.factory.buildProtocol(modality.getPeer())
         connection.makeConnection(modality)
-        connection.dataReceived(associateRequest("CT1", abstractSyntax=abstractSyntax))
+        connection.dataReceived(associateRequest("CT1", abstractSyntax=abstractSyntax, receives=receives))
         return modality
 
     def test_storageRefusedWhileFull(self):
@@ -339,6 +343,17 @@ class FullStorageAssociationTests(SynchronousTestCase):
             modality = self.associate(syntax)
             self.assertEqual(modality.value(), b"", syntax)
         self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_retrievalWithCGetGoesThroughWhileFull(self):
+        """
+        C-GET proposes the storage SOP classes it receives (as their SCP
+        only): reading, not storing.
+        """
+        modality = self.associate(StudyRootQueryRetrieveInformationModelGet, receives=[CTImageStorage])
+        self.assertEqual(modality.value(), b"")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        # Receiving one class while sending another is storing.
+        self.assertEqual(decodeRejection(self.associate(MRImageStorage, receives=[CTImageStorage]).value()), (2, 3, 2))
 
     def test_storageGoesThroughWithRoom(self):
         self.disk.free = 4 * 2**20

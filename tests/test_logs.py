@@ -55,6 +55,12 @@ class OncePerSecondTests(SynchronousTestCase):
         formatted = oncePerSecond(format)
         self.assertEqual([formatted(when) for when in (5.0, 5.5, 5.99, 6.0, 6.1)], ["<5>"] * 3 + ["<6>"] * 2)
         self.assertEqual(calls, [5, 6])
+        # Before the epoch, a second starts at its lower bound too.
+        self.assertEqual(formatted(-0.5), "<-1>")
+
+    def test_firstTimeUnknown(self):
+        formatted = oncePerSecond(lambda second: "-" if second is None else str(second))
+        self.assertEqual(formatted(None), "-")
 
 
 class JournalTests(SynchronousTestCase):

@@ -258,6 +258,7 @@ class AccessTests(SynchronousTestCase):
         proxy, proxyRoutes = buildProxyResources(config, orthanc, clock)
         self.patch(proxy, "forward", self.recordForward)
         self.forwarded: List[Tuple[str, str, bytes]] = []
+        self.stores: List[bool] = []
         self.site = ApplianceSite.fromConfig(
             config, buildSiteResource(config, orthanc, authenticator, proxyRoutes), clock, authenticator, True
         )
@@ -270,9 +271,39 @@ class AccessTests(SynchronousTestCase):
         answer 200.
         """
         self.forwarded.append((request.method.decode("ascii"), target.decode("ascii"), request.content.read()))
+        self.stores.append(stores)
         request.setHeader(b"Content-Length", b"0")
         request.finish()
         return NOT_DONE_YET
+
+    def test_whatMayStore(self) -> None:
+        """
+        The requests the proxy refuses while Orthanc's storage is full: any
+        write on /pacs-admin but those that only read or send elsewhere, and
+        STOW-RS on /pacs; never a read or a delete (which frees space).
+        """
+        storing = {
+            ("POST", "/pacs/studies"): True,
+            ("POST", "/pacs-admin/instances"): True,
+            ("POST", "/pacs-admin/pacs/studies"): True,
+            ("POST", "/pacs-admin/tools/create-dicom"): True,
+            ("POST", "/pacs-admin/studies/abc/modify"): True,
+            ("POST", "/pacs-admin/Studies/abc/anonymize"): True,
+            ("POST", "/pacs-admin/modalities/ct1/move"): True,
+            ("PUT", "/pacs-admin/instances/abc/attachments/9999"): True,
+            ("POST", "/pacs-admin/tools/find"): False,
+            ("POST", "/pacs-admin/modalities/ct1/query"): False,
+            ("POST", "/pacs-admin/modalities/ct1/store"): False,
+            ("POST", "/pacs-admin/peers/other/store"): False,
+            ("DELETE", "/pacs-admin/studies/abc"): False,
+            ("GET", "/pacs-admin/instances"): False,
+            ("GET", "/pacs/studies"): False,
+        }
+        answers = []
+        for method, path in storing:
+            answers.append(self.exchange(Row("admin", method, path, 200))[0])
+        self.assertEqual(answers, [200] * len(storing))
+        self.assertEqual(dict(zip(storing, self.stores)), storing)
 
     def exchange(self, row: Row):
         """

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from appliance.config import Config
 from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
+    ABORT_TYPE,
     ASSOCIATE_RQ_TYPE,
     ENDING_TYPES,
     LOCAL_LIMIT_EXCEEDED,
@@ -51,7 +52,6 @@ from appliance.dicom.pdu import (
 )
 from appliance.dicom.profiles import DicomTLSContext, weakProfileWarning
 from appliance.dicom.relay import RelayedConnection, RelayFactory
-from appliance.orthanc.settings import orthancStorageDir
 from appliance.orthanc.space import StorageSpace
 
 #: How long opening the loopback connection to Orthanc may take.
@@ -82,8 +82,9 @@ class ModalityConnection(RelayedConnection):
         super().__init__(factory.reactor, settings.idle_timeout)
         self.factory = factory
         self._buffer = b""
-        #: Where the PDUs relayed from Orthanc to the modality begin and end.
+        #: Where the PDUs relayed each way begin and end.
         self._toModality = PDUBoundaries()
+        self._toOrthanc = PDUBoundaries()
         self._deadline = None
         self.subject: Optional[x509.Name] = None
         self.callingAET = "-"
@@ -181,13 +182,20 @@ class ModalityConnection(RelayedConnection):
 
     # --- relaying
 
+    def dataReceived(self, data: bytes) -> None:
+        self._toOrthanc.feed(data)
+        super().dataReceived(data)
+
     def upstreamDataReceived(self, data: bytes) -> None:
         self._toModality.feed(data)
         super().upstreamDataReceived(data)
 
     def upstreamEnded(self) -> None:
         toModality = self._toModality
-        if not toModality.atBoundary:
+        if self._toOrthanc.lastType == ABORT_TYPE:
+            # The modality aborted, and Orthanc closed as PS3.8 says it must.
+            self.outcome += "; aborted by the modality (A-ABORT)"
+        elif not toModality.atBoundary:
             self.outcome += "; closed in the middle of a PDU when Orthanc's connection ended"
         elif toModality.lastType is None:
             rejection = _orthancAway("Orthanc closed the connection before answering")
@@ -267,7 +275,7 @@ class ForwarderFactory(RelayFactory):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.space = space or StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
+        self.space = space or StorageSpace.forOrthanc(config)
 
     def buildProtocol(self, addr) -> ModalityConnection:
         return ModalityConnection(self)

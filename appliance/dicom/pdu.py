@@ -155,18 +155,27 @@ class AssociationRequest:
     protocolVersion: int
     #: The SOP classes of its presentation contexts.
     abstractSyntaxes: FrozenSet[str] = frozenset()
+    #: The SOP classes for which the requester asks to be the SCP only
+    #: (role selection, PS3.7 D.3.3.4): those it receives, as with C-GET.
+    receivedOnly: FrozenSet[str] = frozenset()
 
     @property
     def mayStore(self) -> bool:
         """
-        Whether it proposes a storage SOP class, or one unknown to pynetdicom
-        (private SOP classes are nearly always storage ones).
+        Whether it proposes to send a storage SOP class, or one unknown to
+        pynetdicom (private SOP classes are nearly always storage ones).
         """
-        for uid in self.abstractSyntaxes:
+        for uid in self.abstractSyntaxes - self.receivedOnly:
             service = uid_to_service_class(uid)
             if service is ServiceClass or issubclass(service, StorageServiceClass):
                 return True
         return False
+
+
+def _receivedOnly(request: A_ASSOCIATE_RQ) -> FrozenSet[str]:
+    information = request.user_information
+    roles = information.role_selection if information is not None else {}
+    return frozenset(uid for uid, role in roles.items() if role.scp_role and not role.scu_role)
 
 
 def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
@@ -180,6 +189,7 @@ def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
         request.decode(pdu)
         calling, called = request.calling_ae_title, request.called_ae_title
         abstractSyntaxes = frozenset(str(context.abstract_syntax) for context in request.presentation_context)
+        receivedOnly = _receivedOnly(request)
     except Exception as error:
         # pynetdicom raises whatever its parsers hit (struct.error, ValueError,
         # IndexError...) on malformed input: they all mean the same here.
@@ -189,4 +199,5 @@ def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
         calledAET=called.strip(),
         protocolVersion=request.protocol_version,
         abstractSyntaxes=abstractSyntaxes,
+        receivedOnly=receivedOnly,
     )

@@ -12,9 +12,12 @@ space is below [orthanc] min_free_space.
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from twisted.logger import Logger
+
+from appliance.config import Config
+from appliance.orthanc.settings import orthancStorageDir
 
 
 def describeFree(size: int) -> str:
@@ -45,7 +48,15 @@ class StorageSpace:
         self.folder = folder
         self.minimum = minimum
         self._statvfs = statvfs
-        self._full = False
+        #: What was last logged: full (True), room (False), unmeasurable (None).
+        self._state: Optional[bool] = False
+
+    @classmethod
+    def forOrthanc(cls, config: Config) -> "StorageSpace":
+        """
+        The free space of Orthanc's storage, against [orthanc] min_free_space.
+        """
+        return cls(orthancStorageDir(config), config.orthanc.min_free_space)
 
     def full(self) -> bool:
         """
@@ -58,16 +69,21 @@ class StorageSpace:
         except OSError as error:
             # Orthanc (re)creates its folder: until then it stores nothing, and
             # an upload gets the proxy's answer for an Orthanc that is away.
-            self.log.warn("Cannot measure the free space of {folder}: {error}", folder=str(self.folder), error=error.strerror)
+            if self._state is not None:
+                self._state = None
+                self.log.warn(
+                    "Cannot measure the free space of {folder}: {error}", folder=str(self.folder), error=error.strerror
+                )
             return False
         free = status.f_bavail * status.f_frsize
         full = free < self.minimum
-        if full != self._full:
-            self._full = full
+        if full != self._state:
+            self._state = full
             if full:
                 self.log.error(
                     "The archive's storage is full: {free} free in {folder}, less than [orthanc]"
-                    " min_free_space ({minimum}); uploads are refused with 507 until space is freed",
+                    " min_free_space ({minimum}); uploads are refused (507, and a transient"
+                    " A-ASSOCIATE-RJ for DICOM stores) until space is freed",
                     free=describeFree(free),
                     folder=str(self.folder),
                     minimum=describeFree(self.minimum),

@@ -110,7 +110,7 @@ class OrthancSupervisor(Service):
         self._probe = probe
         self._echoProbe = echoProbe
         self._relayPorts = relayPorts if relayPorts is not None else {}
-        self._space = space or StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
+        self._space = space or StorageSpace.forOrthanc(config)
         self.dicomStatus = "not checked yet"
         self.state = OrthancState.STOPPED
         self.reason = "not started"

@@ -53,7 +53,6 @@ from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
 from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.orthanc.settings import orthancStorageDir
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
@@ -277,7 +276,8 @@ class _TimedEndpoint:
         # to the client, whatever its size: reading ORTHANC_READ_SIZE at a time
         # instead of Twisted's 64 KiB halves the proxy's CPU per megabyte.
         # A paused client still holds at most one block (Orthanc's connection
-        # stops being read while the client's buffer is full).
+        # stops being read while the client's buffer is full).  The same size
+        # is how much of an upload may wait in the buffer toward Orthanc.
         protocol.transport.bufferSize = ORTHANC_READ_SIZE
         return protocol
 
@@ -314,7 +314,7 @@ class OrthancProxy(Service):
             from twisted.internet import reactor  # type: ignore[no-redef]
         web = config.web
         self.orthanc = orthanc
-        self.space = space or StorageSpace(orthancStorageDir(config), config.orthanc.min_free_space)
+        self.space = space or StorageSpace.forOrthanc(config)
         self.reactor = reactor
         self.connectTimeout = web.proxy_connect_timeout
         self.responseTimeout = web.proxy_response_timeout

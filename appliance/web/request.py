@@ -109,7 +109,7 @@ class ApplianceRequest(Request):
         # without a resource (OPTIONS *, a resource that raised) carry them
         # too; a resource's own value of a standard header stays.
         if not self.startedWriting:
-            # Replaces the Server header Request.process set, with Twisted's version.
+            # Replaces Twisted's own Server header, which names its version.
             self.setHeader(b"Server", SERVER)
             for name, value in self.site.standardHeaders:
                 if not self.responseHeaders.hasHeader(name):

@@ -94,6 +94,36 @@ PROXY_HEAD_BYTES = 1024
 HEADERS_TOO_LARGE = 431
 
 
+#: Orthanc's POST endpoints that write nothing into the archive: every other
+#: POST or PUT on /pacs-admin may (uploads, STOW-RS, create-dicom, modify,
+#: anonymize, merge, split, retrieves from other nodes, attachments), and is
+#: refused while its storage is full.  Deleting, which frees space, goes on.
+READING_WRITES = (
+    (b"tools", b"find"),
+    (b"tools", b"lookup"),
+    (b"tools", b"create-archive"),
+    (b"tools", b"create-media"),
+    (b"tools", b"create-media-extended"),
+    (b"modalities", ANY, b"echo"),
+    (b"modalities", ANY, b"query"),
+    (b"modalities", ANY, b"store"),
+    (b"peers", ANY, b"store"),
+    (DICOMWEB_ROOT.strip("/").encode("ascii"), b"servers", ANY, b"stow"),
+)
+
+
+def _matches(target: "Target", pattern: Tuple[Optional[bytes], ...]) -> bool:
+    """
+    Whether C{target}'s path starts with C{pattern} (L{ANY} matching any
+    segment).  Orthanc's routes are case-sensitive; comparing without case
+    matches at least everything Orthanc would serve.
+    """
+    segments = target.segments
+    return len(segments) >= len(pattern) and all(
+        wanted is ANY or wanted == segment.lower() for wanted, segment in zip(pattern, segments)
+    )
+
+
 class BadPath(Exception):
     """
     The request's path or query cannot be passed on; the message says why.
@@ -312,27 +342,20 @@ class PacsAdminResource(Resource):
                 f"This Orthanc endpoint {refusal}; the appliance refuses it unless"
                 " [web] admin_unsafe_endpoints is yes.",
             )
-        # Orthanc Explorer's upload; Orthanc's other writes are administrators'
-        # own actions, and some POSTs (tools/find) only read.
-        stores = request.method == b"POST" and target.segments == (b"instances",)
         upstream = target.upstream()
         refusal = tooLargeForOrthanc(request, upstream)
         if refusal is not None:
             return refusal
+        stores = request.method in (b"POST", b"PUT") and not any(
+            _matches(target, pattern) for pattern in READING_WRITES
+        )
         return self._proxy.forward(request, upstream, self.rewriteHeader, stores=stores)
 
     def _unsafe(self, method: bytes, target: Target) -> Optional[str]:
         if self._allowUnsafe:
             return None
-        # Orthanc's routes are case-sensitive; comparing without case refuses
-        # at least everything Orthanc would serve.
-        segments = tuple(segment.lower() for segment in target.segments)
         for methods, pattern, what in UNSAFE_ENDPOINTS:
-            if methods is not None and method not in methods:
-                continue
-            if len(segments) >= len(pattern) and all(
-                wanted is ANY or wanted == segment for wanted, segment in zip(pattern, segments)
-            ):
+            if (methods is None or method in methods) and _matches(target, pattern):
                 return what
         return None
 
