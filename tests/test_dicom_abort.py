@@ -115,6 +115,40 @@ class RelayedAssociation:
         assert not self.modality.disconnected, "the modality's connection was aborted"
 
 
+class TCPTransport(NegotiatedTransport):
+    """
+    An in-memory transport that says whether Nagle's algorithm was turned
+    off, as a TCP connection can.
+    """
+
+    noDelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.noDelay = enabled
+
+
+class NoDelayTests(SynchronousTestCase):
+    def test_bothSidesSendAtOnce(self):
+        """
+        The modality's and Orthanc's connections send each message as soon
+        as it is written: a C-STORE's last segment must not wait for the
+        ACK of the one before.
+        """
+        config = testConfig(temporaryFolder(self), **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.1"}})
+        reactor = MemoryReactorClock()
+        modality = TCPTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", config.dicom.listen.port),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+        )
+        connection = ForwarderFactory(config, reactor).buildProtocol(modality.getPeer())
+        connection.makeConnection(modality)
+        connection.dataReceived(associateRequest("CT1"))
+        [(host, port, connector, _, _)] = reactor.tcpClients
+        orthanc = TCPTransport()
+        connector.buildProtocol(IPv4Address("TCP", host, port)).makeConnection(orthanc)
+        self.assertEqual((modality.noDelay, orthanc.noDelay), (True, True))
+
+
 class BoundaryTests(SynchronousTestCase):
     """
     L{PDUBoundaries} on streams cut into chunks anywhere.
