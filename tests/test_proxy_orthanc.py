@@ -31,6 +31,7 @@ from twisted.trial.unittest import TestCase
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
 from appliance.tls import selfSignedPaths
 from appliance.web.auth import Authenticator
+from appliance.web.proxy import MAX_ORTHANC_REQUESTS
 from appliance.web.request import MEMORY_BODY_LIMIT
 from appliance.web.routes import buildProxyResources
 from appliance.web.site import buildSiteResource, buildWebService
@@ -116,10 +117,14 @@ class ProxyToOrthancCase(TestCase):
     wires it, in front of a supervised Orthanc.
 
     @cvar user: whom the requests of L{fetch} come from by default.
+    @cvar orthancSettings: keys of the [orthanc] section to change.
+    @cvar maxRequests: the proxy's limit of exchanges with Orthanc at a time.
     """
 
     timeout = 300
     user: User = UPLOADER
+    orthancSettings: Dict[str, str] = {}
+    maxRequests = MAX_ORTHANC_REQUESTS
 
     def setUp(self):
         folder = temporaryFolder(self)
@@ -129,12 +134,13 @@ class ProxyToOrthancCase(TestCase):
             auth={"users_file": usersFile},
             # Only the HTTPS listener: its redirects are tested elsewhere.
             web={"listen_http": ""},
+            orthanc=self.orthancSettings,
             # Orthanc takes C-STORE only from the modalities it knows.
             **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}},
         )
         for name, password, roles in (VIEWER, UPLOADER, ADMIN):
             writeUser(usersFile, name, password, roles)
-        self.supervisor = OrthancSupervisor(self.config)
+        self.supervisor = self.buildSupervisor()
         self.supervisor.startService()
         self.addCleanup(self.stopSupervisor)
         services = MultiService()
@@ -142,8 +148,8 @@ class ProxyToOrthancCase(TestCase):
         users.setServiceParent(services)
         authenticator = Authenticator(users, self.config.auth, reactor)
         authenticator.setServiceParent(services)
-        proxy, proxyRoutes = buildProxyResources(self.config, self.supervisor, reactor)
-        proxy.setServiceParent(services)
+        self.proxy, proxyRoutes = buildProxyResources(self.config, self.supervisor, reactor, maxRequests=self.maxRequests)
+        self.proxy.setServiceParent(services)
         site = buildSiteResource(self.config, self.supervisor, authenticator, proxyRoutes)
         web = buildWebService(self.config, site, authenticator, reactor)
         web.setServiceParent(services)
@@ -159,6 +165,12 @@ class ProxyToOrthancCase(TestCase):
         self.caFile = str(selfSignedPaths(self.config)[0])
         self.context = ssl.create_default_context(cafile=self.caFile)
         return self.waitFor(OrthancState.READY)
+
+    def buildSupervisor(self) -> OrthancSupervisor:
+        """
+        The supervisor of the test's Orthanc, as the daemon builds it.
+        """
+        return OrthancSupervisor(self.config)
 
     def stopSupervisor(self):
         if self.supervisor.running:

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.orthanc.process import OrthancProcessProtocol
-from appliance.orthanc.settings import ORTHANC_USER, orthancConfigurationPath
+from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, ORTHANC_USER, orthancConfigurationPath
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
@@ -119,7 +119,15 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(document["RemoteAccessAllowed"], False)
         self.assertEqual(document["DicomWeb"]["Root"], "/pacs/")
         self.assertEqual(document["ExecuteLuaEnabled"], False)
+        # The proxy's limit is derived from it: never Orthanc's default.
+        self.assertEqual(document["HttpThreadsCount"], ORTHANC_HTTP_THREADS)
         self.assertEqual(self.states, ["starting"])
+
+    def test_httpThreadsCanBeFewer(self):
+        supervisor = OrthancSupervisor(self.config, self.reactor, self.probe, httpThreads=3)
+        supervisor.startService()
+        document = json.loads(orthancConfigurationPath(self.config).read_text())
+        self.assertEqual(document["HttpThreadsCount"], 3)
 
     def test_readyOnlyWhenTheProbeAnswers(self):
         self.supervisor.startService()

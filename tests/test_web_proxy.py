@@ -21,10 +21,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from appliance.orthanc.settings import OrthancCredentials
+from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS, OrthancCredentials
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
-from appliance.web.proxy import STORAGE_FULL
+from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL
 from appliance.web.routes import PacsAdminResource, buildProxyResources
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
 
@@ -181,6 +181,7 @@ def head(status: str = "200 OK", headers=(), length: Optional[int] = None) -> by
 
 class ProxyCase(SynchronousTestCase):
     web: Dict[str, object] = {}
+    maxRequests = MAX_ORTHANC_REQUESTS
 
     def setUp(self) -> None:
         self.folder = folder = temporaryFolder(self)
@@ -193,7 +194,7 @@ class ProxyCase(SynchronousTestCase):
         self.config = testConfig(folder, web=web)
         self.reactor = MemoryReactorClock()
         self.orthanc = FakeSupervisor()
-        self.proxy, children = buildProxyResources(self.config, self.orthanc, self.reactor)
+        self.proxy, children = buildProxyResources(self.config, self.orthanc, self.reactor, maxRequests=self.maxRequests)
         root = Resource()
         for name, child in children.items():
             root.putChild(name, child)
@@ -599,12 +600,178 @@ class BackpressureTests(ProxyCase):
         upstream.respond(head(length=0))
         self.assertEqual(client.answer().status, 200)
 
+    def test_orthancKeepsThreadsForItsHealthCheck(self) -> None:
+        self.assertEqual(self.proxy.turns.limit, ORTHANC_HTTP_THREADS - RESERVED_HTTP_THREADS)
+        self.assertGreater(RESERVED_HTTP_THREADS, 0)
+
     def test_stopServiceClosesIdleConnections(self) -> None:
         _, upstream = self.exchange("GET", "/pacs/studies", head(length=0))
         stopped = self.proxy.stopService()
         self.assertTrue(upstream.transport.disconnecting)
         upstream.lose(ConnectionDone)
         self.successResultOf(stopped)
+
+
+class TurnTests(ProxyCase):
+    """
+    At most maxRequests exchanges with Orthanc at a time (here two); the
+    others wait their turn in the appliance, in arrival order.
+    """
+
+    maxRequests = 2
+    FRAME = "/pacs/studies/1/series/2/instances/3/frames/1"
+
+    def slowReader(self) -> Tuple[Client, Upstream]:
+        """
+        A client in the middle of a transfer it has stopped reading.
+        """
+        client = self.client("GET", self.FRAME)
+        upstream = self.upstream()
+        upstream.respond(head(headers=[("Content-Type", "application/octet-stream")], length=100) + b"x" * 10)
+        client.transport.producer.pauseProducing()
+        return client, upstream
+
+    def assertWaiting(self, count: int) -> None:
+        self.assertEqual((self.proxy.turns.underWay, self.proxy.turns.waiting), (self.maxRequests, count))
+        self.assertEqual(self.reactor.tcpClients, [], "a waiting request reached Orthanc")
+
+    def turnEvents(self) -> List[str]:
+        return [formatEvent(event) for event in self.events if "their turn" in event.get("log_format", "")]
+
+    def test_requestsBeyondTheLimitWaitAndGoInArrivalOrder(self) -> None:
+        first, second = self.client("GET", "/pacs/studies?n=1"), self.client("GET", "/pacs/studies?n=2")
+        toFirst, toSecond = self.upstream(), self.upstream()
+        third, fourth = self.client("GET", "/pacs/studies?n=3"), self.client("GET", "/pacs/studies?n=4")
+        self.assertWaiting(2)
+        self.assertEqual((third.transport.value(), fourth.transport.value()), (b"", b""))
+        # The second answer ends first: its connection, back in the pool,
+        # takes the third request, the first that waited.
+        toSecond.transport.clear()
+        toSecond.respond(head(length=2) + b"[]")
+        self.assertEqual(second.answer().status, 200)
+        self.assertEqual(toSecond.request()[0], b"GET /pacs/studies?n=3 HTTP/1.1")
+        self.assertWaiting(1)
+        toFirst.transport.clear()
+        toFirst.respond(head(length=2) + b"[]")
+        self.assertEqual(first.answer().status, 200)
+        self.assertEqual(toFirst.request()[0], b"GET /pacs/studies?n=4 HTTP/1.1")
+        self.assertEqual((self.proxy.turns.underWay, self.proxy.turns.waiting), (2, 0))
+        for upstream, client in ((toSecond, third), (toFirst, fourth)):
+            upstream.respond(head(length=2) + b"[]")
+            self.assertEqual((client.answer().status, client.answer().body), (200, b"[]"))
+        self.assertEqual(self.proxy.turns.underWay, 0)
+        # Saturation is logged when it starts and when it ends, not per request.
+        started, drained = self.turnEvents()
+        self.assertIn("All 2 connections to Orthanc are in use", started)
+        self.assertIn("no longer wait for their turn: 2 waited", drained)
+        self.assertIn("0 of them left or timed out", drained)
+
+    def test_clientLeavingMidAnswerPassesItsTurnOn(self) -> None:
+        reader, toReader = self.slowReader()
+        self.slowReader()
+        waiting = self.client("GET", "/pacs/studies")
+        self.assertWaiting(1)
+        reader.leave()
+        self.assertEqual(toReader.transport.producerState, "stopped")
+        self.upstream().respond(head(length=2) + b"[]")
+        self.assertEqual(waiting.answer().status, 200)
+
+    def test_clientLeavingBeforeTheAnswerPassesItsTurnOn(self) -> None:
+        leaving = self.client("GET", "/pacs/studies")
+        toLeaving = self.upstream()
+        self.slowReader()
+        waiting = self.client("GET", "/pacs/series")
+        self.assertWaiting(1)
+        leaving.leave()
+        self.assertTrue(toLeaving.transport.disconnecting)
+        self.assertEqual(self.upstream().request()[0], b"GET /pacs/series HTTP/1.1")
+        self.assertEqual(waiting.transport.value(), b"")
+
+    def test_failuresPassTheTurnOn(self) -> None:
+        refused = self.client("GET", "/pacs/studies")
+        _, _, factory, _, _ = self.reactor.tcpClients.pop(0)
+        broken = self.client("GET", self.FRAME)
+        toBroken = self.upstream()
+        firstWaiting, secondWaiting = self.client("GET", "/pacs/studies?n=1"), self.client("GET", "/pacs/studies?n=2")
+        self.assertWaiting(2)
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(refused.answer().status, 502)
+        self.assertEqual(self.upstream().request()[0], b"GET /pacs/studies?n=1 HTTP/1.1")
+        toBroken.respond(head(headers=[("Content-Type", "application/octet-stream")], length=100) + b"x" * 10)
+        toBroken.lose(ConnectionLost)
+        self.assertTrue(broken.transport.disconnecting)
+        self.assertEqual(self.upstream().request()[0], b"GET /pacs/studies?n=2 HTTP/1.1")
+        self.assertEqual((firstWaiting.transport.value(), secondWaiting.transport.value()), (b"", b""))
+
+    def test_timeoutsPassTheTurnOn(self) -> None:
+        silent = self.client("GET", "/pacs/studies")
+        self.upstream()
+        stalled = self.client("GET", self.FRAME)
+        self.upstream().respond(head(headers=[("Content-Type", "application/octet-stream")], length=100) + b"x" * 10)
+        self.reactor.advance(1)
+        afterResponse, afterIdle = self.client("GET", "/pacs/studies?n=1"), self.client("GET", "/pacs/studies?n=2")
+        self.assertWaiting(2)
+        # Orthanc stops sending the frame: the idle timeout closes the client.
+        self.reactor.advance(IDLE - 1)
+        self.assertTrue(stalled.transport.disconnecting)
+        self.assertEqual(self.upstream().request()[0], b"GET /pacs/studies?n=1 HTTP/1.1")
+        # Orthanc never answers the first request.
+        self.reactor.advance(RESPONSE - IDLE)
+        self.assertEqual(silent.answer().status, 504)
+        self.assertIn(f"answer within {RESPONSE}s", silent.answer().json()["error"])
+        self.assertEqual(self.upstream().request()[0], b"GET /pacs/studies?n=2 HTTP/1.1")
+        self.assertEqual((afterResponse.transport.value(), afterIdle.transport.value()), (b"", b""))
+
+    def test_waitingClientLeavingNeverReachesOrthanc(self) -> None:
+        self.slowReader()
+        self.slowReader()
+        leaving = self.client("GET", "/pacs/studies?n=1")
+        staying = self.client("GET", "/pacs/studies?n=2")
+        leaving.leave()
+        # It gave up its place, and no turn it did not hold.
+        self.assertWaiting(1)
+        latecomer = self.client("GET", "/pacs/studies?n=3")
+        self.assertWaiting(2)
+        self.reactor.advance(RESPONSE * 2)
+        self.assertEqual(leaving.transport.value(), b"")
+        self.assertEqual([event for event in self.events if event.get("log_level").name == "error"], [])
+        self.assertEqual(staying.answer().status, 504)
+        self.assertEqual(latecomer.answer().status, 504)
+        [_, drained] = self.turnEvents()
+        self.assertIn("3 waited", drained)
+        self.assertIn("3 of them left or timed out", drained)
+
+    def test_waitingTooLongAnswers504(self) -> None:
+        readers = [self.slowReader(), self.slowReader()]
+        waiting = self.client("GET", "/pacs/studies")
+        self.reactor.advance(RESPONSE - 0.1)
+        self.assertEqual(waiting.transport.value(), b"")
+        self.reactor.advance(0.1)
+        answer = waiting.answer()
+        self.assertEqual((answer.status, answer.header("Content-Type")), (504, "application/json"))
+        self.assertEqual(
+            answer.json()["error"],
+            f"The archive is busy: this request waited {RESPONSE}s for its turn without reaching Orthanc;"
+            " try again in a moment.",
+        )
+        self.assertWaiting(0)
+        # The slow readers go on.
+        for client, upstream in readers:
+            self.assertFalse(client.transport.disconnecting)
+            self.assertEqual(upstream.transport.producerState, "paused")
+
+    def test_theWaitCountsAsWaitingForTheAnswer(self) -> None:
+        reader, _ = self.slowReader()
+        self.slowReader()
+        waiting = self.client("GET", "/pacs/studies")
+        self.reactor.advance(RESPONSE - 5)
+        reader.leave()
+        self.upstream()
+        self.reactor.advance(5 - 0.1)
+        self.assertEqual(waiting.transport.value(), b"")
+        self.reactor.advance(0.1)
+        self.assertIn(f"answer within {RESPONSE}s", waiting.answer().json()["error"])
+        self.assertEqual(self.proxy.turns.underWay, 1)
 
 
 class GzipTests(ProxyCase):

@@ -29,6 +29,24 @@ DICOMWEB_ROOT = "/pacs/"
 #: as a modality on the loopback interface that may only C-ECHO.
 PROBE_AET = "APPLIANCE-PROBE"
 
+#: Orthanc's HTTP worker threads (C{HttpThreadsCount}, CivetWeb's
+#: C{num_threads}).  A thread serves one connection from its first request to
+#: its close, so a connection held by a slow reader holds a thread for the
+#: whole transfer, and a connection beyond the count waits in CivetWeb's queue,
+#: health checks included.  Set here rather than left to Orthanc's default (50)
+#: because the proxy's limit is derived from it.  100 covers some sixteen
+#: browsers each retrieving over the six connections HTTP/1.1 allows them; a
+#: thread costs little more than its stack (reserved, resident only as far as
+#: it is used), and more threads would not make Orthanc's index or disk faster:
+#: beyond that, requests wait their turn in the appliance.
+ORTHANC_HTTP_THREADS = 100
+
+#: Orthanc's HTTP threads the proxy leaves free: for the supervisor's health
+#: check (one connection at a time), and for connections the proxy has just
+#: closed and Orthanc has not yet let go of.  See
+#: L{appliance.web.proxy.MAX_ORTHANC_REQUESTS}.
+RESERVED_HTTP_THREADS = 4
+
 
 @dataclass(frozen=True)
 class OrthancCredentials:
@@ -97,10 +115,12 @@ def renderOrthancConfiguration(
     config: Config,
     credentials: OrthancCredentials,
     relayPorts: Optional[Mapping[str, int]] = None,
+    httpThreads: int = ORTHANC_HTTP_THREADS,
 ) -> Dict[str, Any]:
     """
     The complete Orthanc configuration document for C{config}; C{relayPorts}
-    are the loopback ports through which Orthanc reaches each modality.
+    are the loopback ports through which Orthanc reaches each modality, and
+    C{httpThreads} its HTTP worker threads (fewer in tests that fill them).
     """
     orthanc = config.orthanc
     storage = orthancStorageDir(config)
@@ -112,6 +132,7 @@ def renderOrthancConfiguration(
         # HTTP: loopback only, one account, reached through the appliance alone.
         "HttpServerEnabled": True,
         "HttpPort": orthanc.http_port,
+        "HttpThreadsCount": httpThreads,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True,
         "RegisteredUsers": {credentials.username: credentials.password},

@@ -32,6 +32,7 @@ from appliance.config import Config
 from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.process import OrthancProcessProtocol
 from appliance.orthanc.settings import (
+    ORTHANC_HTTP_THREADS,
     OrthancCredentials,
     newCredentials,
     orthancConfigurationPath,
@@ -87,6 +88,7 @@ class OrthancSupervisor(Service):
         echoProbe=None,
         relayPorts: Optional[Mapping[str, int]] = None,
         space: Optional[StorageSpace] = None,
+        httpThreads: int = ORTHANC_HTTP_THREADS,
     ) -> None:
         """
         @param probe: asks Orthanc's REST API, given the credentials.
@@ -96,6 +98,8 @@ class OrthancSupervisor(Service):
             modalities, by name (see L{appliance.dicom.destinations}).
         @param space: the free space of Orthanc's storage; by default measured
             on its folder against [orthanc] min_free_space.
+        @param httpThreads: Orthanc's HTTP worker threads; the proxy's limit
+            must leave some of them free (see L{appliance.web.proxy}).
         """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -110,6 +114,7 @@ class OrthancSupervisor(Service):
         self._probe = probe
         self._echoProbe = echoProbe
         self._relayPorts = relayPorts if relayPorts is not None else {}
+        self._httpThreads = httpThreads
         self._space = space or StorageSpace.forOrthanc(config)
         self.dicomStatus = "not checked yet"
         self.state = OrthancState.STOPPED
@@ -183,7 +188,7 @@ class OrthancSupervisor(Service):
         configurationPath = orthancConfigurationPath(self._config)
         writeOrthancConfiguration(
             configurationPath,
-            renderOrthancConfiguration(self._config, self.credentials, self._relayPorts),
+            renderOrthancConfiguration(self._config, self.credentials, self._relayPorts, self._httpThreads),
         )
         arguments = [str(executable), str(configurationPath)]
         if self._settings.verbose:

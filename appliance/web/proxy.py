@@ -24,7 +24,12 @@ Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResour
     503 while the supervisor says Orthanc is not ready, 504 on a timeout, 502
     otherwise; after the headers, the client's connection is closed;
   - an upload is answered 507 without reaching Orthanc while its storage has
-    less free space than [orthanc] min_free_space (see L{appliance.orthanc.space}).
+    less free space than [orthanc] min_free_space (see L{appliance.orthanc.space});
+  - at most L{MAX_ORTHANC_REQUESTS} exchanges are under way at a time, so that
+    Orthanc always has an HTTP thread free for the supervisor's health check:
+    the others wait their turn here, in arrival order (L{OrthancTurns}); the
+    wait counts as waiting for the answer (proxy_response_timeout), and a
+    client that leaves gives up its place without reaching Orthanc.
 """
 
 import re
@@ -32,7 +37,7 @@ from typing import Callable, List, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet import error as internetError
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -53,6 +58,7 @@ from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
 from zope.interface import implementer
 
 from appliance.config import Config
+from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
@@ -119,6 +125,16 @@ HeaderRewriter = Callable[[bytes, bytes], Optional[bytes]]
 
 #: How much is read from Orthanc's connection at a time (see _TimedEndpoint).
 ORTHANC_READ_SIZE = 512 * 1024
+
+#: Exchanges with Orthanc under way at a time, at most.  Each holds one of
+#: Orthanc's HTTP threads until its answer ends (a slow reader holds one for
+#: its whole transfer), and so does each idle connection of the pool: opening
+#: a connection only for an exchange that holds a turn, and giving the turn
+#: back only once its connection is back in the pool or being closed, keeps
+#: the proxy's connections to Orthanc within this number (give or take those
+#: Orthanc has not yet seen close).  The rest of Orthanc's threads stay free
+#: for the supervisor's health check.
+MAX_ORTHANC_REQUESTS = ORTHANC_HTTP_THREADS - RESERVED_HTTP_THREADS
 
 #: What an upload is told while Orthanc's storage is full (with 507).
 STORAGE_FULL = "The archive's storage is full: nothing was stored; ask an administrator to free space, then send it again."
@@ -299,6 +315,87 @@ class _OrthancEndpoints:
         return self._endpoint
 
 
+class OrthancTurns:
+    """
+    At most C{limit} exchanges with Orthanc at a time; the others wait for
+    their turn in arrival order.
+
+    Saturation is logged once when requests start waiting, and once when
+    none waits any more, with how many waited: not once per request.
+
+    @ivar limit: how many exchanges may be under way at a time.
+    """
+
+    log = Logger()
+
+    def __init__(self, limit: int, reactor) -> None:
+        self.limit = limit
+        self._reactor = reactor
+        self._semaphore = DeferredSemaphore(limit)
+        # Since requests started waiting: how many waited, how many gave up
+        # their place, and the longest wait.
+        self._waited = self._gaveUp = 0
+        self._longest = 0.0
+
+    @property
+    def underWay(self) -> int:
+        """
+        How many exchanges hold a turn.
+        """
+        return self.limit - self._semaphore.tokens
+
+    @property
+    def waiting(self) -> int:
+        """
+        How many requests wait for their turn.
+        """
+        return len(self._semaphore.waiting)
+
+    def acquire(self) -> Deferred:
+        """
+        A Deferred that fires when it is the caller's turn (at once if an
+        exchange may start now); cancel it to give up one's place.  Whoever
+        got a turn must L{release} it.
+        """
+        turn = self._semaphore.acquire()
+        if turn.called:
+            return turn
+        if not self._waited:
+            self.log.warn(
+                "All {limit} connections to Orthanc are in use: requests now wait their turn in the appliance",
+                limit=self.limit,
+            )
+        self._waited += 1
+        arrived = self._reactor.seconds()
+
+        def waited(result: object) -> object:
+            self._longest = max(self._longest, self._reactor.seconds() - arrived)
+            if isinstance(result, Failure):
+                self._gaveUp += 1
+            if not self._semaphore.waiting:
+                self._drained()
+            return result
+
+        return turn.addBoth(waited)
+
+    def release(self) -> None:
+        """
+        End a turn: the first request waiting, if any, gets it.
+        """
+        self._semaphore.release()
+
+    def _drained(self) -> None:
+        self.log.info(
+            "Requests to Orthanc no longer wait for their turn: {waited} waited, the longest {longest:.1f}s;"
+            " {gaveUp} of them left or timed out before their turn",
+            waited=self._waited,
+            longest=self._longest,
+            gaveUp=self._gaveUp,
+        )
+        self._waited = self._gaveUp = 0
+        self._longest = 0.0
+
+
 class OrthancProxy(Service):
     """
     Forwards requests to Orthanc; one instance per site, shared by the routes.
@@ -307,9 +404,18 @@ class OrthancProxy(Service):
     @param orthanc: the supervisor (C{state}, C{credentials}).
     @param space: the free space of Orthanc's storage; by default measured
         on its folder against [orthanc] min_free_space.
+    @param maxRequests: how many exchanges with Orthanc may be under way at a
+        time (see L{MAX_ORTHANC_REQUESTS}; fewer in tests that fill them).
     """
 
-    def __init__(self, config: Config, orthanc, reactor=None, space: Optional[StorageSpace] = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        orthanc,
+        reactor=None,
+        space: Optional[StorageSpace] = None,
+        maxRequests: int = MAX_ORTHANC_REQUESTS,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         web = config.web
@@ -330,6 +436,7 @@ class OrthancProxy(Service):
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self.gzip = GzipEncoderFactory()
         self.gzip.compressLevel = GZIP_LEVEL
+        self.turns = OrthancTurns(maxRequests, reactor)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -419,17 +526,22 @@ class _WatchedBody:
         self._producer.stopProducing()
 
 
-#: The phases of an exchange: sending the request and waiting for the answer's
-#: headers, streaming the answer's body, and over (answered, or the client left).
-REQUEST, ANSWER, OVER = "request", "answer", "over"
+#: The phases of an exchange: waiting for its turn, sending the request and
+#: waiting for the answer's headers, streaming the answer's body, and over
+#: (answered, or the client left).
+WAITING, REQUEST, ANSWER, OVER = "waiting", "request", "answer", "over"
 
 
 class _Exchange:
     """
     One request forwarded to Orthanc and its answer streamed back.
 
-    One timer at a time: while the body is sent, the idle timeout between
-    blocks; then the response timeout until the answer's headers; then the idle
+    It waits for its turn first (see L{OrthancTurns}), and gives it back
+    when it ends, however it ends (see L{_end}).
+
+    One timer at a time: the response timeout from the start, the wait for a
+    turn included; while the body is sent, the idle timeout between blocks,
+    then the response timeout again until the answer's headers; then the idle
     timeout between blocks of the answer, stopped while the client pauses us.
     """
 
@@ -441,7 +553,8 @@ class _Exchange:
         self._url = url
         self._headers = headers
         self._rewrite = rewrite
-        self._phase = REQUEST
+        self._phase = WAITING
+        self._holdsTurn = False
         self._pending: Optional[Deferred] = None
         self._streamer: Optional["_AnswerStreamer"] = None
         self._timer = None
@@ -450,22 +563,29 @@ class _Exchange:
     # --- the request
 
     def start(self) -> None:
+        self._request.notifyFinish().addErrback(self._clientGone)
+        # The answer's clock starts now, the wait for a turn included; with a
+        # body, the upload's timers take over once it starts.
+        self._arm(self._proxy.responseTimeout, "response")
+        # Cancelling this chain gives up the place in the queue, or the
+        # request to Orthanc once under way.
+        self._pending = self._proxy.turns.acquire()
+        self._pending.addCallback(self._send)
+        self._pending.addCallbacks(self._answered, self._failed)
+        self._pending.addErrback(self._bug)
+
+    def _send(self, _: object) -> Deferred:
+        self._phase = REQUEST
+        self._holdsTurn = True
         request = self._request
-        request.notifyFinish().addErrback(self._clientGone)
         body: Optional[_WatchedBody] = None
         producer = FileBodyProducer(request.content, self._proxy.cooperator)
         if producer.length:
             body = _WatchedBody(producer, self._bodyBlockSent, self._bodySent)
-        else:
-            # The answer's clock starts now; with a body, once it is sent.
-            self._arm(self._proxy.responseTimeout, "response")
         # Orthanc answers HEAD with 404 whatever the path: ask with GET, and
         # stop at the answer's headers.
         method = b"GET" if request.method == b"HEAD" else request.method
-        agent = self._proxy.agent
-        self._pending = maybeDeferred(agent.request, method, self._url, self._headers, body)
-        self._pending.addCallbacks(self._answered, self._failed)
-        self._pending.addErrback(self._bug)
+        return maybeDeferred(self._proxy.agent.request, method, self._url, self._headers, body)
 
     def _bodyBlockSent(self) -> None:
         if self._phase is REQUEST:
@@ -481,6 +601,15 @@ class _Exchange:
         self._end()
         proxy, request = self._proxy, self._request
         code = http.GATEWAY_TIMEOUT
+        if self._timedOut == "turn":
+            # Not logged one by one: OrthancTurns sums the waits up.
+            answer(
+                request,
+                code,
+                f"The archive is busy: this request waited {proxy.responseTimeout:g}s for its turn"
+                " without reaching Orthanc; try again in a moment.",
+            )
+            return
         if self._timedOut == "upload":
             message = f"Orthanc stopped reading the request for {proxy.idleTimeout:g}s."
         elif self._timedOut == "response":
@@ -613,13 +742,20 @@ class _Exchange:
             timer.cancel()
 
     def _end(self) -> None:
+        """
+        The exchange is over: stop its timer, and give its turn to the next
+        request.  Every way an exchange ends comes here, some twice.
+        """
         self._phase = OVER
         self.disarm()
+        if self._holdsTurn:
+            self._holdsTurn = False
+            self._proxy.turns.release()
 
     def _timeout(self, what: str) -> None:
         self._timer = None
-        self._timedOut = what
-        if self._phase is REQUEST:
+        self._timedOut = "turn" if self._phase is WAITING else what
+        if self._phase in (WAITING, REQUEST):
             # Before the answer's headers: _failed answers 504.
             self._pending.cancel()
             return
@@ -637,7 +773,7 @@ class _Exchange:
     def _clientGone(self, reason: Failure) -> None:
         phase = self._phase
         self._end()
-        if phase is REQUEST:
+        if phase in (WAITING, REQUEST):
             self._pending.cancel()
         elif phase is ANSWER:
             self._streamer.stopUpstream()

@@ -33,7 +33,7 @@ from appliance.orthanc.space import StorageSpace
 from appliance.web.auth import SAFE_METHODS
 from appliance.web.cors import CorsPolicy
 from appliance.web.pages import jsonError
-from appliance.web.proxy import OrthancProxy
+from appliance.web.proxy import MAX_ORTHANC_REQUESTS, OrthancProxy
 from appliance.web.request import REASONS, describeSize
 
 #: Where the lead's site mounts the two routes.
@@ -399,7 +399,11 @@ class PacsAdminResource(Resource):
 
 
 def buildProxyResources(
-    config: Config, orthanc, reactor=None, space: Optional[StorageSpace] = None
+    config: Config,
+    orthanc,
+    reactor=None,
+    space: Optional[StorageSpace] = None,
+    maxRequests: int = MAX_ORTHANC_REQUESTS,
 ) -> Tuple[OrthancProxy, Dict[bytes, Resource]]:
     """
     The proxy to Orthanc and the resources to mount as children of the site's
@@ -408,8 +412,10 @@ def buildProxyResources(
 
     @param orthanc: the supervisor (C{state}, C{credentials}).
     @param space: the free space of Orthanc's storage (see L{OrthancProxy}).
+    @param maxRequests: how many exchanges with Orthanc may be under way at a
+        time (see L{OrthancProxy}).
     """
-    proxy = OrthancProxy(config, orthanc, reactor, space)
+    proxy = OrthancProxy(config, orthanc, reactor, space, maxRequests)
     resources: Dict[bytes, Resource] = {
         PACS: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
         PACS_ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints),

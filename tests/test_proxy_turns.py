@@ -1,0 +1,166 @@
+"""
+Orthanc's HTTP threads held by slow readers, with the real Orthanc from
+Debian behind the appliance's site: the proxy keeps to its limit of exchanges
+(here two, and Orthanc has one HTTP thread more, for the supervisor), a third
+request waits its turn in the appliance and is answered once a reader leaves,
+and meanwhile the supervisor's health check goes on being answered: Orthanc
+is never restarted under the transfers.
+"""
+
+import json
+import os
+import socket
+import threading
+from typing import List
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+
+from appliance.orthanc.probe import DicomEchoProbe, RestProbe
+from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from tests.support import basicAuthorization, ctSeries, storeInstances
+from tests.test_proxy_orthanc import DICOM_JSON, MULTIPART_DICOM, ProxyToOrthancCase
+
+#: The proxy's limit in this test, and Orthanc's HTTP threads: one more, the
+#: fewest that leave the supervisor's health check a thread of its own.
+LIMIT = 2
+ORTHANC_THREADS = LIMIT + 1
+
+#: How long a wait on the appliance may last before the test gives up.
+WAIT = 30
+
+
+class CountingProbe:
+    """
+    The supervisor's REST health check, telling the test of every answer.
+    """
+
+    def __init__(self, probe: RestProbe) -> None:
+        self._probe = probe
+        self.answered = 0
+        self._waiting: List[tuple] = []
+
+    def __call__(self, credentials) -> Deferred:
+        return self._probe(credentials).addCallback(self._answered)
+
+    def _answered(self, result: object) -> object:
+        self.answered += 1
+        for entry in [entry for entry in self._waiting if entry[0] <= self.answered]:
+            self._waiting.remove(entry)
+            entry[1].callback(self.answered)
+        return result
+
+    def whenAnswered(self, count: int) -> Deferred:
+        """
+        A Deferred that fires once C{count} checks have been answered.
+        """
+        waiter: Deferred = Deferred()
+        if self.answered >= count:
+            waiter.callback(self.answered)
+        else:
+            self._waiting.append((count, waiter))
+        return waiter
+
+
+class SlowReaderTurnTests(ProxyToOrthancCase):
+    maxRequests = LIMIT
+    # A health check every half second, and one that goes unanswered is
+    # enough for the supervisor to restart Orthanc.
+    orthancSettings = {"health_interval": "0.5s", "health_timeout": "5s", "unresponsive_after": "1"}
+
+    def buildSupervisor(self) -> OrthancSupervisor:
+        settings = self.config.orthanc
+        self.probe = CountingProbe(RestProbe(reactor, settings.http_port, settings.health_timeout))
+        echo = DicomEchoProbe(reactor, settings.dicom_port, settings.aet, settings.health_timeout)
+        return OrthancSupervisor(self.config, probe=self.probe, echoProbe=echo, httpThreads=ORTHANC_THREADS)
+
+    def startReader(self, path: str):
+        """
+        A client that retrieves C{path} and stops reading after its first
+        bytes, until told to leave: (started, leave, the thread's Deferred).
+        """
+        started, leave = threading.Event(), threading.Event()
+
+        def read() -> bytes:
+            raw = socket.socket()
+            # A small window, so that Orthanc is soon held back.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            raw.settimeout(WAIT)
+            raw.connect(("127.0.0.1", self.port))
+            with self.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
+                    f"Authorization: {basicAuthorization(*self.user[:2])}\r\n"
+                    "Connection: close\r\n\r\n".encode("ascii")
+                )
+                received = b""
+                while b"\r\n\r\n" not in received or len(received) < 256 * 1024:
+                    received += tls.recv(65536)
+                started.set()
+                # Longer than any wait of the test: it ends first, and its
+                # cleanup tells the reader to leave.
+                self.assertTrue(leave.wait(4 * WAIT))
+                return received.partition(b"\r\n")[0]
+
+        reading = deferToThread(read)
+
+        def leaveAtTheEnd() -> Deferred:
+            # However the test ends, the reader goes.
+            leave.set()
+            return reading
+
+        self.addCleanup(leaveAtTheEnd)
+        return started, leave, reading
+
+    async def test_requestWaitsForItsTurnWhileHealthChecksGoOn(self):
+        # A study far larger than the socket buffers between Orthanc and a
+        # reader, so that each transfer holds one of Orthanc's threads.
+        big = ctSeries(4, rows=8, columns=8)
+        for ds in big:
+            ds.Rows = ds.Columns = 2048
+            ds.PixelData = os.urandom(2048 * 2048 * 2)
+        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, big), [0] * 4)
+        pid = self.supervisor.pid
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        saturated: Deferred = Deferred()
+
+        def noteSaturation(event: dict) -> None:
+            if "wait their turn" in event.get("log_format", "") and not saturated.called:
+                saturated.callback(None)
+
+        globalLogPublisher.addObserver(noteSaturation)
+        self.addCleanup(globalLogPublisher.removeObserver, noteSaturation)
+
+        path = f"/pacs/studies/{big[0].StudyInstanceUID}"
+        readers = [self.startReader(path) for _ in range(LIMIT)]
+        for started, _, _ in readers:
+            self.assertTrue(await deferToThread(started.wait, WAIT))
+        self.assertEqual(self.proxy.turns.underWay, LIMIT)
+
+        # A small search, behind the slow readers.
+        searching = self.fetch(f"/pacs/studies?PatientID={big[0].PatientID}", headers={"Accept": DICOM_JSON})
+        await saturated.addTimeout(WAIT, reactor)
+        self.assertEqual(self.proxy.turns.waiting, 1)
+
+        # The supervisor's health check is answered while the search waits.
+        await self.probe.whenAnswered(self.probe.answered + 2).addTimeout(WAIT, reactor)
+        self.assertFalse(searching.called)
+        self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
+
+        # One reader leaves: the search has its turn.
+        readers[0][1].set()
+        status, _, body = await searching.addTimeout(WAIT, reactor)
+        self.assertEqual(status, 200, body[:300])
+        self.assertEqual([study["0020000D"]["Value"] for study in json.loads(body)], [[big[0].StudyInstanceUID]])
+        readers[1][1].set()
+        for _, _, reading in readers:
+            self.assertEqual(await reading, b"HTTP/1.1 200 OK")
+
+        self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
+        logged = [formatEvent(event) for event in events]
+        self.assertEqual([line for line in logged if "health check" in line], [])
+        self.assertEqual(len([line for line in logged if "no longer wait for their turn: 1 waited" in line]), 1)
