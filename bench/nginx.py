@@ -1,0 +1,230 @@
+"""
+nginx as the OHIF "Nginx + Image Archive" recipe configures it
+(platform/app/.recipes/OpenResty-Orthanc/config/nginx.conf), with TLS and the
+DICOM C{stream} listener of the "Orthanc on AWS" write-up, in front of the
+appliance's Orthanc.
+
+What differs from the recipe, and why (the recipe is the baseline; every
+change but the first two makes nginx faster or correct, so it only makes a
+claim that the appliance keeps up stronger):
+
+- Orthanc is the appliance's: its DICOMweb root is C{/pacs/} (the recipe's
+  Orthanc answers under C{/dicom-web/} and nginx maps C{/pacs/} onto its root),
+  so C{/pacs/} is passed through unchanged, and nginx adds the Authorization
+  header with the credentials the appliance generated for this start of
+  Orthanc (the recipe's Orthanc has no authentication).
+- No Lua/OpenResty session settings and no access control: the recipe's
+  lua-resty-openidc lines configure nothing on this path.  Our clients send the
+  bench user's Basic credentials to nginx too; nginx ignores them.
+- TLS (the recipe's "Adding SSL" section) with the appliance's certificate and
+  key, TLS 1.2/1.3 with ECDHE and AEAD suites like the appliance, and a session
+  cache; HTTP/1.1 only, as the appliance offers.
+- Upstream keep-alive (C{proxy_http_version 1.1}, an empty C{Connection}
+  header, a C{keepalive} pool): the recipe opens a connection to Orthanc per
+  request.
+- C{proxy_max_temp_file_size 0}: by default nginx spools up to 1 GB of each
+  answer to disk when the client reads slower than Orthanc writes (100 slow
+  readers of a 315 MB study would write 30 GB); with 0 it streams with
+  backpressure, as the appliance does.
+- C{client_max_body_size 4g} (the appliance's max_upload_size): the recipe's
+  default of 1 MB refuses every real STOW-RS upload.
+- C{gzip_static on} beside the recipe's C{gzip on} level 9, so that the
+  build's C{.gz} files are sent as the appliance sends them instead of being
+  compressed at every request; C{sendfile on} for the plain-HTTP cases.
+- C{Forwarded} is sent as the appliance sends it, so that the URLs Orthanc
+  writes into DICOMweb answers are right (the recipe's are not, see
+  DESIGN.md); it costs nothing.
+- C{worker_connections 4096} (the recipe: 1024), so that 1,000 idle clients
+  and their upstream connections fit; C{user root} when run as root, so that
+  workers read the checkout's files.
+- The recipe's CORS C{add_header} lines are kept for the viewer's paths; its
+  C{resolver} and log paths point at the prefix instead of /var/logs.
+"""
+
+from pathlib import Path
+
+#: Where Debian's libnginx-mod-stream installs the module.
+STREAM_MODULES = (Path("/usr/lib/nginx/modules/ngx_stream_module.so"),)
+
+
+def streamModule() -> Path:
+    for path in STREAM_MODULES:
+        if path.is_file():
+            return path
+    raise RuntimeError("nginx's stream module is not installed (apt-get install libnginx-mod-stream)")
+
+
+_CORS = """\
+          add_header 'Access-Control-Allow-Origin' '*';
+          add_header 'Access-Control-Allow_Credentials' 'true';
+          add_header 'Access-Control-Allow-Headers' 'Authorization,Accept,Origin,DNT,X-CustomHeader,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Content-Range,Range';
+          add_header 'Access-Control-Allow-Methods' 'GET,POST,OPTIONS,PUT,DELETE,PATCH';
+          add_header Cross-Origin-Opener-Policy 'same-origin';
+          add_header Cross-Origin-Embedder-Policy 'require-corp';"""
+
+_PROXY = """\
+          proxy_http_version 1.1;
+          proxy_set_header Connection         "";
+          proxy_set_header Host               $host;
+          proxy_set_header X-Real-IP          $remote_addr;
+          proxy_set_header X-Forwarded-For    $proxy_add_x_forwarded_for;
+          proxy_set_header X-Forwarded-Proto  $scheme;
+          proxy_set_header Forwarded          "for=$remote_addr;host=$http_host;proto=$scheme";
+          proxy_set_header Authorization      "{authorization}";
+          proxy_max_temp_file_size 0;"""
+
+
+def render(
+    *,
+    prefix: Path,
+    modulePath: Path,
+    ohifRoot: Path,
+    appConfig: Path,
+    certificate: Path,
+    key: Path,
+    httpsPort: int,
+    orthancHttpPort: int,
+    orthancAuthorization: str,
+    dicomPort: int,
+    orthancDicomPort: int,
+    sinkDicomPort: int,
+    sinkPort: int,
+    runAsRoot: bool,
+) -> str:
+    """
+    The whole nginx.conf, for C{nginx -p PREFIX -c PREFIX/nginx.conf}.
+    """
+    proxy = _PROXY.format(authorization=orthancAuthorization)
+    user = "user root root;\n" if runAsRoot else ""
+    tls = f"""\
+        ssl_certificate     {certificate};
+        ssl_certificate_key {key};
+        ssl_protocols       TLSv1.2 TLSv1.3;
+        ssl_ciphers         ECDHE+AESGCM:ECDHE+CHACHA20;
+        ssl_session_cache   shared:{{zone}}:20m;
+        ssl_session_timeout 4h;"""
+    httpTLS, streamTLS = tls.format(zone="HTTPS"), tls.format(zone="DICOM")
+    return f"""\
+# Generated by bench/nginx.py: the OHIF recipe's nginx.conf, with the
+# differences that module's docstring lists.
+load_module {modulePath};
+{user}worker_processes 2;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+
+events {{
+    worker_connections 4096;
+    use epoll;
+    multi_accept on;
+}}
+
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/dicom+json;
+
+    keepalive_timeout 65;
+    keepalive_requests 100000;
+    tcp_nopush on;
+    tcp_nodelay on;
+    sendfile on;
+
+    server_names_hash_bucket_size 128;
+    server_tokens off;
+
+    client_body_temp_path {prefix}/client-body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    client_max_body_size 4g;
+
+    log_format  main  '$remote_addr - $remote_user [$time_local] "$request" '
+                      '$status $body_bytes_sent "$http_referer" '
+                      '"$http_user_agent" "$http_x_forwarded_for"';
+    access_log {prefix}/access.log main;
+
+    upstream orthanc {{
+        server 127.0.0.1:{orthancHttpPort};
+        keepalive 64;
+    }}
+
+    server {{
+        listen 127.0.0.1:{httpsPort} ssl;
+{httpTLS}
+
+        server_name 127.0.0.1 localhost;
+        proxy_intercept_errors off;
+        gzip on;
+        gzip_types text/css application/javascript application/json image/svg+xml;
+        gzip_comp_level 9;
+        gzip_static on;
+        etag on;
+
+        # Reverse proxy for Orthanc's admin UI and REST API.
+        location /pacs-admin/ {{
+{proxy}
+{_CORS}
+          expires           0;
+          add_header        Cache-Control private;
+          proxy_pass        http://orthanc/;
+        }}
+
+        # Reverse proxy for DICOMweb: Orthanc serves it under /pacs/ itself.
+        location /pacs/ {{
+{proxy}
+          expires           0;
+          add_header        Cache-Control private;
+{_CORS}
+          proxy_pass        http://orthanc;
+        }}
+
+        location /sw.js {{
+          root  {ohifRoot};
+          add_header Cache-Control "no-cache";
+          expires off;
+          access_log off;
+        }}
+
+        location = /app-config.js {{
+          alias {appConfig};
+          add_header Cache-Control "no-cache";
+        }}
+
+        # Single Page App: try files, fall back to index.html.
+        location / {{
+          alias  {ohifRoot}/;
+          index index.html;
+          try_files $uri $uri/ /index.html;
+          add_header Cache-Control "no-store, no-cache, must-revalidate";
+{_CORS}
+        }}
+    }}
+}}
+
+stream {{
+    upstream dicom_backend {{
+        server 127.0.0.1:{orthancDicomPort};
+    }}
+    upstream dicom_sink {{
+        server 127.0.0.1:{sinkPort};
+    }}
+
+    # DICOM over TLS to Orthanc, as the "Orthanc on AWS" write-up does it
+    # (its SSLv3/TLSv1 are left out: the appliance offers TLS 1.2/1.3).
+    server {{
+        listen 127.0.0.1:{dicomPort} ssl;
+        proxy_pass dicom_backend;
+{streamTLS}
+        ssl_handshake_timeout 30s;
+    }}
+
+    # The same, to the discarding SCP.
+    server {{
+        listen 127.0.0.1:{sinkDicomPort} ssl;
+        proxy_pass dicom_sink;
+{streamTLS}
+        ssl_handshake_timeout 30s;
+    }}
+}}
+"""

@@ -1,0 +1,45 @@
+"""
+The benchmark still works: its smoke mode (tiny studies, one repetition of
+one second) runs every scenario against the appliance, nginx and the limit
+from this checkout, and its JSON has a positive figure for each.  No
+threshold: the numbers of a smoke run on a shared machine mean nothing.
+"""
+
+import json
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench.scenarios import ALL
+from tests.support import temporaryFolder
+from tests.test_web_viewer import CHECKOUT, requireViewer
+
+
+class BenchSmokeTests(SynchronousTestCase):
+    def test_everyScenarioMeasuresEveryTarget(self) -> None:
+        requireViewer(self)
+        folder = temporaryFolder(self)
+        result = subprocess.run(
+            [sys.executable, "-m", "bench", "--smoke", "--work", str(folder), "--output", str(folder / "results")],
+            cwd=CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-4000:] + result.stderr[-4000:])
+        document = json.loads((folder / "results" / "latest.json").read_text())
+        self.assertGreater((folder / "results" / "latest.png").stat().st_size, 10_000)
+        self.assertEqual(set(document["scenarios"]), {scenario.name for scenario in ALL})
+        for key in ("cpu", "cores", "memory", "kernel", "nginx", "orthanc", "twisted", "python"):
+            self.assertTrue(document["machine"][key], key)
+        for name, scenario in document["scenarios"].items():
+            self.assertEqual(scenario["errors"], [], name)
+            self.assertTrue(scenario["client"], name)
+            self.assertTrue(scenario["metrics"], name)
+            targets = ("appliance", "nginx", "limit") if scenario["hasLimit"] else ("appliance", "nginx")
+            for key, metric in scenario["metrics"].items():
+                for target in targets:
+                    self.assertGreater(metric[target]["median"], 0, f"{name} {key} {target}")
+                self.assertGreater(metric["ratio"], 0, f"{name} {key}")
+        self.assertIn("app/nginx", result.stdout)
