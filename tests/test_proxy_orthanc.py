@@ -176,6 +176,21 @@ class ProxyToOrthancCase(TestCase):
         if self.supervisor.running:
             return self.supervisor.stopService()
 
+    def startStudyDownload(self, tls, path: str) -> bytes:
+        """
+        Ask for the whole study at C{path} on the TLS socket C{tls} (blocking)
+        and read until its head and 256 KiB have come; what came.
+        """
+        tls.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
+            f"Authorization: {basicAuthorization(*self.user[:2])}\r\n"
+            "Connection: close\r\n\r\n".encode("ascii")
+        )
+        received = b""
+        while b"\r\n\r\n" not in received or len(received) < 256 * 1024:
+            received += tls.recv(65536)
+        return received
+
     def waitFor(self, state: OrthancState) -> Deferred:
         return self.supervisor.whenState(state).addTimeout(READY_TIMEOUT, reactor)
 
@@ -440,14 +455,7 @@ class OrthancKilledTests(ProxyToOrthancCase):
         def download() -> Tuple[bytes, int]:
             raw = socket.create_connection(("127.0.0.1", self.port), timeout=60)
             with self.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(
-                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
-                    f"Authorization: {basicAuthorization(*self.user[:2])}\r\n"
-                    "Connection: close\r\n\r\n".encode("ascii")
-                )
-                received = b""
-                while b"\r\n\r\n" not in received or len(received) < 256 * 1024:
-                    received += tls.recv(65536)
+                received = self.startStudyDownload(tls, path)
                 started.set()
                 self.assertTrue(killed.wait(60))
                 total = len(received)

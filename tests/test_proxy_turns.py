@@ -20,8 +20,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
-from tests.support import basicAuthorization, ctSeries, storeInstances
-from tests.test_proxy_orthanc import DICOM_JSON, MULTIPART_DICOM, ProxyToOrthancCase
+from tests.support import ctSeries, storeInstances
+from tests.test_proxy_orthanc import DICOM_JSON, ProxyToOrthancCase
 
 #: The proxy's limit in this test, and Orthanc's HTTP threads: one more, the
 #: fewest that leave the supervisor's health check a thread of its own.
@@ -90,14 +90,7 @@ class SlowReaderTurnTests(ProxyToOrthancCase):
             raw.settimeout(WAIT)
             raw.connect(("127.0.0.1", self.port))
             with self.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(
-                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
-                    f"Authorization: {basicAuthorization(*self.user[:2])}\r\n"
-                    "Connection: close\r\n\r\n".encode("ascii")
-                )
-                received = b""
-                while b"\r\n\r\n" not in received or len(received) < 256 * 1024:
-                    received += tls.recv(65536)
+                received = self.startStudyDownload(tls, path)
                 started.set()
                 # Longer than any wait of the test: it ends first, and its
                 # cleanup tells the reader to leave.
