@@ -176,6 +176,20 @@ class ProxyToOrthancCase(TestCase):
         if self.supervisor.running:
             return self.supervisor.stopService()
 
+    async def storeLargeStudy(self) -> List[Dataset]:
+        """
+        Store a study far larger than the socket buffers between Orthanc and
+        a client (4 instances of 8 MiB), so that a transfer of it holds one of
+        Orthanc's threads for as long as the client does not read; its
+        instances.
+        """
+        big = ctSeries(4, rows=8, columns=8)
+        for ds in big:
+            ds.Rows = ds.Columns = 2048
+            ds.PixelData = os.urandom(2048 * 2048 * 2)
+        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, big), [0] * 4)
+        return big
+
     def startStudyDownload(self, tls, path: str) -> bytes:
         """
         Ask for the whole study at C{path} on the TLS socket C{tls} (blocking)
@@ -442,13 +456,8 @@ class OrthancKilledTests(ProxyToOrthancCase):
         self.assertEqual((status, json.loads(body)), (200, []))
 
     async def test_killedDuringADownload(self):
-        # A study far larger than the socket buffers between Orthanc and the
-        # client, so that Orthanc is still sending when it is killed.
-        big = ctSeries(4, rows=8, columns=8)
-        for ds in big:
-            ds.Rows = ds.Columns = 2048
-            ds.PixelData = os.urandom(2048 * 2048 * 2)
-        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, big), [0] * 4)
+        # Orthanc is still sending when it is killed.
+        big = await self.storeLargeStudy()
         started, killed = threading.Event(), threading.Event()
         path = f"/pacs/studies/{big[0].StudyInstanceUID}"
 

@@ -8,7 +8,6 @@ is never restarted under the transfers.
 """
 
 import json
-import os
 import socket
 import threading
 from typing import List
@@ -20,7 +19,6 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
-from tests.support import ctSeries, storeInstances
 from tests.test_proxy_orthanc import DICOM_JSON, ProxyToOrthancCase
 
 #: The proxy's limit in this test, and Orthanc's HTTP threads: one more, the
@@ -108,13 +106,8 @@ class SlowReaderTurnTests(ProxyToOrthancCase):
         return started, leave, reading
 
     async def test_requestWaitsForItsTurnWhileHealthChecksGoOn(self):
-        # A study far larger than the socket buffers between Orthanc and a
-        # reader, so that each transfer holds one of Orthanc's threads.
-        big = ctSeries(4, rows=8, columns=8)
-        for ds in big:
-            ds.Rows = ds.Columns = 2048
-            ds.PixelData = os.urandom(2048 * 2048 * 2)
-        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, big), [0] * 4)
+        # Each transfer of it holds one of Orthanc's threads.
+        big = await self.storeLargeStudy()
         pid = self.supervisor.pid
         events: List[dict] = []
         globalLogPublisher.addObserver(events.append)
