@@ -22,6 +22,9 @@ from twisted.logger import (
     formatTime,
 )
 
+#: The format of an event that carries its whole text as C{line}.
+LINE_FORMAT = "{line}"
+
 _SYSLOG_PRIORITY = {
     LogLevel.debug: 7,
     LogLevel.info: 6,
@@ -44,8 +47,23 @@ def _isJournal(stream: IO[str]) -> bool:
     return (status.st_dev, status.st_ino) == (device, inode)
 
 
+def eventText(event: dict) -> str:
+    """
+    The text of C{event}, without timestamp or system.
+
+    Lines relayed whole (the access log, Orthanc's output) are taken as they
+    are: C{string.Formatter} would cost as much as the rest of a small
+    request's log line.
+    """
+    if event.get("log_format") == LINE_FORMAT and "log_failure" not in event:
+        line = event.get("line")
+        if isinstance(line, str):
+            return line
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
+
+
 def formatForJournal(event: dict) -> Optional[str]:
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    text = eventText(event)
     if not text:
         return None
     priority = _SYSLOG_PRIORITY.get(event.get("log_level", LogLevel.info), 6)
@@ -74,7 +92,7 @@ _terminalTime = oncePerSecond(lambda second: formatTime(second, timeFormat="%Y-%
 
 
 def formatForTerminal(event: dict) -> Optional[str]:
-    text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    text = eventText(event)
     if not text:
         return None
     level = event.get("log_level", LogLevel.info).name.upper()

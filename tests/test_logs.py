@@ -7,7 +7,9 @@ import io
 from twisted.logger import LogLevel, formatTime
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.logs import formatForJournal, formatForTerminal, observer, oncePerSecond
+from twisted.python.failure import Failure
+
+from appliance.logs import LINE_FORMAT, eventText, formatForJournal, formatForTerminal, observer, oncePerSecond
 
 
 def event(text: str, when: float, level=LogLevel.info, namespace="appliance.test") -> dict:
@@ -42,6 +44,37 @@ class TerminalTests(SynchronousTestCase):
     def test_noTime(self) -> None:
         line = formatForTerminal(event("x", None))
         self.assertTrue(line.startswith("- INFO"), line)
+
+
+class EventTextTests(SynchronousTestCase):
+    """
+    Lines relayed whole (the access log, Orthanc's output) skip the
+    formatter, and come out exactly as a formatted event would.
+    """
+
+    def relayed(self, line: object, **more: object) -> dict:
+        return {**event("", 1000), "log_format": LINE_FORMAT, "line": line, **more}
+
+    def test_relayedAsIs(self) -> None:
+        line = '"10.0.0.1" - - "GET /pacs/{x}?... HTTP/1.1" 200 5 "-" "curl {0} %s"'
+        self.assertEqual(eventText(self.relayed(line)), line)
+        self.assertTrue(formatForTerminal(self.relayed(line)).endswith(f"[appliance.test] {line}\n"))
+        self.assertEqual(formatForJournal(self.relayed(line)), f"<6>[appliance.test] {line}\n")
+
+    def test_emptyLineWritesNothing(self) -> None:
+        self.assertIsNone(formatForTerminal(self.relayed("")))
+
+    def test_failureKeepsItsTraceback(self) -> None:
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        text = eventText(self.relayed("it broke", log_failure=failure))
+        self.assertTrue(text.startswith("it broke"), text)
+        self.assertIn("ZeroDivisionError", text)
+
+    def test_otherValuesFormatted(self) -> None:
+        self.assertEqual(eventText(self.relayed(42)), "42")
 
 
 class OncePerSecondTests(SynchronousTestCase):

@@ -11,6 +11,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from appliance.logs import LINE_FORMAT
+
 #: Orthanc logs through glog: "I1123 10:40:00.123456 main.cpp:1497] message".
 _GLOG_LINE = re.compile(r"^(?P<level>[IWEF])\d{4} [\d:.]+\s+(?:\d+\s+)?(?P<message>.*)$")
 _GLOG_LEVELS = {
@@ -59,10 +61,10 @@ class OrthancProcessProtocol(ProcessProtocol):
         self.lastLines.append(line)
         match = _GLOG_LINE.match(line)
         if match is None:
-            orthancLog.emit(LogLevel.info, "{line}", line=line)
+            orthancLog.emit(LogLevel.info, LINE_FORMAT, line=line)
         else:
             orthancLog.emit(
-                _GLOG_LEVELS[match.group("level")], "{line}", line=match.group("message")
+                _GLOG_LEVELS[match.group("level")], LINE_FORMAT, line=match.group("message")
             )
 
     def processEnded(self, reason: Failure) -> None:

@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from appliance.config import Config, ListenAddress
-from appliance.logs import oncePerSecond
+from appliance.logs import LINE_FORMAT, oncePerSecond
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.appconfig import renderAppConfig
 from appliance.web.auth import AccessGate, Authenticator, requestTarget
@@ -142,7 +142,7 @@ class ApplianceSite(Site):
 
     def log(self, request: Request) -> None:
         accessLog.info(
-            "{line}",
+            LINE_FORMAT,
             line=accessLogLine(_logTime(self.reactor.seconds()), request),
             method=request.method.decode("latin-1"),
             uri=withoutQuery(request.uri).decode("latin-1"),
