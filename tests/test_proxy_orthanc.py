@@ -25,9 +25,12 @@ from pydicom.dataset import Dataset
 from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from appliance.orthanc.settings import orthancConfigurationPath
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
 from appliance.tls import selfSignedPaths
 from appliance.web.auth import Authenticator
@@ -45,9 +48,13 @@ from tests.support import (
     testConfig,
     writeUser,
 )
+from tests.test_web_proxy import Answer
 
 #: Generous: the machines are shared, and Orthanc creates its database first.
 READY_TIMEOUT = 120
+
+#: The [web] idle_timeout of the tests of a client that stops reading, in seconds.
+STALL_TIMEOUT = 3
 
 DICOM_JSON = "application/dicom+json"
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
@@ -118,12 +125,14 @@ class ProxyToOrthancCase(TestCase):
 
     @cvar user: whom the requests of L{fetch} come from by default.
     @cvar orthancSettings: keys of the [orthanc] section to change.
+    @cvar webSettings: keys of the [web] section to change.
     @cvar maxRequests: the proxy's limit of exchanges with Orthanc at a time.
     """
 
     timeout = 300
     user: User = UPLOADER
     orthancSettings: Dict[str, str] = {}
+    webSettings: Dict[str, str] = {}
     maxRequests = MAX_ORTHANC_REQUESTS
 
     def setUp(self):
@@ -133,7 +142,7 @@ class ProxyToOrthancCase(TestCase):
             folder,
             auth={"users_file": usersFile},
             # Only the HTTPS listener: its redirects are tested elsewhere.
-            web={"listen_http": ""},
+            web={"listen_http": "", **self.webSettings},
             orthanc=self.orthancSettings,
             # Orthanc takes C-STORE only from the modalities it knows.
             **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}},
@@ -461,20 +470,19 @@ class OrthancKilledTests(ProxyToOrthancCase):
         started, killed = threading.Event(), threading.Event()
         path = f"/pacs/studies/{big[0].StudyInstanceUID}"
 
-        def download() -> Tuple[bytes, int]:
+        def download() -> bytes:
             raw = socket.create_connection(("127.0.0.1", self.port), timeout=60)
             with self.context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                received = self.startStudyDownload(tls, path)
+                received = [self.startStudyDownload(tls, path)]
                 started.set()
                 self.assertTrue(killed.wait(60))
-                total = len(received)
                 # Ends (no hang) when the proxy closes the connection.
                 while True:
                     data = tls.recv(1024 * 1024)
                     if not data:
                         break
-                    total += len(data)
-                return received.partition(b"\r\n")[0], total
+                    received.append(data)
+                return b"".join(received)
 
         downloading = deferToThread(download)
         await deferToThread(started.wait, 60)
@@ -482,9 +490,56 @@ class OrthancKilledTests(ProxyToOrthancCase):
         os.kill(self.supervisor.pid, signal.SIGKILL)
         await restarting
         killed.set()
-        statusLine, total = await downloading
-        self.assertEqual(statusLine, b"HTTP/1.1 200 OK")
-        self.assertLess(total, sum(len(ds.PixelData) for ds in big))
+        answer = Answer(await downloading)
+        self.assertEqual((answer.status, answer.header("Transfer-Encoding")), (200, "chunked"))
+        self.assertLess(len(answer.body), sum(len(ds.PixelData) for ds in big))
+        # Orthanc ends this answer by closing its connection: the close of a
+        # killed Orthanc must not reach the client as a whole study.
+        self.assertFalse(answer.complete)
         await self.waitFor(OrthancState.READY)
+        status, _, _ = await self.fetch(f"{path}/metadata", headers={"Accept": DICOM_JSON})
+        self.assertEqual(status, 200)
+
+
+class StalledReaderTests(ProxyToOrthancCase):
+    """
+    A client that stops reading its answer holds an Orthanc thread: the
+    appliance closes its connection after [web] idle_timeout, and Orthanc's
+    own send timeout waits longer than that.
+    """
+
+    webSettings = {"idle_timeout": f"{STALL_TIMEOUT}s"}
+
+    async def test_stalledReaderClosedAndOrthancFreed(self):
+        big = await self.storeLargeStudy()
+        path = f"/pacs/studies/{big[0].StudyInstanceUID}"
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def startThenStall() -> Tuple[ssl.SSLSocket, bytes]:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+            tls = self.context.wrap_socket(raw, server_hostname="127.0.0.1")
+            return tls, self.startStudyDownload(tls, path)
+
+        # From then on the client reads nothing.
+        tls, head = await deferToThread(startThenStall)
+        self.addCleanup(tls.close)
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertEqual(self.proxy.turns.underWay, 1)
+        # The exchange gives its turn back once the appliance has closed the client.
+        deadline = reactor.seconds() + STALL_TIMEOUT + 30
+        while self.proxy.turns.underWay and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.proxy.turns.underWay, 0, "the stalled client still holds its exchange with Orthanc")
+        [closed] = [
+            formatEvent(event) for event in events if "took nothing of what it was sent" in event.get("log_format", "")
+        ]
+        self.assertIn(f"for {float(STALL_TIMEOUT)}s", closed)
+        # Orthanc's send timeout outlasts the appliance's.
+        document = json.loads(orthancConfigurationPath(self.config).read_text())
+        self.assertGreater(document["HttpRequestTimeout"], STALL_TIMEOUT)
+        # Orthanc was not restarted, and answers.
+        self.assertEqual(self.supervisor.state, OrthancState.READY)
         status, _, _ = await self.fetch(f"{path}/metadata", headers={"Accept": DICOM_JSON})
         self.assertEqual(status, 200)

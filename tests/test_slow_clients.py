@@ -1,7 +1,8 @@
 """
 Slow and many clients against the HTTPS listener on a real socket: request
 heads trickled (slowloris), bodies trickled, a flood of idle keep-alive
-connections up to [web] max_connections, and TLS handshakes never finished.
+connections up to [web] max_connections, TLS handshakes never finished, and
+answers never read.
 Each attack runs in a thread while a normal user, in another, GETs a small
 file over a fresh TLS connection again and again; the attack must be cut off
 and the user served, and the user's latency during the attack is printed
@@ -41,6 +42,14 @@ LATENCY_CAP = 10.0
 
 #: The small file the normal user fetches.
 SMALL_FILE = "/app.bundle.css"
+
+#: A file far larger than every buffer between the server and a client
+#: (socket buffers grow to a few MiB on loopback).
+LARGE_FILE = "/large.bundle.0123456789abcdef.js"
+LARGE_FILE_SIZE = 48 * 1024 * 1024
+
+#: Linux's TCP states (tcp_states.h) in which the peer has closed or reset.
+TCP_CLOSED_STATES = (7, 8)
 
 #: Time between two bytes of a trickle: well inside both timeouts, so that
 #: only a deadline, never an idle timer, can end the connection.
@@ -141,6 +150,16 @@ def checkClosed(connection: HeldConnection) -> None:
         connection.closedAt = time.monotonic()
 
 
+def checkClosedUnread(connection: HeldConnection) -> None:
+    """
+    Note whether the server has closed or reset C{connection}, without
+    reading what it was sent.
+    """
+    state = connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    if state in TCP_CLOSED_STATES:
+        connection.closedAt = time.monotonic()
+
+
 def attemptsWhileHeld(connections: Sequence[HeldConnection], go, attempts, limit: float) -> list:
     """
     Let the normal user start (C{go}), hold C{connections} until closed or
@@ -227,10 +246,13 @@ class SlowClientCase(TestCase):
 
     def setUp(self):
         folder = temporaryFolder(self)
+        build = makeBuild(folder / "ohif")
+        with (build / LARGE_FILE.lstrip("/")).open("wb") as large:
+            large.truncate(LARGE_FILE_SIZE)
         self.config = testConfig(
             folder,
             web={
-                "ohif_root": makeBuild(folder / "ohif"),
+                "ohif_root": build,
                 "header_timeout": f"{HEADER_TIMEOUT}s",
                 "idle_timeout": f"{IDLE_TIMEOUT}s",
                 "max_connections": MAX_CONNECTIONS,
@@ -463,3 +485,38 @@ class SlowClientCase(TestCase):
         self.assertClosedAtDeadline(connections[:10], HEADER_TIMEOUT)
         self.assertClosedAtDeadline(connections[10:], HEADER_TIMEOUT)
         self.assertServed("unfinished handshakes", during)
+
+    @inlineCallbacks
+    def test_stalledReaders(self):
+        """
+        Connections that ask for a large file and then read nothing are
+        closed (reset) idle_timeout after the server's buffers fill:
+        twisted.web stops its idle timer while it answers, so nothing else
+        would end them.  The normal user is served meanwhile.
+        """
+
+        def attack(go, attempts):
+            connections = []
+            try:
+                for _ in range(10):
+                    sock = openTLS(self.port, clientContext())
+                    sock.sendall(f"GET {LARGE_FILE} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode("ascii"))
+                    # The answer has begun; from now on nothing is read.
+                    self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 200 "))
+                    connections.append(HeldConnection(sock, time.monotonic(), noMore()))
+                go.set()
+                started = time.monotonic()
+                end = started + IDLE_TIMEOUT + SLACK
+                while time.monotonic() < end and any(c.closedAt is None for c in connections):
+                    for connection in connections:
+                        if connection.closedAt is None:
+                            checkClosedUnread(connection)
+                    # Polling: a reset without reading has no event to wait on.
+                    time.sleep(0.05)
+                return connections, [attempt for attempt in attempts if attempt.startedAt >= started]
+            finally:
+                closeAll(connections)
+
+        (connections, during), _ = yield self.underAttack(attack)
+        self.assertClosedAtDeadline(connections, IDLE_TIMEOUT)
+        self.assertServed("stalled readers", during)

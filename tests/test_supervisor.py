@@ -3,6 +3,7 @@ The Orthanc supervisor's state machine, driven with a fake process and a clock.
 """
 
 import json
+import math
 import stat
 
 from twisted.internet.defer import Deferred
@@ -121,6 +122,10 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(document["ExecuteLuaEnabled"], False)
         # The proxy's limit is derived from it: never Orthanc's default.
         self.assertEqual(document["HttpThreadsCount"], ORTHANC_HTTP_THREADS)
+        # Orthanc must not give up on a send before the appliance gives up on
+        # the client that holds it back (Orthanc's default is 30 s).
+        self.assertEqual(document["HttpRequestTimeout"], math.ceil(self.config.web.idle_timeout) + 30)
+        self.assertGreater(document["HttpRequestTimeout"], self.config.web.idle_timeout)
         self.assertEqual(self.states, ["starting"])
 
     def test_httpThreadsCanBeFewer(self):

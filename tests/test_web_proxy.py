@@ -27,6 +27,7 @@ from appliance.orthanc.supervisor import OrthancState
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL
 from appliance.web.routes import PacsAdminResource, buildProxyResources
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
+from tests.test_answer_end import BOUNDARY, archive, multipart
 
 ORTHANC = OrthancCredentials("pacs-appliance", "orthanc-secret-password")
 CONNECT, RESPONSE, IDLE = 3, 20, 7
@@ -441,6 +442,58 @@ class SupervisorStateTests(ProxyCase):
         answer = client.answer()
         self.assertEqual((answer.status, answer.body), (200, b"x" * 10))
         self.assertTrue(client.transport.disconnecting)
+
+
+class CloseDelimitedAnswerTests(ProxyCase):
+    """
+    Orthanc ends whole-study retrievals and archives by closing its
+    connection: a close before the answer's own end mark is a cut, which
+    the client must see as one.
+    """
+
+    path = "/pacs/studies/1.2.3"
+    multipartType = f'multipart/related; type="application/dicom"; boundary={BOUNDARY.decode()}'
+
+    def closeDelimited(self, contentType: str, body: bytes, path: Optional[str] = None) -> Client:
+        client = self.client("GET", path or self.path)
+        upstream = self.upstream()
+        upstream.respond(head(headers=[("Content-Type", contentType), ("Connection", "close")]) + body)
+        upstream.lose(ConnectionDone)
+        return client
+
+    def errors(self) -> List[str]:
+        return [formatEvent(event) for event in self.events if event.get("log_level").name == "error"]
+
+    def test_wholeMultipart(self) -> None:
+        body = multipart([b"a" * 1000, b"b" * 10])
+        client = self.closeDelimited(self.multipartType, body)
+        answer = client.answer()
+        self.assertEqual((answer.status, answer.body, answer.complete), (200, body, True))
+        self.assertEqual(self.errors(), [])
+
+    def test_cutMultipart(self) -> None:
+        body = multipart([b"a" * 1000, b"b" * 10])
+        client = self.closeDelimited(self.multipartType, body[:-20])
+        answer = client.answer()
+        self.assertEqual((answer.status, answer.body, answer.complete), (200, body[:-20], False))
+        self.assertTrue(client.transport.disconnecting)
+        [error] = self.errors()
+        self.assertIn("Orthanc broke off its answer to GET /pacs/studies/1.2.3", error)
+        self.assertIn("the connection closed before the end of its multipart body", error)
+
+    def test_wholeAndCutArchive(self) -> None:
+        data = archive()
+        path = "/pacs-admin/studies/0a1b/archive"
+        for body, complete in ((data, True), (data[:-1], False)):
+            client = self.closeDelimited("application/zip", body, path)
+            answer = client.answer()
+            self.assertEqual((answer.status, answer.body, answer.complete), (200, body, complete))
+        [error] = self.errors()
+        self.assertIn("before the end of its ZIP archive", error)
+
+    def test_typeThatCannotTellEndsAsWhole(self) -> None:
+        client = self.closeDelimited("application/octet-stream", b"x" * 10)
+        self.assertEqual(client.answer().complete, True)
 
 
 class TimeoutTests(ProxyCase):

@@ -8,6 +8,7 @@ so that an upgrade of the Debian package's defaults cannot open a door.
 
 import base64
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -46,6 +47,24 @@ ORTHANC_HTTP_THREADS = 100
 #: closed and Orthanc has not yet let go of.  See
 #: L{appliance.web.proxy.MAX_ORTHANC_REQUESTS}.
 RESERVED_HTTP_THREADS = 4
+
+#: How much longer than the web listener's C{idle_timeout} Orthanc waits on a
+#: blocked send (see L{orthancSendTimeout}).
+SEND_TIMEOUT_MARGIN = 30
+
+
+def orthancSendTimeout(config: Config) -> int:
+    """
+    Orthanc's C{HttpRequestTimeout}: how long, in seconds, one of its sends
+    (or reads) may block before it gives up on the connection.
+
+    The proxy stops reading Orthanc while the client takes nothing, so this
+    must outlast the longest such pause the appliance allows (the web
+    listener's C{idle_timeout}, after which it closes the client's
+    connection); with Orthanc's default (30 s), a viewer whose tab paused
+    for half a minute had its study cut short.
+    """
+    return math.ceil(config.web.idle_timeout) + SEND_TIMEOUT_MARGIN
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,7 @@ def renderOrthancConfiguration(
         "HttpServerEnabled": True,
         "HttpPort": orthanc.http_port,
         "HttpThreadsCount": httpThreads,
+        "HttpRequestTimeout": orthancSendTimeout(config),
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": True,
         "RegisteredUsers": {credentials.username: credentials.password},

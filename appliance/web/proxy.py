@@ -53,7 +53,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
 from zope.interface import implementer
 
@@ -61,9 +61,10 @@ from appliance.config import Config
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
+from appliance.web.answerend import AnswerEnd
 from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
 from appliance.web.pages import jsonError
-from appliance.web.request import HOST_NAME
+from appliance.web.request import HOST_NAME, cancelPending
 from appliance.web.streaming import registerStreamingProducer
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -262,6 +263,10 @@ def copyAnswerHeaders(response: IResponse, request: Request, rewrite: Optional[H
                 addVary(request, value)
         elif values:
             request.responseHeaders.setRawHeaders(name, values)
+
+
+def _contentType(response: IResponse) -> bytes:
+    return (response.headers.getRawHeaders(b"Content-Type") or [b""])[0]
 
 
 def _describe(failure: Failure) -> str:
@@ -681,7 +686,10 @@ class _Exchange:
             response.deliverBody(_Discard())
             request.finish()
             return
-        self._streamer = _AnswerStreamer(self, request, encoder)
+        ending = None
+        if response.length is UNKNOWN_LENGTH:
+            ending = AnswerEnd.forContentType(_contentType(response))
+        self._streamer = _AnswerStreamer(self, request, encoder, ending)
         response.deliverBody(self._streamer)
 
     def _encoderFor(self, response: IResponse):
@@ -690,8 +698,7 @@ class _Exchange:
         encode, for a client that accepts gzip; None otherwise.
         """
         request = self._request
-        contentType = (response.headers.getRawHeaders(b"Content-Type") or [b""])[0]
-        if contentType.split(b";")[0].strip().lower() not in COMPRESSIBLE_TYPES:
+        if _contentType(response).split(b";")[0].strip().lower() not in COMPRESSIBLE_TYPES:
             return None
         if response.code in _NOT_COMPRESSED_STATUSES or response.headers.hasHeader(b"Content-Encoding"):
             return None
@@ -742,9 +749,8 @@ class _Exchange:
         self._timer = self._proxy.reactor.callLater(seconds, self._timeout, what)
 
     def disarm(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        cancelPending(self._timer)
+        self._timer = None
 
     def _end(self) -> None:
         """
@@ -791,10 +797,11 @@ class _AnswerStreamer(Protocol):
     request's producer, passes the client's pauses on to Orthanc's socket.
     """
 
-    def __init__(self, exchange: _Exchange, request: Request, encoder) -> None:
+    def __init__(self, exchange: _Exchange, request: Request, encoder, ending: Optional[AnswerEnd]) -> None:
         self._exchange = exchange
         self._request = request
         self._encoder = encoder
+        self._ending = ending
         self._paused = False
 
     def connectionMade(self) -> None:
@@ -809,12 +816,18 @@ class _AnswerStreamer(Protocol):
             self.transport.pauseProducing()
         else:
             self._exchange.armIdle()
+        if self._ending is not None:
+            self._ending.feed(data)
         if self._encoder is not None:
             data = self._encoder.encode(data)
         if data:
             self._request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
+        ending = self._ending
+        if ending is not None and reason.check(PotentialDataLoss) and not ending.whole():
+            # Orthanc closed its connection in the middle of its answer.
+            reason = Failure(ending.cutShort())
         self._exchange.streamEnded(reason, self._encoder)
 
     def stopUpstream(self) -> None:

@@ -18,6 +18,7 @@ from io import BytesIO
 from typing import Optional, Sequence, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -295,6 +296,14 @@ class ApplianceRequest(Request):
         return getattr(self.client, "host", str(self.client))
 
 
+def cancelPending(call: Optional[IDelayedCall]) -> None:
+    """
+    Cancel C{call}, if there is one and it has neither run nor been cancelled.
+    """
+    if call is not None and call.active():
+        call.cancel()
+
+
 class DeadlineHTTPChannel(http.HTTPChannel):
     """
     An HTTP/1.1 channel that:
@@ -315,11 +324,19 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         would let a byte every C{idleTimeout} hold a connection for days;
       - holds a request's body unread while the request layer decides
         whether to read it (L{holdBody}), and sends 100 (Continue) only when
-        it does.
+        it does;
+      - aborts a connection whose client takes nothing of what is written to
+        it for C{stallTimeout} (the transport pauses the channel when its
+        buffer is full): twisted.web stops its idle timer while a request is
+        answered, and a client that stops reading would otherwise hold its
+        answer's resources, and Orthanc's thread behind a proxied one, for
+        ever.
     """
 
     headerTimeout: float
     minBodyRate: int
+    stallTimeout: float
+    _stallDeadline = None
     _bodyDeadline = None
     _bodyHeldSince: Optional[float] = None
     _bodyStarted = 0.0
@@ -438,7 +455,14 @@ class DeadlineHTTPChannel(http.HTTPChannel):
             self._networkProducer.resumeProducing()
         self.dataReceived(b"")
 
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        # The transport's buffer is full: the client is not taking what it is sent.
+        if self._stallDeadline is None:
+            self._stallDeadline = self.callLater(self.stallTimeout, self._clientStalled)
+
     def resumeProducing(self) -> None:
+        self._cancelStallDeadline()
         super().resumeProducing()
         # The transport may drain an earlier response while a body is held:
         # that must not restart reading the body.
@@ -507,6 +531,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
     def connectionLost(self, reason) -> None:
         self._cancelHeaderDeadline()
         self._cancelBodyDeadline()
+        self._cancelStallDeadline()
         super().connectionLost(reason)
 
     def _startHeaderDeadline(self) -> None:
@@ -514,9 +539,8 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         self._headerDeadline = self.callLater(self.headerTimeout, self._headersTooSlow)
 
     def _cancelHeaderDeadline(self) -> None:
-        deadline, self._headerDeadline = self._headerDeadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        cancelPending(self._headerDeadline)
+        self._headerDeadline = None
 
     def bodyProgress(self, count: int) -> None:
         """
@@ -552,9 +576,21 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         self.transport.abortConnection()
 
     def _cancelBodyDeadline(self) -> None:
-        deadline, self._bodyDeadline = self._bodyDeadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        cancelPending(self._bodyDeadline)
+        self._bodyDeadline = None
+
+    def _clientStalled(self) -> None:
+        self._stallDeadline = None
+        self.log.info(
+            "Closed the connection of {client}: it took nothing of what it was sent for {timeout}s",
+            client=str(self.transport.getPeer()),
+            timeout=self.stallTimeout,
+        )
+        self.transport.abortConnection()
+
+    def _cancelStallDeadline(self) -> None:
+        cancelPending(self._stallDeadline)
+        self._stallDeadline = None
 
     def _headersTooSlow(self) -> None:
         self._headerDeadline = None

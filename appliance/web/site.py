@@ -135,6 +135,7 @@ class ApplianceSite(Site):
         channel = super().buildProtocol(addr)
         channel.headerTimeout = self.headerTimeout
         channel.minBodyRate = self.minBodyRate
+        channel.stallTimeout = self.timeOut
         # twisted.web allows 16 KiB for the whole head and for each line;
         # OHIF opening many studies sends longer query strings.
         channel.totalHeadersSize = channel.MAX_LENGTH = self.maxRequestHead
