@@ -115,6 +115,9 @@ def test_daemonRunsOrthancAndStopsItOnSigint(tmp_path, launcher, exitStatus):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
+        # A test run started in the background (cmd &) ignores SIGINT, and
+        # so would the daemon, which inherits it: the default is the case.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     reader = LineReader(process)
     orthancPid = None
