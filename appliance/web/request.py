@@ -568,12 +568,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         if now < allowed:
             self._bodyDeadline = self.callLater(allowed - now, self._checkBodyRate)
             return
-        self.log.info(
-            "Closed the connection of {client}: its request body came slower than {rate} bytes a second",
-            client=str(self.transport.getPeer()),
-            rate=self.minBodyRate,
-        )
-        self.transport.abortConnection()
+        self._abort("its request body came slower than {rate} bytes a second", rate=self.minBodyRate)
 
     def _cancelBodyDeadline(self) -> None:
         cancelPending(self._bodyDeadline)
@@ -581,12 +576,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
 
     def _clientStalled(self) -> None:
         self._stallDeadline = None
-        self.log.info(
-            "Closed the connection of {client}: it took nothing of what it was sent for {timeout}s",
-            client=str(self.transport.getPeer()),
-            timeout=self.stallTimeout,
-        )
-        self.transport.abortConnection()
+        self._abort("it took nothing of what it was sent for {timeout}s", timeout=self.stallTimeout)
 
     def _cancelStallDeadline(self) -> None:
         cancelPending(self._stallDeadline)
@@ -594,9 +584,11 @@ class DeadlineHTTPChannel(http.HTTPChannel):
 
     def _headersTooSlow(self) -> None:
         self._headerDeadline = None
-        self.log.info(
-            "Closed the connection of {client}: no complete request within {timeout}s",
-            client=str(self.transport.getPeer()),
-            timeout=self.headerTimeout,
-        )
+        self._abort("no complete request within {timeout}s", timeout=self.headerTimeout)
+
+    def _abort(self, why: str, **fields: object) -> None:
+        """
+        Abort the connection, and log C{why} (a log format taking C{fields}).
+        """
+        self.log.info("Closed the connection of {client}: " + why, client=str(self.transport.getPeer()), **fields)
         self.transport.abortConnection()
