@@ -465,10 +465,11 @@ class SlowReaders(Scenario):
         super().__init__(*arguments)
         self.count = 10 if self.settings.smoke else 100
         self.rate = 256 * 1024
-        # Orthanc serves 50 requests at a time: the readers come in two rounds,
-        # and each round holds all of its HTTP threads, the appliance's health
-        # check included.  Three failed checks in a row (about 30 s) make the
-        # supervisor restart Orthanc, so two rounds must fit well within that.
+        # Orthanc serves 100 requests at a time (its HttpThreadsCount): through
+        # nginx, 100 readers hold all of its threads, the appliance's health
+        # check included (the appliance keeps 4 free and queues the rest).
+        # Three failed checks in a row (about 30 s) make the supervisor restart
+        # Orthanc, so the readers must be done well within that.
         self.duration = 2.0 if self.settings.smoke else 8.0
         large = self.dataset.large
         self.path = f"/pacs/studies/{large.studyUID}"
@@ -519,8 +520,8 @@ class SlowReaders(Scenario):
                 writer.transport.abort()
 
         with sampler:
-            # Orthanc serves 50 requests at once (its HttpThreadsCount): the
-            # other readers wait for a turn, so allow two rounds and more.
+            # Readers beyond the threads Orthanc has free wait for a turn:
+            # allow two rounds and more.
             await asyncio.wait_for(
                 asyncio.gather(*(readSlowly() for _ in range(self.count))), 3 * self.duration + 60
             )
