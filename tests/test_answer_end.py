@@ -23,11 +23,15 @@ def multipart(parts, boundary: bytes = BOUNDARY) -> bytes:
     return body + b"--" + boundary + b"--\r\n"
 
 
-def archive() -> bytes:
+def archive(comment: bytes = b"Created by Orthanc") -> bytes:
+    """
+    A ZIP archive with the comment Orthanc gives its archives.
+    """
     written = io.BytesIO()
     with zipfile.ZipFile(written, "w") as zip:
         zip.writestr("PATIENT/STUDY/SERIES/IM0001.dcm", b"DICM" * 5000)
         zip.writestr("PATIENT/STUDY/SERIES/IM0002.dcm", bytes(range(256)) * 40)
+        zip.comment = comment
     return written.getvalue()
 
 
@@ -79,9 +83,13 @@ class MultipartEndTests(SynchronousTestCase):
 
 class ZipEndTests(SynchronousTestCase):
     def test_wholeInAnyBlocks(self) -> None:
-        data = archive()
-        for blockSize in (1, 3, 21, 22, 23, 4096, len(data)):
-            self.assertTrue(watched(ZipEnd(), data, blockSize).whole(), blockSize)
+        for comment in (b"Created by Orthanc", b"", b"PK\x05\x06" * 200):
+            data = archive(comment)
+            for blockSize in (1, 3, 21, 22, 23, 4096, len(data)):
+                self.assertTrue(watched(ZipEnd(), data, blockSize).whole(), (comment[:20], blockSize))
+
+    def test_commentTooLongForTheWatch(self) -> None:
+        self.assertFalse(watched(ZipEnd(), archive(b"x" * 2000), 4096).whole())
 
     def test_cutAnywhere(self) -> None:
         data = archive()

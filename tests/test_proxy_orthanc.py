@@ -18,7 +18,9 @@ import socket
 import ssl
 import threading
 import urllib.parse
+import zipfile
 from io import BytesIO
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pydicom.dataset import Dataset
@@ -432,6 +434,25 @@ class AdminTests(ProxyToOrthancCase):
         self.assertEqual(json.loads(body)["DicomAet"], self.config.orthanc.aet)
         self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
 
+    async def test_archiveComesWhole(self):
+        """
+        Orthanc sends a study's ZIP archive without a length, ending it by
+        closing its connection: the proxy finds the archive's end, so the
+        client gets it with its chunked end.
+        """
+        series = ctSeries(3)
+        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, series), [0] * 3)
+        status, _, body = await self.fetch(
+            "/pacs-admin/tools/lookup", method="POST", body=series[0].StudyInstanceUID.encode("ascii")
+        )
+        self.assertEqual(status, 200)
+        [study] = json.loads(body)
+        status, headers, body = await self.fetch(f"/pacs-admin/studies/{study['ID']}/archive")
+        self.assertEqual((status, headers["Content-Type"], headers["Transfer-Encoding"]), (200, "application/zip", "chunked"))
+        with zipfile.ZipFile(BytesIO(body)) as archive:
+            self.assertIsNone(archive.testzip())
+            self.assertEqual(len(archive.namelist()), 3)
+
     async def test_pathsOrthancReadsDifferently(self):
         # Orthanc's HTTP server (civetweb 1.15 on Debian 12) reads a
         # backslash, even percent-encoded, as a slash, and drops the dots
@@ -501,11 +522,23 @@ class OrthancKilledTests(ProxyToOrthancCase):
         self.assertEqual(status, 200)
 
 
+def connectionsTo(port: int) -> int:
+    """
+    The established TCP connections to C{port} on this machine (IPv4).
+    """
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, _, remote, state, *_ = line.split()
+        if state == "01" and int(remote.rpartition(":")[2], 16) == port:
+            count += 1
+    return count
+
+
 class StalledReaderTests(ProxyToOrthancCase):
     """
     A client that stops reading its answer holds an Orthanc thread: the
-    appliance closes its connection after [web] idle_timeout, and Orthanc's
-    own send timeout waits longer than that.
+    appliance closes its connection after [web] idle_timeout, which closes
+    the connection to Orthanc; Orthanc's own send timeout is set longer.
     """
 
     webSettings = {"idle_timeout": f"{STALL_TIMEOUT}s"}
@@ -527,15 +560,19 @@ class StalledReaderTests(ProxyToOrthancCase):
         self.addCleanup(tls.close)
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertEqual(self.proxy.turns.underWay, 1)
-        # The exchange gives its turn back once the appliance has closed the client.
+        orthancPort = self.config.orthanc.http_port
+        self.assertGreaterEqual(connectionsTo(orthancPort), 1)
+        # Once the appliance has closed the client, the exchange gives its
+        # turn back and its connection to Orthanc is closed.
         deadline = reactor.seconds() + STALL_TIMEOUT + 30
-        while self.proxy.turns.underWay and reactor.seconds() < deadline:
+        while (self.proxy.turns.underWay or connectionsTo(orthancPort)) and reactor.seconds() < deadline:
             await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(self.proxy.turns.underWay, 0, "the stalled client still holds its exchange with Orthanc")
+        self.assertEqual(connectionsTo(orthancPort), 0, "a connection to Orthanc is still open")
         [closed] = [
-            formatEvent(event) for event in events if "took nothing of what it was sent" in event.get("log_format", "")
+            formatEvent(event) for event in events if "did not take what was sent to it" in event.get("log_format", "")
         ]
-        self.assertIn(f"for {float(STALL_TIMEOUT)}s", closed)
+        self.assertIn(f"within {float(STALL_TIMEOUT)}s", closed)
         # Orthanc's send timeout outlasts the appliance's.
         document = json.loads(orthancConfigurationPath(self.config).read_text())
         self.assertGreater(document["HttpRequestTimeout"], STALL_TIMEOUT)

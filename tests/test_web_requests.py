@@ -24,6 +24,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -492,6 +493,79 @@ class BodyRateTests(InMemoryCase):
         self.assertFalse(self.connection.transport.disconnecting)
         self.clock.advance(2)
         self.assertTrue(self.connection.transport.disconnecting)
+
+
+class StallTests(InMemoryCase):
+    """
+    A transport that stays full (its channel paused) for the idle timeout
+    (60 s here) means a client that is not reading: its connection is
+    aborted.  The deadline counts from the last time the transport filled.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = MemoryReactorClock()
+        self.site, _ = makeSite(self.folder, self.authenticator, self.clock)
+        self.connection = Connection(self.site)
+        self.addCleanup(self.connection.lose)
+        self.channel = self.connection.protocol
+        # A request being answered: no other deadline runs meanwhile.
+        self.authenticator.later = True
+        self.connection.send(rawRequest("GET", "/", [ALICE_HEADER]))
+
+    def stallCalls(self) -> list:
+        return [call for call in self.clock.getDelayedCalls() if call.func == self.channel._clientStalled]
+
+    def test_fullTooLongAborted(self) -> None:
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.channel.pauseProducing()
+        self.clock.advance(59.9)
+        self.assertFalse(self.connection.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.connection.transport.disconnecting)
+        self.assertIn(
+            "did not take what was sent to it within 60s",
+            [formatEvent(event) for event in events if "Closed the connection" in event.get("log_format", "")][0],
+        )
+
+    def test_drainedInTimeKept(self) -> None:
+        for _ in range(3):
+            self.channel.pauseProducing()
+            self.clock.advance(59)
+            self.channel.resumeProducing()
+            self.clock.advance(59)
+        self.assertFalse(self.connection.transport.disconnecting)
+        self.channel.pauseProducing()
+        self.clock.advance(60)
+        self.assertTrue(self.connection.transport.disconnecting)
+
+    def test_pausedAgainWithoutDrainingDoesNotMoveIt(self) -> None:
+        self.channel.pauseProducing()
+        self.clock.advance(30)
+        self.channel.pauseProducing()
+        self.clock.advance(30)
+        self.assertTrue(self.connection.transport.disconnecting)
+
+    def test_oneTimerForAWholeTransfer(self) -> None:
+        """
+        A transfer fills the transport at nearly every block: the deadline
+        is moved, not made again each time.
+        """
+        self.channel.pauseProducing()
+        [deadline] = self.stallCalls()
+        for _ in range(100):
+            self.channel.resumeProducing()
+            self.clock.advance(1)
+            self.channel.pauseProducing()
+        self.assertEqual(self.stallCalls(), [deadline])
+        self.assertEqual(deadline.getTime(), self.clock.seconds() + 60)
+
+    def test_goneWithTheConnection(self) -> None:
+        self.channel.pauseProducing()
+        self.connection.lose()
+        self.assertEqual(self.stallCalls(), [])
 
 
 class BodyLimitTests(InMemoryCase):

@@ -20,10 +20,15 @@ _BOUNDARY = re.compile(rb';\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;"]{1,200})
 #: (RFC 2046 lets an epilogue follow; Orthanc's is at most CRLF).
 _MULTIPART_EPILOGUE = 8
 
-#: A ZIP archive's end of central directory record, without a comment
-#: (Orthanc writes none): its signature, 16 bytes, and a comment length of 0.
+#: A ZIP archive's end of central directory record: its signature, 16
+#: bytes, a 2-byte comment length, then the comment (Orthanc's: "Created by
+#: Orthanc").
 _ZIP_END_SIGNATURE = b"PK\x05\x06"
 _ZIP_END_SIZE = 22
+
+#: The longest archive comment recognised: an archive with a longer one
+#: would be taken for a cut one.
+_ZIP_COMMENT_LIMIT = 1024
 
 
 class AnswerCutShort(Exception):
@@ -36,8 +41,8 @@ class AnswerEnd(ABC):
     """
     Watches the last bytes of an answer for the mark its type ends with.
 
-    Only the tail is kept (a few dozen bytes), so that watching costs
-    nothing per megabyte.
+    Only the tail is kept (at most about a kilobyte), so that watching
+    costs next to nothing per megabyte.
     """
 
     def __init__(self, kind: str, keep: int) -> None:
@@ -99,13 +104,19 @@ class MultipartEnd(AnswerEnd):
 
 class ZipEnd(AnswerEnd):
     """
-    A ZIP archive is whole once its end of central directory record has
-    come last.
+    A ZIP archive is whole once its end of central directory record, and
+    the comment whose length it gives, have come last.
     """
 
     def __init__(self) -> None:
-        super().__init__("ZIP archive", _ZIP_END_SIZE)
+        super().__init__("ZIP archive", _ZIP_END_SIZE + _ZIP_COMMENT_LIMIT)
 
     def whole(self) -> bool:
         tail = self._tail
-        return len(tail) == _ZIP_END_SIZE and tail.startswith(_ZIP_END_SIGNATURE) and tail.endswith(b"\0\0")
+        start = tail.rfind(_ZIP_END_SIGNATURE)
+        while start >= 0:
+            commentLength = int.from_bytes(tail[start + 20 : start + 22], "little")
+            if start + _ZIP_END_SIZE + commentLength == len(tail):
+                return True
+            start = tail.rfind(_ZIP_END_SIGNATURE, 0, start)
+        return False

@@ -688,6 +688,8 @@ class _Exchange:
             return
         ending = None
         if response.length is UNKNOWN_LENGTH:
+            # No Content-Length: chunks, whose cut the Agent reports itself,
+            # or an end at Orthanc's close, which only the body can tell.
             ending = AnswerEnd.forContentType(_contentType(response))
         self._streamer = _AnswerStreamer(self, request, encoder, ending)
         response.deliverBody(self._streamer)

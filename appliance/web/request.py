@@ -325,18 +325,21 @@ class DeadlineHTTPChannel(http.HTTPChannel):
       - holds a request's body unread while the request layer decides
         whether to read it (L{holdBody}), and sends 100 (Continue) only when
         it does;
-      - aborts a connection whose client takes nothing of what is written to
-        it for C{stallTimeout} (the transport pauses the channel when its
-        buffer is full): twisted.web stops its idle timer while a request is
-        answered, and a client that stops reading would otherwise hold its
-        answer's resources, and Orthanc's thread behind a proxied one, for
-        ever.
+      - aborts a connection whose transport stays paused for
+        C{stallTimeout}: the transport pauses the channel when its buffer is
+        full, and resumes it once the client has taken all of it (a block or
+        two, up to about 200 KiB), so only a client reading slower than that
+        in C{stallTimeout} (about 1.5 KiB/s at 2 minutes) is cut off.
+        twisted.web stops its idle timer while a request is answered, and a
+        client that stops reading would otherwise hold its answer's
+        resources, and Orthanc's thread behind a proxied one, for ever.
     """
 
     headerTimeout: float
     minBodyRate: int
     stallTimeout: float
     _stallDeadline = None
+    _transportFull = False
     _bodyDeadline = None
     _bodyHeldSince: Optional[float] = None
     _bodyStarted = 0.0
@@ -457,12 +460,21 @@ class DeadlineHTTPChannel(http.HTTPChannel):
 
     def pauseProducing(self) -> None:
         super().pauseProducing()
-        # The transport's buffer is full: the client is not taking what it is sent.
-        if self._stallDeadline is None:
+        if self._transportFull:
+            return
+        # The transport's buffer is full: the client has that long to take it.
+        self._transportFull = True
+        deadline = self._stallDeadline
+        if deadline is not None and deadline.active():
+            # A transfer fills the buffer at nearly every block: moving the
+            # deadline costs less than a new one each time.
+            deadline.reset(self.stallTimeout)
+        else:
             self._stallDeadline = self.callLater(self.stallTimeout, self._clientStalled)
 
     def resumeProducing(self) -> None:
-        self._cancelStallDeadline()
+        # The deadline stays scheduled, and only counts once paused again.
+        self._transportFull = False
         super().resumeProducing()
         # The transport may drain an earlier response while a body is held:
         # that must not restart reading the body.
@@ -576,7 +588,8 @@ class DeadlineHTTPChannel(http.HTTPChannel):
 
     def _clientStalled(self) -> None:
         self._stallDeadline = None
-        self._abort("it took nothing of what it was sent for {timeout}s", timeout=self.stallTimeout)
+        if self._transportFull:
+            self._abort("it did not take what was sent to it within {timeout}s", timeout=self.stallTimeout)
 
     def _cancelStallDeadline(self) -> None:
         cancelPending(self._stallDeadline)
