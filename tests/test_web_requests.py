@@ -451,10 +451,9 @@ class HeadSizeTests(InMemoryCase):
         self.assertTrue(connection.transport.disconnecting)
 
 
-class BodyRateTests(InMemoryCase):
+class ClockedCase(InMemoryCase):
     """
-    A body must come at 1 KiB/s on average after the 30 s of grace of the
-    head deadline; the time it is held unread does not count.
+    One connection to a site whose time is a clock the test moves.
     """
 
     def setUp(self) -> None:
@@ -463,6 +462,13 @@ class BodyRateTests(InMemoryCase):
         self.site, _ = makeSite(self.folder, self.authenticator, self.clock)
         self.connection = Connection(self.site)
         self.addCleanup(self.connection.lose)
+
+
+class BodyRateTests(ClockedCase):
+    """
+    A body must come at 1 KiB/s on average after the 30 s of grace of the
+    head deadline; the time it is held unread does not count.
+    """
 
     def sendHead(self) -> None:
         self.connection.send(rawRequest("POST", "/", [ALICE_HEADER, ("Content-Length", "1000000")]))
@@ -495,7 +501,7 @@ class BodyRateTests(InMemoryCase):
         self.assertTrue(self.connection.transport.disconnecting)
 
 
-class StallTests(InMemoryCase):
+class StallTests(ClockedCase):
     """
     A transport that stays full (its channel paused) for the idle timeout
     (60 s here) means a client that is not reading: its connection is
@@ -504,10 +510,6 @@ class StallTests(InMemoryCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.clock = MemoryReactorClock()
-        self.site, _ = makeSite(self.folder, self.authenticator, self.clock)
-        self.connection = Connection(self.site)
-        self.addCleanup(self.connection.lose)
         self.channel = self.connection.protocol
         # A request being answered: no other deadline runs meanwhile.
         self.authenticator.later = True
