@@ -58,11 +58,11 @@ def orthancSendTimeout(config: Config) -> int:
     Orthanc's C{HttpRequestTimeout}: how long, in seconds, one of its sends
     (or reads) may block before it gives up on the connection.
 
-    The proxy stops reading Orthanc while the client takes nothing, so this
-    must outlast the longest such pause the appliance allows (the web
-    listener's C{idle_timeout}, after which it closes the client's
-    connection); with Orthanc's default (30 s), a viewer whose tab paused
-    for half a minute had its study cut short.
+    The proxy stops reading Orthanc while its client has not taken what is
+    buffered for it, so this must outlast the longest such wait the
+    appliance allows (the web listener's C{idle_timeout}, after which it
+    closes the client's connection); with Orthanc's default (30 s), a viewer
+    whose tab paused for half a minute had its study cut short.
     """
     return math.ceil(config.web.idle_timeout) + SEND_TIMEOUT_MARGIN
 
