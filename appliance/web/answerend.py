@@ -14,6 +14,8 @@ import re
 from abc import ABC, abstractmethod
 from typing import Optional
 
+from appliance.web.request import mediaType
+
 _BOUNDARY = re.compile(rb';\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
 
 #: Bytes allowed after a multipart body's close delimiter: a line break
@@ -56,13 +58,13 @@ class AnswerEnd(ABC):
         The watcher for an answer of C{contentType}, or L{None} for a type
         whose end cannot be told from its bytes.
         """
-        mediaType = contentType.split(b";", 1)[0].strip().lower()
-        if mediaType.startswith(b"multipart/"):
+        kind = mediaType(contentType)
+        if kind.startswith(b"multipart/"):
             found = _BOUNDARY.search(contentType)
             if found is None:
                 return None
             return MultipartEnd(found.group(1) or found.group(2))
-        if mediaType in (b"application/zip", b"application/x-zip-compressed"):
+        if kind in (b"application/zip", b"application/x-zip-compressed"):
             return ZipEnd()
         return None
 

@@ -48,7 +48,7 @@ from appliance.web.pages import STYLESHEET_NAME, Page, asset
 
 # The login form is a few hundred bytes: the request layer reads anonymous
 # bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
-from appliance.web.request import ANONYMOUS_BODY_LIMIT
+from appliance.web.request import ANONYMOUS_BODY_LIMIT, mediaType
 
 _EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
 
@@ -209,8 +209,7 @@ class LoginResource(Resource):
         The fields of the posted form, or L{None} if the body is not a small
         URL-encoded UTF-8 form.
         """
-        contentType = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if contentType != b"application/x-www-form-urlencoded":
+        if mediaType(request.getHeader(b"content-type")) != b"application/x-www-form-urlencoded":
             return None
         request.content.seek(0)
         body = request.content.read(ANONYMOUS_BODY_LIMIT + 1)

@@ -64,7 +64,7 @@ from appliance.orthanc.supervisor import OrthancState
 from appliance.web.answerend import AnswerEnd
 from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
 from appliance.web.pages import jsonError
-from appliance.web.request import HOST_NAME, cancelPending
+from appliance.web.request import HOST_NAME, cancelPending, mediaType
 from appliance.web.streaming import registerStreamingProducer
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -700,7 +700,7 @@ class _Exchange:
         encode, for a client that accepts gzip; None otherwise.
         """
         request = self._request
-        if _contentType(response).split(b";")[0].strip().lower() not in COMPRESSIBLE_TYPES:
+        if mediaType(_contentType(response)) not in COMPRESSIBLE_TYPES:
             return None
         if response.code in _NOT_COMPRESSED_STATUSES or response.headers.hasHeader(b"Content-Encoding"):
             return None

@@ -66,6 +66,14 @@ HeaderPairs = Sequence[Tuple[bytes, bytes]]
 HOST_NAME = re.compile(rb"[A-Za-z0-9.-]{1,253}")
 
 
+def mediaType(contentType: Optional[bytes]) -> bytes:
+    """
+    The media type of a Content-Type value, lower-case and without its
+    parameters (C{b""} when there is none).
+    """
+    return (contentType or b"").split(b";", 1)[0].strip().lower()
+
+
 def describeSize(size: int) -> str:
     """
     C{size} (bytes) as people write it in a sentence: C{4 GiB}, C{64 KiB}.
