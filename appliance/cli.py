@@ -1,5 +1,6 @@
 """
-The C{pacs-appliance} command: C{run}, C{check-config}, C{passwd} and C{version}.
+The C{pacs-appliance} command: C{run}, C{check-config}, C{passwd}, C{version}
+and C{firewall}.
 
 C{run} starts the same service as C{twistd -n pacs-appliance}, but hands twistd
 the service maker directly: plugin discovery walks the file system, which a frozen
@@ -14,11 +15,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.scripts import twistd
 
 import appliance
 from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, loadConfig
+from appliance.orthanc.firewall import FirewallError, OrthancFirewall
 from appliance.service import serviceMaker
 from appliance.web.users import (
     UserEntry,
@@ -42,6 +46,28 @@ class _ConfigOption(usage.Options):
     ]
 
 
+class _OptionsAfterArguments(_ConfigOption):
+    """
+    Options that may also follow the arguments, as the documented command
+    lines write them (C{passwd admin --roles admin}, C{firewall apply
+    --config PATH}): twisted.python.usage's getopt would take them for
+    arguments.
+    """
+
+    def parseOptions(self, options: Optional[List[str]] = None) -> None:
+        options = sys.argv[1:] if options is None else options
+        try:
+            pairs, arguments = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as error:
+            raise usage.UsageError(str(error))
+        valued = {"--" + name[:-1] for name in self.longOpt if name.endswith("=")}
+        valued |= {"-" + letter for letter, after in zip(self.shortOpt, self.shortOpt[1:] + " ") if after == ":"}
+        ordered: List[str] = []
+        for option, value in pairs:
+            ordered += [option, value] if option in valued else [option]
+        super().parseOptions(ordered + ["--"] + arguments)
+
+
 class RunOptions(_ConfigOption):
     synopsis = "[--config PATH]"
 
@@ -54,7 +80,16 @@ class VersionOptions(_ConfigOption):
     synopsis = "[--config PATH]"
 
 
-class PasswdOptions(_ConfigOption):
+class FirewallOptions(_OptionsAfterArguments):
+    synopsis = "apply|remove [--config PATH]"
+
+    def parseArgs(self, action: str) -> None:
+        if action not in ("apply", "remove"):
+            raise usage.UsageError(f"{action!r} is neither apply nor remove")
+        self["action"] = action
+
+
+class PasswdOptions(_OptionsAfterArguments):
     synopsis = "[--config PATH] [--users PATH] [--roles ROLES] [--password-stdin | --delete] USER"
     optFlags = [
         ["password-stdin", None, "Read the password from the first line of standard input (no prompt)."],
@@ -71,21 +106,6 @@ class PasswdOptions(_ConfigOption):
         ],
     ]
 
-    def parseOptions(self, options: Optional[List[str]] = None) -> None:
-        # The documented order puts options after USER (passwd admin --roles
-        # admin), which twisted.python.usage's getopt would take for arguments.
-        options = sys.argv[1:] if options is None else options
-        try:
-            pairs, arguments = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
-        except getopt.error as error:
-            raise usage.UsageError(str(error))
-        valued = {"--" + name[:-1] for name in self.longOpt if name.endswith("=")}
-        valued |= {"-" + letter for letter, after in zip(self.shortOpt, self.shortOpt[1:] + " ") if after == ":"}
-        ordered: List[str] = []
-        for option, value in pairs:
-            ordered += [option, value] if option in valued else [option]
-        super().parseOptions(ordered + ["--"] + arguments)
-
     def parseArgs(self, user: str) -> None:
         self["user"] = user
 
@@ -101,11 +121,17 @@ class CommandLine(usage.Options):
         ["check-config", None, CheckConfigOptions, "Check the configuration; exit 1 on any problem."],
         ["passwd", None, PasswdOptions, "Set a user's password and roles in the users file, or delete the user."],
         ["version", None, VersionOptions, "Print the versions of the appliance and what it runs."],
+        [
+            "firewall",
+            None,
+            FirewallOptions,
+            "Close Orthanc's ports to other hosts (apply), or open them again (remove); needs root.",
+        ],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: run, check-config, passwd or version")
+            raise usage.UsageError("give a command: run, check-config, passwd, version or firewall")
 
 
 class ApplianceServerOptions(twistd.ServerOptions):
@@ -136,7 +162,14 @@ def run(configPath: str) -> int:
     # twistd.runApp would end the process with the signal that stopped the
     # reactor; for the appliance, SIGTERM and SIGINT are the normal way to stop
     # and a clean stop exits 0.
-    twistd._SomeApplicationRunner(options).run()
+    try:
+        twistd._SomeApplicationRunner(options).run()
+    except (CannotListenError, FirewallError) as error:
+        # Raised by a service's start, before the reactor runs: a port taken,
+        # or Orthanc's ports that could not be closed.  The operator's
+        # business, in one sentence (logging has started: it goes there).
+        Logger(namespace="appliance.cli").critical("The appliance cannot start: {error}", error=str(error))
+        return 1
     return 0
 
 
@@ -228,6 +261,37 @@ def passwd(options: PasswdOptions) -> int:
     return 0
 
 
+def firewall(configPath: str, action: str) -> int:
+    """
+    Apply or remove the nftables rules that close Orthanc's ports to other
+    hosts (the unit's C{ExecStartPre=+} and C{ExecStopPost=+}, as root).
+    """
+    try:
+        config = loadConfig(Path(configPath))
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    rules = OrthancFirewall.fromConfig(config)
+    if action == "apply" and not config.orthanc.firewall:
+        print("[orthanc] firewall = no: Orthanc's ports are left to this box's own firewall.")
+        return 0
+    try:
+        if action == "apply":
+            rules.apply()
+        else:
+            rules.remove()
+    except FirewallError as error:
+        print(f"pacs-appliance firewall: {error}", file=sys.stderr)
+        return 1
+    ports = f"{rules.httpPort} and {rules.dicomPort}"
+    if action == "apply":
+        print(f"Orthanc's ports {ports} are closed to other hosts (nftables table inet {rules.table}).")
+    else:
+        print(f"Removed the rules on Orthanc's ports {ports}.")
+    return 0
+
+
 def orthancVersion(configPath: str) -> str:
     try:
         executable = loadConfig(Path(configPath)).orthanc.executable
@@ -272,6 +336,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return checkConfig(configPath)
     if command == "passwd":
         return passwd(commandLine.subOptions)
+    if command == "firewall":
+        return firewall(configPath, commandLine.subOptions["action"])
     return version(configPath)
 
 

@@ -87,6 +87,7 @@ class OrthancSection:
     unresponsive_after: int
     max_start_failures: int
     min_free_space: int
+    firewall: bool
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "unresponsive_after": Key(parseCount, "3"),
         "max_start_failures": Key(parseCount, "3"),
         "min_free_space": Key(parseSize, "1G"),
+        "firewall": Key(parseBool, "yes"),
     },
     "tls": {
         "certificate": Key(parsePath, "/etc/pacs-appliance/tls/cert.pem"),
@@ -577,6 +579,15 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
             problems.append(
                 f"{where('orthanc', 'plugins')}: {plugin} does not exist"
                 " (install the orthanc-dicomweb package)"
+            )
+
+    if config.orthanc.firewall:
+        from appliance.orthanc.firewall import NFT
+
+        if not os.access(NFT, os.X_OK):
+            problems.append(
+                f"{where('orthanc', 'firewall')}: {NFT} is missing: install the nftables package, which"
+                " closes Orthanc's ports to other hosts (or set no if this box's own firewall does)"
             )
 
     # Either both halves of the certificate are installed or neither is (then a

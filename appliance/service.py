@@ -11,6 +11,7 @@ from twisted.python import usage
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
+from appliance.orthanc.firewall import OrthancPortGuard
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import CertificateUser, ReloadOnSighup
@@ -47,7 +48,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     # One measure of Orthanc's free space: uploads and Orthanc's restarts wait for it.
     space = StorageSpace.forOrthanc(config)
     orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports, space=space)
-    orthanc.setServiceParent(root)
+    # Orthanc runs inside its guard: its ports close to other hosts first and
+    # open again only once it is gone.
+    guard = OrthancPortGuard(config, reactor)
+    orthanc.setServiceParent(guard)
     # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.
     certificate = loadServerCertificate(config)
     certificateUsers: List[CertificateUser] = []
@@ -65,6 +69,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
     site = buildSiteResource(config, orthanc, authenticator, proxyRoutes)
     buildWebService(config, site, authenticator, reactor, webTLS).setServiceParent(root)
     certificateUsers.append(webTLS)
+    # After every listener: one that cannot be bound ends the start before
+    # the guard has changed the firewall (nothing would remove the rules).
+    guard.setServiceParent(root)
     notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval())
     ReloadOnSighup(config, certificateUsers, notify, reactor, reloadables=[users]).setServiceParent(root)
     # Last: it starts once every listener is bound (see its docstring).

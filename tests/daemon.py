@@ -101,17 +101,17 @@ def orthancPid(output: DaemonOutput, process) -> int:
 
 
 @inlineCallbacks
-def startDaemon(case, config: Config, ready: str = "Orthanc is ready"):
+def startDaemon(case, config: Config, ready: str = "Orthanc is ready", prefix: Sequence[str] = ()):
     """
     Run the daemon on C{config} until C{case} ends; fires with its
     L{DaemonOutput} and process once a line containing C{ready} is printed.
+
+    @param prefix: a command line the daemon's runs under (C{setpriv ...}).
     """
     output = DaemonOutput()
+    argv = [*prefix, str(EXECUTABLE), "run", "--config", str(config.sources[0])]
     process = reactor.spawnProcess(
-        output,
-        str(EXECUTABLE),
-        [str(EXECUTABLE), "run", "--config", str(config.sources[0])],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+        output, argv[0], argv, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     )
 
     def stop():

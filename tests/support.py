@@ -62,6 +62,108 @@ class ConnectionTracker(WrappingFactory):
                 each.callback(None)
 
 
+#: The systemd unit the package installs.
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "pacs-appliance.service"
+
+
+def unitSettings(path: Path = UNIT) -> dict:
+    """
+    The [Service] settings of a unit file, the last value of each key.
+    """
+    settings = {}
+    section = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings[key] = value
+    return settings
+
+
+def ip(*arguments: str) -> None:
+    subprocess.run(["ip", *arguments], check=True, capture_output=True, text=True)
+
+
+class OtherHost:
+    """
+    Another host, for the test C{case}: a network namespace of its own joined
+    to this one by a veth pair, removed when the test ends.  This host is
+    C{applianceAddress} on the link, the other host C{address}.  Needs root.
+    """
+
+    def __init__(self, case) -> None:
+        import random
+
+        tag = random.randrange(10_000, 100_000)
+        subnet = random.randrange(1, 255)
+        self.namespace = f"pacs-other-{tag}"
+        hostSide, otherSide = f"pah{tag}", f"pao{tag}"
+        self.applianceAddress = f"10.213.{subnet}.1"
+        self.address = f"10.213.{subnet}.2"
+        ip("netns", "add", self.namespace)
+        # Deleting the namespace deletes the veth end in it, and so the pair.
+        case.addCleanup(ip, "netns", "del", self.namespace)
+        ip("link", "add", hostSide, "type", "veth", "peer", "name", otherSide)
+        ip("link", "set", otherSide, "netns", self.namespace)
+        ip("addr", "add", f"{self.applianceAddress}/30", "dev", hostSide)
+        ip("link", "set", hostSide, "up")
+        inside = ("netns", "exec", self.namespace, "ip")
+        ip(*inside, "addr", "add", f"{self.address}/30", "dev", otherSide)
+        ip(*inside, "link", "set", otherSide, "up")
+        ip(*inside, "link", "set", "lo", "up")
+
+    def run(self, program: str, *arguments: str):
+        """
+        Run C{program} (a path) on the other host; a Deferred firing with its
+        C{(out, err, code)}.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        return getProcessOutputAndValue(
+            "/usr/sbin/ip",
+            ["netns", "exec", self.namespace, program, *arguments],
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+    def connect(self, port: int, timeout: float = 5.0) -> Optional[socket.socket]:
+        """
+        A TCP connection from the other host to this one's C{port}, left idle
+        (the caller closes it), or L{None} if it was refused or timed out
+        (blocking: call it in a thread).
+        """
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        there = os.open(f"/run/netns/{self.namespace}", os.O_RDONLY)
+        try:
+            # Only this thread enters the namespace, for as long as the socket
+            # is made: a socket stays in the namespace it was made in.
+            if libc.setns(there, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            try:
+                connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            finally:
+                libc.setns(here, CLONE_NEWNET)
+        finally:
+            os.close(here)
+            os.close(there)
+        connection.settimeout(timeout)
+        try:
+            connection.connect((self.applianceAddress, port))
+        except OSError:
+            connection.close()
+            return None
+        return connection
+
+
+#: setns(2)'s flag for a network namespace.
+CLONE_NEWNET = 0x40000000
+
+
 def freePorts(count: int) -> List[int]:
     """
     C{count} different TCP ports nothing listens on right now (all held open

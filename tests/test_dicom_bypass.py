@@ -6,45 +6,25 @@ exactly that address, while the forwarder serves that modality.
 """
 
 import os
-import random
-import subprocess
 
-from twisted.internet.utils import getProcessOutputAndValue
-
-from tests.support import freePort
+from tests.support import OtherHost, freePort
 from tests.test_dicom_forwarder import PEER_TIMEOUT, ForwarderTestCase
-
-
-def ip(*arguments: str) -> None:
-    subprocess.run(["ip", *arguments], check=True, capture_output=True, text=True)
 
 
 class OtherHostTests(ForwarderTestCase):
     """
-    The modality CT1 is at 10.213.N.2 in its own namespace; the appliance is at
-    10.213.N.1.
+    The modality CT1 is on another host (L{OtherHost}).  Orthanc's own
+    refusal is the second line of defence: the firewall that closes its ports
+    to other hosts (tests/test_orthanc_firewall.py) is not in this service
+    tree, so that what Orthanc itself does is seen.
     """
 
     def setUp(self):
         if os.geteuid() != 0:
             self.skipTest("network namespaces need root")
-        tag = random.randrange(10_000, 100_000)
-        subnet = random.randrange(1, 255)
-        self.namespace = f"pacs-bypass-{tag}"
-        hostSide, otherSide = f"pbh{tag}", f"pbo{tag}"
-        self.applianceAddress = f"10.213.{subnet}.1"
-        self.modalityAddress = f"10.213.{subnet}.2"
-        ip("netns", "add", self.namespace)
-        # Deleting the namespace deletes the veth end in it, and so the pair.
-        self.addCleanup(ip, "netns", "del", self.namespace)
-        ip("link", "add", hostSide, "type", "veth", "peer", "name", otherSide)
-        ip("link", "set", otherSide, "netns", self.namespace)
-        ip("addr", "add", f"{self.applianceAddress}/30", "dev", hostSide)
-        ip("link", "set", hostSide, "up")
-        inside = ("netns", "exec", self.namespace, "ip")
-        ip(*inside, "addr", "add", f"{self.modalityAddress}/30", "dev", otherSide)
-        ip(*inside, "link", "set", otherSide, "up")
-        ip(*inside, "link", "set", "lo", "up")
+        self.otherHost = OtherHost(self)
+        self.applianceAddress = self.otherHost.applianceAddress
+        self.modalityAddress = self.otherHost.address
         self.modalities = {
             "modality:ct1": {"aet": "CT1", "host": self.modalityAddress},
             "modality:local": {"aet": "CT1LOCAL", "host": "127.0.0.1"},
@@ -54,13 +34,8 @@ class OtherHostTests(ForwarderTestCase):
         return super().setUp()
 
     def fromOtherHost(self, program: str, *arguments: str):
-        return getProcessOutputAndValue(
-            "/usr/sbin/ip",
-            [
-                "netns", "exec", self.namespace, f"/usr/bin/{program}",
-                "-to", str(PEER_TIMEOUT), "-ta", str(PEER_TIMEOUT), *arguments,
-            ],
-            env={"PATH": "/usr/bin:/bin"},
+        return self.otherHost.run(
+            f"/usr/bin/{program}", "-to", str(PEER_TIMEOUT), "-ta", str(PEER_TIMEOUT), *arguments
         )
 
     async def test_orthancRefusesAssociationsFromAnotherHost(self):

@@ -25,34 +25,17 @@ from typing import Optional
 
 import pytest
 
-from tests.support import TestAuthority, freePort, writeConfig, writeTestConfig
+from tests.support import UNIT, TestAuthority, freePort, unitSettings, writeConfig, writeTestConfig
 from tests.test_cli import LineReader
 from tests.test_orthanc_real import processExists
 from tests.test_systemd import NotifySocket, commonName, peerCertificateSubject, unverifiedContext
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-UNIT = CHECKOUT / "systemd" / "pacs-appliance.service"
 VENV_BIN = Path(sys.executable).parent
 
 #: What the frozen binary gets as its whole environment: no virtualenv, no
 #: PYTHONPATH, the PATH of a system service.
 BARE_ENVIRONMENT = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-
-
-def unitSettings(path: Path = UNIT) -> dict:
-    """
-    The [Service] settings of a unit file, the last value of each key.
-    """
-    settings = {}
-    section = None
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[Service]" and "=" in line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            settings[key] = value
-    return settings
 
 
 # --- building
@@ -121,6 +104,10 @@ def test_unitExposureIsOK(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert float(exposure.group(1)) <= 2.0, result.stdout
+
+
+def nftTableExists(table: str) -> bool:
+    return subprocess.run(["nft", "list", "table", "inet", table], capture_output=True).returncode == 0
 
 
 def test_unitSettingsTheDaemonRelies():
@@ -404,11 +391,19 @@ def test_debInstallRunAsTheUnitRemovePurge(debPackage, tmp_path):
             f"--inh-caps=+{capability}", f"--ambient-caps=+{capability}", "--no-new-privs", "--",
             *shlex.split(settings["ExecStart"]),
         ]
+        # ExecStartPre and ExecStopPost run as root ("+"): the rules that close
+        # Orthanc's ports to other hosts, around the daemon's life.
+        startPre, stopPost = (shlex.split(settings[key].removeprefix("+")) for key in ("ExecStartPre", "ExecStopPost"))
+        applied = subprocess.run(startPre, env=BARE_ENVIRONMENT, capture_output=True, text=True)
+        assert applied.returncode == 0, applied.stderr
+        table = re.search(r"nftables table inet (\S+)\)", applied.stdout).group(1)
+        assert nftTableExists(table)
         # An abstract socket: the unit's user may send to it.
         notify = NotifySocket()
         daemon = Daemon(argv, notify, Path("/"))
         try:
             notify.waitFor("READY")
+            daemon.output.waitFor(re.escape(f"are closed to other hosts (nftables table inet {table})"))
             status, body = httpsGet(httpsPort, "/healthz")
             assert (status, json.loads(body)["status"]) == (200, "ok")
             assert httpsGet(httpsPort, "/")[0] == 401
@@ -421,6 +416,9 @@ def test_debInstallRunAsTheUnitRemovePurge(debPackage, tmp_path):
         finally:
             daemon.kill()
             notify.close()
+            removed = subprocess.run(stopPost, env=BARE_ENVIRONMENT, capture_output=True, text=True)
+        assert removed.returncode == 0, removed.stderr
+        assert not nftTableExists(table)
         testConfig.unlink()
 
         removed = dpkg("-r", "pacs-appliance")
