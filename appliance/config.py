@@ -111,6 +111,8 @@ class WebSection:
     max_connections: int
     max_request_head: int
     max_upload_size: int
+    max_spool_per_account: int
+    max_spool: int
     min_body_rate: int
     proxy_connect_timeout: float
     proxy_response_timeout: float
@@ -430,6 +432,8 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_connections": Key(parseCount, "1000"),
         "max_request_head": Key(parseSize, "64K"),
         "max_upload_size": Key(parseSize, "4G"),
+        "max_spool_per_account": Key(parseSize, "4G"),
+        "max_spool": Key(parseSize, "16G"),
         "min_body_rate": Key(parseSize, "1K"),
         "proxy_connect_timeout": Key(parsePositiveDuration, "5s"),
         "proxy_response_timeout": Key(parsePositiveDuration, "5m"),
@@ -621,6 +625,17 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
     if config.dicom.listen is not None:
         listeners.append(("dicom", "listen", config.dicom.listen))
     problems.extend(_checkDicom(config, where))
+    web = config.web
+    if web.max_upload_size > web.max_spool_per_account:
+        problems.append(
+            f"{where('web', 'max_spool_per_account')}: it is smaller than max_upload_size, so the largest"
+            " uploads could never be received (raise it, or lower max_upload_size)"
+        )
+    if web.max_spool_per_account > web.max_spool:
+        problems.append(
+            f"{where('web', 'max_spool')}: it is smaller than max_spool_per_account: one account could hold"
+            " all of it"
+        )
 
     for index, (section, key, address) in enumerate(listeners):
         for otherSection, otherKey, other in listeners[:index]:

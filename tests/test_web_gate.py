@@ -10,18 +10,20 @@ what must come of it: the status, and what reached the proxy (nothing, or the
 path asked of Orthanc).
 """
 
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.web.auth import Authenticator
 from appliance.web.routes import buildProxyResources
 from appliance.web.site import ApplianceSite, buildSiteResource
 from appliance.web.users import UsersFile
 from tests.support import basicAuthorization, httpExchange, temporaryFolder, testConfig, writeUser
+from tests.test_web_requests import Connection
 from tests.test_web_static import FakeOrthanc
 
 #: The users file's accounts by role, as (name, password); "intruder" is
@@ -237,13 +239,18 @@ ORTHANC_LIMITS = [
 ]
 
 
-class AccessTests(SynchronousTestCase):
+class GatedSiteCase(SynchronousTestCase):
+    """
+    The whole HTTPS site in memory, with C{web} added to its configuration.
+    """
+
     maxDiff = None
+    web: Dict[str, object] = {}
 
     def setUp(self) -> None:
         folder = temporaryFolder(self)
         usersFile = folder / "users"
-        config = testConfig(folder, auth={"users_file": usersFile})
+        config = testConfig(folder, auth={"users_file": usersFile}, web=dict(self.web))
         for role in ("viewer", "uploader", "admin"):
             writeUser(usersFile, *CREDENTIALS[role], [role])
         for name in ("favicon.ico", "manifest.json"):
@@ -259,6 +266,7 @@ class AccessTests(SynchronousTestCase):
         self.patch(proxy, "forward", self.recordForward)
         self.forwarded: List[Tuple[str, str, bytes]] = []
         self.stores: List[bool] = []
+        self.held: List[Request] = []
         self.site = ApplianceSite.fromConfig(
             config, buildSiteResource(config, orthanc, authenticator, proxyRoutes), clock, authenticator, True
         )
@@ -268,14 +276,54 @@ class AccessTests(SynchronousTestCase):
     def recordForward(self, request, target: bytes, rewrite=None, stores=False):
         """
         In place of L{OrthancProxy.forward}: note what reached the proxy and
-        answer 200.
+        answer 200, at once, or when the test calls C{answer} with
+        C{self.holding} set.
         """
         self.forwarded.append((request.method.decode("ascii"), target.decode("ascii"), request.content.read()))
         self.stores.append(stores)
         request.setHeader(b"Content-Length", b"0")
-        request.finish()
+        if self.holding:
+            self.held.append(request)
+        else:
+            request.finish()
         return NOT_DONE_YET
 
+    #: Whether the proxy keeps the requests it gets (in C{held}) unanswered.
+    holding = False
+
+    def connect(self) -> Connection:
+        connection = Connection(self.site)
+        self.addCleanup(connection.lose)
+        return connection
+
+    def head(self, user: str, method: str, path: str, length: int, *headers: Tuple[str, str]) -> bytes:
+        """
+        A request head announcing a body of C{length} bytes, from C{user}.
+        """
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            "Host: pacs.example",
+            "Authorization: " + basicAuthorization(*CREDENTIALS[user]),
+            f"Content-Length: {length}",
+            *(f"{name}: {value}" for name, value in headers),
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+    def exchange(self, row: Row):
+        """
+        Send C{row}'s request on a new connection; C{(status, headers,
+        body)} of the answer.
+        """
+        lines = [f"{row.method} {row.path} HTTP/1.1", "Host: pacs.example"]
+        if row.user is not None:
+            lines.append("Authorization: " + basicAuthorization(*CREDENTIALS[row.user]))
+        lines += [f"{name}: {value}" for name, value in row.headers]
+        if row.body:
+            lines.append(f"Content-Length: {len(row.body)}")
+        return httpExchange(self.site, ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + row.body, secure=True)
+
+
+class AccessTests(GatedSiteCase):
     def test_whatMayStore(self) -> None:
         """
         The requests the proxy refuses while Orthanc's storage is full: any
@@ -305,18 +353,6 @@ class AccessTests(SynchronousTestCase):
         self.assertEqual(answers, [200] * len(storing))
         self.assertEqual(dict(zip(storing, self.stores)), storing)
 
-    def exchange(self, row: Row):
-        """
-        Send C{row}'s request on a new connection; C{(status, headers,
-        body)} of the answer.
-        """
-        lines = [f"{row.method} {row.path} HTTP/1.1", "Host: pacs.example"]
-        if row.user is not None:
-            lines.append("Authorization: " + basicAuthorization(*CREDENTIALS[row.user]))
-        lines += [f"{name}: {value}" for name, value in row.headers]
-        if row.body:
-            lines.append(f"Content-Length: {len(row.body)}")
-        return httpExchange(self.site, ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + row.body, secure=True)
 
     def assertTable(self, rows: List[Row]) -> None:
         """
@@ -366,3 +402,97 @@ class AccessTests(SynchronousTestCase):
         self.assertEqual(headers["www-authenticate"], ['Basic realm="PACS", charset="UTF-8"'])
         status, headers, _ = self.exchange(Row(None, "GET", "/viewer?StudyInstanceUIDs=1.2", 302, headers=NAVIGATION))
         self.assertEqual((status, headers["location"]), (302, ["/login?next=/viewer%3FStudyInstanceUIDs%3D1.2"]))
+
+
+class BeforeTheBodyTests(GatedSiteCase):
+    """
+    A request is judged on its head and its account: one the account may not
+    make is answered before a byte of its body is read, and its connection
+    closed (an outside review held a viewer's 64 MiB in the spool for a 403).
+    """
+
+    def assertRefusedUnread(self, connection: Connection, status: int) -> bytes:
+        raw = connection.transport.value()
+        [(answered, headers, body)] = connection.responses()
+        self.assertEqual(answered, status, raw[:300])
+        self.assertNotIn(b"100 Continue", raw)
+        self.assertEqual(headers["connection"], ["close"])
+        self.assertTrue(connection.transport.disconnecting)
+        request = connection.protocol.requests[0] if connection.protocol.requests else None
+        self.assertTrue(request is None or request.content.closed)
+        self.assertEqual(self.forwarded, [])
+        return body
+
+    def test_forbiddenBeforeTheBody(self) -> None:
+        for expect in ((), (("Expect", "100-continue"),)):
+            connection = self.connect()
+            connection.send(self.head("viewer", "POST", "/pacs-admin/system", 64 * 1024 * 1024, *expect))
+            body = self.assertRefusedUnread(connection, 403)
+            self.assertIn(b"needs the admin role", body)
+            # What the client sends anyway is not read.
+            connection.send(b"x" * 65536)
+            self.assertEqual(self.forwarded, [])
+
+    def test_anonymousBeforeTheBody(self) -> None:
+        connection = self.connect()
+        connection.send(b"POST /pacs/studies HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+        self.assertRefusedUnread(connection, 401)
+
+    def test_crossSiteBeforeTheBody(self) -> None:
+        connection = self.connect()
+        connection.send(self.head("uploader", "POST", "/pacs/studies", 10, ("Origin", "https://evil.example")))
+        self.assertRefusedUnread(connection, 403)
+
+    def test_allowedGetsTheContinue(self) -> None:
+        connection = self.connect()
+        connection.send(self.head("uploader", "POST", "/pacs/studies", 5, ("Expect", "100-continue")))
+        self.assertTrue(connection.transport.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\n"))
+        connection.send(b"hello")
+        self.assertEqual(self.forwarded, [("POST", "/pacs/studies", b"hello")])
+
+
+class SpoolShareTests(GatedSiteCase):
+    """
+    Bodies being received count against the account's share and the total:
+    an account past its share waits (429) while another account still
+    uploads; past the total, everyone waits (507); both before the body, with
+    one log line.
+    """
+
+    web = {"max_upload_size": "1M", "max_spool_per_account": "1M", "max_spool": "1536K"}
+
+    def upload(self, user: str, size: int) -> Connection:
+        connection = self.connect()
+        connection.send(self.head(user, "POST", "/pacs/studies", size * 1024) + b"x" * (size * 1024))
+        return connection
+
+    def assertRefused(self, connection: Connection, status: int, sentence: bytes) -> None:
+        [(answered, headers, body)] = connection.responses()
+        self.assertEqual((answered, headers["retry-after"]), (status, ["30"]))
+        self.assertIn(sentence, body)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_sharesPerAccountAndInAll(self) -> None:
+        # The proxy keeps each upload it gets in progress, as a slow Orthanc would.
+        self.holding = True
+        self.upload("uploader", 1000)
+        with capturedLogs() as events:
+            refused = self.upload("admin", 600)
+        self.assertRefused(
+            refused, 507, b"The appliance is receiving 1000 KiB of uploads, the most it takes at once is 1536 KiB"
+        )
+        [line] = [formatEvent(event) for event in events if "Refused" in event["log_format"]]
+        self.assertIn("with 507", line)
+        # Within the total, another account still uploads.
+        self.upload("admin", 500)
+        self.assertEqual(len(self.held), 2)
+        # One account past its share waits for its own uploads.
+        self.assertRefused(
+            self.upload("uploader", 30),
+            429,
+            b"The account modality has 1000 KiB of uploads in progress and may have 1 MiB at once",
+        )
+        # Its upload ends: its share comes back.
+        self.held.pop(0).finish()
+        self.upload("uploader", 30)
+        self.assertEqual([len(request.content.getvalue()) for request in self.held[1:]], [30 * 1024])

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -34,6 +34,7 @@ from zope.interface import implementer
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.auth import BUSY_MESSAGE, Account, PasswordChecksBusy
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
+from appliance.web.spool import SpoolQuota
 from appliance.web.site import ApplianceSite
 from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig, tinyTmpfs
 from tests.test_tls import clientContext
@@ -178,6 +179,7 @@ def makeSite(
         maxRequestHead=MAX_HEAD,
         siteName="St Elsewhere",
         minBodyRate=1024,
+        spoolQuota=SpoolQuota(MAX_UPLOAD, 3 * MAX_UPLOAD),
     )
     return site, echo
 
@@ -489,6 +491,24 @@ class BodyRateTests(ClockedCase):
             self.clock.advance(1)
         self.assertFalse(self.connection.transport.disconnecting)
 
+    def test_stoppedBodyAbortedWhateverItsAverage(self) -> None:
+        """
+        After a fast start that puts it hours ahead of the average pace, a
+        body that stops arriving is cut off header_timeout (30 s) after its
+        last byte: a byte an idle period would otherwise hold it for weeks.
+        """
+        self.sendHead()
+        self.connection.send(b"x" * 900_000)
+        self.clock.advance(29)
+        self.connection.send(b"x")
+        self.clock.advance(29.5)
+        self.assertFalse(self.connection.transport.disconnecting)
+        with capturedLogs() as events:
+            self.clock.advance(1)
+        self.assertTrue(self.connection.transport.disconnecting)
+        [line] = [formatEvent(event) for event in events]
+        self.assertIn("its request body stopped arriving for 30s", line)
+
     def test_heldTimeNotCounted(self) -> None:
         self.authenticator.later = True
         self.sendHead()
@@ -746,12 +766,17 @@ class IdentityTests(InMemoryCase):
         connection.send(rawRequest("GET", "/"))
         self.assertEqual(self.authenticator.calls, [IPv4Address("TCP", "127.0.0.1", 50000)])
 
-    def test_smallBodyReadWhileIdentifying(self) -> None:
+    def test_smallBodyHeldUntilIdentified(self) -> None:
+        """
+        Even a small body is read only once the request is known to be
+        allowed: whoever sends it.
+        """
         connection = self.connect()
         connection.send(rawRequest("POST", "/", [("Content-Length", "5")], b"hello"))
-        self.assertEqual(connection.transport.producerState, "producing")
-        self.assertEqual(self.echo.seen, [])
+        self.assertEqual(connection.transport.producerState, "paused")
+        self.assertEqual(connection.protocol.requests[0].content.tell(), 0)
         self.authenticator.answer()
+        self.assertEqual(connection.transport.producerState, "producing")
         status, _, body = connection.responses()[0]
         self.assertEqual((status, json.loads(body)["read"]), (200, 5))
 
@@ -866,16 +891,21 @@ class BusyTests(InMemoryCase):
         self.assertTrue(request.content.closed)
         self.assertEqual(self.echo.seen, [])
 
+    def test_smallBodyIs503Too(self) -> None:
+        connection = self.connect()
+        connection.send(rawRequest("POST", "/", [ALICE_HEADER, ("Content-Length", "5")], b"hello"))
+        self.assertRefused(connection, 503)
+        self.assertEqual(self.echo.seen, [])
+
     def test_otherRequestsGoOnMarked(self) -> None:
         """
         Without a body to hold, the request goes on without an account and
         marked, so that the access gate answers it (503 where a login is
         needed).
         """
-        for raw in (rawRequest("GET", "/", [ALICE_HEADER]), rawRequest("POST", "/", [ALICE_HEADER, ("Content-Length", "5")], b"hello")):
-            status, _, body = self.exchange(raw)
-            echoed = json.loads(body)
-            self.assertEqual((status, echoed["account"], echoed["credentialsUnchecked"]), (200, None, True))
+        status, _, body = self.exchange(rawRequest("GET", "/", [ALICE_HEADER]))
+        echoed = json.loads(body)
+        self.assertEqual((status, echoed["account"], echoed["credentialsUnchecked"]), (200, None, True))
         status, _, body = self.exchange(rawRequest("GET", "/"))
         self.assertFalse(json.loads(body)["credentialsUnchecked"])
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -869,17 +869,17 @@ class Refusal(Resource):
         page: Optional[Page] = None,
     ) -> None:
         super().__init__()
-        self._code = code
-        self._message = message
-        self._headers = headers
+        self.code = code
+        self.message = message
+        self.headers = headers
         self._page = page
 
     def render(self, request: Request) -> bytes:
-        for name, value in self._headers:
+        for name, value in self.headers:
             request.setHeader(name, value)
         if self._page is None:
-            return jsonError(request, self._code, self._message)
-        return self._page.answer(request, self._code, error=self._message)
+            return jsonError(request, self.code, self.message)
+        return self._page.answer(request, self.code, error=self.message)
 
 
 def _quoted(text: str) -> bytes:
@@ -955,13 +955,21 @@ class AccessGate(Resource):
         self._cookieChallenge = cookieChallenge(web.site_name)
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
-        refusal = self._check(name, request)
+        refusal = self._check(name, request.postpath, request)
         if refusal is not None:
             return refusal
         return self._root.getChildWithDefault(name, request)
 
-    def _check(self, name: bytes, request: Request) -> Optional[Resource]:
-        role = requiredRole(name, request.method, request.postpath)
+    def refusalFor(self, request: Request) -> Optional[Refusal]:
+        """
+        The refusal of C{request}, judged from its head and account alone
+        (its C{postpath} still whole): the request layer asks before reading
+        a body, so that a request refused here never has its body read.
+        """
+        return self._check(request.postpath[0], request.postpath[1:], request)
+
+    def _check(self, name: bytes, rest: Sequence[bytes], request: Request) -> Optional[Refusal]:
+        role = requiredRole(name, request.method, rest)
         if role is None:
             return None
         account = getattr(request, "account", None)
@@ -1006,7 +1014,7 @@ class AccessGate(Resource):
             return True
         return origin == ownOrigin(request) or origin in self._corsOrigins
 
-    def _anonymous(self, name: bytes, request: Request) -> Resource:
+    def _anonymous(self, name: bytes, request: Request) -> Refusal:
         if getattr(request, "credentialsUnchecked", False):
             return Refusal(http.SERVICE_UNAVAILABLE, BUSY_MESSAGE, ((b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,)),))
         if basicCredentials(request.requestHeaders) is not None:

@@ -73,3 +73,14 @@ def jsonError(request: Request, code: int, message: str, retryAfter: Optional[in
     if retryAfter is not None:
         request.setHeader(b"Retry-After", b"%d" % (retryAfter,))
     return body
+
+
+def describeSize(size: int, rounded: bool = False) -> str:
+    """
+    C{size} (bytes) as people write it in a sentence: C{4 GiB}, C{64 KiB};
+    with C{rounded}, to a tenth of the largest unit it reaches (C{3.2 MiB}).
+    """
+    for unit, name in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if size >= unit and (rounded or size % unit == 0):
+            return f"{size // unit} {name}" if size % unit == 0 else f"{size / unit:.1f} {name}"
+    return f"{size} bytes"

@@ -2,19 +2,25 @@
 The HTTP request layer under the site's resources: request heads up to the
 configured size, refusals with a status and a sentence for what twisted.web
 would answer with a bare 400 (or a silent close), the request's identity
-known before any resource runs, and bodies capped, never compressed, and
-spooled to disk when large.
+known before any resource runs, and bodies capped, never compressed, read
+only once the request is known to be allowed, counted against the spool's
+shares, and spooled to disk when large.
 
-    head complete ─ checks (400) ─ 413 / 415 ─ identify() ─┬─ no body or small: read it meanwhile
-                                                          └─ large: hold the body until identified,
-                                                             then read it (100-continue) or 401
-                                                             (503 if the password checks are busy)
+    head complete ─ checks (400) ─ 413 / 415 ─ identify() ─┬─ no body: on
+                                                          └─ a body: held unread until identified, then
+                                                             the gate's verdict on the head (401, 403,
+                                                             429, 503...), the spool's shares (429, 507),
+                                                             or read (100-continue)
     body complete ─ wait for identify() ─ request.account set ─ resources
+
+A refusal before the body is answered instead of the 100 (Continue), and
+closes the connection: the body is never read.
 """
 
 import errno
 import re
 from io import BytesIO
+from urllib.parse import unquote_to_bytes
 from typing import Optional, Sequence, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -33,12 +39,14 @@ from appliance.web.auth import (
     cookieChallenge,
     isBrowser,
 )
+from appliance.web.pages import describeSize
+from appliance.web.spool import SPOOL_RETRY_AFTER, SpoolQuota
 
 #: What every answer says in its Server header: no version, for scanners.
 SERVER = b"pacs-appliance"
 
-#: The largest body read from a request whose identity is not known yet, or
-#: that has none: enough for the login form, whose POST is anonymous.
+#: The largest body read from a request without an account: enough for the
+#: login form, whose POST is anonymous.
 ANONYMOUS_BODY_LIMIT = 16 * 1024
 
 #: Bodies up to this size stay in memory; larger ones move to a file in the
@@ -47,11 +55,14 @@ MEMORY_BODY_LIMIT = 1024 * 1024
 
 #: Reason phrases of the refusals, as RFC 9110 names them.
 REASONS = {
+    302: b"Found",
     400: b"Bad Request",
     401: b"Unauthorized",
+    403: b"Forbidden",
     413: b"Content Too Large",
     414: b"URI Too Long",
     415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
@@ -72,16 +83,6 @@ def mediaType(contentType: Optional[bytes]) -> bytes:
     parameters (C{b""} when there is none).
     """
     return (contentType or b"").split(b";", 1)[0].strip().lower()
-
-
-def describeSize(size: int) -> str:
-    """
-    C{size} (bytes) as people write it in a sentence: C{4 GiB}, C{64 KiB}.
-    """
-    for unit, name in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit} {name}"
-    return f"{size} bytes"
 
 
 class ApplianceRequest(Request):
@@ -105,13 +106,30 @@ class ApplianceRequest(Request):
     log = Logger()
 
     _identified = False
+    _bodyComing = False
     _bodyAccepted = False
     _continueWanted = False
     _held = False
     _refused = False
     _received = 0
+    #: Bytes of the body counted against the spool's shares, and for whom.
+    _reserved = 0
+    _spoolAccount: Optional[str] = None
+    _length: Optional[int] = 0
     _waiting: Optional[Tuple[bytes, bytes, bytes]] = None
     _identity: Optional[Deferred] = None
+
+    def headReceived(self, command: bytes, path: bytes) -> None:
+        """
+        The request line is known: set C{method}, C{uri}, C{path} and
+        C{postpath} now, as twisted.web would once the body is read, so that
+        the gate can judge the request before its body.
+        """
+        self.method, self.uri = command, path
+        self.path = path.split(b"?", 1)[0]
+        self.prepath = []
+        # As twisted.web.server.Request.process will.
+        self.postpath = [unquote_to_bytes(segment) for segment in self.path[1:].split(b"/")]
 
     def write(self, data: bytes) -> None:
         # Before the head goes out, so that the answers twisted.web gives
@@ -129,8 +147,8 @@ class ApplianceRequest(Request):
         """
         The head is complete (C{length} is that of the body, L{None} when
         chunked): refuse bodies too large or compressed, start identifying
-        the sender, and hold a body too large to read from anyone until the
-        identity is known.
+        the sender, and hold the body until the request is known to be
+        allowed (at once when the identity is).
         """
         site = self.channel.site
         self.content = BytesIO()
@@ -145,7 +163,8 @@ class ApplianceRequest(Request):
                 [(b"Accept-Encoding", b"identity")],
             )
             return
-        self._bodyAccepted = length is not None and length <= ANONYMOUS_BODY_LIMIT
+        self._bodyComing = length != 0
+        self._length = length
         identity = self._identity = maybeDeferred(site.authenticator.identify, self.requestHeaders, self.client)
         identity.addCallbacks(self._identifiedAs, self._notIdentified)
         identity.addErrback(
@@ -153,7 +172,7 @@ class ApplianceRequest(Request):
                 "Could not carry on with the request of {client}", failure, client=self._peer()
             )
         )
-        if not (self._bodyAccepted or self._refused):
+        if self._bodyComing and not (self._bodyAccepted or self._refused):
             self._held = True
             self.channel.holdBody()
 
@@ -174,6 +193,8 @@ class ApplianceRequest(Request):
         self.channel.bodyProgress(len(data))
         if self._received > self.channel.site.maxUploadSize:
             self._refuse(413, self._tooLarge())
+            return
+        if self._received > self._reserved and not self._reserve(self._received - self._reserved):
             return
         try:
             if self._received > MEMORY_BODY_LIMIT and isinstance(self.content, BytesIO):
@@ -201,7 +222,12 @@ class ApplianceRequest(Request):
         # The authenticator skips a password check still waiting for a thread.
         if self._identity is not None:
             self._identity.cancel()
+        self._releaseSpool()
         super().connectionLost(reason)
+
+    def finish(self) -> None:
+        self._releaseSpool()
+        super().finish()
 
     def _notIdentified(self, failure: Failure) -> None:
         if failure.check(CancelledError):
@@ -213,7 +239,7 @@ class ApplianceRequest(Request):
             return
         if self._disconnected or self._refused:
             return
-        if not self._bodyAccepted:
+        if self._bodyComing:
             self._refuse(503, BUSY_MESSAGE, [(b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,))])
             return
         self.credentialsUnchecked = True
@@ -224,19 +250,60 @@ class ApplianceRequest(Request):
             return
         self.account = account
         self._identified = True
-        if not self._bodyAccepted:
-            if account is None:
+        if self._bodyComing and not self._mayReadBody():
+            return
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            super().requestReceived(*waiting)
+
+    def _mayReadBody(self) -> bool:
+        """
+        Judge the head (the gate's verdict, the anonymous limit, the spool's
+        shares): read the body, or refuse it unread.
+        """
+        site = self.channel.site
+        if site.gate is not None:
+            refusal = site.gate.refusalFor(self)
+            if refusal is not None:
+                self._refuse(refusal.code, refusal.message, refusal.headers)
+                return False
+        account = self.account
+        if account is None:
+            if self._length is None or self._length > ANONYMOUS_BODY_LIMIT:
                 self._refuse(
                     401,
                     f"Log in first: a request with a body larger than {describeSize(ANONYMOUS_BODY_LIMIT)}"
                     " is only read from a known user.",
                     [(b"WWW-Authenticate", self._challenge())],
                 )
-                return
-            self._acceptBody()
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            super().requestReceived(*waiting)
+                return False
+        else:
+            self._spoolAccount = account.name
+            if self._length is not None and not self._reserve(self._length):
+                return False
+        self._acceptBody()
+        return True
+
+    def _reserve(self, size: int) -> bool:
+        """
+        Count C{size} more bytes of the body against the spool's shares (an
+        account's only: the login form's little body is not counted), or
+        refuse it; whether it may be read.
+        """
+        if self._spoolAccount is None:
+            return True
+        quota: SpoolQuota = self.channel.site.spoolQuota
+        refusal = quota.reserve(self._spoolAccount, size)
+        if refusal is not None:
+            self._refuse(refusal.status, refusal.sentence, [(b"Retry-After", b"%d" % (SPOOL_RETRY_AFTER,))])
+            return False
+        self._reserved += size
+        return True
+
+    def _releaseSpool(self) -> None:
+        if self._reserved:
+            self.channel.site.spoolQuota.release(self._spoolAccount, self._reserved)
+            self._reserved = 0
 
     def _challenge(self) -> bytes:
         siteName = self.channel.site.siteName
@@ -298,6 +365,7 @@ class ApplianceRequest(Request):
         self._refused = True
         # Closing the spool file is what frees its disk space.
         self.content.close()
+        self._releaseSpool()
         self.channel.refuse(status, sentence, headers)
 
     def _peer(self) -> str:
@@ -328,8 +396,10 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         (L{refuse}); twisted.web writes a bare 400, or closes silently;
       - aborts a connection whose request body arrives slower than
         C{minBodyRate} bytes a second on average, after C{headerTimeout} of
-        grace (not counting the time the body is held): the idle timer alone
-        would let a byte every C{idleTimeout} hold a connection for days;
+        grace, or stops arriving for C{headerTimeout} whatever its average
+        (not counting the time the body is held): the idle timer alone would
+        let a byte every C{idleTimeout} hold a connection for days, and an
+        average alone one byte an idle period after a fast start;
       - holds a request's body unread while the request layer decides
         whether to read it (L{holdBody}), and sends 100 (Continue) only when
         it does;
@@ -352,6 +422,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
     _bodyHeldSince: Optional[float] = None
     _bodyStarted = 0.0
     _bodyReceived = 0
+    _bodyLastProgress = 0.0
     _headerDeadline = None
     _refused = False
     _host = None
@@ -400,6 +471,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         if problem is not None:
             self.refuse(400, problem)
             return
+        self.requests[-1].headReceived(self._command, self._path)
         # Zero: no body follows; None: a chunked one.
         if self.length != 0:
             self._startBodyDeadline()
@@ -459,7 +531,9 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         self.paused = False
         if self._bodyHeldSince is not None:
             # The body was not read while held: that time is not the client's.
-            self._bodyStarted += self._now() - self._bodyHeldSince
+            now = self._now()
+            self._bodyStarted += now - self._bodyHeldSince
+            self._bodyLastProgress = now
             self._bodyHeldSince = None
             self._checkBodyRate()
         if not self._waitingForTransport:
@@ -567,28 +641,33 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         C{count} more bytes of the request's body arrived.
         """
         self._bodyReceived += count
+        self._bodyLastProgress = self._now()
 
     def _now(self) -> float:
         return self.site.reactor.seconds()
 
     def _startBodyDeadline(self) -> None:
-        self._bodyStarted = self._now()
+        self._bodyStarted = self._bodyLastProgress = self._now()
         self._bodyReceived = 0
         self._bodyHeldSince = None
         self._checkBodyRate()
 
     def _checkBodyRate(self) -> None:
         """
-        Abort if the body is behind the pace C{minBodyRate} allows, else look
-        again when it would next be behind.
+        Abort if the body is behind the pace C{minBodyRate} allows, or has
+        not moved for C{headerTimeout}, else look again when it next could
+        be (each byte moves the second deadline: it is read only here).
         """
         self._bodyDeadline = None
-        allowed = self._bodyStarted + self.headerTimeout + self._bodyReceived / self.minBodyRate
+        paced = self._bodyStarted + self.headerTimeout + self._bodyReceived / self.minBodyRate
+        moving = self._bodyLastProgress + self.headerTimeout
         now = self._now()
-        if now < allowed:
-            self._bodyDeadline = self.callLater(allowed - now, self._checkBodyRate)
-            return
-        self._abort("its request body came slower than {rate} bytes a second", rate=self.minBodyRate)
+        if now < min(paced, moving):
+            self._bodyDeadline = self.callLater(min(paced, moving) - now, self._checkBodyRate)
+        elif now >= moving:
+            self._abort("its request body stopped arriving for {timeout}s", timeout=self.headerTimeout)
+        else:
+            self._abort("its request body came slower than {rate} bytes a second", rate=self.minBodyRate)
 
     def _cancelBodyDeadline(self) -> None:
         cancelPending(self._bodyDeadline)

@@ -32,9 +32,9 @@ from appliance.orthanc.settings import DICOMWEB_ROOT
 from appliance.orthanc.space import StorageSpace
 from appliance.web.auth import SAFE_METHODS
 from appliance.web.cors import CorsPolicy
-from appliance.web.pages import jsonError
+from appliance.web.pages import describeSize, jsonError
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, OrthancProxy
-from appliance.web.request import REASONS, describeSize
+from appliance.web.request import REASONS
 
 #: Where the lead's site mounts the two routes.
 PACS = b"pacs"

@@ -37,6 +37,7 @@ from appliance.web.auth import AccessGate, Authenticator, requestTarget
 from appliance.web.health import HealthResource
 from appliance.web.login import LoginResource, LogoutResource
 from appliance.web.request import HOST_NAME, ApplianceRequest, DeadlineHTTPChannel, HeaderPairs
+from appliance.web.spool import SpoolQuota
 from appliance.web.static import ViewerResource
 
 
@@ -64,6 +65,10 @@ class ApplianceSite(Site):
     @param siteName: the realm of the 401 given before a body is read.
     @param minBodyRate: the slowest average pace of a request body, in bytes
         a second, after C{headerTimeout} of grace.
+    @param gate: judges a request from its head and account before its body
+        is read (L{appliance.web.auth.AccessGate.refusalFor}); without one,
+        every body from a known user is read.
+    @param spoolQuota: the request bodies held, per account and in all.
     """
 
     requestFactory = ApplianceRequest
@@ -83,6 +88,8 @@ class ApplianceSite(Site):
         maxRequestHead: int,
         siteName: str,
         minBodyRate: int,
+        spoolQuota: SpoolQuota,
+        gate: Optional[AccessGate] = None,
     ) -> None:
         # Resources read request.content themselves: twisted.web would read
         # a form body whole into request.args, even a spooled upload.
@@ -95,14 +102,30 @@ class ApplianceSite(Site):
         self.maxRequestHead = maxRequestHead
         self.siteName = siteName
         self.minBodyRate = minBodyRate
+        self.spoolQuota = spoolQuota
+        self.gate = gate
 
     @classmethod
-    def fromConfig(cls, config: Config, resource: Resource, reactor, authenticator, secure: bool) -> "ApplianceSite":
+    def fromConfig(
+        cls,
+        config: Config,
+        resource: Resource,
+        reactor,
+        authenticator,
+        secure: bool,
+        spoolQuota: Optional[SpoolQuota] = None,
+    ) -> "ApplianceSite":
         """
         The site of C{resource} with the limits, timeouts and spool folder of
-        C{config}; C{secure} for the HTTPS listener.
+        C{config}; C{secure} for the HTTPS listener.  When C{resource} is the
+        access gate, it also judges each request before its body.
+
+        @param spoolQuota: the shares of the spool, if another listener shares
+            them (by default, this site's own).
         """
         web = config.web
+        if spoolQuota is None:
+            spoolQuota = SpoolQuota(web.max_spool_per_account, web.max_spool)
         return cls(
             resource,
             standardHeaders(config, secure),
@@ -115,6 +138,8 @@ class ApplianceSite(Site):
             maxRequestHead=web.max_request_head,
             siteName=web.site_name,
             minBodyRate=web.min_body_rate,
+            spoolQuota=spoolQuota,
+            gate=resource if isinstance(resource, AccessGate) else None,
         )
 
     def startFactory(self) -> None:
@@ -354,12 +379,14 @@ def buildWebService(
     web = config.web
     tls = tls or ServerTLS(loadServerCertificate(config), [b"http/1.1"])
     service = MultiService()
-    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True)
+    # One spool, whichever listener a body comes through.
+    quota = SpoolQuota(web.max_spool_per_account, web.max_spool)
+    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota)
     https = ConnectionCap(TLSMemoryBIOFactory(tls, False, site), web.max_connections)
     _listener(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
         redirect = ApplianceSite.fromConfig(
-            config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False
+            config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False, quota
         )
         plain = ConnectionCap(redirect, web.max_connections)
         _listener(reactor, web.listen_http, plain, "http").setServiceParent(service)

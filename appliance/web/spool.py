@@ -1,0 +1,83 @@
+"""
+How much of the request bodies being received the appliance holds, per
+account and in all: each body is counted from the moment it may be read
+(its whole Content-Length at once, a chunked one as it arrives) until its
+request ends, in memory or in the spool folder alike.
+
+An account past its share is refused (429: its own uploads in progress must
+end first), so that one account cannot take the whole spool and a second one
+can still upload; past the total, everyone is (507).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from twisted.web import http
+
+from appliance.web.pages import describeSize
+
+#: RFC 6585's status, which twisted.web.http has no name for.
+TOO_MANY_REQUESTS = 429
+
+#: Seconds a refused uploader is told to wait: uploads in progress end in
+#: minutes, not seconds.
+SPOOL_RETRY_AFTER = 30
+
+
+@dataclass(frozen=True)
+class SpoolRefusal:
+    """
+    Why a body may not be received now: the status and the sentence.
+    """
+
+    status: int
+    sentence: str
+
+
+class SpoolQuota:
+    """
+    The bytes of request bodies held, by account name, against
+    C{perAccount} each and C{total} in all.
+    """
+
+    def __init__(self, perAccount: int, total: int) -> None:
+        self.perAccount = perAccount
+        self.total = total
+        self.held = 0
+        self._byAccount: Dict[str, int] = {}
+
+    def heldBy(self, name: str) -> int:
+        return self._byAccount.get(name, 0)
+
+    def reserve(self, name: str, size: int) -> Optional[SpoolRefusal]:
+        """
+        Count C{size} more bytes for the account C{name}, unless that would
+        pass its share or the total: then count nothing and say why.
+        """
+        mine = self._byAccount.get(name, 0)
+        if mine + size > self.perAccount:
+            return SpoolRefusal(
+                TOO_MANY_REQUESTS,
+                f"The account {name} has {describeSize(mine, rounded=True)} of uploads in progress and may have"
+                f" {describeSize(self.perAccount)} at once: send this when they have ended.",
+            )
+        if self.held + size > self.total:
+            return SpoolRefusal(
+                http.INSUFFICIENT_STORAGE_SPACE,
+                f"The appliance is receiving {describeSize(self.held, rounded=True)} of uploads, the most it takes"
+                f" at once is {describeSize(self.total)}: send this again in a few minutes.",
+            )
+        self._byAccount[name] = mine + size
+        self.held += size
+        return None
+
+    def release(self, name: str, size: int) -> None:
+        """
+        The account C{name} no longer holds C{size} of the bytes it reserved.
+        """
+        left = self._byAccount.get(name, 0) - size
+        if left > 0:
+            self._byAccount[name] = left
+        else:
+            self._byAccount.pop(name, None)
+        self.held -= size
