@@ -127,6 +127,7 @@ class AuthSection:
     session_idle_timeout: float
     session_lifetime: float
     max_login_failures: int
+    max_address_failures: int
     login_failure_window: float
 
 
@@ -446,6 +447,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "session_idle_timeout": Key(parsePositiveDuration, "30m"),
         "session_lifetime": Key(parsePositiveDuration, "12h"),
         "max_login_failures": Key(parseCount, "10"),
+        "max_address_failures": Key(parseCount, "50"),
         "login_failure_window": Key(parsePositiveDuration, "15m"),
     },
     "dicom": {
@@ -625,6 +627,11 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
     if config.dicom.listen is not None:
         listeners.append(("dicom", "listen", config.dicom.listen))
     problems.extend(_checkDicom(config, where))
+    if config.auth.max_address_failures < config.auth.max_login_failures:
+        problems.append(
+            f"{where('auth', 'max_address_failures')}: it is lower than max_login_failures: one user's"
+            " mistyped password would lock out everyone behind the same address"
+        )
     web = config.web
     if web.max_upload_size > web.max_spool_per_account:
         problems.append(

@@ -195,7 +195,9 @@ class AuthFixture:
         """
         self.threads.hold = True
         return [
-            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {number}")), clientNumber(number))
+            self.authenticator.identify(
+                headers(authorization=basicHeader(f"user{number}", "a guess")), clientNumber(number)
+            )
             for number in range(MAX_PENDING_CHECKS)
         ]
 
@@ -637,31 +639,82 @@ class AuthenticatorTests(SynchronousTestCase):
             self.assertNoResult(identified)
             clock.advance(0.5)
             self.assertIsNone(self.successResultOf(identified))
-            self.assertEqual(self.authenticator.retryAfter(CLIENT), 0 if attempt < 4 else 600 - 3)
-        # 4 failures (max_login_failures) within the window: refused without a
-        # check until the first is 10 minutes old.
+            self.assertEqual(self.authenticator.retryAfter("vera", CLIENT), 0 if attempt < 4 else 600 - 3)
+        # 4 failures (max_login_failures) within the window: the name is
+        # refused without a check, from any address, until the first is 10
+        # minutes old.
         checks = len(self.threads.calls)
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", PASSWORDS["vera"])))
+        self.assertIsNone(self.fixture.identify(OTHER_CLIENT, authorization=basicHeader("vera", PASSWORDS["vera"])))
         self.assertEqual(len(self.threads.calls), checks)
-        self.assertEqual(self.authenticator.retryAfter(OTHER_CLIENT), 0, "per address")
-        self.assertEqual(self.fixture.identify(OTHER_CLIENT, authorization=basicHeader("vera", PASSWORDS["vera"])).name, "vera")
+        self.assertEqual(self.authenticator.retryAfter("vera", OTHER_CLIENT), 600 - 3, "per name")
+        # Another user from the same address is not refused.
+        self.assertEqual(self.authenticator.retryAfter("uli", CLIENT), 0)
+        self.assertEqual(self.fixture.identify(authorization=basicHeader("uli", PASSWORDS["uli"])).name, "uli")
         clock.advance(600 - 3)
-        self.assertEqual(self.authenticator.retryAfter(CLIENT), 0)
+        self.assertEqual(self.authenticator.retryAfter("vera", CLIENT), 0)
         # Two failures are still in the window: the check waits its back-off (counted from the last failure).
         identified = self.authenticator.identify(headers(authorization=basicHeader("vera", PASSWORDS["vera"])), CLIENT)
         self.assertEqual(self.successResultOf(identified).name, "vera")
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "wrong 5")), "a success forgets the failures")
-        [blocked] = [event for event in self.events if event.get("log_format", "").startswith("Refusing logins")]
-        self.assertEqual(blocked["client"], "192.0.2.10")
+        [blocked] = [event for event in self.events if event.get("log_format", "").startswith("Refusing logins as")]
+        self.assertEqual(blocked["user"], "'vera'")
+
+    def test_loggingInAsOneselfClearsNoGuess(self):
+        """
+        The review's cycle: guess at the admin's password, log in as oneself
+        (a viewer), guess again.  The success clears only the viewer's own
+        failures: the admin's name is refused after max_login_failures.
+        """
+        outcomes = []
+        for attempt in range(6):
+            self.fixture.clock.advance(60)
+            self.fixture.identify(authorization=basicHeader("ada", f"guess {attempt}"))
+            self.fixture.clock.advance(60)
+            outcomes.append(self.authenticator.retryAfter("ada", CLIENT) > 0)
+            own = self.authenticator.login("vera", PASSWORDS["vera"], CLIENT)
+            self.assertEqual(self.successResultOf(own).name, "vera")
+        self.assertEqual(outcomes, [False, False, False, True, True, True])
+
+    def test_successClearsOnlyThatUsersFailuresFromThatAddress(self):
+        guesses = [(CLIENT, "wrong 1"), (OTHER_CLIENT, "wrong 2"), (OTHER_CLIENT, "wrong 3")]
+        for client, password in guesses:
+            self.fixture.clock.advance(60)
+            self.fixture.identify(client, authorization=basicHeader("vera", password))
+        self.fixture.clock.advance(60)
+        self.assertEqual(self.fixture.identify(OTHER_CLIENT, authorization=basicHeader("vera", PASSWORDS["vera"])).name, "vera")
+        # The guess from CLIENT stays counted: three more there make four.
+        for attempt in range(3):
+            self.fixture.clock.advance(60)
+            self.fixture.identify(authorization=basicHeader("vera", f"again {attempt}"))
+        self.assertGreater(self.authenticator.retryAfter("vera", OTHER_CLIENT), 0)
+
+    def test_sprayingFromOneAddressIsRefusedForEveryone(self):
+        """
+        Failures for many names from one address: nobody's name reaches its
+        limit, but the address does (max_address_failures), and then even a
+        right password from there is refused, while another address logs in.
+        """
+        fixture = AuthFixture(self, max_address_failures=6)
+        for number in range(6):
+            self.assertIsNone(fixture.identify(authorization=basicHeader(f"user{number}", "spring2026")))
+        checks = len(fixture.threads.calls)
+        self.assertIsNone(fixture.identify(authorization=basicHeader("uli", PASSWORDS["uli"])))
+        self.assertEqual(len(fixture.threads.calls), checks, "refused without a check")
+        self.assertEqual(fixture.authenticator.retryAfter("uli", CLIENT), 600)
+        self.assertEqual(fixture.identify(OTHER_CLIENT, authorization=basicHeader("uli", PASSWORDS["uli"])).name, "uli")
+        warnings = [formatEvent(event) for event in self.events if "Refusing logins from" in event.get("log_format", "")]
+        self.assertEqual(warnings, ["Refusing logins from 192.0.2.10 for 600s: 6 failed logins within 600s"])
 
     def test_parallelGuessesGetNoMoreChecks(self):
         self.threads.hold = True
         guesses = [
-            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {n}")), CLIENT) for n in range(10)
+            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {n}")), clientNumber(n))
+            for n in range(10)
         ]
         self.fixture.clock.advance(60)
         self.assertEqual(len(self.threads.calls), 4, "max_login_failures checks at once, the rest refused")
-        self.assertGreater(self.authenticator.retryAfter(CLIENT), 0)
+        self.assertGreater(self.authenticator.retryAfter("vera", CLIENT), 0)
         self.threads.release()
         for guess in guesses:
             self.assertIsNone(self.successResultOf(guess))
@@ -686,7 +739,7 @@ class AuthenticatorTests(SynchronousTestCase):
         """
         attempt = self.authenticator.throttle.attempt
 
-        def broken(client):
+        def broken(name, client):
             raise RuntimeError("throttle table corrupted")
 
         self.authenticator.throttle.attempt = broken
@@ -709,7 +762,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.failureResultOf(late, PasswordChecksBusy)
         self.failureResultOf(self.authenticator.login("ada", PASSWORDS["ada"], CLIENT), PasswordChecksBusy)
         self.assertEqual(len(self.threads.calls), MAX_PENDING_CHECKS)
-        self.assertEqual(self.authenticator.throttle._checking.get(clientKey(CLIENT)), None)
+        self.assertEqual(self.authenticator.throttle._checkingAddress.get(clientKey(CLIENT)), None)
         token = self.authenticator.startSession(Account("uli", frozenset({"uploader"})), [])
         self.assertEqual(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + token).name, "uli", "sessions need no check")
         busy = [event for event in self.events if "password checks are waiting" in event.get("log_format", "")]
@@ -751,7 +804,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.threads.release()
         self.assertEqual(self.successResultOf(staying).name, "vera")
         self.assertEqual([password for password, _ in self.fixture.verified], [PASSWORDS["vera"]])
-        self.assertEqual(self.authenticator.throttle._checking, {})
+        self.assertEqual(self.authenticator.throttle._checkingName, {})
         self.assertEqual([event for event in self.events if event["log_level"] >= LogLevel.error], [])
 
         # Cancelled during the back-off: never handed to the pool.
@@ -764,7 +817,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.failureResultOf(delayed, CancelledError)
         self.fixture.clock.advance(60)
         self.assertEqual(len(self.threads.calls), calls)
-        self.assertEqual(self.authenticator.throttle._checking, {})
+        self.assertEqual(self.authenticator.throttle._checkingName, {})
 
     def test_purge(self):
         self.authenticator.startService()
@@ -773,7 +826,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.fixture.identify(authorization=basicHeader("vera", "wrong"))
         self.fixture.clock.advance(3600)
         self.assertEqual(len(self.authenticator.sessions), 0)
-        self.assertEqual(self.authenticator.throttle._failures, {})
+        self.assertEqual((self.authenticator.throttle._byName, self.authenticator.throttle._byAddress), ({}, {}))
 
 
 class ThreadTests(TestCase):
@@ -849,6 +902,7 @@ class Response:
     def __init__(self, raw: bytes) -> None:
         head, _, self.body = raw.partition(b"\r\n\r\n")
         statusLine, *lines = head.split(b"\r\n")
+        self.statusLine = statusLine
         self.code = int(statusLine.split()[1])
         self.headers: Dict[str, List[str]] = {}
         for line in lines:
@@ -1093,7 +1147,9 @@ class GateTests(SynchronousTestCase):
         response = self.request("GET", "/pacs/studies", user="vera")
         self.assertEqual(response.code, 429)
         self.assertEqual(response.header("Retry-After"), str(600 - 90))
-        self.assertEqual(response.json()["error"], "Too many failed logins from your address: try again in 510 seconds.")
+        self.assertEqual(
+            response.json()["error"], "Too many failed logins for this user or from your address: try again in 510 seconds."
+        )
         self.fixture.clock.advance(600)
         self.assertEqual(self.request("GET", "/pacs/studies", user="vera").code, 200)
 
@@ -1258,6 +1314,36 @@ class GateTests(SynchronousTestCase):
         self.fixture.clock.advance(30 * 60)
         self.assertEqual(self.request("GET", "/", NAVIGATE, cookie=cookie).code, 302)
 
+    def test_guessingBetweenOwnLoginsGets429(self):
+        """
+        The outside review's cycle over HTTP: twelve guesses at the admin's
+        password, each followed by the guesser's own successful request as a
+        viewer; the guesses get 429 once the admin's name has
+        max_login_failures (4 here), the guesser's own requests go on.
+        """
+        guesses, own = [], []
+        for attempt in range(12):
+            self.fixture.clock.advance(30)
+            guesses.append(self.request("GET", "/pacs/studies", user="ada", password=f"guess {attempt}").code)
+            # The login form checks the password every time (Basic is remembered).
+            own.append(self.login("vera").code)
+        self.assertEqual(guesses, [401] * 3 + [429] * 9)
+        self.assertEqual(own, [303] * 12)
+        response = self.request("GET", "/pacs/studies", user="ada", password="guess 12")
+        self.assertEqual(response.statusLine, b"HTTP/1.1 429 Too Many Requests")
+
+    def test_othersFailuresLockNobodyElseOut(self):
+        """
+        After failed guesses from one address, a user of the same address
+        whose password had never been tried logs in (the review got 429).
+        """
+        for attempt in range(4):
+            self.fixture.clock.advance(30)
+            self.request("GET", "/pacs/studies", user="ada", password=f"guess {attempt}")
+        self.assertEqual(self.request("GET", "/pacs/studies", user="ada").code, 429)
+        self.assertEqual(self.request("GET", "/pacs/studies", user="uli").code, 200)
+        self.assertEqual(self.login("vera").code, 303)
+
     def test_loginThrottling(self):
         for attempt in range(4):
             self.fixture.clock.advance(30)
@@ -1266,7 +1352,7 @@ class GateTests(SynchronousTestCase):
         response = self.login("vera")
         self.assertEqual(response.code, 429)
         self.assertEqual(response.header("Retry-After"), "510")
-        self.assertIn(b"Too many failed logins from your address: try again in 510 seconds.", response.body)
+        self.assertIn(b"Too many failed logins for this user or from your address: try again in 510 seconds.", response.body)
         self.fixture.clock.advance(600)
         self.assertEqual(self.login("vera").code, 303)
 

@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from appliance.config import AuthSection, WebSection, normalOrigin
-from appliance.web.pages import Page, jsonError
+from appliance.web.pages import TOO_MANY_REQUESTS, Page, jsonError
 
 # Account is part of this module's interface; it lives with the users file
 # that defines the accounts (and ROLES).
@@ -73,9 +73,6 @@ BUSY_MESSAGE = f"The appliance is busy checking other passwords: try again in {B
 #: The methods that change nothing (RFC 9110 9.2.1), all that read-only
 #: routes allow.
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
-
-#: RFC 6585's status, which twisted.web.http has no name for.
-TOO_MANY_REQUESTS = 429
 
 
 def displayName(name: str) -> str:
@@ -237,115 +234,177 @@ class SessionStore:
 
 def backoff(attempts: int) -> float:
     """
-    How long a password check waits when the address has C{attempts} failed
-    (or unfinished) attempts in the window, counted from its last failure:
-    nothing for the first two, then 1 s doubling up to 30 s.
+    How long a password check for a user name waits when the name has
+    C{attempts} failed (or unfinished) attempts in the window, counted from
+    its last failure: nothing for the first two, then 1 s doubling up to 30 s.
     """
     return 0.0 if attempts < 2 else float(min(2 ** (attempts - 2), 30))
 
 
+#: The longest user name the throttle keeps apart: longer names are counted
+#: under their first characters (a name is the attacker's choice).
+THROTTLED_NAME_LENGTH = 256
+
+#: One failed login: when, and the other half of who (the address under a
+#: user name, the name under an address).
+_Failure = Tuple[float, str]
+
+
 class LoginThrottle:
     """
-    Failed logins (login form and HTTP Basic) per client address (see
-    L{clientKey}).
+    Failed logins (login form and HTTP Basic), counted per user name from
+    any address and per client address (see L{clientKey}) for any name:
 
-    Each password check first asks L{attempt}: after failures it is delayed
-    (L{backoff}, so a user who mistypes is slowed, not refused), and once the
-    address has C{maxFailures} failed or unfinished attempts within
-    C{window} seconds it is refused (429) until the oldest failure is
-    C{window} seconds old.  Unfinished attempts count, so that a burst of
-    parallel guesses gets no more checks than a slow sequence.  A successful
-    login forgets the address's failures.
+      - a user name under attack is slowed wherever the guesses come from:
+        after two failures each check waits (L{backoff}), and once the name
+        has C{maxFailures} failed or unfinished attempts within C{window}
+        seconds, its logins are refused (429) until the oldest is C{window}
+        seconds old;
+      - an address that fails C{maxAddressFailures} times within the window,
+        whatever the names (password spraying), is refused for every name;
+      - a successful login forgets that user's failures from that address,
+        and nothing else: logging in as oneself clears no guess at another
+        account, and someone else's failures never refuse a user whose name
+        is not under attack, until their address passes its own, higher limit.
+
+    Unfinished attempts count, so that a burst of parallel guesses gets no
+    more checks than a slow sequence.  The tables stay small: every failure
+    costs a password check, and at most L{MAX_PENDING_CHECKS} run or wait.
     """
 
     log = Logger()
 
-    def __init__(self, maxFailures: int, window: float, clock) -> None:
+    def __init__(self, maxFailures: int, maxAddressFailures: int, window: float, clock) -> None:
         self._maxFailures = maxFailures
+        self._maxAddressFailures = maxAddressFailures
         self._window = window
         self._clock = clock
-        self._failures: Dict[str, Deque[float]] = {}
-        self._checking: Dict[str, int] = {}
+        self._byName: Dict[str, Deque[_Failure]] = {}
+        self._byAddress: Dict[str, Deque[_Failure]] = {}
+        self._checkingName: Dict[str, int] = {}
+        self._checkingAddress: Dict[str, int] = {}
 
-    def attempt(self, client) -> Optional[float]:
+    def attempt(self, name: str, client) -> Optional[float]:
         """
-        Reserve a password check for C{client}: L{None} if its address must
-        wait (see L{retryAfter}), else the seconds to wait before the check.
-        End every reserved check with L{succeeded}, L{failed} or L{abandoned}.
+        Reserve a password check for user C{name} from C{client}: L{None} if
+        it must wait (see L{retryAfter}), else the seconds to wait before the
+        check.  End every reserved check with L{succeeded}, L{failed} or
+        L{abandoned}.
         """
-        key = clientKey(client)
-        failures = self._recent(key)
-        attempts = len(failures) + self._checking.get(key, 0)
-        if attempts >= self._maxFailures:
+        name, address = name[:THROTTLED_NAME_LENGTH], clientKey(client)
+        nameFailures = self._recent(self._byName, name)
+        attempts = len(nameFailures) + self._checkingName.get(name, 0)
+        addressAttempts = len(self._recent(self._byAddress, address)) + self._checkingAddress.get(address, 0)
+        if attempts >= self._maxFailures or addressAttempts >= self._maxAddressFailures:
             return None
-        self._checking[key] = self._checking.get(key, 0) + 1
+        self._checkingName[name] = self._checkingName.get(name, 0) + 1
+        self._checkingAddress[address] = self._checkingAddress.get(address, 0) + 1
         now = self._clock.seconds()
-        last = failures[-1] if failures else now
+        last = nameFailures[-1][0] if nameFailures else now
         return max(0.0, last + backoff(attempts) - now)
 
-    def retryAfter(self, client) -> float:
+    def retryAfter(self, name: str, client) -> float:
         """
-        Seconds the address of C{client} must wait before it may try to log
-        in again; 0 if it may try now.
+        Seconds before user C{name} may try to log in again from C{client};
+        0 if now.
         """
-        key = clientKey(client)
-        failures = self._recent(key)
-        if len(failures) + self._checking.get(key, 0) < self._maxFailures:
+        name, address = name[:THROTTLED_NAME_LENGTH], clientKey(client)
+        return max(
+            self._wait(self._byName, self._checkingName, name, self._maxFailures),
+            self._wait(self._byAddress, self._checkingAddress, address, self._maxAddressFailures),
+        )
+
+    def _wait(self, table: Dict[str, Deque[_Failure]], checking: Dict[str, int], key: str, limit: int) -> float:
+        failures = self._recent(table, key)
+        if len(failures) + checking.get(key, 0) < limit:
             return 0.0
-        if len(failures) < self._maxFailures:
+        if len(failures) < limit:
             # Refused for checks still running: their outcome decides.
             return 1.0
-        return max(1.0, failures[-self._maxFailures] + self._window - self._clock.seconds())
+        return max(1.0, failures[-limit][0] + self._window - self._clock.seconds())
 
-    def succeeded(self, client) -> None:
-        key = clientKey(client)
-        self._release(key)
-        self._failures.pop(key, None)
+    def succeeded(self, name: str, client) -> None:
+        name, address = name[:THROTTLED_NAME_LENGTH], clientKey(client)
+        self._release(name, address)
+        self._forget(self._byName, name, address)
+        self._forget(self._byAddress, address, name)
 
-    def failed(self, client) -> None:
-        key = clientKey(client)
-        self._release(key)
-        failures = self._failures.setdefault(key, deque(maxlen=self._maxFailures))
-        failures.append(self._clock.seconds())
-        if len(self._recent(key)) == self._maxFailures:
+    def failed(self, name: str, client) -> None:
+        name, address = name[:THROTTLED_NAME_LENGTH], clientKey(client)
+        self._release(name, address)
+        now = self._clock.seconds()
+        self._byName.setdefault(name, deque(maxlen=self._maxFailures)).append((now, address))
+        self._byAddress.setdefault(address, deque(maxlen=self._maxAddressFailures)).append((now, name))
+        if len(self._recent(self._byName, name)) == self._maxFailures:
             self.log.warn(
-                "Refusing logins from {client} for {seconds:.0f}s: {count} failed logins"
-                " within {window:.0f}s",
-                client=key,
-                seconds=self.retryAfter(client),
+                "Refusing logins as {user} for {seconds:.0f}s: {count} failed logins within {window:.0f}s",
+                user=displayName(name),
+                seconds=self._wait(self._byName, self._checkingName, name, self._maxFailures),
                 count=self._maxFailures,
                 window=self._window,
             )
+        if len(self._recent(self._byAddress, address)) == self._maxAddressFailures:
+            self.log.warn(
+                "Refusing logins from {client} for {seconds:.0f}s: {count} failed logins within {window:.0f}s",
+                client=address,
+                seconds=self._wait(self._byAddress, self._checkingAddress, address, self._maxAddressFailures),
+                count=self._maxAddressFailures,
+                window=self._window,
+            )
 
-    def abandoned(self, client) -> None:
+    def abandoned(self, name: str, client) -> None:
         """
         A reserved check ended without an answer (an error): it counts for
         nothing.
         """
-        self._release(clientKey(client))
+        self._release(name[:THROTTLED_NAME_LENGTH], clientKey(client))
 
     def purge(self) -> None:
         """
-        Forget the addresses whose failures are all older than the window.
+        Forget the names and addresses whose failures are all older than the
+        window.
         """
-        for key in list(self._failures):
-            self._recent(key)
+        for table in (self._byName, self._byAddress):
+            for key in list(table):
+                self._recent(table, key)
 
-    def _release(self, key: str) -> None:
-        left = self._checking.pop(key, 0) - 1
-        if left > 0:
-            self._checking[key] = left
+    def _release(self, name: str, address: str) -> None:
+        for checking, key in ((self._checkingName, name), (self._checkingAddress, address)):
+            left = checking.pop(key, 0) - 1
+            if left > 0:
+                checking[key] = left
 
-    def _recent(self, key: str) -> Deque[float]:
-        failures = self._failures.get(key)
+    def _forget(self, table: Dict[str, Deque[_Failure]], key: str, other: str) -> None:
+        """
+        Forget the failures of C{key} whose other half is C{other}.
+        """
+        failures = table.get(key)
+        if failures is None:
+            return
+        kept = [failure for failure in failures if failure[1] != other]
+        if kept:
+            table[key] = deque(kept, maxlen=failures.maxlen)
+        else:
+            del table[key]
+
+    def _recent(self, table: Dict[str, Deque[_Failure]], key: str) -> Deque[_Failure]:
+        failures = table.get(key)
         if failures is None:
             return deque()
         horizon = self._clock.seconds() - self._window
-        while failures and failures[0] <= horizon:
+        while failures and failures[0][0] <= horizon:
             failures.popleft()
         if not failures:
-            del self._failures[key]
+            del table[key]
         return failures
+
+
+def tooManyFailures(seconds: int) -> str:
+    """
+    What a client refused by the L{LoginThrottle} is told: not which of the
+    user name or the address is refused.
+    """
+    return f"Too many failed logins for this user or from your address: try again in {seconds} seconds."
 
 
 class PasswordChecksBusy(Exception):
@@ -445,7 +504,9 @@ class Authenticator(Service):
         self._reactor = reactor
         self._users = users
         self.sessions = SessionStore(auth.session_idle_timeout, auth.session_lifetime, reactor)
-        self.throttle = LoginThrottle(auth.max_login_failures, auth.login_failure_window, reactor)
+        self.throttle = LoginThrottle(
+            auth.max_login_failures, auth.max_address_failures, auth.login_failure_window, reactor
+        )
         self._threadPool: Optional[ThreadPool] = None
         if runInThread is None:
             self._threadPool = ThreadPool(minthreads=0, maxthreads=VERIFY_THREADS, name="password-verification")
@@ -559,11 +620,11 @@ class Authenticator(Service):
 
     # --- logging in and out -------------------------------------------------
 
-    def retryAfter(self, client) -> float:
+    def retryAfter(self, name: str, client) -> float:
         """
-        Seconds the address of C{client} must wait before it may try to log in.
+        Seconds before user C{name} may try to log in from C{client}.
         """
-        return self.throttle.retryAfter(client)
+        return self.throttle.retryAfter(name, client)
 
     def login(self, name: str, password: str, client) -> "Deferred[Optional[Account]]":
         """
@@ -592,7 +653,7 @@ class Authenticator(Service):
             self.log.info("{user} logged out", user=name)
 
     def _check(self, name: str, password: str, client, method: str) -> "Deferred[Optional[UserEntry]]":
-        delay = self.throttle.attempt(client)
+        delay = self.throttle.attempt(name, client)
         if delay is None:
             return succeed(None)
         entry = self._users.lookup(name)
@@ -643,12 +704,12 @@ class Authenticator(Service):
     def _checked(self, matches: bool, name: str, entry: Optional[UserEntry], client, method: str) -> Optional[UserEntry]:
         if matches and entry is not None:
             if self._users.lookup(name) != entry:
-                self.throttle.abandoned(client)
+                self.throttle.abandoned(name, client)
                 self.log.info("The account {user} changed while its password was checked", user=name)
                 return None
-            self.throttle.succeeded(client)
+            self.throttle.succeeded(name, client)
             return entry
-        self.throttle.failed(client)
+        self.throttle.failed(name, client)
         self.log.warn(
             "Failed login for {user} from {client} ({method}): {reason}",
             user=displayName(name),
@@ -660,7 +721,7 @@ class Authenticator(Service):
 
     def _checkFailed(self, failure: Failure, name: str, client) -> Optional[Failure]:
         # The check's slot is given back: an error is not a failed login.
-        self.throttle.abandoned(client)
+        self.throttle.abandoned(name, client)
         if failure.check(PasswordChecksBusy):
             return failure
         if failure.check(CancelledError):
@@ -1017,13 +1078,15 @@ class AccessGate(Resource):
     def _anonymous(self, name: bytes, request: Request) -> Refusal:
         if getattr(request, "credentialsUnchecked", False):
             return Refusal(http.SERVICE_UNAVAILABLE, BUSY_MESSAGE, ((b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,)),))
-        if basicCredentials(request.requestHeaders) is not None:
-            wait = self._authenticator.retryAfter(request.getClientAddress())
+        credentials = basicCredentials(request.requestHeaders)
+        decoded = _decodeBasic(credentials) if credentials is not None else None
+        if decoded is not None:
+            wait = self._authenticator.retryAfter(decoded[0], request.getClientAddress())
             if wait > 0:
                 seconds = max(1, round(wait))
                 return Refusal(
                     TOO_MANY_REQUESTS,
-                    f"Too many failed logins from your address: try again in {seconds} seconds.",
+                    tooManyFailures(seconds),
                     ((b"Retry-After", b"%d" % (seconds,)),),
                 )
         if name != b"pacs" and isNavigation(request):

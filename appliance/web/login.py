@@ -33,7 +33,6 @@ from appliance.web.auth import (
     BUSY_MESSAGE,
     BUSY_RETRY_AFTER,
     SESSION_COOKIE,
-    TOO_MANY_REQUESTS,
     Account,
     Authenticator,
     PasswordChecksBusy,
@@ -43,8 +42,9 @@ from appliance.web.auth import (
     isSameOrigin,
     localTarget,
     sessionTokens,
+    tooManyFailures,
 )
-from appliance.web.pages import STYLESHEET_NAME, Page, asset
+from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset
 
 # The login form is a few hundred bytes: the request layer reads anonymous
 # bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
@@ -135,7 +135,7 @@ class LoginResource(Resource):
         target = localTarget(form.get("next", "/"))
         if not name or not password:
             return self._form(request, http.BAD_REQUEST, target, "Enter your user name and password.", name)
-        wait = self._authenticator.retryAfter(client)
+        wait = self._authenticator.retryAfter(name, client)
         if wait > 0:
             return self._tooMany(request, target, name, wait)
         checking = self._authenticator.login(name, password, client)
@@ -159,7 +159,7 @@ class LoginResource(Resource):
             # The browser went away while the password was checked.
             return
         if account is None:
-            wait = self._authenticator.retryAfter(request.getClientAddress())
+            wait = self._authenticator.retryAfter(name, request.getClientAddress())
             if wait > 0:
                 body = self._tooMany(request, target, name, wait)
             else:
@@ -187,7 +187,7 @@ class LoginResource(Resource):
             request,
             TOO_MANY_REQUESTS,
             target,
-            f"Too many failed logins from your address: try again in {seconds} seconds.",
+            tooManyFailures(seconds),
             name,
         )
 

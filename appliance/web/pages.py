@@ -52,12 +52,41 @@ class Page:
         Prepare C{request} to answer C{code} with this page (HTML, never
         cached) and return its body, with C{values} in its placeholders.
         """
-        request.setResponseCode(code)
+        setStatus(request, code)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy)
         escaped = {name: html.escape(value, quote=True) for name, value in values.items()}
         return self._template.substitute(escaped).encode("utf-8")
+
+
+#: RFC 6585's status, which twisted.web.http has no name for.
+TOO_MANY_REQUESTS = 429
+
+#: Reason phrases as RFC 9110 and RFC 6585 name them: twisted.web.http knows
+#: neither 429 nor 431 (its status line reads "Unknown Status") and names
+#: some by older RFCs.
+REASONS = {
+    302: b"Found",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+    507: b"Insufficient Storage",
+}
+
+
+def setStatus(request: Request, code: int) -> None:
+    """
+    Set the answer's status, with its standard reason phrase.
+    """
+    request.setResponseCode(code, REASONS.get(code))
 
 
 def jsonError(request: Request, code: int, message: str, retryAfter: Optional[int] = None) -> bytes:
@@ -66,7 +95,7 @@ def jsonError(request: Request, code: int, message: str, retryAfter: Optional[in
     (C{message}: one sentence for a person), and return that body.
     """
     body = json.dumps({"error": message}).encode("utf-8") + b"\n"
-    request.setResponseCode(code)
+    setStatus(request, code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"Content-Length", b"%d" % (len(body),))

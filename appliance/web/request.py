@@ -39,7 +39,7 @@ from appliance.web.auth import (
     cookieChallenge,
     isBrowser,
 )
-from appliance.web.pages import describeSize
+from appliance.web.pages import REASONS, describeSize
 from appliance.web.spool import SPOOL_RETRY_AFTER, SpoolQuota
 
 #: What every answer says in its Server header: no version, for scanners.
@@ -52,22 +52,6 @@ ANONYMOUS_BODY_LIMIT = 16 * 1024
 #: Bodies up to this size stay in memory; larger ones move to a file in the
 #: site's spool folder.
 MEMORY_BODY_LIMIT = 1024 * 1024
-
-#: Reason phrases of the refusals, as RFC 9110 names them.
-REASONS = {
-    302: b"Found",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    413: b"Content Too Large",
-    414: b"URI Too Long",
-    415: b"Unsupported Media Type",
-    429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    503: b"Service Unavailable",
-    507: b"Insufficient Storage",
-}
 
 #: Header names and values, in order: the site's standard headers, those of
 #: a refusal.

@@ -34,7 +34,6 @@ from appliance.web.auth import SAFE_METHODS
 from appliance.web.cors import CorsPolicy
 from appliance.web.pages import describeSize, jsonError
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, OrthancProxy
-from appliance.web.request import REASONS
 
 #: Where the lead's site mounts the two routes.
 PACS = b"pacs"
@@ -244,10 +243,7 @@ def tooLargeForOrthanc(request: Request, upstream: bytes) -> Optional[bytes]:
         sentence = f"The request's headers are too large for the archive, which reads {limit} of URL and headers."
     else:
         return None
-    body = jsonError(request, status, sentence)
-    # twisted.web knows no reason phrase for 431.
-    request.setResponseCode(status, REASONS[status])
-    return body
+    return jsonError(request, status, sentence)
 
 
 def notAllowed(request: Request, allowed: Tuple[bytes, ...]) -> bytes:

@@ -14,10 +14,7 @@ from typing import Dict, Optional
 
 from twisted.web import http
 
-from appliance.web.pages import describeSize
-
-#: RFC 6585's status, which twisted.web.http has no name for.
-TOO_MANY_REQUESTS = 429
+from appliance.web.pages import TOO_MANY_REQUESTS, describeSize
 
 #: Seconds a refused uploader is told to wait: uploads in progress end in
 #: minutes, not seconds.
