@@ -108,7 +108,9 @@ class WebSection:
     hsts_max_age: float
     idle_timeout: float
     header_timeout: float
+    handshake_timeout: float
     max_connections: int
+    max_connections_per_address: int
     max_request_head: int
     max_upload_size: int
     max_spool_per_account: int
@@ -144,6 +146,7 @@ class DicomSection:
     handshake_timeout: float
     idle_timeout: float
     max_connections: int
+    max_connections_per_address: int
     max_first_pdu: int
 
 
@@ -430,7 +433,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "hsts_max_age": Key(parseDuration, "8760h"),
         "idle_timeout": Key(parsePositiveDuration, "2m"),
         "header_timeout": Key(parsePositiveDuration, "30s"),
+        "handshake_timeout": Key(parsePositiveDuration, "10s"),
         "max_connections": Key(parseCount, "1000"),
+        "max_connections_per_address": Key(parseCount, "256"),
         "max_request_head": Key(parseSize, "64K"),
         "max_upload_size": Key(parseSize, "4G"),
         "max_spool_per_account": Key(parseSize, "4G"),
@@ -458,6 +463,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "handshake_timeout": Key(parsePositiveDuration, "10s"),
         "idle_timeout": Key(parsePositiveDuration, "5m"),
         "max_connections": Key(parseCount, "100"),
+        "max_connections_per_address": Key(parseCount, "50"),
         "max_first_pdu": Key(parseSize, "64K"),
     },
 }

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import (
+    SCHEMA,
     ConfigError,
     ListenAddress,
     loadConfig,
@@ -55,6 +56,20 @@ def test_shippedDefaultsRoundTrip(tmp_path):
     empty.parent.mkdir()
     empty.write_text("")
     assert replace(loadConfig(explicit), sources=()) == replace(loadConfig(empty), sources=())
+
+
+def test_everyKeyDocumented():
+    """
+    The shipped file documents every key of every section, with its default.
+    """
+    sections = dict(re.findall(r"(?ms)^\[([a-z]+)\]\n(.*?)(?=^\[|\Z)", SHIPPED.read_text()))
+    missing = [
+        f"[{section}] {key}"
+        for section, keys in SCHEMA.items()
+        for key in keys
+        if not re.search(rf"(?m)^;{key} =", sections.get(section, ""))
+    ]
+    assert missing == []
 
 
 def test_unknownSectionAndKey(tmp_path):

@@ -541,6 +541,13 @@ class MoveTests(ForwarderTestCase):
         self.assertEqual(sorted(self.received), sorted(ds.SOPInstanceUID for ds in series))
 
 
+def idleConnection(port: int, source: str) -> socket.socket:
+    """
+    A bare TCP connection to C{port} from the loopback address C{source}.
+    """
+    return socket.create_connection(("127.0.0.1", port), timeout=PEER_TIMEOUT, source_address=(source, 0))
+
+
 class DeadlineTests(ForwarderTestCase):
     dicom = {"handshake_timeout": "300ms", "max_connections": "3"}
 
@@ -560,13 +567,38 @@ class DeadlineTests(ForwarderTestCase):
         await self.assertStillServing()
 
     async def test_connectionCap(self):
-        idle = [socket.create_connection(("127.0.0.1", self.appliance.port)) for _ in range(3)]
+        idle = [idleConnection(self.appliance.port, f"127.0.0.{host}") for host in (3, 4, 5)]
         self.addCleanup(lambda: [each.close() for each in idle])
         # The fourth is closed at once, before any TLS.
         answer = await exchange(self.appliance.port, b"", None)
         self.assertEqual(answer, b"")
-        [refusal] = [e for e in self.events if "max_connections" in e.get("log_format", "")]
+        [refusal] = [e for e in self.events if "max_connections)" in e.get("log_format", "")]
         self.assertEqual(refusal["limit"], 3)
+
+class PerAddressCapTests(ForwarderTestCase):
+    """
+    Idle connections held for the whole handshake deadline (10 s), from one
+    address.
+    """
+
+    dicom = {"max_connections": "3", "max_connections_per_address": "2"}
+
+    async def test_oneAddressCannotTakeTheWholeCap(self):
+        """
+        The outside review filled the cap from one address with bare TCP
+        sockets; past its own share, that address is refused at once while
+        another is served.
+        """
+        idle = [idleConnection(self.appliance.port, "127.0.0.2") for _ in range(2)]
+        self.addCleanup(lambda: [each.close() for each in idle])
+        beyond = idleConnection(self.appliance.port, "127.0.0.2")
+        self.addCleanup(beyond.close)
+        beyond.settimeout(5)
+        self.assertEqual(await deferToThread(beyond.recv, 1), b"", "closed at once")
+        await self.assertStillServing()
+        [refusal] = [e for e in self.events if "max_connections_per_address" in e.get("log_format", "")]
+        self.assertEqual((refusal["client"], refusal["limit"]), ("127.0.0.2", 2))
+
 
 
 class MutualTLSTests(ForwarderTestCase):

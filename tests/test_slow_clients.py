@@ -32,6 +32,7 @@ from tests.test_tls import clientContext
 from tests.test_web_static import FakeOrthanc, makeBuild
 
 HEADER_TIMEOUT = 2.0
+HANDSHAKE_TIMEOUT = 1.0
 IDLE_TIMEOUT = 3.0
 MAX_CONNECTIONS = 50
 
@@ -243,6 +244,8 @@ class SlowClientCase(TestCase):
     """
 
     timeout = 60
+    #: More of the configuration's [web] section.
+    web: dict = {}
 
     def setUp(self):
         folder = temporaryFolder(self)
@@ -254,8 +257,10 @@ class SlowClientCase(TestCase):
             web={
                 "ohif_root": build,
                 "header_timeout": f"{HEADER_TIMEOUT}s",
+                "handshake_timeout": f"{HANDSHAKE_TIMEOUT}s",
                 "idle_timeout": f"{IDLE_TIMEOUT}s",
                 "max_connections": MAX_CONNECTIONS,
+                **self.web,
             },
         )
         tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
@@ -312,6 +317,13 @@ class SlowClientCase(TestCase):
         # Each connection's clock started before the server's.
         self.assertGreaterEqual(held[0], deadline - 0.05)
         self.assertLess(held[-1], deadline + SLACK)
+
+
+
+class AttackTests(SlowClientCase):
+    """
+    Each attack, on a listener with the deadlines and the cap above.
+    """
 
     @inlineCallbacks
     def test_slowloris(self):
@@ -458,8 +470,8 @@ class SlowClientCase(TestCase):
         """
         Connections that never finish their TLS handshake, silent after
         the TCP connect, or sending part of a ClientHello and then the rest
-        a byte at a time, are closed at header_timeout: the deadline counts
-        the handshake.
+        a byte at a time, are closed at handshake_timeout, before the header
+        deadline.
         """
         hello = clientHello()
         # The trickle cannot finish the ClientHello before the test gives up.
@@ -482,8 +494,9 @@ class SlowClientCase(TestCase):
                 closeAll(connections)
 
         (connections, during), _ = yield self.underAttack(attack)
-        self.assertClosedAtDeadline(connections[:10], HEADER_TIMEOUT)
-        self.assertClosedAtDeadline(connections[10:], HEADER_TIMEOUT)
+        self.assertClosedAtDeadline(connections[:10], HANDSHAKE_TIMEOUT)
+        self.assertClosedAtDeadline(connections[10:], HANDSHAKE_TIMEOUT)
+        self.assertLess(max(connection.held for connection in connections), HEADER_TIMEOUT)
         self.assertServed("unfinished handshakes", during)
 
     @inlineCallbacks
@@ -520,3 +533,46 @@ class SlowClientCase(TestCase):
         (connections, during), _ = yield self.underAttack(attack)
         self.assertClosedAtDeadline(connections, IDLE_TIMEOUT)
         self.assertServed("stalled readers", during)
+
+
+#: The flooding host: another loopback address, so that the normal user
+#: (127.0.0.1) is another client.
+FLOODER = "127.0.0.2"
+PER_ADDRESS = 20
+
+
+class OneAddressFloodTests(SlowClientCase):
+    """
+    One address opens bare TCP connections (no TLS) far beyond its share
+    of the cap: the outside review's 1,005 sockets made /healthz fail for
+    everyone until header_timeout.
+    """
+
+    web = {"max_connections_per_address": PER_ADDRESS}
+
+    @inlineCallbacks
+    def test_otherAddressServedWhileOneFloods(self):
+        def attack(go, attempts):
+            connections = []
+            try:
+                for _ in range(PER_ADDRESS):
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=LATENCY_CAP, source_address=(FLOODER, 0))
+                    connections.append(HeldConnection(sock, time.monotonic(), noMore()))
+                # Beyond its share, the flooder's connections are closed at once.
+                beyond = []
+                for _ in range(2 * MAX_CONNECTIONS):
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=LATENCY_CAP, source_address=(FLOODER, 0))
+                    beyond.append(HeldConnection(sock, time.monotonic(), noMore()))
+                holdUntilClosed(beyond, SLACK)
+                during = attemptsWhileHeld(connections, go, attempts, HANDSHAKE_TIMEOUT + SLACK)
+                return connections, beyond, during
+            finally:
+                closeAll(connections)
+
+        (connections, beyond, during), _ = yield self.underAttack(attack)
+        stillOpen = [connection for connection in beyond if connection.closedAt is None]
+        self.assertEqual(stillOpen, [], "connections beyond the address's share were kept")
+        print(f"\none address: {len(beyond)} connections beyond its share closed after at most"
+              f" {max(connection.held for connection in beyond) * 1000:.0f} ms")
+        self.assertClosedAtDeadline(connections, HANDSHAKE_TIMEOUT)
+        self.assertServed("one address flooding", during)

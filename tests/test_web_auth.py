@@ -28,6 +28,7 @@ from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
 from appliance.reload import ReloadOnSighup
 from appliance.web import auth
+from appliance.connections import clientKey
 from appliance.web.auth import (
     BASIC_CACHE_LIFETIME,
     BUSY_MESSAGE,
@@ -38,7 +39,6 @@ from appliance.web.auth import (
     Authenticator,
     PasswordChecksBusy,
     SessionStore,
-    clientKey,
     localTarget,
     requestOrigin,
 )

@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.config import Config
+from appliance.connections import ConnectionLimits
 from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
     ABORT_TYPE,
@@ -292,27 +293,27 @@ class ForwarderFactory(RelayFactory):
 class CappedTLSFactory(TLSMemoryBIOFactory):
     """
     TLS over the forwarder's connections, refusing connections beyond
-    [dicom] max_connections before any TLS is spoken (the handshake is what
-    costs).
+    [dicom] max_connections, or max_connections_per_address from one host,
+    before any TLS is spoken (the handshake is what costs).
     """
-
-    log = Logger()
 
     def __init__(self, context: DicomTLSContext, forwarder: ForwarderFactory) -> None:
         super().__init__(context, False, forwarder)
-        self._forwarder = forwarder
+        dicom = forwarder.config.dicom
+        self.limits = ConnectionLimits(dicom.max_connections, dicom.max_connections_per_address, "DICOM TLS", "dicom")
 
     def buildProtocol(self, addr):
-        limit = self._forwarder.config.dicom.max_connections
-        if len(self._forwarder.connections) >= limit:
-            self.log.warn(
-                "DICOM connection from {peer} refused: {limit} connections are open"
-                " ([dicom] max_connections)",
-                peer=addr.host,
-                limit=limit,
-            )
+        if not self.limits.admits(addr):
             return None
         return super().buildProtocol(addr)
+
+    def registerProtocol(self, protocol) -> None:
+        super().registerProtocol(protocol)
+        self.limits.opened(protocol.getPeer())
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        self.limits.closed(protocol.getPeer())
 
 
 class DicomForwarderService(Service):

@@ -15,7 +15,6 @@ file (appliance.web.users).
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from appliance.config import AuthSection, WebSection, normalOrigin
+from appliance.connections import clientKey
 from appliance.web.pages import TOO_MANY_REQUESTS, Page, jsonError
 
 # Account is part of this module's interface; it lives with the users file
@@ -80,25 +80,6 @@ def displayName(name: str) -> str:
     A user name as given by a client, safe for one log line.
     """
     return repr(name[:64] + ("…" if len(name) > 64 else ""))
-
-
-def clientKey(client) -> str:
-    """
-    Whom failed logins are counted against: the IPv4 address, or the /64 of
-    an IPv6 one (one host usually holds a whole /64).
-    """
-    host = getattr(client, "host", None)
-    if host is None:
-        return str(client)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 def basicCredentials(headers: Headers) -> Optional[bytes]:

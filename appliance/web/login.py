@@ -36,7 +36,6 @@ from appliance.web.auth import (
     Account,
     Authenticator,
     PasswordChecksBusy,
-    clientKey,
     cookieChallenge,
     isCrossSite,
     isSameOrigin,
@@ -44,6 +43,7 @@ from appliance.web.auth import (
     sessionTokens,
     tooManyFailures,
 )
+from appliance.connections import clientKey
 from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset
 
 # The login form is a few hundred bytes: the request layer reads anonymous

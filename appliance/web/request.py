@@ -24,12 +24,13 @@ from urllib.parse import unquote_to_bytes
 from typing import Optional, Sequence, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from appliance.web.auth import (
     BUSY_MESSAGE,
@@ -364,6 +365,7 @@ def cancelPending(call: Optional[IDelayedCall]) -> None:
         call.cancel()
 
 
+@implementer(IHandshakeListener)
 class DeadlineHTTPChannel(http.HTTPChannel):
     """
     An HTTP/1.1 channel that:
@@ -373,6 +375,9 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         counts) and from the end of each response.  twisted.web's own
         timeout is an idle timer that every byte resets, which a client
         sending its headers a byte at a time never trips;
+      - aborts a TLS connection whose handshake has not ended within
+        C{handshakeTimeout}, shorter: a bare TCP connection holds a slot of
+        the listener's cap, and costs nothing to open;
       - accepts request heads up to C{totalHeadersSize} bytes (also the
         longest line, C{MAX_LENGTH}), and answers 414 or 431 beyond;
       - answers malformed requests, and requests it refuses for what their
@@ -398,8 +403,10 @@ class DeadlineHTTPChannel(http.HTTPChannel):
     """
 
     headerTimeout: float
+    handshakeTimeout: Optional[float] = None
     minBodyRate: int
     stallTimeout: float
+    _handshakeDeadline = None
     _stallDeadline = None
     _transportFull = False
     _bodyDeadline = None
@@ -415,6 +422,19 @@ class DeadlineHTTPChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._startHeaderDeadline()
+        if self.handshakeTimeout is not None and ISSLTransport.providedBy(self.transport):
+            self._handshakeDeadline = self.callLater(self.handshakeTimeout, self._handshakeTooSlow)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The TLS handshake has ended (L{IHandshakeListener}).
+        """
+        cancelPending(self._handshakeDeadline)
+        self._handshakeDeadline = None
+
+    def _handshakeTooSlow(self) -> None:
+        self._handshakeDeadline = None
+        self._abort("no TLS handshake within {timeout}s", timeout=self.handshakeTimeout)
 
     def getHost(self):
         # twisted.web asks for it with every request, a system call each
@@ -607,6 +627,7 @@ class DeadlineHTTPChannel(http.HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason) -> None:
+        cancelPending(self._handshakeDeadline)
         self._cancelHeaderDeadline()
         self._cancelBodyDeadline()
         self._cancelStallDeadline()

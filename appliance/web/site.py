@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from appliance.config import Config, ListenAddress
+from appliance.connections import ConnectionLimits
 from appliance.logs import LINE_FORMAT, oncePerSecond
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.appconfig import renderAppConfig
@@ -69,6 +70,8 @@ class ApplianceSite(Site):
         is read (L{appliance.web.auth.AccessGate.refusalFor}); without one,
         every body from a known user is read.
     @param spoolQuota: the request bodies held, per account and in all.
+    @param handshakeTimeout: how long a TLS handshake may take (the header
+        deadline, longer, counts it too); L{None} for plain HTTP.
     """
 
     requestFactory = ApplianceRequest
@@ -90,6 +93,7 @@ class ApplianceSite(Site):
         minBodyRate: int,
         spoolQuota: SpoolQuota,
         gate: Optional[AccessGate] = None,
+        handshakeTimeout: Optional[float] = None,
     ) -> None:
         # Resources read request.content themselves: twisted.web would read
         # a form body whole into request.args, even a spooled upload.
@@ -104,6 +108,7 @@ class ApplianceSite(Site):
         self.minBodyRate = minBodyRate
         self.spoolQuota = spoolQuota
         self.gate = gate
+        self.handshakeTimeout = handshakeTimeout
 
     @classmethod
     def fromConfig(
@@ -140,6 +145,7 @@ class ApplianceSite(Site):
             minBodyRate=web.min_body_rate,
             spoolQuota=spoolQuota,
             gate=resource if isinstance(resource, AccessGate) else None,
+            handshakeTimeout=web.handshake_timeout if secure else None,
         )
 
     def startFactory(self) -> None:
@@ -159,6 +165,7 @@ class ApplianceSite(Site):
     def buildProtocol(self, addr) -> DeadlineHTTPChannel:
         channel = super().buildProtocol(addr)
         channel.headerTimeout = self.headerTimeout
+        channel.handshakeTimeout = self.handshakeTimeout
         channel.minBodyRate = self.minBodyRate
         channel.stallTimeout = self.timeOut
         # twisted.web allows 16 KiB for the whole head and for each line;
@@ -283,25 +290,27 @@ class RedirectToHTTPS(Resource):
 
 class ConnectionCap(WrappingFactory):
     """
-    Closes new connections at once while C{limit} are open, so that a flood
-    of idle connections cannot exhaust the process's file descriptors.
+    Closes new connections at once beyond C{limits} (in all and from one
+    client), so that a flood of idle connections can neither exhaust the
+    process's file descriptors nor, from one host, lock the others out.
     """
 
-    log = Logger()
-
-    def __init__(self, wrappedFactory, limit: int) -> None:
+    def __init__(self, wrappedFactory, limits: ConnectionLimits) -> None:
         super().__init__(wrappedFactory)
-        self._limit = limit
+        self.limits = limits
 
     def buildProtocol(self, addr):
-        if len(self.protocols) >= self._limit:
-            self.log.warn(
-                "Refused a connection from {client}: {limit} connections are open",
-                client=getattr(addr, "host", "-"),
-                limit=self._limit,
-            )
+        if not self.limits.admits(addr):
             return None
         return super().buildProtocol(addr)
+
+    def registerProtocol(self, protocol) -> None:
+        super().registerProtocol(protocol)
+        self.limits.opened(protocol.getPeer())
+
+    def unregisterProtocol(self, protocol) -> None:
+        super().unregisterProtocol(protocol)
+        self.limits.closed(protocol.getPeer())
 
 
 def standardHeaders(config: Config, secure: bool) -> List[Tuple[bytes, bytes]]:
@@ -382,12 +391,17 @@ def buildWebService(
     # One spool, whichever listener a body comes through.
     quota = SpoolQuota(web.max_spool_per_account, web.max_spool)
     site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota)
-    https = ConnectionCap(TLSMemoryBIOFactory(tls, False, site), web.max_connections)
+    https = ConnectionCap(
+        TLSMemoryBIOFactory(tls, False, site),
+        ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web"),
+    )
     _listener(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
         redirect = ApplianceSite.fromConfig(
             config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False, quota
         )
-        plain = ConnectionCap(redirect, web.max_connections)
+        plain = ConnectionCap(
+            redirect, ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web")
+        )
         _listener(reactor, web.listen_http, plain, "http").setServiceParent(service)
     return service
