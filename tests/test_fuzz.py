@@ -13,7 +13,7 @@ input reaches first:
     under /pacs/ or /pacs-admin/ is refused with L{BadPath} or mapped to an
     Orthanc path that means the same thing to Orthanc, stays under the mount's
     prefix, has no dot segment and no NUL, and, on /pacs-admin, is none of
-    L{UNSAFE_ENDPOINTS} unless they are allowed.
+    the blocked routes of the admin route table unless they are allowed.
 
 CI runs the C{ci} profile (200 examples a test, about ten seconds in all).
 Longer runs, with the C{long} profile (20,000 examples a test)::
@@ -56,6 +56,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
+import appliance.web
 from appliance.config import MODALITY_SCHEMA, SCHEMA, Config, ConfigError, loadConfig
 from appliance.dicom.admission import admit
 from appliance.dicom.forwarder import ForwarderFactory
@@ -66,15 +67,15 @@ from appliance.dicom.pdu import (
     Rejection,
     decodeAssociationRequest,
 )
+from appliance.orthanc.settings import DICOMWEB_ROOT
+from appliance.web.adminroutes import RouteTable
 from appliance.web.cors import CorsPolicy
 from appliance.web.routes import (
     ADMIN_METHODS,
-    ANY,
     DICOMWEB_RESOURCES,
     PACS,
     PACS_ADMIN,
     STOW_METHODS,
-    UNSAFE_ENDPOINTS,
     BadPath,
     PacsAdminResource,
     PacsResource,
@@ -566,9 +567,29 @@ SEGMENT_WORDS = [
 
 UID = b"1.2.826.0.1.3680043.8.498.1"
 
-#: Where requests usually go: Orthanc's dangerous endpoints on /pacs-admin,
+def blockedRoutes() -> List[Tuple[bytes, List[Optional[bytes]], str]]:
+    """
+    The blocked rows of the admin route table, read here again on purpose
+    (the oracle must not be the code it checks): (method, path segments with
+    L{None} for a placeholder, reason).
+    """
+    rows = []
+    for line in (Path(appliance.web.__file__).parent / "assets" / "orthanc-routes.tsv").read_text().splitlines():
+        fields = line.split("\t")
+        if line.startswith("#") or len(fields) < 4 or fields[2] != "block":
+            continue
+        path = fields[1].replace("{dicomweb}", "/pacs")
+        segments = [None if word.startswith("{") else word.encode("ascii") for word in path.strip("/").split("/")]
+        rows.append((fields[0].encode("ascii"), segments, fields[3]))
+    return rows
+
+
+BLOCKED_ROUTES = blockedRoutes()
+ADMIN_ROUTES = RouteTable.load(DICOMWEB_ROOT)
+
+#: Where requests usually go: Orthanc's blocked endpoints on /pacs-admin,
 #: DICOMweb resources on /pacs.
-UNSAFE_PATHS = [[b"elsewhere" if word is ANY else word for word in pattern] for _, pattern, _ in UNSAFE_ENDPOINTS]
+UNSAFE_PATHS = [[b"elsewhere" if word is None else word for word in segments] for _, segments, _ in BLOCKED_ROUTES]
 DICOMWEB_PATHS = [
     [b"studies"],
     [b"studies", UID],
@@ -662,18 +683,19 @@ def fakesMethod(query: bytes) -> bool:
 
 def unsafe(method: bytes, segments: List[bytes]) -> Optional[str]:
     """
-    The UNSAFE_ENDPOINTS entry Orthanc would run for C{method} on
-    C{segments} (compared without case: refusing more is safe).  Written
-    here again on purpose: the oracle must not be the code it checks.
+    The reason of the blocked route Orthanc would run for C{method} on
+    C{segments} (compared without case, and as a prefix: refusing more is
+    safe); HEAD is GET to Orthanc.
     """
+    method = b"GET" if method == b"HEAD" else method
     lowered = [segment.lower() for segment in segments]
-    for methods, pattern, what in UNSAFE_ENDPOINTS:
-        if methods is not None and method not in methods:
+    for blockedMethod, pattern, reason in BLOCKED_ROUTES:
+        if method != blockedMethod:
             continue
         if len(lowered) >= len(pattern) and all(
-            wanted is ANY or wanted == segment for wanted, segment in zip(pattern, lowered)
+            wanted is None or wanted == segment for wanted, segment in zip(pattern, lowered)
         ):
-            return what
+            return reason
     return None
 
 
@@ -774,13 +796,13 @@ class PathFuzzTests(SynchronousTestCase):
     @given(st.sampled_from(METHODS), st.one_of(pieceSoup, endpointPaths(UNSAFE_PATHS), endpointPaths(UNSAFE_PATHS)), queries, st.booleans(), st.booleans())
     def test_adminRoute(self, method: bytes, tail: bytes, query: Optional[bytes], allowUnsafe: bool, override: bool) -> None:
         """
-        /pacs-admin forwards no method override, and none of
-        L{UNSAFE_ENDPOINTS} (as Orthanc will route the path) unless allowed.
+        /pacs-admin forwards no method override, and none of the blocked
+        routes (as Orthanc will route the path) unless allowed.
         """
         uri = b"/" + PACS_ADMIN + tail + (b"" if query is None else b"?" + query)
         request = makeRequest(method, uri, override)
         proxy = RecordingProxy()
-        PacsAdminResource(proxy, allowUnsafe).render(request)
+        PacsAdminResource(proxy, allowUnsafe, ADMIN_ROUTES).render(request)
         event(f"answered {request.code}" if not proxy.forwarded else "forwarded")
         if not proxy.forwarded:
             self.assertIn(request.code, (204, 301, 400, 403, 405), uri)

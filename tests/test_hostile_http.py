@@ -43,6 +43,7 @@ import pytest
 from appliance.config import loadConfig
 from appliance.tls import selfSignedPaths
 from tests.daemon import EXECUTABLE
+from tests.test_admin_routes import blockedRows
 from tests.support import basicAuthorization, writeTestConfig, writeUser
 from tests.test_tls import clientContext
 
@@ -516,7 +517,7 @@ ROWS: Sequence[Row] = [
         "an encoded slash to a blocked endpoint",
         request(b"POST", b"/pacs-admin/tools%2Fexecute-script", b"Content-Length: 2", body=b"1;"),
         (403,),
-        "runs Lua code",
+        "This Orthanc endpoint runs code",
     ),
     Row(
         "an encoded route name as a viewer",
@@ -548,7 +549,7 @@ ROWS: Sequence[Row] = [
             b"POST", b"/pacs/studies", b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n", user=ANONYMOUS
         ),
         (401,),
-        "only read from a known user",
+        "Log in first",
     ),
     Row(
         "a traversal without a user",
@@ -601,6 +602,20 @@ ROWS: Sequence[Row] = [
         (400,),
         "valid Host header",
     ),
+    # --- Orthanc's routes an administrator may not use (the blocked rows of
+    # appliance/web/assets/orthanc-routes.tsv), and one the table does not know
+    *(
+        Row(
+            f"blocked for admins: {method} {path}",
+            request(method.encode(), path.encode(), *([b"Content-Length: 2"] if method in ("POST", "PUT") else []),
+                    body=b"{}" if method in ("POST", "PUT") else b""),
+            (403,),
+            reason,
+        )
+        for method, path, reason in blockedRows()
+    ),
+    Row("WebDAV, no route of the table", request(b"PROPFIND", b"/pacs-admin/webdav/"), (405,), "PROPFIND is not allowed"),
+    Row("an unknown route", request(b"GET", b"/pacs-admin/webdav/"), (403,), "no route of Orthanc 1.10"),
 ]
 
 

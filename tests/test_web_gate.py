@@ -336,7 +336,7 @@ class AccessTests(GatedSiteCase):
             ("POST", "/pacs-admin/pacs/studies"): True,
             ("POST", "/pacs-admin/tools/create-dicom"): True,
             ("POST", "/pacs-admin/studies/abc/modify"): True,
-            ("POST", "/pacs-admin/Studies/abc/anonymize"): True,
+            ("POST", "/pacs-admin/studies/abc/anonymize"): True,
             ("POST", "/pacs-admin/modalities/ct1/move"): True,
             ("PUT", "/pacs-admin/instances/abc/attachments/9999"): True,
             ("POST", "/pacs-admin/tools/find"): False,

@@ -25,6 +25,7 @@ from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREA
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL
+from appliance.web.adminroutes import RouteTable
 from appliance.web.routes import PacsAdminResource, buildProxyResources
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
 from tests.test_answer_end import BOUNDARY, archive, multipart
@@ -1140,7 +1141,7 @@ class FullStorageTests(ProxyCase):
 
 class RewriteTests(SynchronousTestCase):
     def test_cookieWithoutAttributes(self) -> None:
-        resource = PacsAdminResource(None, False)
+        resource = PacsAdminResource(None, False, RouteTable(()))
         self.assertEqual(resource.rewriteHeader(b"set-cookie", b"x=y"), b"x=y; Path=/pacs-admin/")
         self.assertEqual(resource.rewriteHeader(b"content-type", b"text/html"), b"text/html")
         self.assertEqual(resource.rewriteHeader(b"location", b"//elsewhere.example/x"), b"//elsewhere.example/x")

@@ -5,7 +5,7 @@ The two doors to Orthanc, and what each lets through.
                      QIDO-RS, WADO-RS, STOW-RS, WADO-URI; optional CORS
     /pacs-admin/...  Orthanc's HTTP root (Orthanc Explorer and the REST API),
                      with redirects and cookies kept under /pacs-admin/, and
-                     without the endpoints that run code or stop Orthanc
+                     only the routes its table allows (appliance.web.adminroutes)
 
 Every path is resolved the way Orthanc's HTTP server (civetweb) will
 understand it (percent-decoded, an encoded slash separating too, empty and dot
@@ -31,6 +31,7 @@ from appliance.config import Config
 from appliance.orthanc.settings import DICOMWEB_ROOT
 from appliance.orthanc.space import StorageSpace
 from appliance.web.auth import SAFE_METHODS
+from appliance.web.adminroutes import RouteTable
 from appliance.web.cors import CorsPolicy
 from appliance.web.pages import describeSize, jsonError
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, OrthancProxy
@@ -55,26 +56,8 @@ _QUERY = re.compile(rb"[\x21-\x7e]*")
 
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
-#: Wildcard for one path segment in L{UNSAFE_ENDPOINTS}.
+#: Wildcard for one path segment in L{READING_WRITES}.
 ANY = None
-
-#: Orthanc endpoints refused on /pacs-admin unless [web] admin_unsafe_endpoints
-#: is yes: (methods, or None for all; path prefix, lower case; what it does).
-#: Lua runs only through execute-script in Orthanc 1.10; the node lists are
-#: rendered from the appliance's configuration, and a node added by hand would
-#: receive patient data without the DICOM TLS forwarder.
-UNSAFE_ENDPOINTS = (
-    (None, (b"tools", b"execute-script"), "runs Lua code inside Orthanc"),
-    (None, (b"tools", b"shutdown"), "stops Orthanc"),
-    (None, (b"tools", b"reset"), "restarts Orthanc"),
-    ((b"PUT", b"DELETE"), (b"modalities", ANY), "changes the DICOM nodes Orthanc sends studies to"),
-    ((b"PUT", b"DELETE"), (b"peers", ANY), "changes the Orthanc peers Orthanc sends studies to"),
-    (
-        (b"PUT", b"DELETE"),
-        (DICOMWEB_ROOT.strip("/").encode("ascii"), b"servers", ANY),
-        "changes the DICOMweb servers Orthanc sends studies to",
-    ),
-)
 
 
 #: What Orthanc's web server (CivetWeb 1.15 on Debian 12) reads of a request
@@ -292,18 +275,20 @@ class PacsResource(Resource):
 
 class PacsAdminResource(Resource):
     """
-    C{/pacs-admin/...}: Orthanc's whole HTTP API and Orthanc Explorer, for
-    administrators, less L{UNSAFE_ENDPOINTS} unless C{allowUnsafe}.
+    C{/pacs-admin/...}: Orthanc's HTTP API and Orthanc Explorer, for
+    administrators: the routes C{table} allows, or every one with
+    C{allowUnsafe}.
     """
 
     isLeaf = True
     log = Logger()
     prefix = b"/" + PACS_ADMIN
 
-    def __init__(self, proxy: OrthancProxy, allowUnsafe: bool) -> None:
+    def __init__(self, proxy: OrthancProxy, allowUnsafe: bool, table: RouteTable) -> None:
         super().__init__()
         self._proxy = proxy
         self._allowUnsafe = allowUnsafe
+        self._table = table
 
     def render(self, request: Request):
         if request.method == b"OPTIONS":
@@ -322,21 +307,20 @@ class PacsAdminResource(Resource):
             request.setHeader(b"Location", self.prefix + b"/" + target.query)
             request.setHeader(b"Content-Length", b"0")
             return b""
-        refusal = self._unsafe(request.method, target)
+        refusal = self._refusal(request.method, target)
         if refusal is not None:
             account = getattr(request, "account", None)
             self.log.warn(
-                "Refused {method} {path} to {user}: it {what} ([web] admin_unsafe_endpoints is no)",
+                "Refused {method} {path} to {user}: {why} ([web] admin_unsafe_endpoints is no)",
                 method=request.method.decode("latin-1"),
                 path=request.path.decode("latin-1"),
                 user=account.name if account is not None else "-",
-                what=refusal,
+                why=refusal,
             )
             return jsonError(
                 request,
                 http.FORBIDDEN,
-                f"This Orthanc endpoint {refusal}; the appliance refuses it unless"
-                " [web] admin_unsafe_endpoints is yes.",
+                f"{refusal}; the appliance refuses it unless [web] admin_unsafe_endpoints is yes.",
             )
         upstream = target.upstream()
         refusal = tooLargeForOrthanc(request, upstream)
@@ -347,12 +331,18 @@ class PacsAdminResource(Resource):
         )
         return self._proxy.forward(request, upstream, self.rewriteHeader, stores=stores)
 
-    def _unsafe(self, method: bytes, target: Target) -> Optional[str]:
+    def _refusal(self, method: bytes, target: Target) -> Optional[str]:
+        """
+        Why the table refuses C{method} on C{target}, in a sentence's first
+        half; L{None} if it is allowed.
+        """
         if self._allowUnsafe:
             return None
-        for methods, pattern, what in UNSAFE_ENDPOINTS:
-            if (methods is None or method in methods) and _matches(target, pattern):
-                return what
+        route = self._table.decide(method, target.segments)
+        if route is None:
+            return "This is no route of Orthanc 1.10 that the appliance knows"
+        if not route.allowed:
+            return f"This Orthanc endpoint {route.reason}"
         return None
 
     def rewriteHeader(self, name: bytes, value: bytes) -> Optional[bytes]:
@@ -414,6 +404,6 @@ def buildProxyResources(
     proxy = OrthancProxy(config, orthanc, reactor, space, maxRequests)
     resources: Dict[bytes, Resource] = {
         PACS: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
-        PACS_ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints),
+        PACS_ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints, RouteTable.load(DICOMWEB_ROOT)),
     }
     return proxy, resources
