@@ -68,6 +68,9 @@ def makeBuild(root: Path) -> Path:
         "ohif-logo.svg": b"<svg/>",
         "app-config.js": b"window.config = {dataSources: ['public demo']};",
         ".pacs-appliance-ohif": b"@ohif/app@x",
+        # A checkout's leftovers: hidden folders are not part of the build.
+        ".git/config": b"[remote secret]",
+        "assets/.cache/secret.js": b"secret",
     }
     for name, content in files.items():
         path = root / name
@@ -430,6 +433,10 @@ HOSTILE_PATHS = [
     ("/index.html/..", 400),
     ("/assets/%0d%0aSet-Cookie:x=1", 400),
     ("/.pacs-appliance-ohif", 404),
+    # The outside review read /.git/config: a hidden segment anywhere is refused.
+    ("/.git/config", 404),
+    ("/.git/", 404),
+    ("/assets/.cache/secret.js", 404),
     ("/escape/secret.txt", 404),
     ("/secret.js", 404),
     ("/" + "a" * 300 + ".js", 404),

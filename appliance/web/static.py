@@ -375,8 +375,9 @@ class ViewerResource(Resource):
         if relative == APP_CONFIG:
             return self._appConfig
         name = relative.rpartition("/")[2]
-        if name.startswith("."):
-            # Hidden files (the build's stamp, editor leftovers) are not part of it.
+        if "/." in "/" + relative:
+            # Hidden files and folders anywhere in the path (the build's
+            # stamp, editor leftovers, a .git) are not part of it.
             return None
         asset = self._catalog.find(relative) if relative else None
         if asset is None and not _EXTENSION.search(name):
