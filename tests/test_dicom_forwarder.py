@@ -392,6 +392,22 @@ class ForwarderTests(ForwarderTestCase):
         self.assertEqual(decodeRejection(answer), (1, 1, 7))
         await self.assertStillServing()
 
+    async def test_leadingSpacesInAETitlesRejected(self):
+        """
+        pynetdicom (and PS3.8) drop the leading spaces of an AE title;
+        Orthanc does not, and refused what the forwarder had admitted.  The
+        forwarder compares as Orthanc does: the proper A-ASSOCIATE-RJ.
+        """
+        request = associateRequest("CT1")
+        calling = request[:26] + b" CT1".ljust(16) + request[42:]
+        answer = await exchange(self.appliance.port, calling, self.clientContext())
+        self.assertEqual(decodeRejection(answer), (1, 1, 3))
+        self.assertEqual(await self.lastOutcome(), "refused (calling AE ' CT1' is not a configured modality)")
+        called = request[:10] + b"  PACS".ljust(16) + request[26:]
+        answer = await exchange(self.appliance.port, called, self.clientContext())
+        self.assertEqual(decodeRejection(answer), (1, 1, 7))
+        await self.assertStillServing()
+
     async def test_wrongSourceAddressRejected(self):
         answer = await exchange(
             self.appliance.port, associateRequest("FARAWAY"), self.clientContext()

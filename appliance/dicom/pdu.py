@@ -178,6 +178,23 @@ def _receivedOnly(request: A_ASSOCIATE_RQ) -> FrozenSet[str]:
     return frozenset(uid for uid, role in roles.items() if role.scp_role and not role.scu_role)
 
 
+#: Where the AE titles lie in an A-ASSOCIATE-RQ (PS3.8 table 9-11): 16 bytes
+#: each, padded with spaces.
+CALLED_AE_FIELD = slice(10, 26)
+CALLING_AE_FIELD = slice(26, 42)
+
+
+def _aeTitle(pdu: bytes, field: slice) -> str:
+    """
+    An AE title as Orthanc reads it: without the spaces that pad it, but
+    with any it starts with.  PS3.8 calls leading spaces non-significant,
+    and pynetdicom drops them; Orthanc 1.10 does not, and refuses the title
+    after the forwarder admitted it: compared as Orthanc compares, such a
+    title is refused here, with the A-ASSOCIATE-RJ a modality understands.
+    """
+    return pdu[field].decode("latin-1").rstrip(" ")
+
+
 def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
     """
     Decode one whole A-ASSOCIATE-RQ PDU, header included.
@@ -187,7 +204,6 @@ def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
     request = A_ASSOCIATE_RQ()
     try:
         request.decode(pdu)
-        calling, called = request.calling_ae_title, request.called_ae_title
         abstractSyntaxes = frozenset(str(context.abstract_syntax) for context in request.presentation_context)
         receivedOnly = _receivedOnly(request)
     except Exception as error:
@@ -195,8 +211,8 @@ def decodeAssociationRequest(pdu: bytes) -> AssociationRequest:
         # IndexError...) on malformed input: they all mean the same here.
         raise NotAnAssociationRequest(f"malformed A-ASSOCIATE-RQ ({error})") from error
     return AssociationRequest(
-        callingAET=calling.strip(),
-        calledAET=called.strip(),
+        callingAET=_aeTitle(pdu, CALLING_AE_FIELD),
+        calledAET=_aeTitle(pdu, CALLED_AE_FIELD),
         protocolVersion=request.protocol_version,
         abstractSyntaxes=abstractSyntaxes,
         receivedOnly=receivedOnly,
