@@ -119,6 +119,7 @@ class WebSection:
     proxy_connect_timeout: float
     proxy_response_timeout: float
     proxy_idle_timeout: float
+    max_orthanc_requests_per_account: int
     cors_allowed_origins: Tuple[str, ...]
     admin_unsafe_endpoints: bool
 
@@ -444,6 +445,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "proxy_connect_timeout": Key(parsePositiveDuration, "5s"),
         "proxy_response_timeout": Key(parsePositiveDuration, "5m"),
         "proxy_idle_timeout": Key(parsePositiveDuration, "2m"),
+        "max_orthanc_requests_per_account": Key(parseCount, "32"),
         "cors_allowed_origins": Key(parseOrigins, ""),
         "admin_unsafe_endpoints": Key(parseBool, "no"),
     },

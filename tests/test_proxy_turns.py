@@ -14,12 +14,13 @@ from typing import List
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
-from tests.test_proxy_orthanc import DICOM_JSON, ProxyToOrthancCase
+from tests.test_proxy_orthanc import DICOM_JSON, VIEWER, ProxyToOrthancCase
 
 #: The proxy's limit in this test, and Orthanc's HTTP threads: one more, the
 #: fewest that leave the supervisor's health check a thread of its own.
@@ -62,7 +63,12 @@ class CountingProbe:
         return waiter
 
 
-class SlowReaderTurnTests(ProxyToOrthancCase):
+class SlowReaderCase(ProxyToOrthancCase):
+    """
+    Readers that stop reading in the middle of a whole study, each holding
+    one of Orthanc's threads, in front of an Orthanc with L{ORTHANC_THREADS}.
+    """
+
     maxRequests = LIMIT
     # A health check every half second, and one that goes unanswered is
     # enough for the supervisor to restart Orthanc.
@@ -105,6 +111,8 @@ class SlowReaderTurnTests(ProxyToOrthancCase):
         self.addCleanup(leaveAtTheEnd)
         return started, leave, reading
 
+
+class SlowReaderTurnTests(SlowReaderCase):
     async def test_requestWaitsForItsTurnWhileHealthChecksGoOn(self):
         # Each transfer of it holds one of Orthanc's threads.
         big = await self.storeLargeStudy()
@@ -150,3 +158,39 @@ class SlowReaderTurnTests(ProxyToOrthancCase):
         logged = [formatEvent(event) for event in events]
         self.assertEqual([line for line in logged if "health check" in line], [])
         self.assertEqual(len([line for line in logged if "no longer wait for their turn: 1 waited" in line]), 1)
+
+
+class AccountShareTests(SlowReaderCase):
+    """
+    One account may hold one turn of the two here: its second slow reader
+    waits behind its share while turns are free, and another account's
+    search is answered meanwhile (the outside review saw one viewer hold all
+    96 turns until everyone else got 504).
+    """
+
+    webSettings = {"max_orthanc_requests_per_account": "1"}
+
+    async def test_anotherUserServedWhileOneAccountHoldsItsShare(self):
+        big = await self.storeLargeStudy()
+        path = f"/pacs/studies/{big[0].StudyInstanceUID}"
+        started, leave, first = self.startReader(path)
+        self.assertTrue(await deferToThread(started.wait, WAIT))
+        secondStarted, _, second = self.startReader(path)
+        deadline = reactor.seconds() + WAIT
+        while self.proxy.turns.waiting != 1 and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.05, lambda: None)
+        account = self.user[0]
+        self.assertEqual((self.proxy.turns.underWay, self.proxy.turns.heldBy(account), self.proxy.turns.waiting), (1, 1, 1))
+
+        # Another account's search goes through the free turn at once.
+        status, _, body = await self.fetch(
+            f"/pacs/studies?PatientID={big[0].PatientID}", headers={"Accept": DICOM_JSON}, user=VIEWER
+        ).addTimeout(WAIT, reactor)
+        self.assertEqual(status, 200, body[:300])
+        self.assertFalse(secondStarted.is_set())
+
+        # The account's first reader leaves: its second has its turn.
+        leave.set()
+        self.assertEqual(await first, b"HTTP/1.1 200 OK")
+        self.assertTrue(await deferToThread(secondStarted.wait, WAIT))
+        self.assertEqual(self.proxy.turns.heldBy(account), 1)

@@ -10,6 +10,7 @@ import gzip
 import json
 from typing import Dict, List, Optional, Tuple
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
@@ -24,7 +25,7 @@ from zope.interface import implementer
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS, OrthancCredentials
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
-from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL
+from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL, OrthancTurns
 from appliance.web.adminroutes import RouteTable
 from appliance.web.routes import PacsAdminResource, buildProxyResources
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
@@ -664,6 +665,61 @@ class BackpressureTests(ProxyCase):
         self.assertTrue(upstream.transport.disconnecting)
         upstream.lose(ConnectionDone)
         self.successResultOf(stopped)
+
+
+class FairTurnTests(SynchronousTestCase):
+    """
+    One account gets at most its share of the turns; a turn that comes free
+    goes to the next account in turn with a request waiting and room in its
+    share.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.turns = OrthancTurns(4, 2, self.clock)
+
+    def test_oneAccountWaitsBehindItsShareWhileOthersGoOn(self) -> None:
+        alice = [self.turns.acquire("alice") for _ in range(3)]
+        self.assertEqual([turn.called for turn in alice], [True, True, False])
+        self.assertEqual((self.turns.underWay, self.turns.waiting), (2, 1))
+        # Turns are free: another account starts at once.
+        bob = [self.turns.acquire("bob") for _ in range(2)]
+        self.assertTrue(all(turn.called for turn in bob))
+        carol = self.turns.acquire("carol")
+        self.assertFalse(carol.called)
+        # Bob's turn comes free: Alice waited first, but holds her share.
+        self.turns.release("bob")
+        self.assertTrue(carol.called)
+        self.assertFalse(alice[2].called)
+        self.turns.release("alice")
+        self.assertTrue(alice[2].called)
+        self.assertEqual((self.turns.underWay, self.turns.waiting), (4, 0))
+
+    def test_accountsTakeTurns(self) -> None:
+        """
+        With one turn, the accounts waiting get it in turn, each its own
+        requests in arrival order.
+        """
+        turns = OrthancTurns(1, 1, self.clock)
+        turns.acquire("alice")
+        pending = [(name, turns.acquire(name)) for name in ("alice", "alice", "bob", "carol", "bob")]
+        holder, order = "alice", []
+        while pending:
+            turns.release(holder)
+            [(holder, _)] = [entry for entry in pending if entry[1].called]
+            pending = [entry for entry in pending if not entry[1].called]
+            order.append(holder)
+        self.assertEqual(order, ["alice", "bob", "carol", "alice", "bob"])
+
+    def test_leavingGivesUpThePlace(self) -> None:
+        turns = OrthancTurns(1, 1, self.clock)
+        turns.acquire("alice")
+        leaving, staying = turns.acquire("bob"), turns.acquire("carol")
+        leaving.cancel()
+        self.failureResultOf(leaving, CancelledError)
+        self.assertEqual(turns.waiting, 1)
+        turns.release("alice")
+        self.assertTrue(staying.called)
 
 
 class TurnTests(ProxyCase):

@@ -26,18 +26,21 @@ Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResour
   - an upload is answered 507 without reaching Orthanc while its storage has
     less free space than [orthanc] min_free_space (see L{appliance.orthanc.space});
   - at most L{MAX_ORTHANC_REQUESTS} exchanges are under way at a time, so that
-    Orthanc always has an HTTP thread free for the supervisor's health check:
-    the others wait their turn here, in arrival order (L{OrthancTurns}); the
-    wait counts as waiting for the answer (proxy_response_timeout), and a
-    client that leaves gives up its place without reaching Orthanc.
+    Orthanc always has an HTTP thread free for the supervisor's health check,
+    and at most [web] max_orthanc_requests_per_account of them for one
+    account: the others wait their turn here, each account's in arrival
+    order and the accounts in turn (L{OrthancTurns}); the wait counts as
+    waiting for the answer (proxy_response_timeout), and a client that
+    leaves gives up its place without reaching Orthanc.
 """
 
 import re
-from typing import Callable, List, Optional, Set
+from collections import OrderedDict, deque
+from typing import Callable, Deque, Dict, List, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet import error as internetError
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, maybeDeferred
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -327,54 +330,79 @@ class _OrthancEndpoints:
 
 class OrthancTurns:
     """
-    At most C{limit} exchanges with Orthanc at a time; the others wait for
-    their turn in arrival order.
+    At most C{limit} exchanges with Orthanc at a time, and at most
+    C{perAccount} of them for one account; the others wait for their turn.
 
-    Saturation is logged once when requests start waiting, and once when
-    none waits any more, with how many waited: not once per request.
+    A turn that comes free goes to the next account in turn that has a
+    request waiting and holds fewer than its share, to that account's
+    oldest request: one account's many slow reads (a viewer's whole-study
+    retrievals hold a turn for minutes) queue behind its own share, while
+    the other accounts' requests go on.
+
+    Waiting is logged once when requests start waiting, and once when none
+    waits any more, with how many waited: not once per request.
 
     @ivar limit: how many exchanges may be under way at a time.
+    @ivar perAccount: how many of them one account may hold.
     """
 
     log = Logger()
 
-    def __init__(self, limit: int, reactor) -> None:
+    def __init__(self, limit: int, perAccount: int, reactor) -> None:
         self.limit = limit
+        self.perAccount = min(perAccount, limit)
         self._reactor = reactor
-        self._semaphore = DeferredSemaphore(limit)
+        self.underWay = 0
+        self._held: Dict[str, int] = {}
+        # The accounts with requests waiting, in the order they get turns.
+        self._queues: "OrderedDict[str, Deque[Deferred]]" = OrderedDict()
         # Since requests started waiting: how many waited, how many gave up
         # their place, and the longest wait.
         self._waited = self._gaveUp = 0
         self._longest = 0.0
 
     @property
-    def underWay(self) -> int:
-        """
-        How many exchanges hold a turn.
-        """
-        return self.limit - self._semaphore.tokens
-
-    @property
     def waiting(self) -> int:
         """
         How many requests wait for their turn.
         """
-        return len(self._semaphore.waiting)
+        return sum(len(queue) for queue in self._queues.values())
 
-    def acquire(self) -> Deferred:
+    def heldBy(self, account: str) -> int:
+        return self._held.get(account, 0)
+
+    def acquire(self, account: str) -> Deferred:
         """
-        A Deferred that fires when it is the caller's turn (at once if an
-        exchange may start now); cancel it to give up one's place.  Whoever
-        got a turn must L{release} it.
+        A Deferred that fires when it is C{account}'s request's turn (at once
+        if it may start now); cancel it to give up one's place.  Whoever got
+        a turn must L{release} it.
         """
-        turn = self._semaphore.acquire()
-        if turn.called:
-            return turn
+        if account not in self._queues and self._mayStart(account):
+            self._start(account)
+            return succeed(None)
+
+        def giveUp(turn: Deferred) -> None:
+            queue = self._queues.get(account)
+            if queue is not None and turn in queue:
+                queue.remove(turn)
+                if not queue:
+                    del self._queues[account]
+
+        turn: Deferred = Deferred(giveUp)
+        self._queues.setdefault(account, deque()).append(turn)
         if not self._waited:
-            self.log.warn(
-                "All {limit} connections to Orthanc are in use: requests now wait their turn in the appliance",
-                limit=self.limit,
-            )
+            if self.underWay >= self.limit:
+                self.log.warn(
+                    "All {limit} connections to Orthanc are in use: requests now wait their turn in the appliance",
+                    limit=self.limit,
+                )
+            else:
+                self.log.warn(
+                    "The account {account} has its {share} connections to Orthanc in use: its requests now wait"
+                    " their turn in the appliance ([web] max_orthanc_requests_per_account)",
+                    account=account or "-",
+                    share=self.perAccount,
+                )
         self._waited += 1
         arrived = self._reactor.seconds()
 
@@ -382,17 +410,40 @@ class OrthancTurns:
             self._longest = max(self._longest, self._reactor.seconds() - arrived)
             if isinstance(result, Failure):
                 self._gaveUp += 1
-            if not self._semaphore.waiting:
+            if not self._queues:
                 self._drained()
             return result
 
         return turn.addBoth(waited)
 
-    def release(self) -> None:
+    def release(self, account: str) -> None:
         """
-        End a turn: the first request waiting, if any, gets it.
+        End a turn of C{account}: the next waiting request whose account may
+        start gets it.
         """
-        self._semaphore.release()
+        self.underWay -= 1
+        left = self._held.pop(account, 0) - 1
+        if left > 0:
+            self._held[account] = left
+        for waiting in list(self._queues):
+            if self.underWay >= self.limit:
+                return
+            if not self._mayStart(waiting):
+                continue
+            queue = self._queues.pop(waiting)
+            turn = queue.popleft()
+            if queue:
+                # Back of the line: the other accounts come first.
+                self._queues[waiting] = queue
+            self._start(waiting)
+            turn.callback(None)
+
+    def _mayStart(self, account: str) -> bool:
+        return self.underWay < self.limit and self._held.get(account, 0) < self.perAccount
+
+    def _start(self, account: str) -> None:
+        self.underWay += 1
+        self._held[account] = self._held.get(account, 0) + 1
 
     def _drained(self) -> None:
         self.log.info(
@@ -446,7 +497,7 @@ class OrthancProxy(Service):
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         self.gzip = GzipEncoderFactory()
         self.gzip.compressLevel = GZIP_LEVEL
-        self.turns = OrthancTurns(maxRequests, reactor)
+        self.turns = OrthancTurns(maxRequests, web.max_orthanc_requests_per_account, reactor)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -560,6 +611,9 @@ class _Exchange:
     def __init__(self, proxy: OrthancProxy, request: Request, url: bytes, headers: Headers, rewrite) -> None:
         self._proxy = proxy
         self._request = request
+        account = getattr(request, "account", None)
+        #: Whose turn this exchange takes (see L{OrthancTurns}).
+        self._account = account.name if account is not None else ""
         self._url = url
         self._headers = headers
         self._rewrite = rewrite
@@ -579,7 +633,7 @@ class _Exchange:
         self._arm(self._proxy.responseTimeout, "response")
         # Cancelling this chain gives up the place in the queue, or the
         # request to Orthanc once under way.
-        self._pending = self._proxy.turns.acquire()
+        self._pending = self._proxy.turns.acquire(self._account)
         self._pending.addCallback(self._send)
         self._pending.addCallbacks(self._answered, self._failed)
         self._pending.addErrback(self._bug)
@@ -763,7 +817,7 @@ class _Exchange:
         self.disarm()
         if self._holdsTurn:
             self._holdsTurn = False
-            self._proxy.turns.release()
+            self._proxy.turns.release(self._account)
 
     def _timeout(self, what: str) -> None:
         self._timer = None
