@@ -107,3 +107,31 @@ class ConnectionLimits:
                 client=key,
                 count=refused,
             )
+
+
+class CappedConnections:
+    """
+    For a L{twisted.protocols.policies.WrappingFactory}: new connections
+    beyond C{limits} are closed at once (refused before a protocol is
+    built), and each connection is counted from its registration to its
+    unregistration.  Twisted's TLS wrapper registers itself twice (its
+    C{makeConnection} and L{ProtocolWrapper}'s): a connection counts once.
+    """
+
+    limits: ConnectionLimits
+    protocols: dict
+
+    def buildProtocol(self, addr):
+        if not self.limits.admits(addr):
+            return None
+        return super().buildProtocol(addr)  # type: ignore[misc]
+
+    def registerProtocol(self, protocol) -> None:
+        if protocol not in self.protocols:
+            self.limits.opened(protocol.getPeer())
+        super().registerProtocol(protocol)  # type: ignore[misc]
+
+    def unregisterProtocol(self, protocol) -> None:
+        if protocol in self.protocols:
+            self.limits.closed(protocol.getPeer())
+        super().unregisterProtocol(protocol)  # type: ignore[misc]

@@ -617,6 +617,16 @@ class PerAddressCapTests(ForwarderTestCase):
 
 
 
+    async def test_closedConnectionsNoLongerCount(self):
+        """
+        More TLS connections, one after the other, than an address may hold
+        at once: each closed one stops counting (Twisted's TLS layer
+        registers each connection twice; it counts once).
+        """
+        for _ in range(5):
+            self.assertEqual(await self.echo(), 0x0000)
+
+
 class MutualTLSTests(ForwarderTestCase):
     modalities = {
         "modality:ct1": {

@@ -283,7 +283,7 @@ def test_frozenDaemonUnderSystemd(frozenBuild, tmp_path):
 
 def test_debContents(debPackage):
     info = subprocess.run(["dpkg-deb", "--info", str(debPackage)], capture_output=True, text=True, check=True).stdout
-    assert re.search(r"^ Depends: orthanc, orthanc-dicomweb, adduser", info, re.M)
+    assert re.search(r"^ Depends: orthanc, orthanc-dicomweb, nftables, adduser", info, re.M)
     contents = subprocess.run(
         ["dpkg-deb", "--contents", str(debPackage)], capture_output=True, text=True, check=True
     ).stdout

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.connections import ConnectionLimits
+from appliance.connections import CappedConnections, ConnectionLimits
 from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
     ABORT_TYPE,
@@ -290,7 +290,7 @@ class ForwarderFactory(RelayFactory):
         )
 
 
-class CappedTLSFactory(TLSMemoryBIOFactory):
+class CappedTLSFactory(CappedConnections, TLSMemoryBIOFactory):
     """
     TLS over the forwarder's connections, refusing connections beyond
     [dicom] max_connections, or max_connections_per_address from one host,
@@ -301,19 +301,6 @@ class CappedTLSFactory(TLSMemoryBIOFactory):
         super().__init__(context, False, forwarder)
         dicom = forwarder.config.dicom
         self.limits = ConnectionLimits(dicom.max_connections, dicom.max_connections_per_address, "DICOM TLS", "dicom")
-
-    def buildProtocol(self, addr):
-        if not self.limits.admits(addr):
-            return None
-        return super().buildProtocol(addr)
-
-    def registerProtocol(self, protocol) -> None:
-        super().registerProtocol(protocol)
-        self.limits.opened(protocol.getPeer())
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        self.limits.closed(protocol.getPeer())
 
 
 class DicomForwarderService(Service):

@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from appliance.config import Config, ListenAddress
-from appliance.connections import ConnectionLimits
+from appliance.connections import CappedConnections, ConnectionLimits
 from appliance.logs import LINE_FORMAT, oncePerSecond
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.appconfig import renderAppConfig
@@ -288,7 +288,7 @@ class RedirectToHTTPS(Resource):
             return None
 
 
-class ConnectionCap(WrappingFactory):
+class ConnectionCap(CappedConnections, WrappingFactory):
     """
     Closes new connections at once beyond C{limits} (in all and from one
     client), so that a flood of idle connections can neither exhaust the
@@ -298,19 +298,6 @@ class ConnectionCap(WrappingFactory):
     def __init__(self, wrappedFactory, limits: ConnectionLimits) -> None:
         super().__init__(wrappedFactory)
         self.limits = limits
-
-    def buildProtocol(self, addr):
-        if not self.limits.admits(addr):
-            return None
-        return super().buildProtocol(addr)
-
-    def registerProtocol(self, protocol) -> None:
-        super().registerProtocol(protocol)
-        self.limits.opened(protocol.getPeer())
-
-    def unregisterProtocol(self, protocol) -> None:
-        super().unregisterProtocol(protocol)
-        self.limits.closed(protocol.getPeer())
 
 
 def standardHeaders(config: Config, secure: bool) -> List[Tuple[bytes, bytes]]:
