@@ -21,7 +21,7 @@ from twisted.python import usage
 from twisted.scripts import twistd
 
 import appliance
-from appliance.config import DEFAULT_CONFIG_PATH, ConfigError, loadConfig
+from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall
 from appliance.service import serviceMaker
 from appliance.web.users import (
@@ -173,12 +173,22 @@ def run(configPath: str) -> int:
     return 0
 
 
-def checkConfig(configPath: str) -> int:
+def loadOrReport(configPath: str) -> Optional[Config]:
+    """
+    The configuration at C{configPath}, or L{None} once each of its
+    problems is printed on standard error.
+    """
     try:
-        config = loadConfig(Path(configPath))
+        return loadConfig(Path(configPath))
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def checkConfig(configPath: str) -> int:
+    config = loadOrReport(configPath)
+    if config is None:
         return 1
     print(f"{', '.join(str(path) for path in config.sources)}: OK")
     return 0
@@ -266,11 +276,8 @@ def firewall(configPath: str, action: str) -> int:
     Apply or remove the nftables rules that close Orthanc's ports to other
     hosts (the unit's C{ExecStartPre=+} and C{ExecStopPost=+}, as root).
     """
-    try:
-        config = loadConfig(Path(configPath))
-    except ConfigError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
+    config = loadOrReport(configPath)
+    if config is None:
         return 1
     rules = OrthancFirewall.fromConfig(config)
     if action == "apply" and not config.orthanc.firewall:
