@@ -723,7 +723,7 @@ class RecordingProxy:
     def __init__(self) -> None:
         self.forwarded: List[bytes] = []
 
-    def forward(self, request, target: bytes, rewrite=None, stores=False) -> bytes:
+    def forward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None) -> bytes:
         self.forwarded.append(target)
         return b""
 

@@ -38,7 +38,7 @@ from appliance.tls import selfSignedPaths
 from appliance.web.auth import Authenticator
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS
 from appliance.web.request import MEMORY_BODY_LIMIT
-from appliance.web.routes import buildProxyResources
+from appliance.web.routes import ORTHANC_EXPLORER_POLICY, buildProxyResources
 from appliance.web.site import buildSiteResource, buildWebService
 from appliance.web.users import UsersFile
 from tests.support import (
@@ -350,13 +350,13 @@ class DicomWebTests(ProxyToOrthancCase):
             ds.preamble = b"\0" * 128
         study, seriesUID = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
 
-        # A viewer may not store: refused once its (spooled) body is read.
+        # A viewer may not store: refused before its body is read.
         contentType, body = stowBody(series)
         status, _, answer = await self.fetch(
             "/pacs/studies", "POST", {"Content-Type": contentType, "Accept": DICOM_JSON}, body, user=VIEWER
         )
         self.assertEqual(status, 403, answer[:300])
-        self.assertIn("uploader role", json.loads(answer)["error"])
+        self.assertIn(b"uploader role", answer)
         self.assertEqual(await self.fetchJSON("/pacs/studies?PatientID=STOW-0001"), [])
 
         def session() -> Tuple[DICOMwebClient, requests.Session]:
@@ -423,6 +423,7 @@ class AdminTests(ProxyToOrthancCase):
         self.assertEqual(status, 200)
         self.assertIn(b"Orthanc Explorer", body)
         self.assertNotIn("WWW-Authenticate", headers)
+        self.assertEqual(headers["Content-Security-Policy"], ORTHANC_EXPLORER_POLICY.decode())
 
         pid = self.supervisor.pid
         for path in ("/pacs-admin/tools/shutdown", "/pacs-admin/tools/%73hutdown", "/pacs-admin/tools/x/..%2fshutdown"):
@@ -433,6 +434,27 @@ class AdminTests(ProxyToOrthancCase):
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(body)["DicomAet"], self.config.orthanc.aet)
         self.assertEqual((self.supervisor.state, self.supervisor.pid), (OrthancState.READY, pid))
+
+    async def test_orthancErrorPagesNeverRenderedOnTheSite(self):
+        """
+        The outside review's search: Orthanc answered 400 with an HTML page
+        that holds the query's text, on the viewer's origin.  Now a JSON
+        sentence without it, under a sandboxing policy; so is every answer
+        of the DICOMweb API.
+        """
+        payload = "<img/src=x/onerror=alert(1)>"
+        for user, path in (
+            (VIEWER, "/pacs/studies?fuzzymatching=" + urllib.parse.quote(payload)),
+            (ADMIN, "/pacs-admin/patients?expand=" + urllib.parse.quote(payload) + "&since=x"),
+        ):
+            status, headers, body = await self.fetch(path, user=user)
+            self.assertEqual(status // 100, 4, (path, body[:300]))
+            self.assertEqual(headers["Content-Type"], "application/json", body[:300])
+            self.assertNotIn(b"onerror", body)
+            self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+            self.assertIn("error", json.loads(body))
+        status, headers, _ = await self.fetch("/pacs/studies", user=VIEWER)
+        self.assertEqual((status, headers["Content-Security-Policy"]), (200, "default-src 'none'; sandbox"))
 
     async def test_archiveComesWhole(self):
         """

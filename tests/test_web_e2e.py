@@ -194,6 +194,10 @@ class ViewerEndToEndTests(TestCase):
                 and (" 401 " in entry["message"] or (" 403 " in entry["message"] and "pacs-admin" not in entry["message"]))
             ]
             self.assertEqual(refused, [])
+            # Neither Orthanc Explorer, under the policy written for it, nor
+            # the viewer met a Content-Security-Policy it broke.
+            violations = [entry["message"] for entry in console if "Content Security Policy" in entry["message"]]
+            self.assertEqual(violations, [])
             self.assertGreater((ARTIFACTS / "study-viewer.png").stat().st_size, 10_000)
             self.checkEveryViewerRequestCarriedTheSession()
             refusals = [line for line in self.output.lines if f" - {READER[0]} [" in line and '"GET /pacs-admin/' in line]

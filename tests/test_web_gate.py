@@ -273,7 +273,7 @@ class GatedSiteCase(SynchronousTestCase):
         self.site.startFactory()
         self.addCleanup(self.site.stopFactory)
 
-    def recordForward(self, request, target: bytes, rewrite=None, stores=False):
+    def recordForward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None):
         """
         In place of L{OrthancProxy.forward}: note what reached the proxy and
         answer 200, at once, or when the test calls C{answer} with

@@ -27,7 +27,12 @@ from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancState
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL, OrthancTurns
 from appliance.web.adminroutes import RouteTable
-from appliance.web.routes import PacsAdminResource, buildProxyResources
+from appliance.web.routes import (
+    DICOMWEB_CLIENT_POLICY,
+    ORTHANC_EXPLORER_POLICY,
+    PacsAdminResource,
+    buildProxyResources,
+)
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
 from tests.test_answer_end import BOUNDARY, archive, multipart
 
@@ -394,6 +399,60 @@ class AnswerHeaderTests(ProxyCase):
         logged = "".join(repr(event) for event in self.events)
         self.assertNotIn(ORTHANC.password, logged)
         self.assertNotIn(ORTHANC.authorization().decode(), logged)
+
+
+#: Orthanc's answer to the outside review's search: its error page, with the
+#: request's text in it.
+ECHOED = b"<html><body><img/src=x/onerror=alert(1)></body></html>"
+
+
+class PageTests(ProxyCase):
+    """
+    No page Orthanc answers is rendered on the site's origin but Orthanc
+    Explorer's own: every answer carries a Content-Security-Policy, and
+    Orthanc's HTML error pages become the appliance's sentence.
+    """
+
+    def page(self, path: str, status: str = "400 Bad Request", contentType: str = "text/html; charset=utf-8"):
+        """
+        The client's answer when Orthanc answers C{path} with L{ECHOED}.
+        """
+        client = self.client("GET", path)
+        upstream = self.upstream()
+        upstream.respond(head(status, [("Content-Type", contentType)], len(ECHOED)) + ECHOED)
+        # A page not passed on is not read: the connection to Orthanc ends.
+        upstream.lose()
+        return client.answer()
+
+    def test_orthancErrorPageBecomesASentence(self) -> None:
+        for path in ("/pacs/studies?fuzzymatching=%3Cimg/src=x/onerror=alert(1)%3E", "/pacs-admin/patients"):
+            answer = self.page(path)
+            self.assertEqual((answer.status, answer.header("Content-Type")), (400, "application/json"), path)
+            self.assertEqual(answer.json(), {"error": "The archive refused this request (400 Bad Request)."})
+            self.assertEqual(answer.header("Content-Security-Policy"), None)
+
+    def test_pageOutsideExplorerIsNotPassed(self) -> None:
+        for contentType in ("text/html", "application/xhtml+xml", "TEXT/HTML; charset=utf-8"):
+            answer = self.page("/pacs-admin/instances/1/content/0010-0010", "200 OK", contentType)
+            self.assertEqual(answer.status, 502)
+            self.assertNotIn(b"onerror", answer.body)
+
+    def test_everyOtherAnswerIsSandboxed(self) -> None:
+        for path in ("/pacs/studies", "/pacs-admin/system", "/pacs-admin/app/explorer.js"):
+            answer, _ = self.exchange("GET", path, head(headers=[("Content-Type", "application/json")], length=2) + b"{}")
+            self.assertEqual(answer.header("Content-Security-Policy"), "default-src 'none'; sandbox", path)
+
+    def test_explorerPagesHaveTheirOwnPolicy(self) -> None:
+        for path, policy in (
+            ("/pacs-admin/app/explorer.html", ORTHANC_EXPLORER_POLICY),
+            ("/pacs-admin/pacs/app/client/index.html", DICOMWEB_CLIENT_POLICY),
+        ):
+            answer = self.page(path, "200 OK")
+            self.assertEqual(answer.status, 200)
+            self.assertEqual(answer.header("Content-Security-Policy"), policy.decode())
+        # Its error pages are Orthanc's error pages.
+        self.assertEqual(self.page("/pacs-admin/app/missing.html", "404 Not Found").status, 404)
+        self.assertEqual(self.page("/pacs-admin/app/missing.html", "404 Not Found").header("Content-Type"), "application/json")
 
 
 class SupervisorStateTests(ProxyCase):

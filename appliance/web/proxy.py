@@ -98,9 +98,20 @@ _REQUEST_DROPPED = frozenset(
 #: the appliance's too (see L{appliance.web.cors}).
 _RESPONSE_DROPPED = frozenset({b"www-authenticate", b"server"})
 
+#: The Content-Security-Policy of every proxied answer but the pages a route
+#: allows: nothing it holds may run, load anything, or act as this site's
+#: page (Orthanc echoes a request's text into its error pages).
+SANDBOXED = b"default-src 'none'; sandbox"
+
+#: Media types a browser renders as a page of the site's origin.
+PAGE_TYPES = frozenset({b"text/html", b"application/xhtml+xml"})
+
+#: The types of Orthanc's error answers that are passed on as they are.
+JSON_TYPES = frozenset({b"application/json", b"application/dicom+json"})
+
 #: What is compressed on the fly: DICOMweb metadata shrinks about tenfold;
 #: pixel data and images are not worth the processor time.
-COMPRESSIBLE_TYPES = frozenset({b"application/dicom+json", b"application/json"})
+COMPRESSIBLE_TYPES = JSON_TYPES
 GZIP_LEVEL = 6
 
 #: Statuses whose answer has no body, or a body of which gzip would break
@@ -266,6 +277,14 @@ def copyAnswerHeaders(response: IResponse, request: Request, rewrite: Optional[H
                 addVary(request, value)
         elif values:
             request.responseHeaders.setRawHeaders(name, values)
+
+
+def describeStatus(response: IResponse) -> str:
+    """
+    The reason phrase of Orthanc's answer, as printable ASCII.
+    """
+    phrase = response.phrase.decode("ascii", "replace")
+    return "".join(character for character in phrase if character.isprintable()) or "error"
 
 
 def _contentType(response: IResponse) -> bytes:
@@ -505,14 +524,26 @@ class OrthancProxy(Service):
         return self._pool.closeCachedConnections()
 
     def forward(
-        self, request: Request, target: bytes, rewrite: Optional[HeaderRewriter] = None, stores: bool = False
+        self,
+        request: Request,
+        target: bytes,
+        rewrite: Optional[HeaderRewriter] = None,
+        stores: bool = False,
+        pagePolicy: Optional[bytes] = None,
     ) -> int:
         """
         Answer C{request} with Orthanc's answer to the same method, headers and
         body at C{target} (a path and query, already checked by the route).
 
+        Every answer carries a Content-Security-Policy: L{SANDBOXED}, or
+        C{pagePolicy} for a page the route lets through.  A page Orthanc
+        answers anywhere else (its error pages) is not passed: the client gets
+        the appliance's JSON sentence instead, with Orthanc's status.
+
         @param rewrite: the route's changes to Orthanc's answer headers.
         @param stores: whether the request uploads instances into the archive.
+        @param pagePolicy: the policy of the pages of Orthanc's own web
+            application at C{target}, if it is one; L{None} lets no page through.
         @return: L{NOT_DONE_YET}, for C{render}.
         """
         state, credentials = self.orthanc.state, self.orthanc.credentials
@@ -527,7 +558,7 @@ class OrthancProxy(Service):
             answer(request, http.BAD_REQUEST, "The request needs one valid Host header.")
             return NOT_DONE_YET
         headers = upstreamHeaders(request, credentials.authorization(), host)
-        _Exchange(self, request, self.origin + target, headers, rewrite).start()
+        _Exchange(self, request, self.origin + target, headers, rewrite, pagePolicy).start()
         return NOT_DONE_YET
 
 
@@ -608,7 +639,9 @@ class _Exchange:
 
     log = Logger()
 
-    def __init__(self, proxy: OrthancProxy, request: Request, url: bytes, headers: Headers, rewrite) -> None:
+    def __init__(
+        self, proxy: OrthancProxy, request: Request, url: bytes, headers: Headers, rewrite, pagePolicy: Optional[bytes]
+    ) -> None:
         self._proxy = proxy
         self._request = request
         account = getattr(request, "account", None)
@@ -617,6 +650,7 @@ class _Exchange:
         self._url = url
         self._headers = headers
         self._rewrite = rewrite
+        self._pagePolicy = pagePolicy
         self._phase = WAITING
         self._holdsTurn = False
         self._pending: Optional[Deferred] = None
@@ -728,9 +762,33 @@ class _Exchange:
             )
             answerUnavailable(request, OrthancState.RESTARTING)
             return
+        contentType = mediaType(_contentType(response))
+        isPage = contentType in PAGE_TYPES
+        if response.code >= 400 and contentType not in JSON_TYPES or (
+            isPage and self._pagePolicy is None and not 300 <= response.code < 400
+        ):
+            # Orthanc's error answers echo the request's text, some with no
+            # type at all (which twisted.web would send as text/html): on
+            # this origin, that would be the request's script running as the
+            # site's.  Its pages are the web applications' only.
+            self._end()
+            response.deliverBody(_Discard())
+            self.log.info(
+                "Orthanc answered {method} {path} with a page ({status}): answered with a sentence instead",
+                status=response.code,
+                **self._where(),
+            )
+            if response.code >= 400:
+                answer(request, response.code, f"The archive refused this request ({response.code} {describeStatus(response)}).")
+            else:
+                answer(request, http.BAD_GATEWAY, "The archive answered with a web page, which the appliance does not pass on.")
+            return
         self._phase = ANSWER
         request.setResponseCode(response.code)
+        # An answer without a type keeps none (twisted.web would say text/html).
+        request.defaultContentType = None
         copyAnswerHeaders(response, request, self._rewrite)
+        request.setHeader(b"Content-Security-Policy", self._pagePolicy if isPage else SANDBOXED)
         # The Agent keeps Content-Length to itself.
         if isinstance(response.length, int) and response.code not in http.NO_BODY_CODES:
             request.setHeader(b"Content-Length", b"%d" % (response.length,))

@@ -273,6 +273,51 @@ class PacsResource(Resource):
         return self._proxy.forward(request, upstream, stores=stow and request.method == b"POST")
 
 
+#: The Content-Security-Policy of Orthanc Explorer's pages (Orthanc 1.10.1's
+#: explorer.html, jQuery 1 and jQuery Mobile), found with headless Chromium
+#: through every page of it, violations reported: its scripts are its own
+#: files, but for one inline handler (the upload button's
+#: C{$('#fileupload').click()}, allowed by its hash); its markup and jQuery
+#: Mobile write style attributes, at run time too (allowed inline: a style
+#: runs nothing); its images are its own, and data: ones; it talks to
+#: Orthanc's REST API only; its forms are never submitted (uploads go by
+#: XMLHttpRequest); no other site may frame it.
+ORTHANC_EXPLORER_POLICY = (
+    b"default-src 'none'; script-src 'self' 'unsafe-hashes' 'sha256-Sii8hGRfSHoJ5vCqzknXRD7Kn5fF/c8F8MpnZ8aUqFc=';"
+    b" style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; base-uri 'self';"
+    b" form-action 'none'; frame-ancestors 'none'"
+)
+
+#: The policy of the DICOMweb plugin's client (Vue.js, opened from Explorer's
+#: plugin page): the same, but its templates are compiled in the browser
+#: (C{new Function}: 'unsafe-eval') and it loads its own fonts.
+DICOMWEB_CLIENT_POLICY = (
+    b"default-src 'none'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+    b" font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+#: Where Orthanc's own web applications keep their pages, and the policy of
+#: each: Orthanc Explorer, and the DICOMweb plugin's client.
+ORTHANC_PAGES = (
+    ((DICOMWEB_ROOT.strip("/").encode("ascii"), b"app"), DICOMWEB_CLIENT_POLICY),
+    ((b"app",), ORTHANC_EXPLORER_POLICY),
+)
+
+
+def pagePolicy(method: bytes, target: Target) -> Optional[bytes]:
+    """
+    The policy under which C{target} may be answered with a page of one of
+    Orthanc's own web applications (read with GET or HEAD); L{None} if it
+    may not be answered with a page.
+    """
+    if method not in (b"GET", b"HEAD"):
+        return None
+    for prefix, policy in ORTHANC_PAGES:
+        if target.segments[: len(prefix)] == prefix:
+            return policy
+    return None
+
+
 class PacsAdminResource(Resource):
     """
     C{/pacs-admin/...}: Orthanc's HTTP API and Orthanc Explorer, for
@@ -329,7 +374,9 @@ class PacsAdminResource(Resource):
         stores = request.method in (b"POST", b"PUT") and not any(
             _matches(target, pattern) for pattern in READING_WRITES
         )
-        return self._proxy.forward(request, upstream, self.rewriteHeader, stores=stores)
+        return self._proxy.forward(
+            request, upstream, self.rewriteHeader, stores=stores, pagePolicy=pagePolicy(request.method, target)
+        )
 
     def _refusal(self, method: bytes, target: Target) -> Optional[str]:
         """
