@@ -442,6 +442,16 @@ class PageTests(ProxyCase):
             answer, _ = self.exchange("GET", path, head(headers=[("Content-Type", "application/json")], length=2) + b"{}")
             self.assertEqual(answer.header("Content-Security-Policy"), "default-src 'none'; sandbox", path)
 
+    def test_untypedAnswerIsText(self) -> None:
+        """
+        Orthanc answers some requests with no type: twisted.web would call
+        them text/html.
+        """
+        answer, _ = self.exchange("DELETE", "/pacs-admin/studies/1", head(length=0))
+        self.assertEqual((answer.status, answer.header("Content-Type")), (200, "text/plain"))
+        answer, _ = self.exchange("GET", "/pacs-admin/patients", head("404 Not Found", length=0))
+        self.assertEqual((answer.status, answer.header("Content-Type")), (404, "application/json"))
+
     def test_explorerPagesHaveTheirOwnPolicy(self) -> None:
         for path, policy in (
             ("/pacs-admin/app/explorer.html", ORTHANC_EXPLORER_POLICY),

@@ -785,9 +785,12 @@ class _Exchange:
             return
         self._phase = ANSWER
         request.setResponseCode(response.code)
-        # An answer without a type keeps none (twisted.web would say text/html).
-        request.defaultContentType = None
         copyAnswerHeaders(response, request, self._rewrite)
+        if not contentType and response.code not in (http.NO_CONTENT, http.NOT_MODIFIED):
+            # Orthanc's untyped answers (empty ones, mostly) are text: not the
+            # text/html twisted.web would say, nor the XML that jQuery parses
+            # an untyped answer as in Orthanc Explorer.
+            request.setHeader(b"Content-Type", b"text/plain")
         request.setHeader(b"Content-Security-Policy", self._pagePolicy if isPage else SANDBOXED)
         # The Agent keeps Content-Length to itself.
         if isinstance(response.length, int) and response.code not in http.NO_BODY_CODES:

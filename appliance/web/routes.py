@@ -274,26 +274,35 @@ class PacsResource(Resource):
 
 
 #: The Content-Security-Policy of Orthanc Explorer's pages (Orthanc 1.10.1's
-#: explorer.html, jQuery 1 and jQuery Mobile), found with headless Chromium
-#: through every page of it, violations reported: its scripts are its own
-#: files, but for one inline handler (the upload button's
-#: C{$('#fileupload').click()}, allowed by its hash); its markup and jQuery
-#: Mobile write style attributes, at run time too (allowed inline: a style
-#: runs nothing); its images are its own, and data: ones; it talks to
-#: Orthanc's REST API only; its forms are never submitted (uploads go by
-#: XMLHttpRequest); no other site may frame it.
+#: explorer.html: jQuery 1.7 and jQuery Mobile 1.1), found with headless
+#: Chromium through each of its pages and actions, violations reported:
+#:   - scripts: its own files, and the one inline handler of the upload
+#:     button (C{$('#fileupload').click()}), by its hash;
+#:   - style elements: its own style sheets, and the two that jQuery Mobile
+#:     inserts to test the browser (by their hashes: blocked, it takes the
+#:     browser for an unsupported one and builds no page);
+#:   - style attributes: inline, as its markup and its libraries write them
+#:     at run time (a style runs nothing);
+#:   - its own images; requests to Orthanc's REST API only; no form is ever
+#:     submitted (uploads go by XMLHttpRequest); jQuery Mobile's own <base>;
+#:     no other site may frame it.
 ORTHANC_EXPLORER_POLICY = (
     b"default-src 'none'; script-src 'self' 'unsafe-hashes' 'sha256-Sii8hGRfSHoJ5vCqzknXRD7Kn5fF/c8F8MpnZ8aUqFc=';"
-    b" style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; base-uri 'self';"
-    b" form-action 'none'; frame-ancestors 'none'"
+    b" style-src 'self' 'sha256-+6rqrHwM0iNbWs+08gR3sxT4/H+IRXQV5XSfsge+AsI='"
+    b" 'sha256-KHi2lMak6BG2zxgTIQUBn6hWbOxbIEVC56WJ+f1AEBA='; style-src-attr 'unsafe-inline'; img-src 'self';"
+    b" connect-src 'self'; base-uri 'self'; form-action 'none'; frame-ancestors 'none'"
 )
 
-#: The policy of the DICOMweb plugin's client (Vue.js, opened from Explorer's
-#: plugin page): the same, but its templates are compiled in the browser
-#: (C{new Function}: 'unsafe-eval') and it loads its own fonts.
+#: The policy of the DICOMweb plugin's client (Vue 2.6, opened from
+#: Explorer's plugin page), found the same way: its page template is
+#: compiled in the browser (C{new Function}: 'unsafe-eval'), it has one
+#: style element of its own (by its hash), and loads its own fonts and
+#: data: images.
 DICOMWEB_CLIENT_POLICY = (
-    b"default-src 'none'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
-    b" font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    b"default-src 'none'; script-src 'self' 'unsafe-eval';"
+    b" style-src 'self' 'sha256-ROG1VnQz01Y4QM0wyOYNKFTjMaR1dmkehQw9jPXubkg='; style-src-attr 'unsafe-inline';"
+    b" img-src 'self' data:; font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none';"
+    b" frame-ancestors 'none'"
 )
 
 #: Where Orthanc's own web applications keep their pages, and the policy of
