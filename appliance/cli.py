@@ -22,7 +22,7 @@ from twisted.scripts import twistd
 
 import appliance
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
-from appliance.orthanc.firewall import FirewallError, OrthancFirewall
+from appliance.orthanc.firewall import FirewallError, OrthancFirewall, removeEveryTable
 from appliance.service import serviceMaker
 from appliance.web.users import (
     UserEntry,
@@ -81,11 +81,11 @@ class VersionOptions(_ConfigOption):
 
 
 class FirewallOptions(_OptionsAfterArguments):
-    synopsis = "apply|remove [--config PATH]"
+    synopsis = "apply|remove|restore [--config PATH]"
 
     def parseArgs(self, action: str) -> None:
-        if action not in ("apply", "remove"):
-            raise usage.UsageError(f"{action!r} is neither apply nor remove")
+        if action not in ("apply", "remove", "restore"):
+            raise usage.UsageError(f"{action!r} is not apply, remove or restore")
         self["action"] = action
 
 
@@ -125,7 +125,8 @@ class CommandLine(usage.Options):
             "firewall",
             None,
             FirewallOptions,
-            "Close Orthanc's ports to other hosts (apply), or open them again (remove); needs root.",
+            "Close Orthanc's ports to other hosts (apply), open them again (remove), or close them again"
+            " after the box's firewall was reloaded (restore); needs root.",
         ],
     ]
 
@@ -273,29 +274,41 @@ def passwd(options: PasswdOptions) -> int:
 
 def firewall(configPath: str, action: str) -> int:
     """
-    Apply or remove the nftables rules that close Orthanc's ports to other
-    hosts (the unit's C{ExecStartPre=+} and C{ExecStopPost=+}, as root).
+    The nftables rules that close Orthanc's ports to other hosts, as root:
+    apply them (the unit's C{ExecStartPre=+}), remove them (its
+    C{ExecStopPost=+}), or restore those a running appliance recorded (after
+    the box's own firewall has flushed them: the nftables.service drop-in).
     """
     config = loadOrReport(configPath)
-    if config is None:
-        return 1
-    rules = OrthancFirewall.fromConfig(config)
-    if action == "apply" and not config.orthanc.firewall:
-        print("[orthanc] firewall = no: Orthanc's ports are left to this box's own firewall.")
-        return 0
     try:
+        if config is None:
+            if action != "remove":
+                return 1
+            # Stopping must not leave the rules behind for a broken file.
+            removed = removeEveryTable()
+            print(f"Could not read the configuration: removed every appliance's rules ({', '.join(removed) or 'none'}).")
+            return 0
+        rules = OrthancFirewall.fromConfig(config)
         if action == "apply":
+            if not config.orthanc.firewall:
+                print("[orthanc] firewall = no: Orthanc's ports are left to this box's own firewall.")
+                return 0
             rules.apply()
-        else:
+            print(f"Orthanc's ports {rules.httpPort} and {rules.dicomPort} are closed to other hosts"
+                  f" (nftables table inet {rules.table}).")
+        elif action == "remove":
             rules.remove()
+            print(f"Removed the rules on Orthanc's ports {rules.httpPort} and {rules.dicomPort}.")
+        else:
+            restored = rules.restore()
+            if restored is None:
+                print("No appliance has recorded rules on Orthanc's ports: nothing to restore.")
+            else:
+                print(f"Orthanc's ports {restored.httpPort} and {restored.dicomPort} are closed to other hosts"
+                      f" again (nftables table inet {restored.table}).")
     except FirewallError as error:
         print(f"pacs-appliance firewall: {error}", file=sys.stderr)
         return 1
-    ports = f"{rules.httpPort} and {rules.dicomPort}"
-    if action == "apply":
-        print(f"Orthanc's ports {ports} are closed to other hosts (nftables table inet {rules.table}).")
-    else:
-        print(f"Removed the rules on Orthanc's ports {ports}.")
     return 0
 
 

@@ -595,15 +595,6 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
                 " (install the orthanc-dicomweb package)"
             )
 
-    if config.orthanc.firewall:
-        from appliance.orthanc.firewall import NFT
-
-        if not os.access(NFT, os.X_OK):
-            problems.append(
-                f"{where('orthanc', 'firewall')}: {NFT} is missing: install the nftables package, which"
-                " closes Orthanc's ports to other hosts (or set no if this box's own firewall does)"
-            )
-
     # Either both halves of the certificate are installed or neither is (then a
     # self-signed one is generated); one alone is a mistake made while installing.
     certificate, privateKey = config.tls.certificate, config.tls.private_key

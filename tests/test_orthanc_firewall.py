@@ -51,6 +51,26 @@ def tableExists(table: str) -> bool:
     return listed.returncode == 0
 
 
+#: The drop-in that has nftables.service restore the appliance's rules.
+NFTABLES_DROP_IN = Path(__file__).resolve().parent.parent / "systemd" / "nftables.service.d" / "pacs-appliance.conf"
+
+
+def dropInCommand(key: str, configPath: Path) -> list:
+    """
+    The drop-in's C{key} command line ("-" dropped), with the checkout's
+    program and the test's configuration.
+    """
+    [line] = [line.split("=", 1)[1] for line in NFTABLES_DROP_IN.read_text().splitlines() if line.startswith(key + "=")]
+    return localCommand(line.removeprefix("-"), configPath)
+
+
+def localCommand(line: str, configPath: Path) -> list:
+    return [
+        str(EXECUTABLE) if word == "/usr/bin/pacs-appliance" else str(configPath) if word == "/etc/pacs-appliance/appliance.ini" else word
+        for word in shlex.split(line)
+    ]
+
+
 def unitCommand(key: str, configPath: Path) -> list:
     """
     The unit's C{key} command line (the "+" of privilege dropped: this test
@@ -58,10 +78,7 @@ def unitCommand(key: str, configPath: Path) -> list:
     """
     line = unitSettings()[key]
     assert line.startswith("+"), f"{key} must run with privilege: {line}"
-    return [
-        str(EXECUTABLE) if word == "/usr/bin/pacs-appliance" else str(configPath) if word == "/etc/pacs-appliance/appliance.ini" else word
-        for word in shlex.split(line[1:])
-    ]
+    return localCommand(line[1:], configPath)
 
 
 class RulesTests(SynchronousTestCase):
@@ -82,6 +99,7 @@ class RulesTests(SynchronousTestCase):
         self.firewall.record()
         self.assertTrue(self.firewall.inForce())
         self.assertEqual(oct(self.firewall.recordPath.stat().st_mode & 0o777), "0o644")
+        self.assertEqual(json.loads(self.firewall.recordPath.read_text()), {"ports": list(self.firewall.ports)})
         moved = OrthancFirewall(freePort(), self.firewall.dicomPort, self.firewall.runtimeDir)
         self.assertFalse(moved.inForce())
         # The rules applied are removed even after the ports were edited.
@@ -89,6 +107,43 @@ class RulesTests(SynchronousTestCase):
         self.assertIn(f"delete table inet {moved.table}", moved.removal())
         self.firewall.forget()
         self.assertFalse(self.firewall.inForce())
+
+
+    def test_recordCannotBecomeAnNftCommand(self):
+        """
+        Root reads the record back from a folder the daemon's user owns: what
+        that user writes there never becomes a word of an nft command.
+        """
+        self.firewall.runtimeDir.mkdir(parents=True, exist_ok=True)
+        for forged in (
+            {"table": "x; flush ruleset", "ports": list(self.firewall.ports)},
+            {"ports": ["1; flush ruleset", 2]},
+            {"ports": [0, 70000]},
+            {"ports": [1, 2, 3]},
+            "not json",
+        ):
+            self.firewall.recordPath.write_text(json.dumps(forged) if not isinstance(forged, str) else forged)
+            self.assertNotIn("flush", self.firewall.removal())
+            recorded = self.firewall.recorded()
+            self.assertIn(recorded, (None, self.firewall), forged)
+
+    def test_recordWrittenThroughNoLink(self):
+        """
+        A link left at the record's names by the daemon's user is replaced,
+        never written through (root writes the record).
+        """
+        target = temporaryFolder(self) / "precious"
+        target.write_text("precious")
+        self.firewall.runtimeDir.mkdir(parents=True, exist_ok=True)
+        for name in (self.firewall.recordPath, self.firewall.recordPath.with_suffix(".tmp")):
+            name.symlink_to(target)
+        self.firewall.record()
+        self.assertEqual(target.read_text(), "precious")
+        self.assertFalse(self.firewall.recordPath.is_symlink())
+        self.assertTrue(self.firewall.inForce())
+        self.firewall.recordPath.unlink()
+        self.firewall.recordPath.symlink_to(target)
+        self.assertIsNone(self.firewall.recorded())
 
 
 class GuardReportTests(SynchronousTestCase):
@@ -140,18 +195,6 @@ class GuardReportTests(SynchronousTestCase):
         self.assertFalse(guard.firewall.inForce())
 
 
-class CheckConfigTests(SynchronousTestCase):
-    def test_firewallNeedsNft(self):
-        self.patch(firewall, "NFT", Path("/nonexistent/nft"))
-        from appliance.config import ConfigError
-
-        with self.assertRaises(ConfigError) as raised:
-            loadConfig(writeTestConfig(temporaryFolder(self)))
-        [problem] = raised.exception.problems
-        self.assertIn("[orthanc] firewall: /nonexistent/nft is missing: install the nftables package", problem)
-        loadConfig(writeTestConfig(temporaryFolder(self), orthanc={"firewall": "no"}))
-
-
 def needsRoot(case):
     if os.geteuid() != 0:
         case.skipTest("changing the firewall and network namespaces need root")
@@ -181,13 +224,40 @@ class CommandLineTests(SynchronousTestCase):
         ports = ", ".join(str(port) for port in sorted(self.rules.ports))
         self.assertIn(f'iif != "lo" tcp dport {{ {ports} }}', listed.stdout)
         self.assertIn("reject with tcp reset", listed.stdout)
-        self.assertEqual(json.loads(self.rules.recordPath.read_text())["table"], self.rules.table)
+        self.assertTrue(self.rules.inForce())
         removed = self.command("remove")
         self.assertEqual(removed.returncode, 0, removed.stderr)
         self.assertFalse(tableExists(self.rules.table))
         self.assertFalse(self.rules.recordPath.exists())
         # Removing what is not there is no error (ExecStopPost after a failed start).
         self.assertEqual(self.command("remove").returncode, 0)
+
+    def test_restoredAfterTheBoxsFirewallFlushesIt(self):
+        """
+        nftables.service flushes the whole ruleset when it reloads: its
+        drop-in puts the rules of a running appliance back, and does nothing
+        for a stopped one.
+        """
+        self.assertEqual(self.command("apply").returncode, 0)
+        subprocess.run([str(firewall.NFT), "delete", "table", "inet", self.rules.table], check=True)
+        reload = dropInCommand("ExecReload", self.config.sources[0])
+        restored = subprocess.run(reload, capture_output=True, text=True, timeout=60)
+        self.assertEqual(restored.returncode, 0, restored.stderr)
+        self.assertIn("closed to other hosts again", restored.stdout)
+        self.assertTrue(tableExists(self.rules.table))
+        self.assertEqual(self.command("remove").returncode, 0)
+        restored = subprocess.run(reload, capture_output=True, text=True, timeout=60)
+        self.assertIn("nothing to restore", restored.stdout)
+        self.assertFalse(tableExists(self.rules.table))
+
+    def test_removedEvenWithABrokenConfiguration(self):
+        self.assertEqual(self.command("apply").returncode, 0)
+        path = self.config.sources[0]
+        path.write_text(path.read_text() + "\n[orthanc]\nhttp_port = none\n")
+        removed = self.command("remove")
+        self.assertEqual(removed.returncode, 0, removed.stderr)
+        self.assertIn(self.rules.table, removed.stdout)
+        self.assertFalse(tableExists(self.rules.table))
 
 
 class OtherHostCase(TestCase, DaemonClient):

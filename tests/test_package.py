@@ -292,6 +292,7 @@ def test_debContents(debPackage):
         "./usr/bin/pacs-appliance -> ../lib/pacs-appliance/pacs-appliance",
         "./usr/share/pacs-appliance/ohif/index.html",
         "./lib/systemd/system/pacs-appliance.service",
+        "./lib/systemd/system/nftables.service.d/pacs-appliance.conf",
         "./etc/pacs-appliance/appliance.ini",
         "./etc/pacs-appliance/users",
     ):

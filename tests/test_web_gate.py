@@ -109,13 +109,13 @@ ROLES = [
     Row("uploader", "POST", "/pacs/studies", 200, "/pacs/studies"),
     Row("uploader", "POST", "/pacs/studies/1.2.3", 200, "/pacs/studies/1.2.3"),
     Row("admin", "POST", "/pacs/studies", 200, "/pacs/studies"),
-    # Outside STOW-RS, POST is no DICOMweb method.
-    Row("uploader", "POST", "/pacs/studies/1.2.3/series", 405),
-    Row("uploader", "POST", "/pacs/wado", 405),
-    Row("admin", "POST", "/pacs/instances", 405),
+    # Outside STOW-RS, POST is no DICOMweb method: its body is not even read.
+    Row("uploader", "POST", "/pacs/studies/1.2.3/series", 413),
+    Row("uploader", "POST", "/pacs/wado", 413),
+    Row("admin", "POST", "/pacs/instances", 413),
     Row("uploader", "DELETE", "/pacs/studies/1.2.3", 403),
     Row("admin", "DELETE", "/pacs/studies/1.2.3", 405),
-    Row("admin", "PUT", "/pacs/studies", 405),
+    Row("admin", "PUT", "/pacs/studies", 413),
     # Methods are case-sensitive: "get" is no GET.
     Row("viewer", "get", "/pacs/studies", 403),
     Row("admin", "get", "/pacs/studies", 405),
@@ -443,6 +443,25 @@ class BeforeTheBodyTests(GatedSiteCase):
         connection.send(self.head("uploader", "POST", "/pacs/studies", 10, ("Origin", "https://evil.example")))
         self.assertRefusedUnread(connection, 403)
 
+    def test_noBodyWhereNoneIsRead(self) -> None:
+        """
+        A route that reads no body gets none read, whatever the account may
+        do there: the review's viewer otherwise filled its share of the spool
+        with bodies sent to the viewer's pages.
+        """
+        for user, method, path in (
+            ("viewer", "POST", "/index.html"),
+            ("viewer", "POST", "/healthz"),
+            ("viewer", "GET", "/pacs/studies"),
+            ("viewer", "OPTIONS", "/pacs/studies"),
+            ("admin", "DELETE", "/pacs-admin/studies/1"),
+        ):
+            connection = self.connect()
+            connection.send(self.head(user, method, path, 3 * 1024 * 1024))
+            body = self.assertRefusedUnread(connection, 413)
+            self.assertIn(b"This request takes no body", body, (method, path))
+        self.assertEqual(self.site.spoolQuota.held, 0)
+
     def test_allowedGetsTheContinue(self) -> None:
         connection = self.connect()
         connection.send(self.head("uploader", "POST", "/pacs/studies", 5, ("Expect", "100-continue")))
@@ -478,9 +497,7 @@ class SpoolShareTests(GatedSiteCase):
         self.upload("uploader", 1000)
         with capturedLogs() as events:
             refused = self.upload("admin", 600)
-        self.assertRefused(
-            refused, 507, b"The appliance is receiving 1000 KiB of uploads, the most it takes at once is 1536 KiB"
-        )
+        self.assertRefused(refused, 507, b"The appliance is receiving as many uploads as it takes at once (1536 KiB)")
         [line] = [formatEvent(event) for event in events if "Refused" in event["log_format"]]
         self.assertIn("with 507", line)
         # Within the total, another account still uploads.
@@ -496,3 +513,17 @@ class SpoolShareTests(GatedSiteCase):
         self.held.pop(0).finish()
         self.upload("uploader", 30)
         self.assertEqual([len(request.content.getvalue()) for request in self.held[1:]], [30 * 1024])
+
+    def test_aSlowBodyHoldsOnlyWhatArrived(self) -> None:
+        """
+        A body is counted as it arrives: one declared large and sent at a
+        crawl does not keep the others out.
+        """
+        slow = self.connect()
+        slow.send(self.head("uploader", "POST", "/pacs/studies", 1000 * 1024) + b"x" * (10 * 1024))
+        self.assertEqual(self.site.spoolQuota.held, 10 * 1024)
+        self.holding = True
+        self.upload("admin", 1000)
+        self.assertEqual(len(self.held), 1)
+        slow.lose()
+        self.assertEqual(self.site.spoolQuota.held, 1000 * 1024)

@@ -442,6 +442,14 @@ class PageTests(ProxyCase):
             answer, _ = self.exchange("GET", path, head(headers=[("Content-Type", "application/json")], length=2) + b"{}")
             self.assertEqual(answer.header("Content-Security-Policy"), "default-src 'none'; sandbox", path)
 
+    def test_redirectWithAPageIsSandboxed(self) -> None:
+        client = self.client("GET", "/pacs-admin/patients")
+        upstream = self.upstream()
+        upstream.respond(head("302 Found", [("Content-Type", "text/html"), ("Location", "/app/explorer.html")], len(ECHOED)) + ECHOED)
+        answer = client.answer()
+        self.assertEqual((answer.status, answer.header("Location")), (302, "/pacs-admin/app/explorer.html"))
+        self.assertEqual(answer.header("Content-Security-Policy"), "default-src 'none'; sandbox")
+
     def test_untypedAnswerIsText(self) -> None:
         """
         Orthanc answers some requests with no type: twisted.web would call
@@ -779,6 +787,21 @@ class FairTurnTests(SynchronousTestCase):
             pending = [entry for entry in pending if not entry[1].called]
             order.append(holder)
         self.assertEqual(order, ["alice", "bob", "carol", "alice", "bob"])
+
+    def test_aTurnThatEndsAtOnceGivesItOnAtOnce(self) -> None:
+        """
+        The request whose turn comes may end before its callback returns
+        (and release its turn within the release that gave it).
+        """
+        turns = OrthancTurns(2, 1, self.clock)
+        turns.acquire("alice")
+        turns.acquire("dave")
+        quick = [turns.acquire(name) for name in ("bob", "carol")]
+        quick[0].addCallback(lambda _: turns.release("bob"))
+        quick[1].addCallback(lambda _: turns.release("carol"))
+        turns.release("alice")
+        self.assertTrue(all(turn.called for turn in quick))
+        self.assertEqual((turns.underWay, turns.waiting), (1, 0))
 
     def test_leavingGivesUpThePlace(self) -> None:
         turns = OrthancTurns(1, 1, self.clock)

@@ -29,14 +29,16 @@ as root) applies them around Orthanc's life (L{OrthancPortGuard}).
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from appliance.config import Config
@@ -47,6 +49,9 @@ NFT = Path("/usr/sbin/nft")
 #: The record of the rules in force, in [appliance] runtime_dir: written by
 #: whoever applied them, read by the daemon, removed with them.
 RECORD_NAME = "orthanc-firewall.json"
+
+#: The appliance's tables: this, then Orthanc's HTTP and DICOM ports.
+TABLE_PREFIX = "pacs_appliance_orthanc_"
 
 #: The capability nftables asks for (linux/capability.h).
 CAP_NET_ADMIN = 12
@@ -65,7 +70,13 @@ class FirewallError(Exception):
 @dataclass(frozen=True)
 class OrthancFirewall:
     """
-    The rules that close Orthanc's ports of C{config} to other hosts.
+    The rules that close Orthanc's ports of C{config} to other hosts, and
+    their record in C{runtimeDir}.
+
+    The record names the ports only: root reads it back (to remove or
+    restore the rules) from a folder that the daemon's user owns, so nothing
+    in it may become a word of an nft command, and it is written without
+    following a link that user could have left there.
     """
 
     httpPort: int
@@ -82,7 +93,7 @@ class OrthancFirewall:
 
     @property
     def table(self) -> str:
-        return f"pacs_appliance_orthanc_{self.httpPort}_{self.dicomPort}"
+        return f"{TABLE_PREFIX}{self.httpPort}_{self.dicomPort}"
 
     @property
     def recordPath(self) -> Path:
@@ -121,9 +132,35 @@ class OrthancFirewall:
         """
         self.runtimeDir.mkdir(mode=0o750, parents=True, exist_ok=True)
         temporary = self.recordPath.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"table": self.table, "ports": list(self.ports)}) + "\n", encoding="utf-8")
-        temporary.chmod(0o644)
-        temporary.replace(self.recordPath)
+        temporary.unlink(missing_ok=True)
+        # O_EXCL and O_NOFOLLOW: root never writes through a link.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            os.fchmod(stream.fileno(), 0o644)
+            stream.write(json.dumps({"ports": list(self.ports)}) + "\n")
+        # Replaces a link left at the record's name, not what it points to.
+        os.replace(temporary, self.recordPath)
+
+    def recorded(self) -> Optional["OrthancFirewall"]:
+        """
+        The rules the record says are in force, if it is there and sound.
+        """
+        try:
+            fd = os.open(self.recordPath, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, encoding="utf-8") as stream:
+                httpPort, dicomPort = json.loads(stream.read(4096))["ports"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not all(type(port) is int and 1 <= port <= 65535 for port in (httpPort, dicomPort)):
+            return None
+        return OrthancFirewall(httpPort, dicomPort, self.runtimeDir)
+
+    def inForce(self) -> bool:
+        """
+        Whether the record says that rules for exactly these ports are in force.
+        """
+        recorded = self.recorded()
+        return recorded is not None and recorded.ports == self.ports
 
     def removal(self) -> str:
         """
@@ -134,7 +171,7 @@ class OrthancFirewall:
         tables = {self.table}
         recorded = self.recorded()
         if recorded is not None:
-            tables.add(recorded[0])
+            tables.add(recorded.table)
         return _emptied(*sorted(tables))
 
     def remove(self) -> None:
@@ -146,31 +183,41 @@ class OrthancFirewall:
         _runNft(self.removal(), "remove the rules on Orthanc's ports")
         self.forget()
 
+    def restore(self) -> Optional["OrthancFirewall"]:
+        """
+        Put the recorded rules in force again, if there is a record (a
+        running appliance's): a reload of the box's own firewall flushes
+        every table.  The rules restored, if any.
+
+        @raise FirewallError: if nft is missing or refuses.
+        """
+        recorded = self.recorded()
+        if recorded is not None:
+            _runNft(recorded.ruleset(), "close Orthanc's ports to other hosts again")
+        return recorded
+
     def forget(self) -> None:
         """
         Delete the record of the rules.
         """
-        try:
-            self.recordPath.unlink()
-        except FileNotFoundError:
-            pass
+        self.recordPath.unlink(missing_ok=True)
 
-    def recorded(self) -> Optional[Tuple[str, Tuple[int, ...]]]:
-        """
-        The table and ports of the rules recorded as in force, if any.
-        """
-        try:
-            record = json.loads(self.recordPath.read_text(encoding="utf-8"))
-            return str(record["table"]), tuple(int(port) for port in record["ports"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
 
-    def inForce(self) -> bool:
-        """
-        Whether the record says that rules for exactly these ports are in force.
-        """
-        recorded = self.recorded()
-        return recorded is not None and set(recorded[1]) == set(self.ports)
+def removeEveryTable() -> List[str]:
+    """
+    Remove the rules of every appliance on this box (when the configuration
+    that names them cannot be read); the tables removed.
+
+    @raise FirewallError: if nft is missing or refuses.
+    """
+    try:
+        listed = subprocess.run([str(NFT), "list", "tables"], capture_output=True, text=True, timeout=NFT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise FirewallError(f"cannot list the firewall's tables: {error}") from None
+    tables = re.findall(rf"(?m)^table inet ({TABLE_PREFIX}[0-9]+_[0-9]+)$", listed.stdout)
+    if tables:
+        _runNft(_emptied(*tables), "remove the rules on Orthanc's ports")
+    return tables
 
 
 def _emptied(*tables: str) -> str:
@@ -253,7 +300,14 @@ class OrthancPortGuard(MultiService):
                     f" {self.firewall.httpPort} and {self.firewall.dicomPort}."
                 ) from None
             self._applied = True
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except BaseException:
+            # The start ends here: nothing else would remove the rules.
+            if self._applied:
+                self._applied = False
+                self.firewall.remove()
+            raise
 
     def startService(self) -> None:
         self._report()
@@ -285,15 +339,18 @@ class OrthancPortGuard(MultiService):
         stopping = super().stopService()
         if self._applied:
             # Only once Orthanc is gone: until then its ports stay closed.
-            stopping.addBoth(lambda _: self._remove())
+            stopping.addBoth(self._remove)
         return stopping
 
-    def _remove(self) -> Deferred:
+    def _remove(self, stopped: object) -> Deferred:
+        if isinstance(stopped, Failure):
+            self.log.failure("Could not stop Orthanc cleanly", stopped)
         self._applied = False
         firewall = self.firewall
         # One command line, so that nft needs no input: the reactor's process
         # support runs it without blocking.
         removing = getProcessOutputAndValue(str(NFT), [firewall.removal()], env={}, reactor=self._reactor)
+        removing.addTimeout(NFT_TIMEOUT, self._reactor)
         removing.addCallback(self._removed)
         removing.addErrback(lambda failure: self.log.failure("Could not remove the rules on Orthanc's ports", failure))
         return removing

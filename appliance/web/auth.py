@@ -871,6 +871,24 @@ def requiredRole(name: bytes, method: bytes, rest: Sequence[bytes] = ()) -> Opti
     return "viewer"
 
 
+def takesBody(name: bytes, method: bytes, rest: Sequence[bytes]) -> bool:
+    """
+    Whether a request to the route C{name} (C{rest}: the segments after it)
+    may carry a body: the login and logout forms, STOW-RS, and writes to
+    Orthanc's REST API.  Nothing else reads one.
+    """
+    if name in (b"login", b"logout"):
+        return method == b"POST"
+    if name == b"pacs":
+        segments = list(rest)
+        while segments and segments[-1] == b"":
+            segments.pop()
+        return method == b"POST" and segments[:1] == [b"studies"] and len(segments) <= 2
+    if name == b"pacs-admin":
+        return method in (b"POST", b"PUT")
+    return False
+
+
 def localTarget(target: str) -> str:
     """
     C{target} if it is a path on this site (where the login may send the
@@ -1002,13 +1020,18 @@ class AccessGate(Resource):
             return refusal
         return self._root.getChildWithDefault(name, request)
 
-    def refusalFor(self, request: Request) -> Optional[Refusal]:
+    def refusalBeforeBody(self, request: Request) -> Optional[Refusal]:
         """
-        The refusal of C{request}, judged from its head and account alone
-        (its C{postpath} still whole): the request layer asks before reading
-        a body, so that a request refused here never has its body read.
+        The refusal of C{request}, which comes with a body, judged from its
+        head and account alone (its C{postpath} still whole): the request
+        layer asks before reading the body, so that a request refused here,
+        or one whose route reads no body, never has its body read.
         """
-        return self._check(request.postpath[0], request.postpath[1:], request)
+        name, rest = request.postpath[0], request.postpath[1:]
+        refusal = self._check(name, rest, request)
+        if refusal is None and not takesBody(name, request.method, rest):
+            refusal = Refusal(413, "This request takes no body: send it without one.")
+        return refusal
 
     def _check(self, name: bytes, rest: Sequence[bytes], request: Request) -> Optional[Refusal]:
         role = requiredRole(name, request.method, rest)

@@ -444,17 +444,21 @@ class OrthancTurns:
         left = self._held.pop(account, 0) - 1
         if left > 0:
             self._held[account] = left
+        started = []
         for waiting in list(self._queues):
             if self.underWay >= self.limit:
-                return
+                break
             if not self._mayStart(waiting):
                 continue
             queue = self._queues.pop(waiting)
-            turn = queue.popleft()
+            started.append(queue.popleft())
             if queue:
                 # Back of the line: the other accounts come first.
                 self._queues[waiting] = queue
             self._start(waiting)
+        # Fired once the books are straight: an exchange that starts may end,
+        # and release its turn, before its callback returns.
+        for turn in started:
             turn.callback(None)
 
     def _mayStart(self, account: str) -> bool:
@@ -791,7 +795,10 @@ class _Exchange:
             # text/html twisted.web would say, nor the XML that jQuery parses
             # an untyped answer as in Orthanc Explorer.
             request.setHeader(b"Content-Type", b"text/plain")
-        request.setHeader(b"Content-Security-Policy", self._pagePolicy if isPage else SANDBOXED)
+        # A page where the route allows one gets its policy; everything else
+        # (a redirect's page too) is sandboxed.
+        policy = self._pagePolicy if isPage and self._pagePolicy is not None else SANDBOXED
+        request.setHeader(b"Content-Security-Policy", policy)
         # The Agent keeps Content-Length to itself.
         if isinstance(response.length, int) and response.code not in http.NO_BODY_CODES:
             request.setHeader(b"Content-Length", b"%d" % (response.length,))

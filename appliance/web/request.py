@@ -248,7 +248,7 @@ class ApplianceRequest(Request):
         """
         site = self.channel.site
         if site.gate is not None:
-            refusal = site.gate.refusalFor(self)
+            refusal = site.gate.refusalBeforeBody(self)
             if refusal is not None:
                 self._refuse(refusal.code, refusal.message, refusal.headers)
                 return False
@@ -264,16 +264,20 @@ class ApplianceRequest(Request):
                 return False
         else:
             self._spoolAccount = account.name
-            if self._length is not None and not self._reserve(self._length):
+            # A body that could never fit is refused now; what one holds is
+            # counted as it arrives, so that a slow one holds only its bytes.
+            refusal = site.spoolQuota.check(account.name, self._length or 0)
+            if refusal is not None:
+                self._refuse(refusal.status, refusal.sentence, [(b"Retry-After", b"%d" % (SPOOL_RETRY_AFTER,))])
                 return False
         self._acceptBody()
         return True
 
     def _reserve(self, size: int) -> bool:
         """
-        Count C{size} more bytes of the body against the spool's shares (an
-        account's only: the login form's little body is not counted), or
-        refuse it; whether it may be read.
+        Count C{size} more bytes of the body, just arrived, against the
+        spool's shares (an account's only: the login form's little body is
+        not counted), or refuse the request; whether it may go on.
         """
         if self._spoolAccount is None:
             return True

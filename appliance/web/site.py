@@ -67,7 +67,7 @@ class ApplianceSite(Site):
     @param minBodyRate: the slowest average pace of a request body, in bytes
         a second, after C{headerTimeout} of grace.
     @param gate: judges a request from its head and account before its body
-        is read (L{appliance.web.auth.AccessGate.refusalFor}); without one,
+        is read (L{appliance.web.auth.AccessGate.refusalBeforeBody}); without one,
         every body from a known user is read.
     @param spoolQuota: the request bodies held, per account and in all.
     @param handshakeTimeout: how long a TLS handshake may take (the header

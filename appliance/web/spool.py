@@ -1,8 +1,9 @@
 """
 How much of the request bodies being received the appliance holds, per
-account and in all: each body is counted from the moment it may be read
-(its whole Content-Length at once, a chunked one as it arrives) until its
-request ends, in memory or in the spool folder alike.
+account and in all: each body is counted as it arrives, until its request
+ends, in memory or in the spool folder alike (a body declared larger than
+there is room for is refused before it is read, but nothing is held for it
+until it comes: a slow client holds only what it has sent).
 
 An account past its share is refused (429: its own uploads in progress must
 end first), so that one account cannot take the whole spool and a second one
@@ -43,13 +44,10 @@ class SpoolQuota:
         self.held = 0
         self._byAccount: Dict[str, int] = {}
 
-    def heldBy(self, name: str) -> int:
-        return self._byAccount.get(name, 0)
-
-    def reserve(self, name: str, size: int) -> Optional[SpoolRefusal]:
+    def check(self, name: str, size: int) -> Optional[SpoolRefusal]:
         """
-        Count C{size} more bytes for the account C{name}, unless that would
-        pass its share or the total: then count nothing and say why.
+        Why C{size} more bytes for the account C{name} would pass its share
+        or the total, if they would; counts nothing.
         """
         mine = self._byAccount.get(name, 0)
         if mine + size > self.perAccount:
@@ -61,12 +59,21 @@ class SpoolQuota:
         if self.held + size > self.total:
             return SpoolRefusal(
                 http.INSUFFICIENT_STORAGE_SPACE,
-                f"The appliance is receiving {describeSize(self.held, rounded=True)} of uploads, the most it takes"
-                f" at once is {describeSize(self.total)}: send this again in a few minutes.",
+                f"The appliance is receiving as many uploads as it takes at once ({describeSize(self.total)}):"
+                " send this again in a few minutes.",
             )
-        self._byAccount[name] = mine + size
-        self.held += size
         return None
+
+    def reserve(self, name: str, size: int) -> Optional[SpoolRefusal]:
+        """
+        Count C{size} more bytes for the account C{name}, unless that would
+        pass its share or the total: then count nothing and say why.
+        """
+        refusal = self.check(name, size)
+        if refusal is None:
+            self._byAccount[name] = self._byAccount.get(name, 0) + size
+            self.held += size
+        return refusal
 
     def release(self, name: str, size: int) -> None:
         """
