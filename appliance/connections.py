@@ -1,6 +1,6 @@
 """
 Who a client is, for counting, and how many connections a listener takes:
-in all, and from one client.
+in all, and from one client (an address, and an IPv6 /64 with more room).
 
 One host cannot take a listener's whole cap: past its own share, its new
 connections are closed at once, before any TLS is spoken (the handshake is
@@ -8,37 +8,60 @@ what costs), while other hosts are still served.
 """
 
 import ipaddress
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 from twisted.logger import Logger
 
 
-def clientKey(client) -> str:
-    """
-    Who a client is, for counting: the IPv4 address, or the /64 of an IPv6
-    one (one host usually holds a whole /64).
-    """
+#: How much more than one address an IPv6 /64 may take: a /64 is usually a
+#: whole network (a reading room), and any host in it may take many addresses.
+NETWORK_SHARE = 8
+
+#: How often a refused client is named in the log at most, in seconds.
+REFUSAL_LOG_INTERVAL = 60.0
+
+
+def _address(client):
     host = getattr(client, "host", None)
     if host is None:
-        return str(client)
+        return str(client), None
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return host
+        return host, None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), address
+
+
+def clientKey(client) -> str:
+    """
+    Who a client is, for counting and for the log: its address (an
+    IPv4-mapped IPv6 address as the IPv4 one).
+    """
+    return _address(client)[0]
+
+
+def networkKey(client) -> Optional[str]:
+    """
+    The IPv6 network (/64) of a client, counted too, with
+    L{NETWORK_SHARE} times the room of one address; L{None} for IPv4.
+    """
+    address = _address(client)[1]
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    return None
 
 
 class ConnectionLimits:
     """
-    The connections open on one listener, in all and by client (see
-    L{clientKey}), against C{total} and C{perClient}.
+    The connections open on one listener, in all and by client: against
+    C{total}, C{perClient} for one address, and C{perClient} times
+    L{NETWORK_SHARE} for an IPv6 /64.
 
-    A refusal is logged once, when a client (or the whole listener) starts
-    being refused, not once a connection: a flood would flood the journal.
+    Refusals are logged at most once every L{REFUSAL_LOG_INTERVAL} for a
+    client (and for the whole listener), with how many there were: a flood
+    of refused connections must not flood the journal.
 
     @param listener: names the listener in the log ("HTTPS", "DICOM TLS").
     @param section: the configuration section of its two limits.
@@ -46,67 +69,68 @@ class ConnectionLimits:
 
     log = Logger()
 
-    def __init__(self, total: int, perClient: int, listener: str, section: str) -> None:
+    def __init__(self, total: int, perClient: int, listener: str, section: str, clock) -> None:
         self.total = total
         self.perClient = perClient
         self._listener = listener
         self._section = section
+        self._clock = clock
         self._open = 0
         self._byClient: Dict[str, int] = {}
-        self._refusing: Dict[str, int] = {}
-        self._full = False
+        #: For each client refused lately: when it was last named in the
+        #: log, and how many refusals since.
+        self._refused: Dict[str, Tuple[float, int]] = {}
 
     def admits(self, address) -> bool:
         """
         Whether a new connection from C{address} may be taken now.
         """
-        key = clientKey(address)
+        host, network = clientKey(address), networkKey(address)
         if self._open >= self.total:
-            if not self._full:
-                self._full = True
-                self.log.warn(
-                    "Refusing new {listener} connections: {limit} are open ([{section}] max_connections)",
-                    listener=self._listener,
-                    limit=self.total,
-                    section=self._section,
-                )
+            self._refuse("", "Refusing new {listener} connections: {limit} are open ([{section}] max_connections)",
+                         limit=self.total)
             return False
-        if self._byClient.get(key, 0) >= self.perClient:
-            if key not in self._refusing:
-                self._refusing[key] = 0
-                self.log.warn(
+        for key, limit in ((host, self.perClient), (network, self.perClient * NETWORK_SHARE)):
+            if key is not None and self._byClient.get(key, 0) >= limit:
+                self._refuse(
+                    key,
                     "Refusing new {listener} connections from {client}: it has {limit} open"
                     " ([{section}] max_connections_per_address)",
-                    listener=self._listener,
                     client=key,
-                    limit=self.perClient,
-                    section=self._section,
+                    limit=limit,
                 )
-            self._refusing[key] += 1
-            return False
+                return False
         return True
 
+    def _refuse(self, key: str, format: str, **fields: object) -> None:
+        now = self._clock.seconds()
+        lastLogged, count = self._refused.get(key, (None, 0))
+        if lastLogged is not None and now - lastLogged < REFUSAL_LOG_INTERVAL:
+            self._refused[key] = (lastLogged, count + 1)
+            return
+        if count:
+            format += " ({count} more refused since the last such line)"
+        self.log.warn(format, listener=self._listener, section=self._section, count=count, **fields)
+        self._refused[key] = (now, 0)
+        if len(self._refused) > 1000:
+            # Forget the clients not refused for a while.
+            self._refused = {
+                other: entry for other, entry in self._refused.items() if now - entry[0] < REFUSAL_LOG_INTERVAL
+            }
+
     def opened(self, address) -> None:
-        key = clientKey(address)
         self._open += 1
-        self._byClient[key] = self._byClient.get(key, 0) + 1
+        for key in (clientKey(address), networkKey(address)):
+            if key is not None:
+                self._byClient[key] = self._byClient.get(key, 0) + 1
 
     def closed(self, address) -> None:
-        key = clientKey(address)
         self._open -= 1
-        left = self._byClient.pop(key, 0) - 1
-        if left > 0:
-            self._byClient[key] = left
-        if self._open < self.total:
-            self._full = False
-        refused = self._refusing.pop(key, None)
-        if refused:
-            self.log.info(
-                "Taking {listener} connections from {client} again; {count} were refused",
-                listener=self._listener,
-                client=key,
-                count=refused,
-            )
+        for key in (clientKey(address), networkKey(address)):
+            if key is not None:
+                left = self._byClient.pop(key, 0) - 1
+                if left > 0:
+                    self._byClient[key] = left
 
 
 class CappedConnections:

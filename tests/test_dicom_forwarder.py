@@ -615,8 +615,6 @@ class PerAddressCapTests(ForwarderTestCase):
         [refusal] = [e for e in self.events if "max_connections_per_address" in e.get("log_format", "")]
         self.assertEqual((refusal["client"], refusal["limit"]), ("127.0.0.2", 2))
 
-
-
     async def test_closedConnectionsNoLongerCount(self):
         """
         More TLS connections, one after the other, than an address may hold

@@ -28,7 +28,7 @@ from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
 from appliance.reload import ReloadOnSighup
 from appliance.web import auth
-from appliance.connections import clientKey
+from appliance.connections import clientKey, networkKey
 from appliance.web.auth import (
     BASIC_CACHE_LIFETIME,
     BUSY_MESSAGE,
@@ -641,14 +641,14 @@ class AuthenticatorTests(SynchronousTestCase):
             self.assertIsNone(self.successResultOf(identified))
             self.assertEqual(self.authenticator.retryAfter("vera", CLIENT), 0 if attempt < 4 else 600 - 3)
         # 4 failures (max_login_failures) within the window: the name is
-        # refused without a check, from any address, until the first is 10
+        # refused from that address without a check, until the first is 10
         # minutes old.
         checks = len(self.threads.calls)
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", PASSWORDS["vera"])))
-        self.assertIsNone(self.fixture.identify(OTHER_CLIENT, authorization=basicHeader("vera", PASSWORDS["vera"])))
         self.assertEqual(len(self.threads.calls), checks)
-        self.assertEqual(self.authenticator.retryAfter("vera", OTHER_CLIENT), 600 - 3, "per name")
-        # Another user from the same address is not refused.
+        # From elsewhere it is only slowed; another user from that address
+        # is not refused.
+        self.assertEqual(self.authenticator.retryAfter("vera", OTHER_CLIENT), 0)
         self.assertEqual(self.authenticator.retryAfter("uli", CLIENT), 0)
         self.assertEqual(self.fixture.identify(authorization=basicHeader("uli", PASSWORDS["uli"])).name, "uli")
         clock.advance(600 - 3)
@@ -658,7 +658,23 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(identified).name, "vera")
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "wrong 5")), "a success forgets the failures")
         [blocked] = [event for event in self.events if event.get("log_format", "").startswith("Refusing logins as")]
-        self.assertEqual(blocked["user"], "'vera'")
+        self.assertEqual((blocked["user"], blocked["client"]), ("'vera'", "192.0.2.10"))
+
+    def test_guessesFromElsewhereSlowTheOwnerButCannotLockThemOut(self):
+        """
+        Anyone may guess at a name: from many addresses, the guesses slow
+        every check for it down, but its owner, from an address with no
+        failure for it, is never refused.
+        """
+        clock = self.fixture.clock
+        for number in range(12):
+            clock.advance(60)
+            self.fixture.identify(clientNumber(number), authorization=basicHeader("ada", f"guess {number}"))
+        self.assertEqual(self.authenticator.retryAfter("ada", CLIENT), 0)
+        identified = self.authenticator.identify(headers(authorization=basicHeader("ada", PASSWORDS["ada"])), CLIENT)
+        self.assertNoResult(identified)
+        clock.advance(30)
+        self.assertEqual(self.successResultOf(identified).name, "ada")
 
     def test_loggingInAsOneselfClearsNoGuess(self):
         """
@@ -687,7 +703,8 @@ class AuthenticatorTests(SynchronousTestCase):
         for attempt in range(3):
             self.fixture.clock.advance(60)
             self.fixture.identify(authorization=basicHeader("vera", f"again {attempt}"))
-        self.assertGreater(self.authenticator.retryAfter("vera", OTHER_CLIENT), 0)
+        self.assertGreater(self.authenticator.retryAfter("vera", CLIENT), 0)
+        self.assertEqual(self.authenticator.retryAfter("vera", OTHER_CLIENT), 0)
 
     def test_sprayingFromOneAddressIsRefusedForEveryone(self):
         """
@@ -709,7 +726,7 @@ class AuthenticatorTests(SynchronousTestCase):
     def test_parallelGuessesGetNoMoreChecks(self):
         self.threads.hold = True
         guesses = [
-            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {n}")), clientNumber(n))
+            self.authenticator.identify(headers(authorization=basicHeader("vera", f"guess {n}")), CLIENT)
             for n in range(10)
         ]
         self.fixture.clock.advance(60)
@@ -719,9 +736,28 @@ class AuthenticatorTests(SynchronousTestCase):
         for guess in guesses:
             self.assertIsNone(self.successResultOf(guess))
 
-    def test_ipv6AddressesAreThrottledBySubnet(self):
-        self.assertEqual(clientKey(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)), "2001:db8:1:2::/64")
+    def test_ipv6AddressesAreThrottledWithTheirNetwork(self):
+        """
+        Guesses at a name from addresses of one /64 count together; someone
+        else in that /64 is refused only once the /64 has failed
+        NETWORK_SHARE times the limit of one address.
+        """
+        self.assertEqual(clientKey(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)), "2001:db8:1:2:3:4:5:6")
+        self.assertEqual(networkKey(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)), "2001:db8:1:2::/64")
         self.assertEqual(clientKey(IPv6Address("TCP", "::ffff:192.0.2.1", 1)), "192.0.2.1")
+        self.assertIsNone(networkKey(IPv6Address("TCP", "::ffff:192.0.2.1", 1)))
+        fixture = AuthFixture(self, max_address_failures=4)
+        guesser = [IPv6Address("TCP", f"2001:db8:1:2::{number:x}", 1) for number in range(1, 40)]
+        for number, address in enumerate(guesser[:4]):
+            fixture.clock.advance(60)
+            self.assertIsNone(fixture.identify(address, authorization=basicHeader("vera", f"guess {number}")))
+        self.assertGreater(fixture.authenticator.retryAfter("vera", guesser[5]), 0, "the /64 is one guesser")
+        neighbour = IPv6Address("TCP", "2001:db8:1:2::ffff", 1)
+        self.assertEqual(fixture.authenticator.retryAfter("uli", neighbour), 0)
+        for number, address in enumerate(guesser[4:36]):
+            fixture.clock.advance(10)
+            fixture.identify(address, authorization=basicHeader(f"user{number}", "spring2026"))
+        self.assertGreater(fixture.authenticator.retryAfter("uli", neighbour), 0, "the /64 sprayed")
 
     def test_identifyNeverFails(self):
         def broken(function, *arguments):
@@ -762,7 +798,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.failureResultOf(late, PasswordChecksBusy)
         self.failureResultOf(self.authenticator.login("ada", PASSWORDS["ada"], CLIENT), PasswordChecksBusy)
         self.assertEqual(len(self.threads.calls), MAX_PENDING_CHECKS)
-        self.assertEqual(self.authenticator.throttle._checkingAddress.get(clientKey(CLIENT)), None)
+        self.assertEqual(self.authenticator.throttle._byAddress._checking.get(clientKey(CLIENT)), None)
         token = self.authenticator.startSession(Account("uli", frozenset({"uploader"})), [])
         self.assertEqual(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + token).name, "uli", "sessions need no check")
         busy = [event for event in self.events if "password checks are waiting" in event.get("log_format", "")]
@@ -804,7 +840,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.threads.release()
         self.assertEqual(self.successResultOf(staying).name, "vera")
         self.assertEqual([password for password, _ in self.fixture.verified], [PASSWORDS["vera"]])
-        self.assertEqual(self.authenticator.throttle._checkingName, {})
+        self.assertEqual(self.authenticator.throttle._byName._checking, {})
         self.assertEqual([event for event in self.events if event["log_level"] >= LogLevel.error], [])
 
         # Cancelled during the back-off: never handed to the pool.
@@ -817,7 +853,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.failureResultOf(delayed, CancelledError)
         self.fixture.clock.advance(60)
         self.assertEqual(len(self.threads.calls), calls)
-        self.assertEqual(self.authenticator.throttle._checkingName, {})
+        self.assertEqual(self.authenticator.throttle._byName._checking, {})
 
     def test_purge(self):
         self.authenticator.startService()
@@ -826,7 +862,8 @@ class AuthenticatorTests(SynchronousTestCase):
         self.fixture.identify(authorization=basicHeader("vera", "wrong"))
         self.fixture.clock.advance(3600)
         self.assertEqual(len(self.authenticator.sessions), 0)
-        self.assertEqual((self.authenticator.throttle._byName, self.authenticator.throttle._byAddress), ({}, {}))
+        throttle = self.authenticator.throttle
+        self.assertEqual([throttle._byName._failures, throttle._byPair._failures, throttle._byAddress._failures], [{}, {}, {}])
 
 
 class ThreadTests(TestCase):

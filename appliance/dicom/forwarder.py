@@ -300,7 +300,9 @@ class CappedTLSFactory(CappedConnections, TLSMemoryBIOFactory):
     def __init__(self, context: DicomTLSContext, forwarder: ForwarderFactory) -> None:
         super().__init__(context, False, forwarder)
         dicom = forwarder.config.dicom
-        self.limits = ConnectionLimits(dicom.max_connections, dicom.max_connections_per_address, "DICOM TLS", "dicom")
+        self.limits = ConnectionLimits(
+            dicom.max_connections, dicom.max_connections_per_address, "DICOM TLS", "dicom", forwarder.reactor
+        )
 
 
 class DicomForwarderService(Service):

@@ -380,7 +380,7 @@ def buildWebService(
     site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota)
     https = ConnectionCap(
         TLSMemoryBIOFactory(tls, False, site),
-        ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web"),
+        ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web", reactor),
     )
     _listener(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
@@ -388,7 +388,7 @@ def buildWebService(
             config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False, quota
         )
         plain = ConnectionCap(
-            redirect, ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web")
+            redirect, ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web", reactor)
         )
         _listener(reactor, web.listen_http, plain, "http").setServiceParent(service)
     return service
