@@ -10,7 +10,6 @@ of tests/test_hostile_http.py.
 import json
 import re
 import subprocess
-from pathlib import Path
 from typing import List, Set, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase

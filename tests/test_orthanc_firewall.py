@@ -13,7 +13,6 @@ and the way `pacs-appliance run` runs as root.
 import json
 import os
 import shlex
-import socket
 import subprocess
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from appliance.config import loadConfig
 from appliance.orthanc import firewall
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall, OrthancPortGuard
 from tests.daemon import EXECUTABLE, DaemonClient, addUser, orthancPid, startDaemon
@@ -35,7 +33,6 @@ from tests.support import (
     temporaryFolder,
     testConfig,
     unitSettings,
-    writeTestConfig,
 )
 
 #: How long a peer on the other host waits for an answer before the test

@@ -20,8 +20,8 @@ closes the connection: the body is never read.
 import errno
 import re
 from io import BytesIO
-from urllib.parse import unquote_to_bytes
 from typing import Optional, Sequence, Tuple
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
