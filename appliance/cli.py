@@ -23,7 +23,8 @@ from twisted.scripts import twistd
 import appliance
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall, removeEveryTable
-from appliance.service import serviceMaker
+from appliance.plugin import serviceMaker
+from appliance.web.passwords import hashPassword
 from appliance.web.users import (
     UserEntry,
     UsersFileError,
@@ -31,7 +32,6 @@ from appliance.web.users import (
     deleteUser,
     findUser,
     formatRoles,
-    hashPassword,
     parseRoles,
     setUser,
 )

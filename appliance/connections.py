@@ -10,7 +10,13 @@ what costs), while other hosts are still served.
 import ipaddress
 from typing import Dict, Optional, Tuple
 
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
+
+from appliance.compat import bindAtStart
+from appliance.config import ListenAddress
 
 
 #: How much more than one address an IPv6 /64 may take: a /64 is usually a
@@ -133,29 +139,39 @@ class ConnectionLimits:
                     self._byClient[key] = left
 
 
-class CappedConnections:
+class ConnectionCap(WrappingFactory):
     """
-    For a L{twisted.protocols.policies.WrappingFactory}: new connections
-    beyond C{limits} are closed at once (refused before a protocol is
-    built), and each connection is counted from its registration to its
-    unregistration.  Twisted's TLS wrapper registers itself twice (its
-    C{makeConnection} and L{ProtocolWrapper}'s): a connection counts once.
+    The factory of a listener, wrapped: new connections beyond C{limits} are
+    closed at once, before a protocol is built (before any TLS is spoken:
+    the handshake is what costs), so that a flood of idle connections can
+    neither exhaust the process's file descriptors nor, from one host, lock
+    the others out.
     """
 
-    limits: ConnectionLimits
-    protocols: dict
+    def __init__(self, wrappedFactory, limits: ConnectionLimits) -> None:
+        super().__init__(wrappedFactory)
+        self.limits = limits
 
     def buildProtocol(self, addr):
         if not self.limits.admits(addr):
             return None
-        return super().buildProtocol(addr)  # type: ignore[misc]
+        return super().buildProtocol(addr)
 
     def registerProtocol(self, protocol) -> None:
-        if protocol not in self.protocols:
-            self.limits.opened(protocol.getPeer())
-        super().registerProtocol(protocol)  # type: ignore[misc]
+        super().registerProtocol(protocol)
+        self.limits.opened(protocol.getPeer())
 
     def unregisterProtocol(self, protocol) -> None:
-        if protocol in self.protocols:
-            self.limits.closed(protocol.getPeer())
-        super().unregisterProtocol(protocol)  # type: ignore[misc]
+        super().unregisterProtocol(protocol)
+        self.limits.closed(protocol.getPeer())
+
+
+def listenerService(reactor, address: ListenAddress, factory, name: str) -> StreamServerEndpointService:
+    """
+    A service listening on C{address} with C{factory} for as long as it
+    runs, named C{name}; a port that cannot be bound ends the start with its
+    error.
+    """
+    service = bindAtStart(StreamServerEndpointService(serverFromString(reactor, address.endpointDescription()), factory))
+    service.setName(name)
+    return service

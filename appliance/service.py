@@ -5,19 +5,21 @@ The service tree of the daemon, and the options of its twistd plugin.
 from pathlib import Path
 from typing import List
 
-from twisted.application.service import IService, MultiService, ServiceMaker
+from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.firewall import OrthancPortGuard
+from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import CertificateUser, ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from appliance.tls import ServerTLS, loadServerCertificate
-from appliance.web.auth import Authenticator
+from appliance.web.authenticator import Authenticator
+from appliance.web.checkers import PasswordChecks
 from appliance.web.routes import buildProxyResources
 from appliance.web.site import buildSiteResource, buildWebService
 from appliance.web.users import UsersFile
@@ -41,13 +43,18 @@ def buildService(config: Config, reactor=None) -> MultiService:
     """
     The whole appliance as one service tree.
     """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
     root = MultiService()
     # The relays start first: their loopback ports go into Orthanc's configuration.
     relays = DestinationRelays(config, reactor)
     relays.setServiceParent(root)
     # One measure of Orthanc's free space: uploads and Orthanc's restarts wait for it.
     space = StorageSpace.forOrthanc(config)
-    orthanc = OrthancSupervisor(config, reactor, relayPorts=relays.ports, space=space)
+    restProbe, echoProbe = orthancProbes(config, reactor)
+    orthanc = OrthancSupervisor(
+        config, reactor, probe=restProbe, echoProbe=echoProbe, space=space, relayPorts=relays.ports
+    )
     # Orthanc runs inside its guard: its ports close to other hosts first and
     # open again only once it is gone.
     guard = OrthancPortGuard(config, reactor)
@@ -61,13 +68,15 @@ def buildService(config: Config, reactor=None) -> MultiService:
         certificateUsers.append(forwarder)
     users = UsersFile(config.auth.users_file, reactor)
     users.setServiceParent(root)
-    authenticator = Authenticator(users, config.auth, reactor)
+    passwordChecks = PasswordChecks(reactor)
+    passwordChecks.setServiceParent(root)
+    authenticator = Authenticator.forUsersFile(users, passwordChecks, config.auth, reactor)
     authenticator.setServiceParent(root)
-    proxy, proxyRoutes = buildProxyResources(config, orthanc, reactor, space)
+    proxy, proxyRoutes = buildProxyResources(config, orthanc, space, reactor)
     proxy.setServiceParent(root)
     webTLS = ServerTLS(certificate, [b"http/1.1"])
     site = buildSiteResource(config, orthanc, authenticator, proxyRoutes)
-    buildWebService(config, site, authenticator, reactor, webTLS).setServiceParent(root)
+    buildWebService(config, site, authenticator, webTLS, reactor).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before
     # the guard has changed the firewall (nothing would remove the rules).
@@ -81,11 +90,3 @@ def buildService(config: Config, reactor=None) -> MultiService:
 
 def makeService(options: Options) -> IService:
     return buildService(options["appliance-config"])
-
-
-serviceMaker = ServiceMaker(
-    "pacs-appliance",
-    "appliance.service",
-    "OHIF viewer, DICOMweb proxy and DICOM TLS in front of a supervised Orthanc.",
-    "pacs-appliance",
-)

@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.orthanc.state import IOrthanc, OrthancState
 
 
 class Notifier:
@@ -119,7 +119,7 @@ class SystemdNotifyService(Service):
     def __init__(
         self,
         notifier: Notifier,
-        orthanc: OrthancSupervisor,
+        orthanc: IOrthanc,
         reactor=None,
         watchdogInterval: Optional[float] = None,
     ) -> None:

@@ -153,6 +153,7 @@ def forwarder(configPath: Path, sinkPort: int, listenPort: int) -> None:
     from appliance.config import ListenAddress, loadConfig
     from appliance.dicom.forwarder import DicomForwarderService
     from appliance.logs import observer
+    from appliance.orthanc.space import StorageSpace
     from appliance.tls import loadServerCertificate
 
     config = loadConfig(configPath)
@@ -163,7 +164,7 @@ def forwarder(configPath: Path, sinkPort: int, listenPort: int) -> None:
     )
     # The daemon's own log observer: each connection costs the same log line.
     globalLogBeginner.beginLoggingTo([observer()], redirectStandardIO=False)
-    service = DicomForwarderService(config, loadServerCertificate(config), reactor)
+    service = DicomForwarderService(config, loadServerCertificate(config), reactor, StorageSpace.forOrthanc(config))
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

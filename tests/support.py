@@ -24,7 +24,55 @@ from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
 from appliance.config import Config, loadConfig
-from appliance.web.users import ScryptParameters, UserEntry, hashPassword, setUser
+from appliance.orthanc.state import IOrthanc, OrthancState
+from appliance.orthanc.probe import orthancProbes
+from appliance.orthanc.space import StorageSpace
+from appliance.orthanc.supervisor import OrthancSupervisor
+from appliance.tls import ServerTLS, loadServerCertificate
+from appliance.web.passwords import ScryptParameters, hashPassword
+from appliance.web.users import UserEntry, setUser
+
+
+@implementer(IOrthanc)
+class FakeOrthanc:
+    """
+    A supervised Orthanc as the web site and the notifications see it, in
+    the C{state} the test sets (with C{credentials} to reach it).
+    """
+
+    def __init__(self, state: OrthancState = OrthancState.READY, credentials=None) -> None:
+        self.state = state
+        self.reason = state.value
+        self.credentials = credentials
+        self.dicomStatus = "not checked yet"
+
+    def subscribe(self, observer) -> None:
+        pass
+
+    def whenState(self, *states: OrthancState) -> Deferred:
+        return succeed(self.state) if self.state in states else Deferred()
+
+
+def realSupervisor(config: Config, reactor=None, **keywords) -> OrthancSupervisor:
+    """
+    The supervisor of the Orthanc of C{config}, as the daemon builds it: its
+    REST and C-ECHO probes, the free space of its storage.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    probe, echoProbe = orthancProbes(config, reactor)
+    keywords.setdefault("probe", probe)
+    keywords.setdefault("echoProbe", echoProbe)
+    keywords.setdefault("space", StorageSpace.forOrthanc(config))
+    return OrthancSupervisor(config, reactor, **keywords)
+
+
+def webTLS(config: Config) -> ServerTLS:
+    """
+    The HTTPS connection creator of C{config}'s certificate (generated on
+    first use), as the daemon builds it.
+    """
+    return ServerTLS(loadServerCertificate(config), [b"http/1.1"])
 
 
 def freePort() -> int:

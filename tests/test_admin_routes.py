@@ -14,7 +14,7 @@ from typing import List, Set, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.orthanc.settings import DICOMWEB_ROOT
+from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
 from appliance.web.adminroutes import RouteTable
 from tests.support import freePorts, temporaryFolder
 from tests.test_web_gate import GatedSiteCase, Row
@@ -36,7 +36,7 @@ def concretePath(path: str) -> str:
     """
     A path the route C{path} of the table matches, under /pacs-admin/.
     """
-    path = path.replace("{dicomweb}", DICOMWEB_ROOT.rstrip("/")).replace("{wado}", DICOMWEB_ROOT + "wado")
+    path = path.replace("{dicomweb}", DICOMWEB_ROOT.rstrip("/")).replace("{wado}", WADO_URI_ROOT)
     path = path.replace("{...}", "some/file.js")
     return "/pacs-admin" + re.sub(r"\{[^}/]+\}", "1a2b3c", path)
 
@@ -47,7 +47,7 @@ def blockedRows() -> List[Tuple[str, str, str]]:
     """
     return [
         (route.method.decode("ascii"), concretePath(route.path), route.reason)
-        for route in RouteTable.load(DICOMWEB_ROOT).routes
+        for route in RouteTable.load().routes
         if not route.allowed
     ]
 
@@ -62,7 +62,7 @@ def generic(path: str) -> str:
 
 class TableTests(SynchronousTestCase):
     def setUp(self):
-        self.table = RouteTable.load(DICOMWEB_ROOT)
+        self.table = RouteTable.load()
 
     def test_everyBlockedRowSaysWhyInTheIssuesWords(self):
         blocked = [route for route in self.table.routes if not route.allowed]

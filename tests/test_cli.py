@@ -6,6 +6,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,23 @@ def test_version():
     assert any(re.fullmatch(r"Twisted \d+\.\d+\.\d+.*", line) for line in lines)
     assert any("OpenSSL" in line for line in lines)
     assert lines[-1].endswith("1.10.1"), lines[-1]
+
+
+def test_pluginScanLoadsNothingOfTheDaemon():
+    """
+    twistd imports every plugin module at each scan: ours names the module
+    of the service, which is imported only once the plugin is chosen.
+    """
+    probe = (
+        "import sys; from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker;"
+        "import twisted.plugins;"
+        "makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker, twisted.plugins)};"
+        "assert 'pacs-appliance' in makers, sorted(makers);"
+        "print(sorted(name for name in sys.modules if name.startswith('appliance')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['appliance', 'appliance.plugin']"
 
 
 def test_noCommandIsAUsageError():
@@ -134,3 +152,29 @@ def test_daemonRunsOrthancAndStopsItOnSigint(tmp_path, launcher, exitStatus):
             process.wait()
     assert not processExists(orthancPid), "Orthanc outlived the daemon"
     assert not (tmp_path / "twistd.pid").exists()
+
+
+@pytest.mark.parametrize("section, key", [("web", "listen_https"), ("dicom", "listen")], ids=["https", "dicom"])
+def test_aListenerThatCannotBindStopsTheStart(tmp_path, section, key):
+    """
+    A port another process holds stops the start, the HTTPS listener's as
+    well as the DICOM listener's: the daemon says so in one line and exits 1
+    before it ever reports ready, leaving no Orthanc behind.
+    """
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = writeTestConfig(tmp_path, **{section: {key: f"127.0.0.1:{port}"}})
+        result = subprocess.run(
+            [COMMAND, "run", "--config", str(config)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    refusals = [line for line in output.splitlines() if "The appliance cannot start" in line]
+    assert len(refusals) == 1, output
+    assert str(port) in refusals[0], refusals
+    assert "Traceback" not in output
+    assert "is ready" not in output
+    started = re.findall(r"Orthanc is starting: started as pid (\d+)", output)
+    assert not any(processExists(int(pid)) for pid in started), "Orthanc outlived the daemon"

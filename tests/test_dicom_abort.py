@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from appliance.dicom.forwarder import ForwarderFactory
 from appliance.dicom.pdu import ENDING_TYPES, PDU_HEADER, PROVIDER_ABORT, PDUBoundaries
+from appliance.orthanc.space import StorageSpace
 from tests.support import temporaryFolder, testConfig
 from tests.test_dicom_forwarder import PEER_TIMEOUT, associateRequest, decodeRejection
 from tests.test_dicom_upstream import StandInTestCase
@@ -74,7 +75,7 @@ class RelayedAssociation:
 
     def __init__(self, config) -> None:
         self.reactor = MemoryReactorClock()
-        factory = ForwarderFactory(config, self.reactor)
+        factory = ForwarderFactory(config, self.reactor, StorageSpace.forOrthanc(config))
         self.modality = NegotiatedTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", config.dicom.listen.port),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
@@ -140,7 +141,7 @@ class NoDelayTests(SynchronousTestCase):
             hostAddress=IPv4Address("TCP", "127.0.0.1", config.dicom.listen.port),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
         )
-        connection = ForwarderFactory(config, reactor).buildProtocol(modality.getPeer())
+        connection = ForwarderFactory(config, reactor, StorageSpace.forOrthanc(config)).buildProtocol(modality.getPeer())
         connection.makeConnection(modality)
         connection.dataReceived(associateRequest("CT1"))
         [(host, port, connector, _, _)] = reactor.tcpClients

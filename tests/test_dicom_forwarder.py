@@ -37,8 +37,10 @@ from twisted.trial.unittest import TestCase
 from appliance.dicom.destinations import DestinationRelays
 from appliance.tls import loadServerCertificate
 from appliance.dicom.forwarder import DicomForwarderService
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.orthanc.state import OrthancState
+from appliance.orthanc.space import StorageSpace
 from tests.support import (
+    realSupervisor,
     TestAuthority,
     ctSeries,
     freePort,
@@ -123,9 +125,11 @@ class Appliance:
         self.root = MultiService()
         self.relays = DestinationRelays(config, reactor)
         self.relays.setServiceParent(self.root)
-        self.orthanc = OrthancSupervisor(config, reactor, relayPorts=self.relays.ports)
+        self.orthanc = realSupervisor(config, relayPorts=self.relays.ports)
         self.orthanc.setServiceParent(self.root)
-        self.forwarder = DicomForwarderService(config, loadServerCertificate(config), reactor)
+        self.forwarder = DicomForwarderService(
+            config, loadServerCertificate(config), reactor, StorageSpace.forOrthanc(config)
+        )
         self.forwarder.setServiceParent(self.root)
 
     def start(self):

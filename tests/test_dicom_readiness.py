@@ -6,7 +6,9 @@ port; the supervisor reports the DICOM side for /healthz.
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.orthanc.state import OrthancState
+from appliance.orthanc.supervisor import OrthancSupervisor
+from appliance.orthanc.space import StorageSpace
 from tests.support import temporaryFolder, testConfig
 from tests.test_supervisor import ProcessReactor, ScriptedProbe
 
@@ -28,7 +30,9 @@ class EchoReadinessTests(SynchronousTestCase):
         self.echo = ScriptedEcho()
         config = testConfig(temporaryFolder(self), orthanc={"unresponsive_after": "1"})
         self.port = config.orthanc.dicom_port
-        self.supervisor = OrthancSupervisor(config, self.reactor, self.rest, self.echo)
+        self.supervisor = OrthancSupervisor(
+            config, self.reactor, probe=self.rest, echoProbe=self.echo, space=StorageSpace.forOrthanc(config)
+        )
         self.supervisor.startService()
         self.reactor.advance(0.2)
 

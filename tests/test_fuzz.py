@@ -67,20 +67,19 @@ from appliance.dicom.pdu import (
     Rejection,
     decodeAssociationRequest,
 )
-from appliance.orthanc.settings import DICOMWEB_ROOT
+from appliance.orthanc.space import StorageSpace
 from appliance.web.adminroutes import RouteTable
 from appliance.web.cors import CorsPolicy
 from appliance.web.routes import (
     ADMIN_METHODS,
     DICOMWEB_RESOURCES,
-    PACS,
-    PACS_ADMIN,
     STOW_METHODS,
     BadPath,
     PacsAdminResource,
     PacsResource,
     resolveTarget,
 )
+from appliance.web.sitemap import ADMIN, DICOMWEB
 from tests.support import temporaryFolder, testConfig, writeTestConfig
 
 settings.register_profile(
@@ -484,7 +483,7 @@ class AssociationFuzzTests(SynchronousTestCase):
         order.
         """
         reactor = MemoryReactorClock()
-        factory = ForwarderFactory(self.config, reactor)
+        factory = ForwarderFactory(self.config, reactor, StorageSpace.forOrthanc(self.config))
         Address = IPv6Address if ":" in peer else IPv4Address
         transport = StringTransport(
             hostAddress=Address("TCP", peer, self.config.dicom.listen.port),
@@ -585,7 +584,7 @@ def blockedRoutes() -> List[Tuple[bytes, List[Optional[bytes]], str]]:
 
 
 BLOCKED_ROUTES = blockedRoutes()
-ADMIN_ROUTES = RouteTable.load(DICOMWEB_ROOT)
+ADMIN_ROUTES = RouteTable.load()
 
 #: Where requests usually go: Orthanc's blocked endpoints on /pacs-admin,
 #: DICOMweb resources on /pacs.
@@ -751,7 +750,7 @@ class PathFuzzTests(SynchronousTestCase):
         return orthancPath(path), question + query
 
     @FUZZ
-    @given(st.sampled_from([PACS, PACS_ADMIN]), paths, queries)
+    @given(st.sampled_from([DICOMWEB, ADMIN]), paths, queries)
     def test_resolveTarget(self, mount: bytes, tail: bytes, query: Optional[bytes]) -> None:
         """
         A path under a mount is refused with L{BadPath} or mapped to an
@@ -784,7 +783,7 @@ class PathFuzzTests(SynchronousTestCase):
             self.assertFalse(harmless, f"{uri!r} refused: {error}")
             return
         event("mapped")
-        prefix = (PACS,) if mount == PACS else ()
+        prefix = (DICOMWEB,) if mount == DICOMWEB else ()
         seen, passedQuery = self.assertWellFormedUpstream(target.upstream(*prefix))
         # Orthanc serves exactly what the policy checked...
         self.assertEqual(seen, list(prefix + target.segments))
@@ -799,7 +798,7 @@ class PathFuzzTests(SynchronousTestCase):
         /pacs-admin forwards no method override, and none of the blocked
         routes (as Orthanc will route the path) unless allowed.
         """
-        uri = b"/" + PACS_ADMIN + tail + (b"" if query is None else b"?" + query)
+        uri = b"/" + ADMIN + tail + (b"" if query is None else b"?" + query)
         request = makeRequest(method, uri, override)
         proxy = RecordingProxy()
         PacsAdminResource(proxy, allowUnsafe, ADMIN_ROUTES).render(request)
@@ -827,7 +826,7 @@ class PathFuzzTests(SynchronousTestCase):
         /pacs forwards only to Orthanc's DICOMweb resources under /pacs/,
         reading them, or storing with POST to /studies[/UID].
         """
-        uri = b"/" + PACS + tail + (b"" if query is None else b"?" + query)
+        uri = b"/" + DICOMWEB + tail + (b"" if query is None else b"?" + query)
         request = makeRequest(method, uri)
         proxy = RecordingProxy()
         PacsResource(proxy, CorsPolicy((), STOW_METHODS)).render(request)
@@ -837,7 +836,7 @@ class PathFuzzTests(SynchronousTestCase):
             return
         [upstream] = proxy.forwarded
         seen, passedQuery = self.assertWellFormedUpstream(upstream)
-        self.assertEqual(seen[:1], [PACS])
+        self.assertEqual(seen[:1], [DICOMWEB])
         self.assertIn(seen[1:2], [[resource] for resource in DICOMWEB_RESOURCES])
         if method == b"POST":
             self.assertEqual(seen[1], b"studies")

@@ -11,8 +11,8 @@ import subprocess
 
 from twisted.trial.unittest import TestCase
 
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
-from tests.support import ctSeries, httpGet, storeInstances, temporaryFolder, testConfig
+from appliance.orthanc.state import OrthancState
+from tests.support import realSupervisor, ctSeries, httpGet, storeInstances, temporaryFolder, testConfig
 
 #: Generous: the machines are shared, and Orthanc creates its database first.
 READY_TIMEOUT = 120
@@ -49,7 +49,7 @@ class RealOrthancTests(TestCase):
         self.config = testConfig(
             temporaryFolder(self), **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}}
         )
-        self.supervisor = OrthancSupervisor(self.config)
+        self.supervisor = realSupervisor(self.config)
         self.supervisor.startService()
         self.addCleanup(self.stopSupervisor)
         return self.waitFor(OrthancState.READY)

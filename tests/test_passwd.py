@@ -14,7 +14,8 @@ from typing import List, Tuple
 
 import pytest
 
-from appliance.web.users import PasswordHash, findUser, verifyPassword
+from appliance.web.passwords import PasswordHash, verifyPassword
+from appliance.web.users import findUser
 from tests.support import writeTestConfig
 from tests.test_cli import COMMAND
 

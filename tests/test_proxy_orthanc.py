@@ -33,15 +33,20 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from appliance.orthanc.settings import orthancConfigurationPath
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.orthanc.state import OrthancState
+from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.tls import selfSignedPaths
-from appliance.web.auth import Authenticator
+from appliance.orthanc.space import StorageSpace
+from appliance.web.authenticator import Authenticator
+from appliance.web.checkers import PasswordChecks
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS
 from appliance.web.request import MEMORY_BODY_LIMIT
 from appliance.web.routes import ORTHANC_EXPLORER_POLICY, buildProxyResources
 from appliance.web.site import buildSiteResource, buildWebService
 from appliance.web.users import UsersFile
 from tests.support import (
+    webTLS,
+    realSupervisor,
     ConnectionTracker,
     basicAuthorization,
     ctSeries,
@@ -157,12 +162,16 @@ class ProxyToOrthancCase(TestCase):
         services = MultiService()
         users = UsersFile(self.config.auth.users_file, reactor)
         users.setServiceParent(services)
-        authenticator = Authenticator(users, self.config.auth, reactor)
+        checks = PasswordChecks(reactor)
+        checks.setServiceParent(services)
+        authenticator = Authenticator.forUsersFile(users, checks, self.config.auth, reactor)
         authenticator.setServiceParent(services)
-        self.proxy, proxyRoutes = buildProxyResources(self.config, self.supervisor, reactor, maxRequests=self.maxRequests)
+        self.proxy, proxyRoutes = buildProxyResources(
+            self.config, self.supervisor, StorageSpace.forOrthanc(self.config), reactor, maxRequests=self.maxRequests
+        )
         self.proxy.setServiceParent(services)
         site = buildSiteResource(self.config, self.supervisor, authenticator, proxyRoutes)
-        web = buildWebService(self.config, site, authenticator, reactor)
+        web = buildWebService(self.config, site, authenticator, webTLS(self.config), reactor)
         web.setServiceParent(services)
         # Clients close their end before the reactor sees it: the test ends
         # once the site has seen every connection close.
@@ -181,7 +190,7 @@ class ProxyToOrthancCase(TestCase):
         """
         The supervisor of the test's Orthanc, as the daemon builds it.
         """
-        return OrthancSupervisor(self.config)
+        return realSupervisor(self.config)
 
     def stopSupervisor(self):
         if self.supervisor.running:

@@ -19,7 +19,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from appliance.orthanc.probe import DicomEchoProbe, RestProbe
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.orthanc.state import OrthancState
+from appliance.orthanc.supervisor import OrthancSupervisor
+from tests.support import realSupervisor
 from tests.test_proxy_orthanc import DICOM_JSON, VIEWER, ProxyToOrthancCase
 
 #: The proxy's limit in this test, and Orthanc's HTTP threads: one more, the
@@ -78,7 +80,7 @@ class SlowReaderCase(ProxyToOrthancCase):
         settings = self.config.orthanc
         self.probe = CountingProbe(RestProbe(reactor, settings.http_port, settings.health_timeout))
         echo = DicomEchoProbe(reactor, settings.dicom_port, settings.aet, settings.health_timeout)
-        return OrthancSupervisor(self.config, probe=self.probe, echoProbe=echo, httpThreads=ORTHANC_THREADS)
+        return realSupervisor(self.config, probe=self.probe, echoProbe=echo, httpThreads=ORTHANC_THREADS)
 
     def startReader(self, path: str):
         """

@@ -27,9 +27,9 @@ from twisted.trial.unittest import TestCase
 
 from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
-from tests.support import temporaryFolder, testConfig
+from tests.support import FakeOrthanc, temporaryFolder, testConfig
 from tests.test_tls import clientContext
-from tests.test_web_static import FakeOrthanc, makeBuild
+from tests.test_web_static import makeBuild
 
 HEADER_TIMEOUT = 2.0
 HANDSHAKE_TIMEOUT = 1.0
@@ -265,7 +265,7 @@ class SlowClientCase(TestCase):
         )
         tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
         service = buildWebService(
-            self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), reactor, tls=tls
+            self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), tls, reactor
         )
         service.startService()
         self.addCleanup(service.stopService)

@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from appliance.orthanc.process import OrthancProcessProtocol
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, ORTHANC_USER, orthancConfigurationPath
 from appliance.orthanc.space import StorageSpace
-from appliance.orthanc.supervisor import OrthancState, OrthancSupervisor
+from appliance.orthanc.state import OrthancState
+from appliance.orthanc.supervisor import OrthancSupervisor
 from tests.support import FakeFileSystem, temporaryFolder, testConfig
 
 
@@ -92,7 +93,9 @@ class SupervisorTests(SynchronousTestCase):
                 "max_start_failures": "3",
             },
         )
-        self.supervisor = OrthancSupervisor(self.config, self.reactor, self.probe)
+        self.supervisor = OrthancSupervisor(
+            self.config, self.reactor, probe=self.probe, space=StorageSpace.forOrthanc(self.config)
+        )
         self.states = []
         self.supervisor.subscribe(lambda state, reason: self.states.append(state.value))
 
@@ -129,7 +132,9 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.states, ["starting"])
 
     def test_httpThreadsCanBeFewer(self):
-        supervisor = OrthancSupervisor(self.config, self.reactor, self.probe, httpThreads=3)
+        supervisor = OrthancSupervisor(
+            self.config, self.reactor, probe=self.probe, space=StorageSpace.forOrthanc(self.config), httpThreads=3
+        )
         supervisor.startService()
         document = json.loads(orthancConfigurationPath(self.config).read_text())
         self.assertEqual(document["HttpThreadsCount"], 3)
@@ -205,7 +210,7 @@ class SupervisorTests(SynchronousTestCase):
         """
         disk = FakeFileSystem(free=0)
         self.supervisor = OrthancSupervisor(
-            self.config, self.reactor, self.probe, space=StorageSpace(temporaryFolder(self), 1024 * 1024, disk)
+            self.config, self.reactor, probe=self.probe, space=StorageSpace(temporaryFolder(self), 1024 * 1024, disk)
         )
         self.supervisor.startService()
         for attempt in range(6):
@@ -229,7 +234,7 @@ class SupervisorTests(SynchronousTestCase):
         executable.chmod(0o755)
         config = testConfig(folder, orthanc={"executable": executable})
         executable.unlink()  # removed after the configuration was checked
-        self.supervisor = OrthancSupervisor(config, self.reactor, self.probe)
+        self.supervisor = OrthancSupervisor(config, self.reactor, probe=self.probe, space=StorageSpace.forOrthanc(config))
         self.supervisor.startService()
         self.assertEqual(self.supervisor.state, OrthancState.FAILED)
         self.assertIn("is not an executable file", self.supervisor.reason)

@@ -24,6 +24,7 @@ from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from appliance.tls import ServerTLS, loadServerCertificate
+from appliance.orthanc.space import StorageSpace
 from tests.support import TestAuthority, temporaryFolder, testConfig, writeTestConfig
 from tests.test_supervisor import ProcessReactor, ScriptedProbe
 
@@ -159,7 +160,7 @@ class SystemdNotifyServiceTests(SynchronousTestCase):
         self.reactor = ProcessReactor()
         self.probe = ScriptedProbe()
         config = testConfig(temporaryFolder(self), orthanc={"health_interval": "5s"})
-        self.supervisor = OrthancSupervisor(config, self.reactor, self.probe)
+        self.supervisor = OrthancSupervisor(config, self.reactor, probe=self.probe, space=StorageSpace.forOrthanc(config))
         self.listener = notifySocket(self)
         self.service = SystemdNotifyService(
             Notifier(self.listener.address), self.supervisor, self.reactor, watchdogInterval=10.0
@@ -270,7 +271,9 @@ class ReloadTests(TestCase):
         self.config = loadConfig(self.configPath)
         self.tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
         self.listener = notifySocket(self)
-        supervisor = OrthancSupervisor(self.config, ProcessReactor(), ScriptedProbe())
+        supervisor = OrthancSupervisor(
+            self.config, ProcessReactor(), probe=ScriptedProbe(), space=StorageSpace.forOrthanc(self.config)
+        )
         self.notify = SystemdNotifyService(Notifier(self.listener.address), supervisor, reactor)
         self.notify.startService()
         self.addCleanup(self.notify.stopService)

@@ -32,8 +32,8 @@ from appliance.tls import (
     selfSignedPaths,
 )
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
-from tests.support import temporaryFolder, testConfig
-from tests.test_web_static import BIG_BUNDLE, FakeOrthanc, makeBuild
+from tests.support import FakeOrthanc, temporaryFolder, testConfig
+from tests.test_web_static import BIG_BUNDLE, makeBuild
 
 
 def clientContext(
@@ -104,7 +104,7 @@ class ListenerCase(TestCase):
         self.config = testConfig(self.folder, web={"ohif_root": self.root, "max_connections": 3})
         self.tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
         service = buildWebService(
-            self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), reactor, tls=self.tls
+            self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), self.tls, reactor
         )
         service.startService()
         self.addCleanup(service.stopService)

@@ -27,34 +27,27 @@ from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
 from appliance.reload import ReloadOnSighup
-from appliance.web import auth
 from appliance.connections import clientKey, networkKey
-from appliance.web.auth import (
-    BASIC_CACHE_LIFETIME,
-    BUSY_MESSAGE,
-    MAX_PENDING_CHECKS,
-    SESSION_COOKIE,
-    AccessGate,
-    Account,
-    Authenticator,
-    PasswordChecksBusy,
-    SessionStore,
-    localTarget,
-    requestOrigin,
-)
+from appliance.web import checkers
+from appliance.web.accounts import ROLES, Account
+from appliance.web.authenticator import BASIC_CACHE_LIFETIME, Authenticator
+from appliance.web.checkers import BUSY_MESSAGE, MAX_PENDING_CHECKS, PasswordChecks, PasswordChecksBusy
+from appliance.web.credentials import SESSION_COOKIE
+from appliance.web.gate import AccessGate
 from appliance.web.login import LoginResource, LogoutResource
+from appliance.web.origins import localTarget, requestOrigin
 from appliance.web.pages import Page
-from appliance.web.site import WebRoot
-from appliance.web.users import (
+from appliance.web.passwords import (
     DEFAULT_PARAMETERS,
-    ROLES,
     PasswordHash,
     PasswordHashError,
     ScryptParameters,
-    UsersFile,
     hashPassword,
     verifyPassword,
 )
+from appliance.web.sessions import SessionStore
+from appliance.web.sitemap import ADMIN, DICOMWEB, HEALTHZ, SiteMap, archiveRoutes, viewerRoutes
+from appliance.web.users import UsersFile
 from tests.support import temporaryFolder, testConfig
 
 #: Cheap parameters for the tests' users: the format is the same.
@@ -124,16 +117,20 @@ def clientNumber(number: int) -> IPv4Address:
 class InlineThreads:
     """
     Stands in for the password-checking thread pool: records each call and
-    runs it at once, or holds it until L{release} when C{hold} is set.
+    runs it at once, or holds it until L{release} when C{hold} is set, or
+    fails it with C{broken} when that is set.
     """
 
     def __init__(self) -> None:
         self.calls: List[Tuple[object, tuple]] = []
         self.hold = False
+        self.broken: Optional[Exception] = None
         self.held: List[Tuple[Deferred, object, tuple]] = []
 
     def __call__(self, function, *arguments) -> Deferred:
         self.calls.append((function, arguments))
+        if self.broken is not None:
+            return fail(self.broken)
         if self.hold:
             waiting: Deferred = Deferred()
             self.held.append((waiting, function, arguments))
@@ -174,9 +171,10 @@ class AuthFixture:
             self.verified.append((password, stored))
             return verifyPassword(password, stored)
 
-        case.patch(auth, "verifyPassword", recordingVerify)
+        case.patch(checkers, "verifyPassword", recordingVerify)
         self.users = UsersFile(self.usersPath, self.clock)
-        self.authenticator = Authenticator(self.users, self.config.auth, self.clock, self.threads)
+        self.checks = PasswordChecks(self.clock, runInThread=self.threads)
+        self.authenticator = Authenticator.forUsersFile(self.users, self.checks, self.config.auth, self.clock)
         self.users.startService()
         case.addCleanup(self.users.stopService)
 
@@ -760,10 +758,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertGreater(fixture.authenticator.retryAfter("uli", neighbour), 0, "the /64 sprayed")
 
     def test_identifyNeverFails(self):
-        def broken(function, *arguments):
-            return fail(RuntimeError("thread pool is gone"))
-
-        self.authenticator._runInThread = broken
+        self.threads.broken = RuntimeError("thread pool is gone")
         self.assertIsNone(self.fixture.identify(authorization=basicHeader("vera", "x")))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -874,7 +869,10 @@ class ThreadTests(TestCase):
     @inlineCallbacks
     def test_passwordIsCheckedOutsideTheReactorThread(self):
         fixture = AuthFixture(self)
-        authenticator = Authenticator(fixture.users, fixture.config.auth)
+        checks = PasswordChecks()
+        checks.startService()
+        self.addCleanup(checks.stopService)
+        authenticator = Authenticator.forUsersFile(fixture.users, checks, fixture.config.auth)
         authenticator.startService()
         self.addCleanup(authenticator.stopService)
         threads = []
@@ -883,7 +881,7 @@ class ThreadTests(TestCase):
             threads.append(threading.current_thread())
             return verifyPassword(password, stored)
 
-        self.patch(auth, "verifyPassword", recordingVerify)
+        self.patch(checkers, "verifyPassword", recordingVerify)
         identified = authenticator.identify(headers(authorization=basicHeader("ada", PASSWORDS["ada"])), CLIENT)
         self.assertNoResult(identified)
         self.assertEqual((yield identified).name, "ada")
@@ -970,12 +968,13 @@ class GateTests(SynchronousTestCase):
         self.fixture = AuthFixture(self)
         authenticator = self.fixture.authenticator
         web = self.fixture.config.web
-        root = WebRoot(Echo(b"viewer"))
-        for name in (b"pacs", b"pacs-admin", b"healthz"):
-            root.putChild(name, Echo(name))
-        root.putChild(b"login", LoginResource(authenticator, web))
-        root.putChild(b"logout", LogoutResource(authenticator, web))
-        self.site = Site(AccessGate(root, authenticator, web), reactor=self.fixture.clock)
+        siteMap = SiteMap(
+            viewerRoutes(Echo(HEALTHZ), Echo(b"viewer"))
+            + archiveRoutes(
+                LoginResource(authenticator, web), LogoutResource(authenticator, web), Echo(DICOMWEB), Echo(ADMIN)
+            )
+        )
+        self.site = Site(AccessGate(siteMap, authenticator, web), reactor=self.fixture.clock)
         self.site.requestFactory = IdentifiedRequest
         self.site.authenticator = authenticator
 

@@ -18,13 +18,15 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET, Request
 
-from appliance.web.auth import Authenticator
+from appliance.orthanc.space import StorageSpace
+from appliance.web.authenticator import Authenticator
+from appliance.web.checkers import PasswordChecks
 from appliance.web.routes import buildProxyResources
 from appliance.web.site import ApplianceSite, buildSiteResource
 from appliance.web.users import UsersFile
-from tests.support import basicAuthorization, httpExchange, temporaryFolder, testConfig, writeUser
+from tests.support import FakeOrthanc, basicAuthorization, httpExchange, temporaryFolder, testConfig, writeUser
 from tests.test_web_requests import Connection
-from tests.test_web_static import FakeOrthanc
+
 
 #: The users file's accounts by role, as (name, password); "intruder" is
 #: the viewer's name with a wrong password.
@@ -258,11 +260,11 @@ class GatedSiteCase(SynchronousTestCase):
         clock = MemoryReactorClock()
         # Password checks in the test's thread: a thread pool would answer
         # through the real reactor, and the test's hashes are cheap.
-        authenticator = Authenticator(
-            UsersFile(usersFile, clock), config.auth, clock, runInThread=maybeDeferred
+        authenticator = Authenticator.forUsersFile(
+            UsersFile(usersFile, clock), PasswordChecks(clock, runInThread=maybeDeferred), config.auth, clock
         )
         orthanc = FakeOrthanc()
-        proxy, proxyRoutes = buildProxyResources(config, orthanc, clock)
+        proxy, proxyRoutes = buildProxyResources(config, orthanc, StorageSpace.forOrthanc(config), clock)
         self.patch(proxy, "forward", self.recordForward)
         self.forwarded: List[Tuple[str, str, bytes]] = []
         self.stores: List[bool] = []

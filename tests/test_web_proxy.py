@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS, OrthancCredentials
 from appliance.orthanc.space import StorageSpace
-from appliance.orthanc.supervisor import OrthancState
+from appliance.orthanc.state import OrthancState
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL, OrthancTurns
 from appliance.web.adminroutes import RouteTable
 from appliance.web.routes import (
@@ -33,22 +33,12 @@ from appliance.web.routes import (
     PacsAdminResource,
     buildProxyResources,
 )
-from tests.support import FakeFileSystem, temporaryFolder, testConfig
+from tests.support import FakeOrthanc, FakeFileSystem, temporaryFolder, testConfig
 from tests.test_answer_end import BOUNDARY, archive, multipart
 
 ORTHANC = OrthancCredentials("pacs-appliance", "orthanc-secret-password")
 CONNECT, RESPONSE, IDLE = 3, 20, 7
 PUBLIC_HOST = "pacs.example:8443"
-
-
-class FakeSupervisor:
-    """
-    What the proxy reads of the supervisor.
-    """
-
-    def __init__(self) -> None:
-        self.state = OrthancState.READY
-        self.credentials: Optional[OrthancCredentials] = ORTHANC
 
 
 @implementer(ISSLTransport)
@@ -201,8 +191,10 @@ class ProxyCase(SynchronousTestCase):
         }
         self.config = testConfig(folder, web=web)
         self.reactor = MemoryReactorClock()
-        self.orthanc = FakeSupervisor()
-        self.proxy, children = buildProxyResources(self.config, self.orthanc, self.reactor, maxRequests=self.maxRequests)
+        self.orthanc = FakeOrthanc(credentials=ORTHANC)
+        self.proxy, children = buildProxyResources(
+            self.config, self.orthanc, StorageSpace.forOrthanc(self.config), self.reactor, maxRequests=self.maxRequests
+        )
         root = Resource()
         for name, child in children.items():
             root.putChild(name, child)
@@ -1098,7 +1090,7 @@ class CorsTests(ProxyCase):
         """
         config = testConfig(temporaryFolder(self), web={"cors_allowed_origins": "HTTPS://Viewer.Example:443 http://[::1]:80"})
         self.assertEqual(config.web.cors_allowed_origins, ("https://viewer.example", "http://[::1]"))
-        self.proxy, children = buildProxyResources(config, self.orthanc, self.reactor)
+        self.proxy, children = buildProxyResources(config, self.orthanc, StorageSpace.forOrthanc(config), self.reactor)
         for name, child in children.items():
             self.site.resource.putChild(name, child)
         for origin, allowed in (

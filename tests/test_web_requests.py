@@ -32,7 +32,8 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from appliance.tls import ServerTLS, loadServerCertificate
-from appliance.web.auth import BUSY_MESSAGE, Account, PasswordChecksBusy
+from appliance.web.accounts import Account
+from appliance.web.checkers import BUSY_MESSAGE, PasswordChecksBusy
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
 from appliance.web.spool import SpoolQuota
 from appliance.web.site import ApplianceSite

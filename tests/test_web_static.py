@@ -19,11 +19,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 import appliance
-from appliance.orthanc.supervisor import OrthancState
+from appliance.orthanc.state import OrthancState
 from appliance.web.appconfig import renderAppConfig
 from appliance.web.site import ApplianceSite, NoCredentials, RedirectToHTTPS, buildWebRoot
 from appliance.web.static import MEMORY_CACHE_LIMIT, FileRangeProducer, inlineScriptHashes
-from tests.support import httpExchange, temporaryFolder, testConfig
+from tests.support import FakeOrthanc, httpExchange, temporaryFolder, testConfig
 
 INDEX_HTML = (
     b'<!doctype html><html><head><script>window.PUBLIC_URL="/"</script>'
@@ -34,15 +34,6 @@ INDEX_HTML = (
 BUNDLE = b"console.log('viewer');\n" * 200
 #: Streamed (too large to keep in memory), in several blocks.
 BIG_BUNDLE = bytes(range(256)) * (max(MEMORY_CACHE_LIMIT, FileRangeProducer.blockSize) // 256 * 3 + 7)
-
-
-class FakeOrthanc:
-    """
-    The part of the supervisor /healthz reads.
-    """
-
-    def __init__(self, state: OrthancState = OrthancState.READY) -> None:
-        self.state = state
 
 
 def makeBuild(root: Path) -> Path:
@@ -575,8 +566,16 @@ class HealthTests(SiteCase):
     def test_ready(self) -> None:
         status, headers, body = self.get("/healthz")
         self.assertEqual(status, 200)
+        self.orthanc.dicomStatus = "answers C-ECHO on 127.0.0.1:4242"
+        status, headers, body = self.get("/healthz")
         self.assertEqual(
-            json.loads(body), {"status": "ok", "orthanc": "ready", "version": appliance.__version__}
+            json.loads(body),
+            {
+                "status": "ok",
+                "orthanc": "ready",
+                "dicom": "answers C-ECHO on 127.0.0.1:4242",
+                "version": appliance.__version__,
+            },
         )
         self.assertEqual(self.header(headers, "Content-Type"), "application/json")
         self.assertEqual(self.header(headers, "Cache-Control"), "no-store")

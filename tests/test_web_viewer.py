@@ -23,8 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from appliance.web.site import ApplianceSite, NoCredentials, buildWebRoot, buildWebService
 from appliance.tls import selfSignedPaths
-from tests.support import httpExchange, temporaryFolder, testConfig
-from tests.test_web_static import FakeOrthanc
+from tests.support import webTLS, FakeOrthanc, httpExchange, temporaryFolder, testConfig
+
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 VIEWER = CHECKOUT / "var" / "ohif"
@@ -175,7 +175,9 @@ class BrowserTests(TestCase):
         requireViewer(self)
         folder = temporaryFolder(self)
         self.config = testConfig(folder, web={"ohif_root": VIEWER, "site_name": "St Elsewhere Imaging"})
-        service = buildWebService(self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), reactor)
+        service = buildWebService(
+            self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), webTLS(self.config), reactor
+        )
         service.startService()
         self.addCleanup(service.stopService)
         self.profile = str(folder / "chromium")

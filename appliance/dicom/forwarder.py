@@ -21,9 +21,9 @@ import ipaddress
 from typing import Optional
 
 from cryptography import x509
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import PrivateCertificate
@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.connections import CappedConnections, ConnectionLimits
+from appliance.connections import ConnectionCap, ConnectionLimits, listenerService
 from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
     ABORT_TYPE,
@@ -272,11 +272,11 @@ class ForwarderFactory(RelayFactory):
     Builds a L{ModalityConnection} per accepted connection.
     """
 
-    def __init__(self, config: Config, reactor, space: Optional[StorageSpace] = None) -> None:
+    def __init__(self, config: Config, reactor, space: StorageSpace) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.space = space or StorageSpace.forOrthanc(config)
+        self.space = space
 
     def buildProtocol(self, addr) -> ModalityConnection:
         return ModalityConnection(self)
@@ -290,90 +290,53 @@ class ForwarderFactory(RelayFactory):
         )
 
 
-class CappedTLSFactory(CappedConnections, TLSMemoryBIOFactory):
+class DicomForwarderService(MultiService):
     """
-    TLS over the forwarder's connections, refusing connections beyond
-    [dicom] max_connections, or max_connections_per_address from one host,
-    before any TLS is spoken (the handshake is what costs).
-    """
-
-    def __init__(self, context: DicomTLSContext, forwarder: ForwarderFactory) -> None:
-        super().__init__(context, False, forwarder)
-        dicom = forwarder.config.dicom
-        self.limits = ConnectionLimits(
-            dicom.max_connections, dicom.max_connections_per_address, "DICOM TLS", "dicom", forwarder.reactor
-        )
-
-
-class DicomForwarderService(Service):
-    """
-    Listens on [dicom] listen for as long as the service runs.
+    Listens on [dicom] listen for as long as the service runs: TLS with the
+    profile of [dicom], connections beyond its caps refused before any TLS,
+    and a port that cannot be bound ends the start.
     """
 
     log = Logger()
 
-    def __init__(
-        self, config: Config, certificate: PrivateCertificate, reactor=None, space: Optional[StorageSpace] = None
-    ) -> None:
+    def __init__(self, config: Config, certificate: PrivateCertificate, reactor, space: StorageSpace) -> None:
         """
         @param certificate: the server certificate, loaded once for HTTPS and
             DICOM alike (see L{appliance.tls.loadServerCertificate}).
         @param space: the free space of Orthanc's storage: associations that
             may store are refused while it is short.
         """
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+        super().__init__()
         self._config = config
-        self._certificate = certificate
-        self._reactor = reactor
+        settings = config.dicom
+        assert settings.listen is not None  # the service exists only then
         self.factory = ForwarderFactory(config, reactor, space)
-        self._port = None
-        self._tls: Optional[DicomTLSContext] = None
+        self._tls = DicomTLSContext(settings, certificate)
+        limits = ConnectionLimits(
+            settings.max_connections, settings.max_connections_per_address, "DICOM TLS", "dicom", reactor
+        )
+        capped = ConnectionCap(TLSMemoryBIOFactory(self._tls, False, self.factory), limits)
+        listenerService(reactor, settings.listen, capped, "dicom").setServiceParent(self)
 
     def startService(self) -> None:
-        Service.startService(self)
         settings = self._config.dicom
-        assert settings.listen is not None  # the service exists only then
         warning = weakProfileWarning(settings)
         if warning is not None:
             self.log.warn(warning)
-        self._tls = DicomTLSContext(settings, self._certificate)
-        endpoint = serverFromString(self._reactor, settings.listen.endpointDescription())
-        listening = endpoint.listen(CappedTLSFactory(self._tls, self.factory))
-        listening.addCallbacks(self._listening, self._cannotListen)
-
-    def _listening(self, port) -> None:
-        self._port = port
+        super().startService()
         self.log.info(
-            "DICOM TLS on {address} ({profile} profile{mutual}), forwarding to Orthanc"
-            " on 127.0.0.1:{upstream}",
-            address=str(self._config.dicom.listen),
-            profile=self._config.dicom.tls_profile,
-            mutual=", client certificates required"
-            if self._config.dicom.require_client_certificate
-            else "",
+            "DICOM TLS on {address} ({profile} profile{mutual}), forwarding to Orthanc on 127.0.0.1:{upstream}",
+            address=str(settings.listen),
+            profile=settings.tls_profile,
+            mutual=", client certificates required" if settings.require_client_certificate else "",
             upstream=self._config.orthanc.dicom_port,
-        )
-
-    def _cannotListen(self, reason: Failure) -> None:
-        self.log.critical(
-            "Cannot listen for DICOM TLS on {address}: {error}. Free the port or change"
-            " [dicom] listen.",
-            address=str(self._config.dicom.listen),
-            error=reason.getErrorMessage(),
         )
 
     def useCertificate(self, certificate: PrivateCertificate) -> None:
         """
         New associations present C{certificate}; open ones are not touched.
         """
-        if self._tls is not None:
-            self._tls.useCertificate(certificate)
+        self._tls.useCertificate(certificate)
 
     def stopService(self) -> Deferred:
-        Service.stopService(self)
-        port, self._port = self._port, None
-        stopping = [self.factory.abortAll()]
-        if port is not None:
-            stopping.append(port.stopListening())
-        return gatherResults(stopping)
+        return gatherResults([self.factory.abortAll(), super().stopService()])

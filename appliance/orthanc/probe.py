@@ -4,6 +4,8 @@ credentials, is the readiness signal: it answers once the database, the plugins
 and the HTTP server are all up.  Its DICOM side is asked for a C-ECHO.
 """
 
+from typing import Tuple
+
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -15,6 +17,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
+from appliance.config import Config
 from appliance.orthanc.settings import PROBE_AET, OrthancCredentials
 
 
@@ -113,3 +116,15 @@ class DicomEchoProbe:
             association.release()
         if not status or status.Status != 0:
             raise OrthancNotAnswering(f"Orthanc's DICOM port {self._port} did not answer a C-ECHO")
+
+
+def orthancProbes(config: Config, reactor) -> Tuple[RestProbe, DicomEchoProbe]:
+    """
+    The supervisor's two questions to the Orthanc of C{config}: its REST
+    API, and a C-ECHO on its DICOM port.
+    """
+    settings = config.orthanc
+    return (
+        RestProbe(reactor, settings.http_port, settings.health_timeout),
+        DicomEchoProbe(reactor, settings.dicom_port, settings.aet, settings.health_timeout),
+    )

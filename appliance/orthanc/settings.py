@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from appliance.config import Config
+from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
 
 #: The only account Orthanc's REST API knows.  Its password changes at every
 #: start of Orthanc and is known to nobody but this process.
 ORTHANC_USER = "pacs-appliance"
 
-#: The public prefix of the DICOMweb API.  Orthanc serves DICOMweb under the same
-#: prefix so that every URL it writes into a response (RetrieveURL, BulkDataURI)
-#: is already the public one: no response body is ever rewritten.
-DICOMWEB_ROOT = "/pacs/"
 
 #: The AE title of the appliance's own C-ECHO readiness check: Orthanc knows it
 #: as a modality on the loopback interface that may only C-ECHO.
@@ -192,9 +189,12 @@ def renderOrthancConfiguration(
         "DeidentifyLogs": True,
         "DicomWeb": {
             "Enable": True,
+            # Orthanc serves DICOMweb under the site's public prefix, so that
+            # every URL it writes into a response (RetrieveURL, BulkDataURI)
+            # is already the public one: no response body is ever rewritten.
             "Root": DICOMWEB_ROOT,
             "EnableWado": True,
-            "WadoRoot": DICOMWEB_ROOT + "wado",
+            "WadoRoot": WADO_URI_ROOT,
             # No "Host" and no "Ssl": the plugin then builds every URL from the
             # request's Forwarded header, which the proxy sets.
         },

@@ -18,7 +18,6 @@ can never start, and its C{stopService} waits for the child to be gone.
 """
 
 import os
-from enum import Enum
 from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from twisted.application.service import Service
@@ -27,9 +26,9 @@ from twisted.internet.error import ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.process import OrthancProcessProtocol
 from appliance.orthanc.settings import (
     ORTHANC_HTTP_THREADS,
@@ -41,20 +40,13 @@ from appliance.orthanc.settings import (
     writeOrthancConfiguration,
 )
 from appliance.orthanc.space import StorageSpace
+from appliance.orthanc.state import IOrthanc, OrthancState
 
 #: How often Orthanc is asked whether it is up yet while it starts.
 STARTUP_POLL_INTERVAL = 0.2
 
 #: The first restart delay; it doubles up to [orthanc] restart_max_delay.
 INITIAL_RESTART_DELAY = 1.0
-
-
-class OrthancState(Enum):
-    STARTING = "starting"
-    READY = "ready"
-    RESTARTING = "restarting"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 def describeExit(reason: Failure) -> str:
@@ -66,6 +58,7 @@ def describeExit(reason: Failure) -> str:
     return "Orthanc exited with status 0"
 
 
+@implementer(IOrthanc)
 class OrthancSupervisor(Service):
     """
     Runs one Orthanc process configured from the appliance's configuration.
@@ -84,20 +77,21 @@ class OrthancSupervisor(Service):
         self,
         config: Config,
         reactor=None,
-        probe=None,
+        *,
+        probe,
+        space: StorageSpace,
         echoProbe=None,
         relayPorts: Optional[Mapping[str, int]] = None,
-        space: Optional[StorageSpace] = None,
         httpThreads: int = ORTHANC_HTTP_THREADS,
     ) -> None:
         """
-        @param probe: asks Orthanc's REST API, given the credentials.
-        @param echoProbe: asks its DICOM port; by default a C-ECHO, unless
-            C{probe} is given (then only what is given is asked).
+        @param probe: asks Orthanc's REST API, given the credentials
+            (L{appliance.orthanc.probe.RestProbe}).
+        @param space: the free space of Orthanc's storage.
+        @param echoProbe: asks its DICOM port (a C-ECHO,
+            L{appliance.orthanc.probe.DicomEchoProbe}); L{None}: not asked.
         @param relayPorts: the loopback ports through which Orthanc reaches the
             modalities, by name (see L{appliance.dicom.destinations}).
-        @param space: the free space of Orthanc's storage; by default measured
-            on its folder against [orthanc] min_free_space.
         @param httpThreads: Orthanc's HTTP worker threads; the proxy's limit
             must leave some of them free (see L{appliance.web.proxy}).
         """
@@ -106,16 +100,11 @@ class OrthancSupervisor(Service):
         self._config = config
         self._settings = config.orthanc
         self._reactor = reactor
-        if probe is None:
-            probe = RestProbe(reactor, config.orthanc.http_port, config.orthanc.health_timeout)
-            echoProbe = echoProbe or DicomEchoProbe(
-                reactor, config.orthanc.dicom_port, config.orthanc.aet, config.orthanc.health_timeout
-            )
         self._probe = probe
         self._echoProbe = echoProbe
         self._relayPorts = relayPorts if relayPorts is not None else {}
         self._httpThreads = httpThreads
-        self._space = space or StorageSpace.forOrthanc(config)
+        self._space = space
         self.dicomStatus = "not checked yet"
         self.state = OrthancState.STOPPED
         self.reason = "not started"

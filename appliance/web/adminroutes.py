@@ -16,6 +16,7 @@ import io
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
 from appliance.web.pages import asset
 
 #: The table, in the package's assets.
@@ -54,8 +55,8 @@ class Route:
         return all(wanted is ANY_SEGMENT or wanted == segment for wanted, segment in zip(pattern, segments))
 
 
-def _pattern(path: str, dicomwebRoot: str) -> Tuple[object, ...]:
-    path = path.replace("{dicomweb}", dicomwebRoot.rstrip("/")).replace("{wado}", dicomwebRoot + "wado")
+def _pattern(path: str) -> Tuple[object, ...]:
+    path = path.replace("{dicomweb}", DICOMWEB_ROOT.rstrip("/")).replace("{wado}", WADO_URI_ROOT)
     pattern: List[object] = []
     for segment in path.strip("/").split("/"):
         if not segment:
@@ -83,11 +84,11 @@ class RouteTable:
             self._index.setdefault((route.method, first), []).append(route)
 
     @classmethod
-    def parse(cls, text: str, dicomwebRoot: str) -> "RouteTable":
+    def parse(cls, text: str) -> "RouteTable":
         """
         The table in C{text} (tab-separated: method, path, allow or block,
         reason, source; C{#} comments), with the DICOMweb plugin's routes
-        under C{dicomwebRoot} (C{/pacs/}).
+        under the root Orthanc is given (L{appliance.paths}).
         """
         lines = [line for line in text.splitlines() if line and not line.startswith("#")]
         routes = []
@@ -98,7 +99,7 @@ class RouteTable:
                 Route(
                     method=row["method"].encode("ascii"),
                     path=row["path"],
-                    pattern=_pattern(row["path"], dicomwebRoot),
+                    pattern=_pattern(row["path"]),
                     allowed=row["decision"] == "allow",
                     reason=row["reason"],
                 )
@@ -106,8 +107,8 @@ class RouteTable:
         return cls(routes)
 
     @classmethod
-    def load(cls, dicomwebRoot: str) -> "RouteTable":
-        return cls.parse(asset(TABLE_NAME).decode("utf-8"), dicomwebRoot)
+    def load(cls) -> "RouteTable":
+        return cls.parse(asset(TABLE_NAME).decode("utf-8"))
 
     def decide(self, method: bytes, segments: Sequence[bytes]) -> Optional[Route]:
         """

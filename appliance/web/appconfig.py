@@ -9,9 +9,7 @@ the proxy mounted on C{/pacs}.
 import json
 
 from appliance.config import WebSection
-
-#: Where the DICOMweb proxy is mounted, as the viewer sees it.
-DICOMWEB_ROOT = "/pacs"
+from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
 
 DATA_SOURCE_NAME = "dicomweb"
 
@@ -40,9 +38,9 @@ def viewerConfiguration(web: WebSection) -> dict:
                 "configuration": {
                     "friendlyName": web.site_name,
                     "name": "orthanc",
-                    "qidoRoot": DICOMWEB_ROOT,
-                    "wadoRoot": DICOMWEB_ROOT,
-                    "wadoUriRoot": f"{DICOMWEB_ROOT}/wado",
+                    "qidoRoot": DICOMWEB_ROOT.rstrip("/"),
+                    "wadoRoot": DICOMWEB_ROOT.rstrip("/"),
+                    "wadoUriRoot": WADO_URI_ROOT,
                     "qidoSupportsIncludeField": False,
                     "supportsReject": False,
                     "imageRendering": "wadors",

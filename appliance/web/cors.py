@@ -3,7 +3,7 @@ Cross-origin access to C{/pacs}, for a viewer hosted on another origin
 (C{[web] cors_allowed_origins}; none by default).
 
 Only origins on the list get CORS headers (compared as browsers write
-origins: see L{appliance.web.auth.requestOrigin}); every answer
+origins: see L{appliance.web.origins.requestOrigin}); every answer
 says C{Vary: Origin} so that no cache hands one origin's answer to another.
 Preflight requests are answered here and never reach Orthanc: browsers send
 them without credentials, so the access gate lets them through.
@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Tuple
 from twisted.web import http
 from twisted.web.server import Request
 
-from appliance.web.auth import requestOrigin
+from appliance.web.origins import requestOrigin
 from appliance.web.proxy import addVary
 
 #: How long a browser may reuse a preflight answer (Chromium caps it at 2 h):

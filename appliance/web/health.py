@@ -11,21 +11,20 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import appliance
-from appliance.orthanc.supervisor import OrthancState
+from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.web.methods import answerOtherMethod, isRead
 
 
 class HealthResource(Resource):
     """
     200 while the supervisor says Orthanc is ready, 503 otherwise; the body says
-    C{{"status", "orthanc", "version"}} in JSON either way.
-
-    @param orthanc: anything with the supervisor's C{state}.
+    C{{"status", "orthanc", "dicom", "version"}} in JSON either way: the
+    state of Orthanc, and whether its DICOM port answered the last C-ECHO.
     """
 
     isLeaf = True
 
-    def __init__(self, orthanc) -> None:
+    def __init__(self, orthanc: IOrthanc) -> None:
         super().__init__()
         self._orthanc = orthanc
 
@@ -40,6 +39,7 @@ class HealthResource(Resource):
         body = {
             "status": "ok" if ready else "unavailable",
             "orthanc": state.value,
+            "dicom": self._orthanc.dicomStatus,
             "version": appliance.__version__,
         }
         return json.dumps(body).encode("ascii") + b"\n"

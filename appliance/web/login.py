@@ -29,21 +29,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.config import WebSection
-from appliance.web.auth import (
-    BUSY_MESSAGE,
-    BUSY_RETRY_AFTER,
-    SESSION_COOKIE,
-    Account,
-    Authenticator,
-    PasswordChecksBusy,
-    cookieChallenge,
-    isCrossSite,
-    isSameOrigin,
-    localTarget,
-    sessionTokens,
-    tooManyFailures,
-)
 from appliance.connections import clientKey
+from appliance.web.accounts import IAccount
+from appliance.web.authenticator import Authenticator
+from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordChecksBusy
+from appliance.web.credentials import SESSION_COOKIE, sessionTokens
+from appliance.web.gate import cookieChallenge
+from appliance.web.origins import isCrossSite, isSameOrigin, localTarget
+from appliance.web.throttle import tooManyFailures
 from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset
 
 # The login form is a few hundred bytes: the request layer reads anonymous
@@ -154,7 +147,7 @@ class LoginResource(Resource):
         )
         return NOT_DONE_YET
 
-    def _checked(self, account: Optional[Account], request: Request, finished: Deferred, name: str, target: str) -> None:
+    def _checked(self, account: Optional[IAccount], request: Request, finished: Deferred, name: str, target: str) -> None:
         if finished.called:
             # The browser went away while the password was checked.
             return

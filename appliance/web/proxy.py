@@ -63,9 +63,9 @@ from zope.interface import implementer
 from appliance.config import Config
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS
 from appliance.orthanc.space import StorageSpace
-from appliance.orthanc.supervisor import OrthancState
+from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.web.answerend import AnswerEnd
-from appliance.web.auth import SESSION_COOKIE, cookieName, cookiePairs
+from appliance.web.credentials import SESSION_COOKIE, cookieName, cookiePairs
 from appliance.web.pages import jsonError
 from appliance.web.request import HOST_NAME, cancelPending, mediaType
 from appliance.web.streaming import registerStreamingProducer
@@ -485,9 +485,8 @@ class OrthancProxy(Service):
     Forwards requests to Orthanc; one instance per site, shared by the routes.
     As a service, it closes its idle connections to Orthanc when stopped.
 
-    @param orthanc: the supervisor (C{state}, C{credentials}).
-    @param space: the free space of Orthanc's storage; by default measured
-        on its folder against [orthanc] min_free_space.
+    @param orthanc: Orthanc's state and credentials.
+    @param space: the free space of Orthanc's storage.
     @param maxRequests: how many exchanges with Orthanc may be under way at a
         time (see L{MAX_ORTHANC_REQUESTS}; fewer in tests that fill them).
     """
@@ -495,16 +494,16 @@ class OrthancProxy(Service):
     def __init__(
         self,
         config: Config,
-        orthanc,
+        orthanc: IOrthanc,
+        space: StorageSpace,
         reactor=None,
-        space: Optional[StorageSpace] = None,
         maxRequests: int = MAX_ORTHANC_REQUESTS,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         web = config.web
         self.orthanc = orthanc
-        self.space = space or StorageSpace.forOrthanc(config)
+        self.space = space
         self.reactor = reactor
         self.connectTimeout = web.proxy_connect_timeout
         self.responseTimeout = web.proxy_response_timeout

@@ -32,14 +32,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from appliance.web.auth import (
-    BUSY_MESSAGE,
-    BUSY_RETRY_AFTER,
-    PasswordChecksBusy,
-    basicChallenge,
-    cookieChallenge,
-    isBrowser,
-)
+from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordChecksBusy
+from appliance.web.gate import basicChallenge, cookieChallenge
+from appliance.web.origins import isBrowser
 from appliance.web.pages import REASONS, describeSize
 from appliance.web.spool import SPOOL_RETRY_AFTER, SpoolQuota
 
@@ -79,10 +74,10 @@ class ApplianceRequest(Request):
     carries the site's standard headers.
     """
 
-    #: Who sent the request (L{appliance.web.auth.Account}), or L{None}.
+    #: Who sent the request (an L{appliance.web.accounts.IAccount}), or L{None}.
     account = None
     #: Whether the request's credentials could not be checked, for too many
-    #: password checks waiting (L{appliance.web.auth.PasswordChecksBusy}):
+    #: password checks waiting (L{appliance.web.checkers.PasswordChecksBusy}):
     #: C{account} is then L{None}, and the access gate answers 503.
     credentialsUnchecked = False
     #: The length of the body in C{content}.
@@ -297,7 +292,7 @@ class ApplianceRequest(Request):
     def _challenge(self) -> bytes:
         siteName = self.channel.site.siteName
         # As the access gate does: a browser shown a Basic challenge pops up
-        # its own password prompt (see appliance.web.auth.AccessGate).  And
+        # its own password prompt (see appliance.web.gate.AccessGate).  And
         # plain HTTP never invites credentials sent in clear.
         if isBrowser(self) or not self.isSecure():
             return cookieChallenge(siteName)

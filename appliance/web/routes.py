@@ -28,17 +28,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from appliance.config import Config
-from appliance.orthanc.settings import DICOMWEB_ROOT
 from appliance.orthanc.space import StorageSpace
-from appliance.web.auth import SAFE_METHODS
+from appliance.orthanc.state import IOrthanc
 from appliance.web.adminroutes import RouteTable
 from appliance.web.cors import CorsPolicy
 from appliance.web.pages import describeSize, jsonError
 from appliance.web.proxy import MAX_ORTHANC_REQUESTS, OrthancProxy
-
-#: Where the lead's site mounts the two routes.
-PACS = b"pacs"
-PACS_ADMIN = b"pacs-admin"
+from appliance.web.sitemap import ADMIN, DICOMWEB, SAFE_METHODS
 
 #: The DICOMweb resources of Orthanc's plugin that clients use: the plugin's
 #: own client (C{servers}) and its pages (C{app}) are for administrators.
@@ -90,7 +86,7 @@ READING_WRITES = (
     (b"modalities", ANY, b"query"),
     (b"modalities", ANY, b"store"),
     (b"peers", ANY, b"store"),
-    (DICOMWEB_ROOT.strip("/").encode("ascii"), b"servers", ANY, b"stow"),
+    (DICOMWEB, b"servers", ANY, b"stow"),
 )
 
 
@@ -256,7 +252,7 @@ class PacsResource(Resource):
         if request.method == b"OPTIONS":
             return self._cors.answerOptions(request)
         try:
-            target = resolveTarget(request, PACS)
+            target = resolveTarget(request, DICOMWEB)
         except BadPath as error:
             return jsonError(request, http.BAD_REQUEST, str(error))
         if not target.segments or target.segments[0] not in DICOMWEB_RESOURCES:
@@ -266,7 +262,7 @@ class PacsResource(Resource):
         allowed = STOW_METHODS if stow else SAFE_METHODS
         if request.method not in allowed:
             return notAllowed(request, allowed)
-        upstream = target.upstream(PACS)
+        upstream = target.upstream(DICOMWEB)
         refusal = tooLargeForOrthanc(request, upstream)
         if refusal is not None:
             return refusal
@@ -308,7 +304,7 @@ DICOMWEB_CLIENT_POLICY = (
 #: Where Orthanc's own web applications keep their pages, and the policy of
 #: each: Orthanc Explorer, and the DICOMweb plugin's client.
 ORTHANC_PAGES = (
-    ((DICOMWEB_ROOT.strip("/").encode("ascii"), b"app"), DICOMWEB_CLIENT_POLICY),
+    ((DICOMWEB, b"app"), DICOMWEB_CLIENT_POLICY),
     ((b"app",), ORTHANC_EXPLORER_POLICY),
 )
 
@@ -336,7 +332,7 @@ class PacsAdminResource(Resource):
 
     isLeaf = True
     log = Logger()
-    prefix = b"/" + PACS_ADMIN
+    prefix = b"/" + ADMIN
 
     def __init__(self, proxy: OrthancProxy, allowUnsafe: bool, table: RouteTable) -> None:
         super().__init__()
@@ -352,7 +348,7 @@ class PacsAdminResource(Resource):
         if request.method not in ADMIN_METHODS:
             return notAllowed(request, ADMIN_METHODS)
         try:
-            target = resolveTarget(request, PACS_ADMIN)
+            target = resolveTarget(request, ADMIN)
         except BadPath as error:
             return jsonError(request, http.BAD_REQUEST, str(error))
         if not target.segments and not target.trailingSlash:
@@ -442,24 +438,24 @@ class PacsAdminResource(Resource):
 
 def buildProxyResources(
     config: Config,
-    orthanc,
+    orthanc: IOrthanc,
+    space: StorageSpace,
     reactor=None,
-    space: Optional[StorageSpace] = None,
     maxRequests: int = MAX_ORTHANC_REQUESTS,
 ) -> Tuple[OrthancProxy, Dict[bytes, Resource]]:
     """
-    The proxy to Orthanc and the resources to mount as children of the site's
-    root, by name.  The proxy is a service: add it to the daemon's service
-    tree so that its connections to Orthanc are closed when it stops.
+    The proxy to Orthanc and the resources of its two routes, by segment.
+    The proxy is a service: add it to the daemon's service tree so that its
+    connections to Orthanc are closed when it stops.
 
-    @param orthanc: the supervisor (C{state}, C{credentials}).
+    @param orthanc: Orthanc's state and credentials.
     @param space: the free space of Orthanc's storage (see L{OrthancProxy}).
     @param maxRequests: how many exchanges with Orthanc may be under way at a
         time (see L{OrthancProxy}).
     """
-    proxy = OrthancProxy(config, orthanc, reactor, space, maxRequests)
+    proxy = OrthancProxy(config, orthanc, space, reactor, maxRequests)
     resources: Dict[bytes, Resource] = {
-        PACS: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
-        PACS_ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints, RouteTable.load(DICOMWEB_ROOT)),
+        DICOMWEB: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
+        ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints, RouteTable.load()),
     }
     return proxy, resources

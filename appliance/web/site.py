@@ -1,12 +1,8 @@
 """
 The HTTPS site, the HTTP listener that only redirects to it, and their services.
 
-    https  AccessGate ── WebRoot ─┬─ /healthz      HealthResource (public)
-                                  ├─ /login        LoginResource (public)
-                                  ├─ /logout       LogoutResource (public)
-                                  ├─ /pacs/        DICOMweb proxy to Orthanc
-                                  ├─ /pacs-admin/  Orthanc Explorer and REST (admins)
-                                  └─ /...          ViewerResource (the OHIF build, app-config.js)
+    https  AccessGate ── SiteRoot ── the routes of appliance.web.sitemap: /healthz, /login,
+                                     /logout, /pacs/, /pacs-admin/, the viewer
     http   RedirectToHTTPS        301 to the same path on https, nothing else
 
 Every HTTPS request is identified (L{appliance.web.request}) before the gate
@@ -18,27 +14,28 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, List, Mapping, Optional, Tuple
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from appliance.config import Config, ListenAddress
-from appliance.connections import CappedConnections, ConnectionLimits
+from appliance.config import Config
+from appliance.connections import ConnectionCap, ConnectionLimits, listenerService
 from appliance.logs import LINE_FORMAT, oncePerSecond
-from appliance.tls import ServerTLS, loadServerCertificate
+from appliance.tls import ServerTLS
 from appliance.web.appconfig import renderAppConfig
-from appliance.web.auth import AccessGate, Authenticator, requestTarget
+from appliance.orthanc.state import IOrthanc
+from appliance.web.authenticator import Authenticator
+from appliance.web.gate import AccessGate
+from appliance.web.origins import requestTarget
 from appliance.web.health import HealthResource
 from appliance.web.login import LoginResource, LogoutResource
 from appliance.web.request import HOST_NAME, ApplianceRequest, DeadlineHTTPChannel, HeaderPairs
 from appliance.web.spool import SpoolQuota
+from appliance.web.sitemap import ADMIN, DICOMWEB, SiteMap, archiveRoutes, viewerRoutes
 from appliance.web.static import ViewerResource
 
 
@@ -67,7 +64,7 @@ class ApplianceSite(Site):
     @param minBodyRate: the slowest average pace of a request body, in bytes
         a second, after C{headerTimeout} of grace.
     @param gate: judges a request from its head and account before its body
-        is read (L{appliance.web.auth.AccessGate.refusalBeforeBody}); without one,
+        is read (L{appliance.web.gate.AccessGate.refusalBeforeBody}); without one,
         every body from a known user is read.
     @param spoolQuota: the request bodies held, per account and in all.
     @param handshakeTimeout: how long a TLS handshake may take (the header
@@ -235,21 +232,6 @@ class NoCredentials:
         return succeed(None)
 
 
-class WebRoot(Resource):
-    """
-    The root of the HTTPS site: its named children, and the viewer for every
-    other path (the viewer reads the whole path, so the first segment goes back).
-    """
-
-    def __init__(self, viewer: Resource) -> None:
-        super().__init__()
-        self._viewer = viewer
-
-    def getChild(self, name: bytes, request: Request) -> Resource:
-        request.postpath.insert(0, request.prepath.pop())
-        return self._viewer
-
-
 class RedirectToHTTPS(Resource):
     """
     Answers every request with a permanent redirect to the same path and query
@@ -288,18 +270,6 @@ class RedirectToHTTPS(Resource):
             return None
 
 
-class ConnectionCap(CappedConnections, WrappingFactory):
-    """
-    Closes new connections at once beyond C{limits} (in all and from one
-    client), so that a flood of idle connections can neither exhaust the
-    process's file descriptors nor, from one host, lock the others out.
-    """
-
-    def __init__(self, wrappedFactory, limits: ConnectionLimits) -> None:
-        super().__init__(wrappedFactory)
-        self.limits = limits
-
-
 def standardHeaders(config: Config, secure: bool) -> List[Tuple[bytes, bytes]]:
     headers = [
         (b"X-Content-Type-Options", b"nosniff"),
@@ -311,10 +281,9 @@ def standardHeaders(config: Config, secure: bool) -> List[Tuple[bytes, bytes]]:
     return headers
 
 
-def buildWebRoot(config: Config, orthanc, routes: Mapping[bytes, Resource] = {}) -> WebRoot:
+def viewerResource(config: Config) -> ViewerResource:
     """
-    The site's resources, ungated: C{/healthz}, C{routes} (first path segment
-    to resource) and the viewer for every other path.
+    The OHIF build of C{config}, with its generated C{app-config.js}.
     """
     web = config.web
     if not (web.ohif_root / "index.html").is_file():
@@ -323,57 +292,48 @@ def buildWebRoot(config: Config, orthanc, routes: Mapping[bytes, Resource] = {})
             " until one is unpacked there (packaging/ohif {root})",
             root=str(web.ohif_root),
         )
-    viewer = ViewerResource(
-        web.ohif_root,
-        renderAppConfig(web),
-        web.content_security_policy,
-        web.cross_origin_isolation,
+    return ViewerResource(web.ohif_root, renderAppConfig(web), web.content_security_policy, web.cross_origin_isolation)
+
+
+def buildWebRoot(config: Config, orthanc: IOrthanc) -> Resource:
+    """
+    A site without accounts: C{/healthz} and the viewer (the routes of
+    L{viewerRoutes}).
+    """
+    return SiteMap(viewerRoutes(HealthResource(orthanc), viewerResource(config))).root()
+
+
+def buildSiteResource(
+    config: Config, orthanc: IOrthanc, authenticator: Authenticator, proxyRoutes: Mapping[bytes, Resource]
+) -> AccessGate:
+    """
+    The daemon's HTTPS site: every route of L{appliance.web.sitemap}, the
+    proxy's to Orthanc among them (C{proxyRoutes}, by segment), behind the
+    access gate.
+    """
+    routes = viewerRoutes(HealthResource(orthanc), viewerResource(config)) + archiveRoutes(
+        LoginResource(authenticator, config.web),
+        LogoutResource(authenticator, config.web),
+        proxyRoutes[DICOMWEB],
+        proxyRoutes[ADMIN],
     )
-    root = WebRoot(viewer)
-    root.putChild(b"healthz", HealthResource(orthanc))
-    for name, resource in routes.items():
-        root.putChild(name, resource)
-    return root
+    return AccessGate(SiteMap(routes), authenticator, config.web)
 
 
-def buildSiteResource(config: Config, orthanc, authenticator: Authenticator, proxyRoutes: Mapping[bytes, Resource]) -> Resource:
-    """
-    The daemon's HTTPS site: every resource behind the access gate, the login
-    and logout pages, and the proxy routes to Orthanc.
-    """
-    routes = dict(proxyRoutes)
-    routes[b"login"] = LoginResource(authenticator, config.web)
-    routes[b"logout"] = LogoutResource(authenticator, config.web)
-    return AccessGate(buildWebRoot(config, orthanc, routes), authenticator, config.web)
-
-
-def _listener(reactor, address: ListenAddress, factory, name: str) -> StreamServerEndpointService:
-    service = StreamServerEndpointService(serverFromString(reactor, address.endpointDescription()), factory)
-    service.setName(name)
-    # A port that cannot be bound ends the start with its error instead of a
-    # log line and a daemon without its listener (twisted.application.strports
-    # sets the same attribute).
-    service._raiseSynchronously = True
-    return service
-
-
-def buildWebService(
-    config: Config, resource: Resource, authenticator, reactor=None, tls: Optional[ServerTLS] = None
-) -> MultiService:
+def buildWebService(config: Config, resource: Resource, authenticator, tls: ServerTLS, reactor=None) -> MultiService:
     """
     The HTTPS listener serving C{resource} and, unless disabled, the HTTP
     one that redirects to it.
 
     @param resource: the site's root (L{buildSiteResource} for the daemon).
     @param authenticator: identifies the sender of each HTTPS request
-        (L{appliance.web.auth.Authenticator}) before C{resource} sees it.
-    @param tls: the connection creator (default: one for the configured
-        certificate); the same object can later be given a new certificate.
+        (L{appliance.web.authenticator.Authenticator}) before C{resource} sees it.
+    @param tls: the connection creator; the same object can later be given
+        a new certificate.
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     web = config.web
-    tls = tls or ServerTLS(loadServerCertificate(config), [b"http/1.1"])
     service = MultiService()
     # One spool, whichever listener a body comes through.
     quota = SpoolQuota(web.max_spool_per_account, web.max_spool)
@@ -382,7 +342,7 @@ def buildWebService(
         TLSMemoryBIOFactory(tls, False, site),
         ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web", reactor),
     )
-    _listener(reactor, web.listen_https, https, "https").setServiceParent(service)
+    listenerService(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
         redirect = ApplianceSite.fromConfig(
             config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False, quota
@@ -390,5 +350,5 @@ def buildWebService(
         plain = ConnectionCap(
             redirect, ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web", reactor)
         )
-        _listener(reactor, web.listen_http, plain, "http").setServiceParent(service)
+        listenerService(reactor, web.listen_http, plain, "http").setServiceParent(service)
     return service

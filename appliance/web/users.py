@@ -1,56 +1,31 @@
 """
-The users file: one account a line, its password hashes, and the daemon's
-copy of it, read again whenever the file changes.
+The users file: one account a line, and the daemon's copy of it, read again
+whenever the file changes.
 
     # comments and blank lines are allowed
     NAME:HASH:ROLES          admin:scrypt$ln=15$r=8$p=1$<salt>$<key>:admin
 
-HASH is scrypt (memory-hard) in a self-describing, colon-free encoding: the
-parameters travel with each hash, so that the defaults can be raised later and
-older hashes still verify.  ROLES is a comma-separated list from
-L{ROLES}.  The file is written by C{pacs-appliance passwd}
-(see L{setUser}, L{deleteUser}): atomically, keeping every other line as it was.
+HASH is a password hash of L{appliance.web.passwords}; ROLES a
+comma-separated list from L{appliance.web.accounts.ROLES}.  The file is
+written by C{pacs-appliance passwd} (see L{setUser}, L{deleteUser}):
+atomically, keeping every other line as it was.
 """
 
-import base64
 import errno
 import fcntl
-import hashlib
-import hmac
 import os
 import re
-import secrets
 import tempfile
-import unicodedata
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-
-#: The roles, from least to most: each includes those before it.
-ROLES = ("viewer", "uploader", "admin")
-
-
-@dataclass(frozen=True)
-class Account:
-    """
-    A user as the site sees them: a name and the roles the users file gives.
-    """
-
-    name: str
-    roles: FrozenSet[str]
-
-    def has(self, role: str) -> bool:
-        """
-        Does the account hold C{role}, or a role that includes it?
-        """
-        rank = ROLES.index(role)
-        return any(ROLES.index(held) >= rank for held in self.roles)
+from appliance.web.accounts import ROLES, Account
+from appliance.web.passwords import DEFAULT_PARAMETERS, PasswordHash, PasswordHashError, commonParameters, dummyHash
 
 
 #: A user name: letters, digits and a few separators (e-mail addresses fit),
@@ -61,152 +36,14 @@ USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 #: the cap keeps its synchronous read short.
 MAX_FILE_SIZE = 1024 * 1024
 
-#: The most memory a stored hash's parameters may ask scrypt for.
-MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
-
 #: How often the daemon looks at the file's metadata for a change.
 CHECK_INTERVAL = 2.0
-
-
-class PasswordHashError(ValueError):
-    """
-    A stored hash is not one this module can verify.
-    """
 
 
 class UsersFileError(Exception):
     """
     The users file cannot be read or written; the message says why.
     """
-
-
-@dataclass(frozen=True)
-class ScryptParameters:
-    """
-    scrypt's costs: N = 2**ln, block size r, parallelism p.
-    """
-
-    ln: int = 15
-    r: int = 8
-    p: int = 1
-
-    @property
-    def memory(self) -> int:
-        """
-        Bytes scrypt needs with these parameters.
-        """
-        return 128 * self.r * (2**self.ln)
-
-    def check(self) -> None:
-        """
-        @raise PasswordHashError: for parameters outside the bounds a stored
-            hash may ask for (a corrupt or hostile line must not make the
-            daemon allocate gigabytes).
-        """
-        if not (1 <= self.ln <= 24 and 1 <= self.r <= 64 and 1 <= self.p <= 16):
-            raise PasswordHashError(f"scrypt parameters out of range: ln={self.ln} r={self.r} p={self.p}")
-        if self.memory > MAX_SCRYPT_MEMORY:
-            raise PasswordHashError(f"scrypt parameters need more than {MAX_SCRYPT_MEMORY // 2**20} MiB")
-
-
-#: N = 2**15, r = 8, p = 1: 32 MiB and about 0.13 s on this project's
-#: reference machine (Go's x/crypto/scrypt recommendation).  Raising them later
-#: only affects hashes written afterwards.
-DEFAULT_PARAMETERS = ScryptParameters()
-
-_SALT_SIZE = 16
-_KEY_SIZE = 32
-_HASH = re.compile(r"scrypt\$ln=(\d{1,2})\$r=(\d{1,2})\$p=(\d{1,2})\$([A-Za-z0-9+/]{22})\$([A-Za-z0-9+/]{43})")
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii").rstrip("=")
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4))
-
-
-@dataclass(frozen=True)
-class PasswordHash:
-    """
-    A parsed stored hash.
-    """
-
-    parameters: ScryptParameters
-    salt: bytes
-    key: bytes
-
-    @classmethod
-    def parse(cls, text: str) -> "PasswordHash":
-        """
-        @raise PasswordHashError: if C{text} is not a hash of ours.
-        """
-        match = _HASH.fullmatch(text)
-        if match is None:
-            raise PasswordHashError("not a scrypt$ln=..$r=..$p=..$SALT$KEY hash")
-        ln, r, p, salt, key = match.groups()
-        parameters = ScryptParameters(int(ln), int(r), int(p))
-        parameters.check()
-        return cls(parameters, _b64decode(salt), _b64decode(key))
-
-    def encode(self) -> str:
-        p = self.parameters
-        return f"scrypt$ln={p.ln}$r={p.r}$p={p.p}${_b64encode(self.salt)}${_b64encode(self.key)}"
-
-
-def _scrypt(password: str, salt: bytes, parameters: ScryptParameters) -> bytes:
-    # NFC: the same password typed on two systems may arrive composed or not.
-    return hashlib.scrypt(
-        unicodedata.normalize("NFC", password).encode("utf-8"),
-        salt=salt,
-        n=2**parameters.ln,
-        r=parameters.r,
-        p=parameters.p,
-        # OpenSSL needs a little more than the nominal 128*r*N.
-        maxmem=2 * parameters.memory,
-        dklen=_KEY_SIZE,
-    )
-
-
-def hashPassword(password: str, parameters: ScryptParameters = DEFAULT_PARAMETERS) -> str:
-    """
-    The stored form of C{password}, with a new random salt.  Slow on purpose:
-    never call it in the reactor thread.
-    """
-    salt = secrets.token_bytes(_SALT_SIZE)
-    return PasswordHash(parameters, salt, _scrypt(password, salt, parameters)).encode()
-
-
-def verifyPassword(password: str, stored: str) -> bool:
-    """
-    Does C{password} match the stored hash?  Slow on purpose (the hash's own
-    parameters): never call it in the reactor thread.
-
-    @raise PasswordHashError: if C{stored} is not a hash of ours.
-    """
-    parsed = PasswordHash.parse(stored)
-    return hmac.compare_digest(_scrypt(password, parsed.salt, parsed.parameters), parsed.key)
-
-
-def dummyHash(parameters: ScryptParameters) -> str:
-    """
-    A hash with C{parameters} and a key no password gives in practice: what
-    an unknown user's password is checked against, so that the answer takes
-    as long as for a known one.
-    """
-    return PasswordHash(parameters, bytes(_SALT_SIZE), bytes(_KEY_SIZE)).encode()
-
-
-def commonParameters(entries: Iterable["UserEntry"]) -> ScryptParameters:
-    """
-    The scrypt parameters most of C{entries}' hashes use (the first seen of
-    equally common ones), or the defaults when there is no entry.
-    """
-    counts = Counter(PasswordHash.parse(entry.passwordHash).parameters for entry in entries)
-    if not counts:
-        return DEFAULT_PARAMETERS
-    return counts.most_common(1)[0][0]
 
 
 def parseRoles(text: str) -> FrozenSet[str]:
@@ -362,15 +199,10 @@ def _lineUser(line: str) -> Optional[str]:
     return stripped.split(":", 1)[0]
 
 
-class _Unchanged(Exception):
+def _rewrite(path: Path, change: Callable[[List[str]], Optional[List[str]]]) -> None:
     """
-    Nothing to write.
-    """
-
-
-def _rewrite(path: Path, change: Callable[[List[str]], List[str]]) -> None:
-    """
-    Replace the users file with C{change} applied to its lines, atomically
+    Replace the users file with C{change} applied to its lines (L{None}:
+    nothing to write), atomically
     (a temporary file renamed over it), keeping its owner and group, mode
     0640; a new file gets the group of its folder.  Another C{passwd} waits:
     the folder is locked for the change.
@@ -386,6 +218,8 @@ def _rewrite(path: Path, change: Callable[[List[str]], List[str]]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         text = readUsersText(path)
         lines = change(text.splitlines() if text else [])
+        if lines is None:
+            return
         try:
             status = os.stat(path)
             owner, group, new = status.st_uid, status.st_gid, False
@@ -473,18 +307,13 @@ def deleteUser(path: Path, name: str) -> bool:
     """
     found = False
 
-    def change(lines: List[str]) -> List[str]:
+    def change(lines: List[str]) -> Optional[List[str]]:
         nonlocal found
         kept = [line for line in lines if _lineUser(line) != name]
         found = len(kept) != len(lines)
-        if not found:
-            raise _Unchanged()
-        return kept
+        return kept if found else None
 
-    try:
-        _rewrite(path, change)
-    except _Unchanged:
-        pass
+    _rewrite(path, change)
     return found
 
 
@@ -615,7 +444,7 @@ class UsersFile(Service):
             name for name, entry in self._users.items() if users.get(name) != entry
         )
         self._users = users
-        self.dummyHash = dummyHash(commonParameters(users.values()))
+        self.dummyHash = dummyHash(commonParameters(entry.passwordHash for entry in users.values()))
         if changed:
             for listener in self._listeners:
                 try:

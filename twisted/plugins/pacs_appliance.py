@@ -1,1 +1,1 @@
-from appliance.service import serviceMaker as pacsAppliance  # noqa: F401
+from appliance.plugin import serviceMaker as pacsAppliance  # noqa: F401

@@ -1,0 +1,326 @@
+"""
+Who sent a request, and logging users in and out.
+
+    request ──▶ identify(headers, client) ──▶ an account, or None
+                 HTTP Basic: remembered briefly, else checked through the
+                 portal (the throttle first); a session cookie: its account
+
+Browsers log in on the login page (L{appliance.web.login}) and carry the
+session cookie; API clients send HTTP Basic with every request, checked once
+and then remembered briefly.  The gate (L{appliance.web.gate}) decides what
+the account may do.
+"""
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from typing import Dict, FrozenSet, List, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from appliance.config import AuthSection
+from appliance.connections import clientKey
+from appliance.web.accounts import IAccount
+from appliance.web.checkers import (
+    AccountChanged,
+    PasswordChecks,
+    PasswordChecksBusy,
+    UnknownUser,
+    UsersFileChecker,
+    UsersRealm,
+)
+from appliance.web.credentials import basicCredentials, decodeBasic, displayName, sessionTokens
+from appliance.web.sessions import SessionStore
+from appliance.web.throttle import LoginThrottle
+from appliance.web.users import UsersFile
+
+#: How long a verified HTTP Basic credential is remembered (unless the users
+#: file changes first), and how many are.
+BASIC_CACHE_LIFETIME = 300.0
+BASIC_CACHE_SIZE = 1000
+
+#: How often expired sessions and old failures are forgotten.
+PURGE_INTERVAL = 60.0
+
+
+def _fire(deferred: Deferred, result: object) -> Deferred:
+    """
+    Fire C{deferred} with C{result}, a value or a L{Failure}; returns it.
+    """
+    if isinstance(result, Failure):
+        deferred.errback(result)
+    else:
+        deferred.callback(result)
+    return deferred
+
+
+class _SharedOutcome:
+    """
+    The outcome of one Deferred for several callers, each with a Deferred of
+    its own (L{follow}).  A caller that cancels its Deferred leaves; the
+    shared one is cancelled when the last caller has left.
+    """
+
+    def __init__(self, shared: Deferred) -> None:
+        self._shared = shared
+        self._followers: List[Deferred] = []
+        self._outcome: Optional[Tuple[object]] = None
+        shared.addBoth(self._fired)
+
+    def follow(self) -> Deferred:
+        if self._outcome is not None:
+            return _fire(Deferred(), self._outcome[0])
+        follower: Deferred = Deferred(self._left)
+        self._followers.append(follower)
+        return follower
+
+    def _left(self, follower: Deferred) -> None:
+        self._followers.remove(follower)
+        if not self._followers:
+            self._shared.cancel()
+
+    def _fired(self, result: object) -> None:
+        self._outcome = (result,)
+        followers, self._followers = self._followers, []
+        for follower in followers:
+            _fire(follower, result)
+
+
+class Authenticator(Service):
+    """
+    Identifies the user behind a request, and logs users in and out.
+
+    Passwords are checked through C{portal} (twisted.cred: a checker per
+    source of accounts, see L{appliance.web.checkers}), after the login
+    throttle has had its say; verified Basic credentials are remembered
+    briefly, and sessions name their account, which C{accounts} looks up.
+    The service also forgets expired sessions and failures periodically.
+
+    @param portal: checks user names and passwords, and yields accounts
+        (L{IAccount}).
+    @param accounts: the accounts by name (C{account(name)}), telling of
+        changes (C{subscribe}): the users file's L{UsersRealm}.
+    @param auth: the [auth] configuration.
+    """
+
+    log = Logger()
+
+    def __init__(self, portal: Portal, accounts: UsersRealm, auth: AuthSection, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        self._reactor = reactor
+        self._portal = portal
+        self._accounts = accounts
+        self.sessions = SessionStore(auth.session_idle_timeout, auth.session_lifetime, reactor)
+        self.throttle = LoginThrottle(
+            auth.max_login_failures, auth.max_address_failures, auth.login_failure_window, reactor
+        )
+        # Verified Basic credentials, under a keyed hash of the header: the
+        # table holds no password, nor anything that could be replayed.
+        self._cacheKey = secrets.token_bytes(32)
+        self._basicCache: "OrderedDict[bytes, Tuple[IAccount, float]]" = OrderedDict()
+        # Basic credentials being checked, under the same keyed hash: the
+        # requests that bring them meanwhile share that check.
+        self._pending: Dict[bytes, _SharedOutcome] = {}
+        self._purging = LoopingCall(self._purge)
+        self._purging.clock = reactor
+        accounts.subscribe(self._accountsChanged)
+
+    @classmethod
+    def forUsersFile(cls, users: UsersFile, checks: PasswordChecks, auth: AuthSection, reactor=None) -> "Authenticator":
+        """
+        The authenticator of the accounts of the users file, their passwords
+        checked by C{checks}.
+        """
+        realm = UsersRealm(users)
+        return cls(Portal(realm, [UsersFileChecker(users, checks)]), realm, auth, reactor)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._purging.start(PURGE_INTERVAL, now=False).addErrback(
+            lambda failure: self.log.failure("Stopped forgetting expired sessions", failure)
+        )
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._purging.running:
+            self._purging.stop()
+
+    # --- identification -----------------------------------------------------
+
+    def identify(self, headers: Headers, client) -> "Deferred[Optional[IAccount]]":
+        """
+        The account behind a request: from its HTTP Basic credentials if it
+        carries an C{Authorization: Basic} header (invalid ones give L{None},
+        whatever cookie comes with them), else from its session cookie.
+
+        Fires at once when memory answers (a session, a Basic credential
+        verified recently, an address refused by the L{LoginThrottle});
+        checks the password in a thread otherwise, after the throttle's
+        back-off.  Fails only with L{PasswordChecksBusy}, when the password
+        could not be checked for too many checks waiting: other errors are
+        logged and give L{None}.  Cancelling the Deferred (the client left)
+        skips a check still waiting for a thread.
+        """
+        try:
+            identified = self._identify(headers, client)
+        except Exception:
+            self.log.failure("Could not identify a request from {client}", client=str(client))
+            return succeed(None)
+        return identified.addErrback(self._identifyFailed, client)
+
+    def _identifyFailed(self, failure: Failure, client) -> Optional[Failure]:
+        if failure.check(PasswordChecksBusy, CancelledError):
+            return failure
+        self.log.failure("Could not identify a request from {client}", failure, client=str(client))
+        return None
+
+    def _identify(self, headers: Headers, client) -> "Deferred[Optional[IAccount]]":
+        credentials = basicCredentials(headers)
+        if credentials is not None:
+            return self._basic(credentials, client)
+        for token in sessionTokens(headers):
+            name = self.sessions.lookup(token)
+            account = self._accounts.account(name) if name is not None else None
+            if account is not None:
+                return succeed(account)
+        return succeed(None)
+
+    def _basic(self, credentials: bytes, client) -> "Deferred[Optional[IAccount]]":
+        key = hmac.new(self._cacheKey, credentials, hashlib.sha256).digest()
+        cached = self._basicCache.get(key)
+        if cached is not None:
+            account, expires = cached
+            if expires > self._reactor.seconds():
+                self._basicCache.move_to_end(key)
+                return succeed(account)
+            del self._basicCache[key]
+        decoded = decodeBasic(credentials)
+        if decoded is None:
+            self.log.info("Refused malformed HTTP Basic credentials from {client}", client=clientKey(client))
+            return succeed(None)
+        shared = self._pending.get(key)
+        if shared is None:
+            name, password = decoded
+            checking = self._check(name, password, client, "HTTP Basic").addCallback(self._basicChecked, key)
+            # Registered only once the check exists (nothing is left behind
+            # if starting it raises), and forgotten when it ends, even at once.
+            shared = self._pending[key] = _SharedOutcome(checking)
+            checking.addBoth(self._basicSettled, key)
+        return shared.follow()
+
+    def _basicSettled(self, result: None, key: bytes) -> None:
+        self._pending.pop(key, None)
+
+    def _basicChecked(self, account: Optional[IAccount], key: bytes) -> Optional[IAccount]:
+        if account is None:
+            return None
+        self._basicCache[key] = (account, self._reactor.seconds() + BASIC_CACHE_LIFETIME)
+        while len(self._basicCache) > BASIC_CACHE_SIZE:
+            self._basicCache.popitem(last=False)
+        return account
+
+    # --- logging in and out -------------------------------------------------
+
+    def retryAfter(self, name: str, client) -> float:
+        """
+        Seconds before user C{name} may try to log in from C{client}.
+        """
+        return self.throttle.retryAfter(name, client)
+
+    def login(self, name: str, password: str, client) -> "Deferred[Optional[IAccount]]":
+        """
+        Check a user name and password from the login form (in a thread);
+        fires with the account, or L{None} (counted as a failed login).
+        Fails only with L{PasswordChecksBusy} (see L{identify}); cancelling
+        it skips a check still waiting for a thread.
+        """
+        return self._check(name, password, client, "login form")
+
+    def startSession(self, account: IAccount, previous: List[bytes]) -> bytes:
+        """
+        End the C{previous} sessions of the browser and start one for
+        C{account}; returns its token.
+        """
+        for token in previous:
+            self.sessions.end(token)
+        self.log.info("{user} logged in", user=account.name)
+        return self.sessions.create(account.name)
+
+    def endSession(self, token: bytes) -> None:
+        name = self.sessions.lookup(token)
+        self.sessions.end(token)
+        if name is not None:
+            self.log.info("{user} logged out", user=name)
+
+    def _check(self, name: str, password: str, client, method: str) -> "Deferred[Optional[IAccount]]":
+        delay = self.throttle.attempt(name, client)
+        if delay is None:
+            return succeed(None)
+        credentials = UsernamePassword(name.encode("utf-8"), password.encode("utf-8"))
+        if delay > 0:
+            checking = deferLater(self._reactor, delay, self._portal.login, credentials, None, IAccount)
+        else:
+            checking = self._portal.login(credentials, None, IAccount)
+        checking.addCallbacks(self._succeeded, self._refused, (name, client), errbackArgs=(name, client, method))
+        return checking
+
+    def _succeeded(self, loggedIn: tuple, name: str, client) -> IAccount:
+        _, account, _ = loggedIn
+        self.throttle.succeeded(name, client)
+        return account
+
+    def _refused(self, failure: Failure, name: str, client, method: str) -> Optional[IAccount]:
+        if failure.check(UnauthorizedLogin):
+            self.throttle.failed(name, client)
+            self.log.warn(
+                "Failed login for {user} from {client} ({method}): {reason}",
+                user=displayName(name),
+                client=clientKey(client),
+                method=method,
+                reason="no such user" if failure.check(UnknownUser) else "wrong password",
+            )
+            return None
+        # The check's slot is given back: anything else is not a failed login.
+        self.throttle.abandoned(name, client)
+        if failure.check(AccountChanged):
+            self.log.info("The account {user} changed while its password was checked", user=name)
+            return None
+        if failure.check(PasswordChecksBusy):
+            return failure
+        if failure.check(CancelledError):
+            # The client left: nobody looks at the outcome.
+            return None
+        self.log.failure(
+            "Could not check the password of {user} from {client}",
+            failure,
+            user=displayName(name),
+            client=clientKey(client),
+        )
+        return None
+
+    def _accountsChanged(self, names: FrozenSet[str]) -> None:
+        self._basicCache.clear()
+        ended = self.sessions.endUsers(names)
+        if ended:
+            self.log.info(
+                "Ended {count} sessions of changed or removed users: {users}",
+                count=ended,
+                users=", ".join(sorted(names)),
+            )
+
+    def _purge(self) -> None:
+        self.sessions.purge()
+        self.throttle.purge()
+        now = self._reactor.seconds()
+        for key in [key for key, (_, expires) in self._basicCache.items() if expires <= now]:
+            del self._basicCache[key]

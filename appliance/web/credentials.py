@@ -1,0 +1,75 @@
+"""
+What a request carries to say who sent it: HTTP Basic credentials, and the
+session cookie of a browser that logged in on the login page.
+"""
+
+import binascii
+from typing import List, Optional, Tuple
+
+from twisted.web.http_headers import Headers
+
+#: The browser session's cookie: the __Host- prefix makes browsers insist on
+#: Secure, Path=/ and no Domain, so no other host can set or shadow it.
+SESSION_COOKIE = b"__Host-pacs-session"
+
+def displayName(name: str) -> str:
+    """
+    A user name as given by a client, safe for one log line.
+    """
+    return repr(name[:64] + ("…" if len(name) > 64 else ""))
+
+
+def basicCredentials(headers: Headers) -> Optional[bytes]:
+    """
+    The base64 token of the request's HTTP Basic C{Authorization} header, or
+    L{None} if it has none (another scheme, or more than one header, counts
+    as none).
+    """
+    values = headers.getRawHeaders(b"authorization")
+    if not values or len(values) != 1:
+        return None
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    return token.strip()
+
+
+def cookiePairs(header: bytes) -> List[bytes]:
+    """
+    The C{name=value} pairs of a C{Cookie} header value, as sent.
+    """
+    return [pair.strip() for pair in header.split(b";") if pair.strip()]
+
+
+def cookieName(pair: bytes) -> bytes:
+    """
+    The name of a cookie given as C{name=value}: a pair of a C{Cookie}
+    header, or a whole C{Set-Cookie} value (its attributes follow a C{;}).
+    """
+    return pair.split(b";", 1)[0].partition(b"=")[0].strip()
+
+
+def sessionTokens(headers: Headers) -> List[bytes]:
+    """
+    Every value of the session cookie the request carries.
+    """
+    tokens = []
+    for header in headers.getRawHeaders(b"cookie", []):
+        for pair in cookiePairs(header):
+            value = pair.partition(b"=")[2]
+            if cookieName(pair) == SESSION_COOKIE and value:
+                tokens.append(value)
+    return tokens
+
+
+def decodeBasic(token: bytes) -> Optional[Tuple[str, str]]:
+    """
+    The user name and password of a Basic token, or L{None} if it is not
+    base64 of UTF-8 C{name:password}.
+    """
+    try:
+        decoded = binascii.a2b_base64(token, strict_mode=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    name, colon, password = decoded.partition(":")
+    return (name, password) if colon else None
