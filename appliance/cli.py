@@ -21,9 +21,11 @@ from twisted.python import usage
 from twisted.scripts import twistd
 
 import appliance
+from appliance.compat import runTwistd
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall, removeEveryTable
 from appliance.plugin import serviceMaker
+from appliance.preflight import loadChecked
 from appliance.web.passwords import hashPassword
 from appliance.web.users import (
     UserEntry,
@@ -137,11 +139,14 @@ class CommandLine(usage.Options):
 
 class ApplianceServerOptions(twistd.ServerOptions):
     """
-    twistd's options, with the appliance's service maker as the only plugin.
+    twistd's options, with the appliance's service maker as the only
+    command: no plugin scan (as Tahoe-LAFS runs its node).
     """
 
-    def _getPlugins(self, interface):
-        return [serviceMaker]
+    # Both public attributes of twistd's options (loadedPlugins is what the
+    # runner makes the service with); the options are read only when parsed.
+    subCommands = [(serviceMaker.tapname, None, lambda: serviceMaker.options(), serviceMaker.description)]
+    loadedPlugins = {serviceMaker.tapname: serviceMaker}
 
 
 def run(configPath: str) -> int:
@@ -164,7 +169,7 @@ def run(configPath: str) -> int:
     # reactor; for the appliance, SIGTERM and SIGINT are the normal way to stop
     # and a clean stop exits 0.
     try:
-        twistd._SomeApplicationRunner(options).run()
+        runTwistd(options)
     except (CannotListenError, FirewallError) as error:
         # Raised by a service's start, before the reactor runs: a port taken,
         # or Orthanc's ports that could not be closed.  The operator's
@@ -180,7 +185,7 @@ def loadOrReport(configPath: str) -> Optional[Config]:
     problems is printed on standard error.
     """
     try:
-        return loadConfig(Path(configPath))
+        return loadChecked(Path(configPath))
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)

@@ -6,6 +6,10 @@ then every ``conf.d/*.ini`` beside it in name order; a later file overrides a ke
 an earlier one set.  Relative paths are taken relative to the folder of the file
 that names them.  Every problem in every file is collected and reported at once as
 ``FILE: [section] key: message``; nothing below this module sees a raw string.
+
+Loading reads the configuration files and nothing else: what the settings name
+on disk (Orthanc, the certificate) is checked by L{appliance.preflight}, which
+start-up, C{check-config} and reload share.
 """
 
 import configparser
@@ -13,8 +17,9 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from cryptography import x509
 
@@ -134,14 +139,20 @@ class AuthSection:
     login_failure_window: float
 
 
-#: The TLS profiles of the DICOM port (see appliance.dicom.profiles).
-TLS_PROFILES = ("bcp195-nd", "legacy")
+class DicomTLSProfile(str, Enum):
+    """
+    The TLS profiles of the DICOM port, by their names in [dicom]
+    tls_profile (see L{appliance.dicom.profiles}).
+    """
+
+    BCP195_ND = "bcp195-nd"
+    LEGACY = "legacy"
 
 
 @dataclass(frozen=True)
 class DicomSection:
     listen: Optional[ListenAddress]
-    tls_profile: str
+    tls_profile: DicomTLSProfile
     require_client_certificate: bool
     client_ca: Optional[Path]
     handshake_timeout: float
@@ -177,6 +188,17 @@ class Config:
     dicom: DicomSection
     modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
+    #: The file that set each key given, by (section, key): where a problem
+    #: with it is reported.
+    keySources: Mapping[Tuple[str, str], Path] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, section: str, key: str) -> str:
+        """
+        C{FILE: [section] key}, the start of a problem with that key: the file
+        that set it, else the main file.
+        """
+        source = self.keySources.get((section, key), self.sources[0] if self.sources else DEFAULT_CONFIG_PATH)
+        return f"{source}: [{section}] {key}"
 
 
 # --- value parsers: each takes the stripped text and the folder of the file
@@ -271,6 +293,15 @@ def parseChoice(*choices: str) -> Callable[[str, Path], str]:
         if text not in choices:
             raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
         return text
+
+    return parse
+
+
+def parseEnum(kind: Type[Enum]) -> Callable[[str, Path], Enum]:
+    choose = parseChoice(*(member.value for member in kind))
+
+    def parse(text: str, base: Path) -> Enum:
+        return kind(choose(text, base))
 
     return parse
 
@@ -459,7 +490,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
     },
     "dicom": {
         "listen": Key(parseOptionalListen, "11112"),
-        "tls_profile": Key(parseChoice(*TLS_PROFILES), "bcp195-nd"),
+        "tls_profile": Key(parseEnum(DicomTLSProfile), DicomTLSProfile.BCP195_ND.value),
         "require_client_certificate": Key(parseBool, "no"),
         "client_ca": Key(parseOptionalPath, ""),
         "handshake_timeout": Key(parsePositiveDuration, "10s"),
@@ -572,48 +603,12 @@ def _parseSection(
     return values
 
 
-def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path) -> List[str]:
+def _check(config: Config) -> List[str]:
     """
-    Checks that involve more than one key or the file system.
+    The checks that involve more than one key.
     """
     problems = []
-
-    def where(section: str, key: str) -> str:
-        setting = settings.get(section, {}).get(key)
-        return f"{setting.source if setting else main}: [{section}] {key}"
-
-    executable = config.orthanc.executable
-    if not executable.is_file() or not os.access(executable, os.X_OK):
-        problems.append(
-            f"{where('orthanc', 'executable')}: {executable} is not an executable file"
-            " (install the orthanc package, or point this key at Orthanc)"
-        )
-    for plugin in config.orthanc.plugins:
-        if not plugin.is_file():
-            problems.append(
-                f"{where('orthanc', 'plugins')}: {plugin} does not exist"
-                " (install the orthanc-dicomweb package)"
-            )
-
-    # Either both halves of the certificate are installed or neither is (then a
-    # self-signed one is generated); one alone is a mistake made while installing.
-    certificate, privateKey = config.tls.certificate, config.tls.private_key
-    if certificate.exists() != privateKey.exists():
-        present, missing = (
-            ("certificate", "private_key") if certificate.exists() else ("private_key", "certificate")
-        )
-        problems.append(
-            f"{where('tls', missing)}: {getattr(config.tls, missing)} does not exist but"
-            f" [tls] {present} does (install both files, or remove both to use a"
-            " generated self-signed certificate)"
-        )
-    elif certificate.exists():
-        from appliance.tls import CertificateError, readCertificate
-
-        try:
-            readCertificate(certificate, privateKey)
-        except CertificateError as error:
-            problems.append(f"{where('tls', 'certificate')}: {error}")
+    where = config.where
 
     # Orthanc binds both its ports on every interface, whatever our listeners say.
     listeners = [
@@ -625,7 +620,7 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
         listeners.append(("web", "listen_http", config.web.listen_http))
     if config.dicom.listen is not None:
         listeners.append(("dicom", "listen", config.dicom.listen))
-    problems.extend(_checkDicom(config, where))
+    problems.extend(_checkDicom(config))
     if config.auth.max_address_failures < config.auth.max_login_failures:
         problems.append(
             f"{where('auth', 'max_address_failures')}: it is lower than max_login_failures: one user's"
@@ -653,16 +648,15 @@ def _check(config: Config, settings: Dict[str, Dict[str, _Setting]], main: Path)
     return problems
 
 
-def _checkDicom(config: Config, where: Callable[[str, str], str]) -> List[str]:
+def _checkDicom(config: Config) -> List[str]:
     problems = []
+    where = config.where
     dicom = config.dicom
     if dicom.require_client_certificate and dicom.client_ca is None:
         problems.append(
             f"{where('dicom', 'client_ca')}: mutual TLS needs the certificate authority"
             " that signs the modalities' certificates (set client_ca to its PEM file)"
         )
-    if dicom.client_ca is not None and not dicom.client_ca.is_file():
-        problems.append(f"{where('dicom', 'client_ca')}: {dicom.client_ca} does not exist")
     # Orthanc compares AE titles without regard to case: so must the uniqueness.
     seen: Dict[str, str] = {}
     for modality in config.modalities:
@@ -691,10 +685,12 @@ def _checkDicom(config: Config, where: Callable[[str, str], str]) -> List[str]:
     return problems
 
 
-def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH) -> Config:
+def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH, checks: Sequence[Callable[[Config], List[str]]] = ()) -> Config:
     """
     Read and check the configuration rooted at C{mainPath}.
 
+    @param checks: more checks of a configuration that parsed, their
+        problems reported with the others (L{appliance.preflight}'s).
     @raise ConfigError: with every problem found, if there is any.
     """
     mainPath = Path(os.path.abspath(mainPath))
@@ -729,8 +725,11 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH) -> Config:
             for section, values in modalities.items()
         ),
         sources=tuple(files),
+        keySources={(section, key): setting.source for section, keys in settings.items() for key, setting in keys.items()},
     )
-    problems.extend(_check(config, settings, mainPath))
+    problems.extend(_check(config))
+    for check in checks:
+        problems.extend(check(config))
     if problems:
         raise ConfigError(problems)
     return config

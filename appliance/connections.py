@@ -1,6 +1,6 @@
 """
-Who a client is, for counting, and how many connections a listener takes:
-in all, and from one client (an address, and an IPv6 /64 with more room).
+The listeners (L{Listener}), and how many connections each takes: in all,
+and from one client (an address, and an IPv6 /64 with more room).
 
 One host cannot take a listener's whole cap: past its own share, its new
 connections are closed at once, before any TLS is spoken (the handshake is
@@ -8,14 +8,16 @@ what costs), while other hosts are still served.
 """
 
 import ipaddress
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
 
-from appliance.compat import bindAtStart
 from appliance.config import ListenAddress
 
 
@@ -166,12 +168,42 @@ class ConnectionCap(WrappingFactory):
         self.limits.closed(protocol.getPeer())
 
 
-def listenerService(reactor, address: ListenAddress, factory, name: str) -> StreamServerEndpointService:
+class Listener(Service):
     """
-    A service listening on C{address} with C{factory} for as long as it
-    runs, named C{name}; a port that cannot be bound ends the start with its
-    error.
+    Listens on C{address} with C{factory} for as long as it runs.
+
+    The port is bound as the service starts (in C{privilegedStartService},
+    while the daemon may still be root), and a port that cannot be bound
+    ends the start with its error: twisted.application's
+    StreamServerEndpointService would only log it, and the daemon would run,
+    and report ready, without the listener.
     """
-    service = bindAtStart(StreamServerEndpointService(serverFromString(reactor, address.endpointDescription()), factory))
-    service.setName(name)
-    return service
+
+    def __init__(self, reactor, address: ListenAddress, factory, name: str) -> None:
+        self._endpoint = serverFromString(reactor, address.endpointDescription())
+        self.factory = factory
+        self._port: Optional[IListeningPort] = None
+        self.setName(name)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        failed: List[Failure] = []
+        # The TCP and TLS endpoints listen at once: the outcome is known here.
+        self._endpoint.listen(self.factory).addCallbacks(self._listening, failed.append)
+        if failed:
+            failed[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self._port = port
+
+    def startService(self) -> None:
+        if self._port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Optional[Deferred]:
+        super().stopService()
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        return maybeDeferred(port.stopListening)

@@ -21,8 +21,8 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from appliance.config import Config, ConfigError, loadConfig
-from appliance.systemd import SystemdNotifyService
+from appliance.config import Config, ConfigError
+from appliance.preflight import loadChecked
 from appliance.tls import CertificateError, loadServerCertificate
 
 #: The parts of the configuration that only a restart applies: listeners,
@@ -35,6 +35,22 @@ class CertificateUser(Protocol):
     def useCertificate(self, certificate: PrivateCertificate) -> None:
         """
         Present C{certificate} in the TLS handshakes that follow.
+        """
+
+
+class ReloadObserver(Protocol):
+    """
+    Told when a reload starts and ends (systemd, through the notify socket).
+    """
+
+    def reloading(self) -> None:
+        """
+        A reload has started.
+        """
+
+    def reloaded(self, outcome: str) -> None:
+        """
+        The reload has ended with C{outcome}, a short sentence.
         """
 
 
@@ -54,8 +70,8 @@ def readConfiguration(mainPath: Path) -> Tuple[Config, PrivateCertificate]:
     @raise ConfigError: if the configuration has problems.
     @raise CertificateError: if the certificate cannot be used.
     """
-    config = loadConfig(mainPath)
-    return config, loadServerCertificate(config)
+    config = loadChecked(mainPath)
+    return config, loadServerCertificate(config.tls, config.appliance.state_dir)
 
 
 def sectionsNeedingRestart(running: Config, new: Config) -> List[str]:
@@ -76,7 +92,7 @@ class ReloadOnSighup(Service):
         self,
         config: Config,
         certificateUsers: Iterable[CertificateUser],
-        notify: SystemdNotifyService,
+        notify: ReloadObserver,
         reactor=None,
         reloadables: Iterable[Reloadable] = (),
     ) -> None:

@@ -8,16 +8,17 @@ from typing import List
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
+from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.firewall import OrthancPortGuard
 from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
+from appliance.preflight import loadChecked
 from appliance.reload import CertificateUser, ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
-from appliance.tls import ServerTLS, loadServerCertificate
+from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
 from appliance.web.routes import buildProxyResources
@@ -32,7 +33,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["appliance-config"] = loadConfig(Path(self["config"]))
+            self["appliance-config"] = loadChecked(Path(self["config"]))
         except ConfigError as error:
             raise usage.UsageError(
                 "the configuration has problems:\n" + "\n".join(error.problems)
@@ -60,7 +61,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     guard = OrthancPortGuard(config, reactor)
     orthanc.setServiceParent(guard)
     # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.
-    certificate = loadServerCertificate(config)
+    certificate = loadServerCertificate(config.tls, config.appliance.state_dir)
     certificateUsers: List[CertificateUser] = []
     if config.dicom.listen is not None:
         forwarder = DicomForwarderService(config, certificate, reactor, space)
@@ -74,7 +75,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     authenticator.setServiceParent(root)
     proxy, proxyRoutes = buildProxyResources(config, orthanc, space, reactor)
     proxy.setServiceParent(root)
-    webTLS = ServerTLS(certificate, [b"http/1.1"])
+    webTLS = ServerTLS(certificate, HTTPS_POLICY)
     site = buildSiteResource(config, orthanc, authenticator, proxyRoutes)
     buildWebService(config, site, authenticator, webTLS, reactor).setServiceParent(root)
     certificateUsers.append(webTLS)

@@ -50,10 +50,6 @@ class Notifier:
     def fromEnvironment(cls, environ: Mapping[str, str] = os.environ) -> "Notifier":
         return cls(environ.get("NOTIFY_SOCKET"))
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def notify(self, **assignments: str) -> None:
         """
         Send C{KEY=VALUE} assignments as one datagram, keys upper-cased:

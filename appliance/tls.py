@@ -7,8 +7,11 @@ appliance must answer on HTTPS from its first start, and hospital IT installs
 the real certificate later.  The key is RSA because the DICOM TLS port shares
 the certificate and older dcmtk profiles only offer ECDHE_RSA suites.
 
-The policy is Mozilla's "intermediate": TLS 1.2 and 1.3, ECDHE key exchange
-with AEAD ciphers only, no compression, no renegotiation.
+Every listener's context comes from one builder (L{serverContext}) and one
+reloadable creator (L{ServerTLS}), under a L{TLSPolicy}: the HTTPS one is
+Mozilla's "intermediate" (TLS 1.2 and 1.3, ECDHE key exchange with AEAD
+ciphers only), the DICOM port's are its profiles (L{appliance.dicom.profiles});
+none allows compression or renegotiation.
 """
 
 import datetime
@@ -16,7 +19,8 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,7 +33,8 @@ from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from appliance.config import Config
+from appliance.compat import setKeyExchangeGroups
+from appliance.config import TlsSection
 
 log = Logger()
 
@@ -59,24 +64,26 @@ class CertificateError(Exception):
     """
 
 
-def selfSignedPaths(config: Config) -> Tuple[Path, Path]:
+def selfSignedPaths(stateDir: Path) -> Tuple[Path, Path]:
     """
-    Where the generated certificate and its key are kept.
+    Where the generated certificate and its key are kept, under the
+    appliance's state folder C{stateDir}.
     """
-    folder = config.appliance.state_dir / "tls"
+    folder = stateDir / "tls"
     return folder / "self-signed-cert.pem", folder / "self-signed-key.pem"
 
 
-def loadServerCertificate(config: Config) -> PrivateCertificate:
+def loadServerCertificate(settings: TlsSection, stateDir: Path) -> PrivateCertificate:
     """
     The certificate and key every TLS listener of the appliance presents:
-    the installed ones from C{[tls]}, else a self-signed one generated once.
+    the installed ones of C{settings} (C{[tls]}), else a self-signed one
+    generated once into the state folder C{stateDir}.
 
     @raise CertificateError: if the files cannot be read or do not match.
     """
-    certificatePath, keyPath = config.tls.certificate, config.tls.private_key
+    certificatePath, keyPath = settings.certificate, settings.private_key
     if not certificatePath.exists() and not keyPath.exists():
-        certificatePath, keyPath = selfSignedPaths(config)
+        certificatePath, keyPath = selfSignedPaths(stateDir)
         if not certificatePath.exists() or not keyPath.exists():
             try:
                 generateSelfSigned(certificatePath, keyPath, hostNames(), hostAddresses())
@@ -91,8 +98,8 @@ def loadServerCertificate(config: Config) -> PrivateCertificate:
             " Install the hospital's certificate and key as {certificate} and"
             " {key} (PEM), then restart the appliance.",
             path=str(certificatePath),
-            certificate=str(config.tls.certificate),
-            key=str(config.tls.private_key),
+            certificate=str(settings.certificate),
+            key=str(settings.private_key),
         )
     return readCertificate(certificatePath, keyPath)
 
@@ -221,18 +228,50 @@ def _selectALPN(protocols: Sequence[bytes]) -> Callable[[SSL.Connection, List[by
     return select
 
 
+def _acceptVerified(connection, certificate, errorNumber, depth, ok) -> bool:
+    # OpenSSL's own chain verification decides; nothing is added here.
+    return bool(ok)
+
+
 #: OpenSSL's SSL_OP_PRIORITIZE_CHACHA (1.1.1 and 3.x), for which pyOpenSSL has
 #: no name.
 OP_PRIORITIZE_CHACHA = 0x00200000
 
 
-def serverContext(certificate: PrivateCertificate, protocols: Sequence[bytes] = ()) -> SSL.Context:
+@dataclass(frozen=True)
+class TLSPolicy:
     """
-    A new OpenSSL context with the appliance's policy, presenting C{certificate}
-    and offering the ALPN C{protocols} (none: no ALPN).
+    What one listener's TLS accepts; the rest (no compression, no
+    renegotiation, no tickets, the server's order of suites, the key exchange
+    groups) is the same for every listener.
+
+    @ivar minimumVersion: the oldest protocol version (C{SSL.TLS1_2_VERSION}).
+    @ivar tls12Ciphers: the suites of TLS 1.2 and older, as an OpenSSL list;
+        TLS 1.3's keep OpenSSL's default, all forward secret and AEAD.
+    @ivar sessionId: names the listener's session cache (OpenSSL resumes no
+        session of a server asking for client certificates without one).
+    @ivar protocols: the ALPN protocols offered, best first (none: no ALPN).
+    @ivar clientAuthorities: the PEM file of the authorities whose
+        certificate every client must present; L{None} asks for none.
+    """
+
+    minimumVersion: int = SSL.TLS1_2_VERSION
+    tls12Ciphers: str = TLS12_CIPHERS
+    sessionId: bytes = b"pacs-appliance"
+    protocols: Tuple[bytes, ...] = ()
+    clientAuthorities: Optional[Path] = None
+
+
+#: The policy of the HTTPS listener.
+HTTPS_POLICY = TLSPolicy(protocols=(b"http/1.1",))
+
+
+def serverContext(certificate: PrivateCertificate, policy: TLSPolicy) -> SSL.Context:
+    """
+    A new OpenSSL context presenting C{certificate} under C{policy}.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_min_proto_version(policy.minimumVersion)
     # The server's order of suites (AES-GCM first), except that a client
     # preferring ChaCha20 (no AES instructions) gets it: scanners and security
     # reviews rate "no server order" as a finding, and this keeps what Mozilla's
@@ -247,29 +286,30 @@ def serverContext(certificate: PrivateCertificate, protocols: Sequence[bytes] = 
         | OP_PRIORITIZE_CHACHA
     )
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.set_cipher_list(policy.tls12Ciphers.encode("ascii"))
     restrictGroups(context)
     context.use_certificate(certificate.original.to_cryptography())
     context.use_privatekey(certificate.privateKey.original.to_cryptography_key())
     context.check_privatekey()
-    context.set_session_id(b"pacs-appliance")
+    context.set_session_id(policy.sessionId)
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-    if protocols:
-        context.set_alpn_select_callback(_selectALPN(protocols))
+    if policy.protocols:
+        context.set_alpn_select_callback(_selectALPN(policy.protocols))
+    if policy.clientAuthorities is not None:
+        context.load_verify_locations(str(policy.clientAuthorities))
+        # Tells clients which authorities are accepted.
+        context.load_client_ca(bytes(policy.clientAuthorities))
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _acceptVerified)
     return context
 
 
 def restrictGroups(context: SSL.Context) -> None:
     """
     Offer only the groups of L{GROUP_LISTS}: OpenSSL's default also offers
-    finite-field groups in TLS 1.3, which the policy excludes.  pyOpenSSL has
-    no call for this (only the TLS 1.2 C{set_tmp_ecdh}), so the binding of
-    C{SSL_CTX_set1_groups_list} it carries is used.
+    finite-field groups in TLS 1.3, which the policy excludes.
     """
-    from OpenSSL._util import lib
-
     for groups in GROUP_LISTS:
-        if lib.SSL_CTX_set1_curves_list(context._context, groups) == 1:
+        if setKeyExchangeGroups(context, groups):
             return
     raise CertificateError("this OpenSSL supports none of X25519, P-256 and P-384")
 
@@ -279,15 +319,15 @@ class ServerTLS:
     """
     Creates the server side of every TLS connection of one listener from the
     current context; L{useCertificate} swaps the context for the connections
-    that follow, while established ones keep theirs.
+    that follow (a reload), while established ones keep theirs.
     """
 
-    def __init__(self, certificate: PrivateCertificate, protocols: Sequence[bytes] = ()) -> None:
-        self._protocols = tuple(protocols)
-        self._context = serverContext(certificate, self._protocols)
+    def __init__(self, certificate: PrivateCertificate, policy: TLSPolicy) -> None:
+        self._policy = policy
+        self._context = serverContext(certificate, policy)
 
     def useCertificate(self, certificate: PrivateCertificate) -> None:
-        self._context = serverContext(certificate, self._protocols)
+        self._context = serverContext(certificate, self._policy)
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)

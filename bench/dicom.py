@@ -164,7 +164,7 @@ def forwarder(configPath: Path, sinkPort: int, listenPort: int) -> None:
     )
     # The daemon's own log observer: each connection costs the same log line.
     globalLogBeginner.beginLoggingTo([observer()], redirectStandardIO=False)
-    service = DicomForwarderService(config, loadServerCertificate(config), reactor, StorageSpace.forOrthanc(config))
+    service = DicomForwarderService(config, loadServerCertificate(config.tls, config.appliance.state_dir), reactor, StorageSpace.forOrthanc(config))
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -189,7 +189,7 @@ class Appliance:
 
     @property
     def certificate(self):
-        return selfSignedPaths(self.config)
+        return selfSignedPaths(self.config.appliance.state_dir)
 
     def start(self) -> None:
         executable = Path(sys.executable).parent / "pacs-appliance"

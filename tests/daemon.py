@@ -137,7 +137,7 @@ class DaemonClient:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         # The generated certificate names this machine, not 127.0.0.1.
         self.context.check_hostname = False
-        self.context.load_verify_locations(str(selfSignedPaths(self.config)[0]))
+        self.context.load_verify_locations(str(selfSignedPaths(self.config.appliance.state_dir)[0]))
 
     def request(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None) -> Tuple[int, bytes]:
         connection = http.client.HTTPSConnection(

@@ -19,16 +19,18 @@ from pydicom.dataset import FileMetaDataset, Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
-from appliance.config import Config, loadConfig
+from appliance.config import Config
 from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
-from appliance.tls import ServerTLS, loadServerCertificate
+from appliance.preflight import loadChecked
+from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.passwords import ScryptParameters, hashPassword
 from appliance.web.users import UserEntry, setUser
 
@@ -67,12 +69,20 @@ def realSupervisor(config: Config, reactor=None, **keywords) -> OrthancSuperviso
     return OrthancSupervisor(config, reactor, **keywords)
 
 
+def serverCertificate(config: Config) -> PrivateCertificate:
+    """
+    The certificate of C{config} (generated on first use), as the daemon
+    loads it.
+    """
+    return loadServerCertificate(config.tls, config.appliance.state_dir)
+
+
 def webTLS(config: Config) -> ServerTLS:
     """
-    The HTTPS connection creator of C{config}'s certificate (generated on
-    first use), as the daemon builds it.
+    The HTTPS connection creator of C{config}'s certificate, as the daemon
+    builds it.
     """
-    return ServerTLS(loadServerCertificate(config), [b"http/1.1"])
+    return ServerTLS(serverCertificate(config), HTTPS_POLICY)
 
 
 def freePort() -> int:
@@ -298,7 +308,7 @@ def testConfig(folder: Path, **sections: Dict[str, object]) -> Config:
     """
     The configuration L{writeTestConfig} writes, loaded.
     """
-    return loadConfig(writeTestConfig(folder, **sections))
+    return loadChecked(writeTestConfig(folder, **sections))
 
 
 def writeTestConfig(folder: Path, **sections: Dict[str, object]) -> Path:

@@ -17,6 +17,7 @@ from appliance.config import (
     parseListen,
     parseSize,
 )
+from appliance.preflight import loadChecked
 from tests.support import writeConfig
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -25,8 +26,12 @@ DEVELOPMENT = REPOSITORY / "etc" / "dev" / "appliance.ini"
 
 
 def problemsOf(path: Path) -> list:
+    """
+    The problems the daemon reports with the configuration at C{path}, at
+    start-up, in check-config and at reload alike.
+    """
     with pytest.raises(ConfigError) as raised:
-        loadConfig(path)
+        loadChecked(path)
     return raised.value.problems
 
 
@@ -115,6 +120,31 @@ def test_missingFilesThatMustExist(tmp_path):
         " (install the orthanc package, or point this key at Orthanc)",
         f"{path}: [orthanc] plugins: /nowhere/libOrthancDicomWeb.so does not exist"
         " (install the orthanc-dicomweb package)",
+    ]
+
+
+def test_loadingReadsNothingButTheConfiguration(tmp_path):
+    """
+    Parsing alone accepts what names missing files: the pre-flight checks
+    refuse it, with the files' problems after those of the keys.
+    """
+    path = writeConfig(
+        tmp_path,
+        {
+            "orthanc": {"executable": "bin/nothing", "http_port": "99999"},
+            "tls": {"private_key": "key.pem"},
+        },
+    )
+    (tmp_path / "key.pem").write_text("a key")
+    assert problemsOf(path) == [f"{path}: [orthanc] http_port: '99999' is not a port number (1-65535)"]
+    fixed = writeConfig(tmp_path, {"orthanc": {"executable": "bin/nothing"}, "tls": {"private_key": "key.pem"}})
+    config = loadConfig(fixed)
+    assert config.orthanc.executable == tmp_path / "bin" / "nothing"
+    assert problemsOf(fixed) == [
+        f"{fixed}: [orthanc] executable: {tmp_path}/bin/nothing is not an executable file"
+        " (install the orthanc package, or point this key at Orthanc)",
+        f"{fixed}: [tls] certificate: {config.tls.certificate} does not exist but [tls] private_key does"
+        " (install both files, or remove both to use a generated self-signed certificate)",
     ]
 
 

@@ -21,10 +21,9 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from appliance.tls import loadServerCertificate
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.space import StorageSpace
-from tests.support import TestAuthority, freePort, temporaryFolder, testConfig
+from tests.support import TestAuthority, freePort, serverCertificate, temporaryFolder, testConfig
 from tests.test_dicom_forwarder import PEER_TIMEOUT, associateRequest
 
 STREAM = 256 * 1024 * 1024
@@ -82,7 +81,7 @@ class BackpressureTests(TestCase):
             dicom={"listen": f"127.0.0.1:{freePort()}"},
             **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.1"}},
         )
-        forwarder = DicomForwarderService(config, loadServerCertificate(config), reactor, StorageSpace.forOrthanc(config))
+        forwarder = DicomForwarderService(config, serverCertificate(config), reactor, StorageSpace.forOrthanc(config))
         forwarder.startService()
         self.addCleanup(forwarder.stopService)
 

@@ -9,13 +9,14 @@ import pytest
 from cryptography import x509
 
 from appliance.config import ConfigError, loadConfig
+from appliance.preflight import loadChecked
 from appliance.orthanc.settings import PROBE_AET, newCredentials, renderOrthancConfiguration
 from tests.support import testConfig, writeTestConfig
 
 
 def problemsOf(folder, **sections) -> list:
     with pytest.raises(ConfigError) as raised:
-        loadConfig(writeTestConfig(folder, **sections))
+        loadChecked(writeTestConfig(folder, **sections))
     return raised.value.problems
 
 

@@ -35,11 +35,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from appliance.dicom.destinations import DestinationRelays
-from appliance.tls import loadServerCertificate
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.state import OrthancState
 from appliance.orthanc.space import StorageSpace
 from tests.support import (
+    serverCertificate,
     realSupervisor,
     TestAuthority,
     ctSeries,
@@ -128,7 +128,7 @@ class Appliance:
         self.orthanc = realSupervisor(config, relayPorts=self.relays.ports)
         self.orthanc.setServiceParent(self.root)
         self.forwarder = DicomForwarderService(
-            config, loadServerCertificate(config), reactor, StorageSpace.forOrthanc(config)
+            config, serverCertificate(config), reactor, StorageSpace.forOrthanc(config)
         )
         self.forwarder.setServiceParent(self.root)
 

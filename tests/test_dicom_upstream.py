@@ -12,10 +12,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from appliance.tls import loadServerCertificate
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.space import StorageSpace
-from tests.support import TestAuthority, freePort, temporaryFolder, testConfig
+from tests.support import TestAuthority, freePort, serverCertificate, temporaryFolder, testConfig
 from tests.test_dicom_forwarder import PEER_TIMEOUT, associateRequest, decodeRejection, exchange
 
 
@@ -62,7 +61,7 @@ class StandInTestCase(TestCase):
             dicom={"listen": f"127.0.0.1:{freePort()}", **dicom},
             **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.1"}},
         )
-        forwarder = DicomForwarderService(config, loadServerCertificate(config), reactor, StorageSpace.forOrthanc(config))
+        forwarder = DicomForwarderService(config, serverCertificate(config), reactor, StorageSpace.forOrthanc(config))
         forwarder.startService()
         self.addCleanup(forwarder.stopService)
         return config.dicom.listen.port

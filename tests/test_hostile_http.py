@@ -761,7 +761,7 @@ def appliance(tmp_path_factory) -> Iterator[Appliance]:
         )
     try:
         log.waitFor(r"Orthanc is ready", process, timeout=120)
-        yield Appliance(config.web.listen_https.port, clientContext(cafile=selfSignedPaths(config)[0]), process, log)
+        yield Appliance(config.web.listen_https.port, clientContext(cafile=selfSignedPaths(config.appliance.state_dir)[0]), process, log)
     finally:
         process.terminate()
         try:

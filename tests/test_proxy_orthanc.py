@@ -182,7 +182,7 @@ class ProxyToOrthancCase(TestCase):
         self.addCleanup(services.stopService)
         self.port = self.config.web.listen_https.port
         self.origin = f"https://127.0.0.1:{self.port}"
-        self.caFile = str(selfSignedPaths(self.config)[0])
+        self.caFile = str(selfSignedPaths(self.config.appliance.state_dir)[0])
         self.context = ssl.create_default_context(cafile=self.caFile)
         return self.waitFor(OrthancState.READY)
 

@@ -25,9 +25,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
-from tests.support import FakeOrthanc, temporaryFolder, testConfig
+from tests.support import FakeOrthanc, temporaryFolder, testConfig, webTLS
 from tests.test_tls import clientContext
 from tests.test_web_static import makeBuild
 
@@ -263,7 +262,7 @@ class SlowClientCase(TestCase):
                 **self.web,
             },
         )
-        tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
+        tls = webTLS(self.config)
         service = buildWebService(
             self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), tls, reactor
         )

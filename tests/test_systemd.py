@@ -23,9 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
-from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.orthanc.space import StorageSpace
-from tests.support import TestAuthority, temporaryFolder, testConfig, writeTestConfig
+from tests.support import TestAuthority, temporaryFolder, testConfig, webTLS, writeTestConfig
 from tests.test_supervisor import ProcessReactor, ScriptedProbe
 
 
@@ -125,9 +124,10 @@ class NotifierTests(SynchronousTestCase):
         self.assertEqual(listener.messages(), [{"STATUS": "failed: last line"}])
 
     def test_withoutSocketNothingIsSent(self):
-        notifier = Notifier.fromEnvironment({})
-        self.assertFalse(notifier.enabled)
-        notifier.notify(ready="1")
+        events = capturedLog(self)
+        Notifier.fromEnvironment({}).notify(ready="1")
+        Notifier.fromEnvironment({"NOTIFY_SOCKET": ""}).notify(ready="1")
+        self.assertEqual(events, [])
 
     def test_unreachableSocketIsLoggedNotRaised(self):
         events = capturedLog(self)
@@ -269,7 +269,7 @@ class ReloadTests(TestCase):
         from appliance.config import loadConfig
 
         self.config = loadConfig(self.configPath)
-        self.tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
+        self.tls = webTLS(self.config)
         self.listener = notifySocket(self)
         supervisor = OrthancSupervisor(
             self.config, ProcessReactor(), probe=ScriptedProbe(), space=StorageSpace.forOrthanc(self.config)

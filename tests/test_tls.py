@@ -24,7 +24,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from appliance.config import ConfigError
 from appliance.tls import (
-    ServerTLS,
     generateSelfSigned,
     hostNames,
     loadServerCertificate,
@@ -32,7 +31,7 @@ from appliance.tls import (
     selfSignedPaths,
 )
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
-from tests.support import FakeOrthanc, temporaryFolder, testConfig
+from tests.support import FakeOrthanc, temporaryFolder, testConfig, webTLS
 from tests.test_web_static import BIG_BUNDLE, makeBuild
 
 
@@ -102,14 +101,14 @@ class ListenerCase(TestCase):
         self.folder = temporaryFolder(self)
         self.root = makeBuild(self.folder / "ohif")
         self.config = testConfig(self.folder, web={"ohif_root": self.root, "max_connections": 3})
-        self.tls = ServerTLS(loadServerCertificate(self.config), [b"http/1.1"])
+        self.tls = webTLS(self.config)
         service = buildWebService(
             self.config, buildWebRoot(self.config, FakeOrthanc()), NoCredentials(), self.tls, reactor
         )
         service.startService()
         self.addCleanup(service.stopService)
         self.port = self.config.web.listen_https.port
-        self.certificatePath = selfSignedPaths(self.config)[0]
+        self.certificatePath = selfSignedPaths(self.config.appliance.state_dir)[0]
 
 
 class ProtocolVersionTests(ListenerCase):
@@ -124,7 +123,7 @@ class ProtocolVersionTests(ListenerCase):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 legacyServer.minimum_version = ssl.TLSVersion.TLSv1
             legacyServer.set_ciphers("ALL:@SECLEVEL=0")
-            legacyServer.load_cert_chain(self.certificatePath, selfSignedPaths(self.config)[1])
+            legacyServer.load_cert_chain(self.certificatePath, selfSignedPaths(self.config.appliance.state_dir)[1])
             with socket.create_server(("127.0.0.1", 0)) as listener:
 
                 def serve():
@@ -286,9 +285,9 @@ class CertificateTests(ListenerCase):
 
     def test_generatedOnceAndKept(self):
         first = self.certificatePath.read_bytes()
-        loadServerCertificate(self.config)
+        loadServerCertificate(self.config.tls, self.config.appliance.state_dir)
         self.assertEqual(self.certificatePath.read_bytes(), first)
-        self.assertEqual(selfSignedPaths(self.config)[1].stat().st_mode & 0o777, 0o600)
+        self.assertEqual(selfSignedPaths(self.config.appliance.state_dir)[1].stat().st_mode & 0o777, 0o600)
 
     def test_replacedCertificateServesNewConnectionsOnly(self):
         """
@@ -438,10 +437,10 @@ class CertificateConfigTests(SynchronousTestCase):
         folder = temporaryFolder(self)
         generateSelfSigned(folder / "cert.pem", folder / "key.pem", ["pacs.hospital.example"], ["127.0.0.1"])
         config = testConfig(folder, tls={"certificate": folder / "cert.pem", "private_key": folder / "key.pem"})
-        certificate = loadServerCertificate(config)
+        certificate = loadServerCertificate(config.tls, config.appliance.state_dir)
         names = certificate.original.to_cryptography().subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         self.assertEqual([name.value for name in names], ["pacs.hospital.example"])
-        self.assertFalse(selfSignedPaths(config)[0].exists())
+        self.assertFalse(selfSignedPaths(config.appliance.state_dir)[0].exists())
 
     def test_webPortsMayNotCollide(self):
         folder = temporaryFolder(self)

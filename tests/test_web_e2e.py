@@ -146,7 +146,7 @@ class ViewerEndToEndTests(TestCase):
         return canvases
 
     def test_adminUploadsAndViewsReaderIsRefusedAdmin(self):
-        certificate = selfSignedPaths(self.config)[0]
+        certificate = selfSignedPaths(self.config.appliance.state_dir)[0]
         profile = self.folder / "chromium"
 
         def browse():

@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from appliance.compat import HTTPChannelHooks
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS, OrthancCredentials
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
@@ -199,6 +200,9 @@ class ProxyCase(SynchronousTestCase):
         for name, child in children.items():
             root.putChild(name, child)
         self.site = Site(root, reactor=self.reactor)
+        # The proxy streams through the appliance's channel, which says when
+        # the client holds it paused (twisted.web's does not).
+        self.site.protocol = HTTPChannelHooks
         self.pooled: Optional[Upstream] = None
         self.events: List[dict] = []
         globalLogPublisher.addObserver(self.events.append)

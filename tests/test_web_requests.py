@@ -31,13 +31,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from appliance.tls import ServerTLS, loadServerCertificate
 from appliance.web.accounts import Account
 from appliance.web.checkers import BUSY_MESSAGE, PasswordChecksBusy
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
 from appliance.web.spool import SpoolQuota
 from appliance.web.site import ApplianceSite
-from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig, tinyTmpfs
+from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig, tinyTmpfs, webTLS
 from tests.test_tls import clientContext
 
 ALICE = Account("alice", frozenset({"uploader"}))
@@ -96,6 +95,7 @@ class EchoResource(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.seen: List[ApplianceRequest] = []
+        self.answers: List[dict] = []
 
     def render(self, request: ApplianceRequest) -> bytes:
         self.seen.append(request)
@@ -104,11 +104,11 @@ class EchoResource(Resource):
         spooled = None if isinstance(content, BytesIO) else os.readlink(f"/proc/self/fd/{content.fileno()}")
         body = content.read()
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(
+        self.answers.append(
             {
                 "method": request.method.decode("ascii"),
                 "uriLength": len(request.uri),
-                "contentLength": request.contentLength,
+                "contentLength": position + len(body),
                 "position": position,
                 "read": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(),
@@ -116,7 +116,8 @@ class EchoResource(Resource):
                 "credentialsUnchecked": request.credentialsUnchecked,
                 "spooled": spooled,
             }
-        ).encode("utf-8")
+        )
+        return json.dumps(self.answers[-1]).encode("utf-8")
 
 
 def parseResponses(data: bytes) -> List[Response]:
@@ -372,7 +373,7 @@ class MalformedTests(InMemoryCase):
             responses = connection.responses()
             self.assertEqual(len(responses), 1, raw)
             self.assertIn(responses[0][0], (200, 204), raw)
-        self.assertEqual([request.contentLength for request in self.echo.seen], [5, 5, 5, 0, 0])
+        self.assertEqual([echoed["contentLength"] for echoed in self.echo.answers], [5, 5, 5, 0, 0])
 
     def test_optionsStarHasTheSiteHeaders(self) -> None:
         """
@@ -1028,7 +1029,7 @@ class OverTLSTests(TestCase):
         config = testConfig(folder)
         self.authenticator = FakeAuthenticator()
         self.site, self.echo = makeSite(folder, self.authenticator, reactor)
-        tls = TLSMemoryBIOFactory(ServerTLS(loadServerCertificate(config), [b"http/1.1"]), False, self.site)
+        tls = TLSMemoryBIOFactory(webTLS(config), False, self.site)
         connections = ConnectionTracker(tls)
         self.port = reactor.listenTCP(freePort(), connections, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)

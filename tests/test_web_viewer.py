@@ -191,7 +191,7 @@ class BrowserTests(TestCase):
             from selenium.webdriver.support import expected_conditions
             from selenium.webdriver.support.ui import WebDriverWait
 
-            browser = startChromium(selfSignedPaths(self.config)[0], self.profile)
+            browser = startChromium(selfSignedPaths(self.config.appliance.state_dir)[0], self.profile)
             try:
                 browser.get(url)
                 WebDriverWait(browser, 90).until(

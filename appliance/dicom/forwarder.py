@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.connections import ConnectionCap, ConnectionLimits, listenerService
+from appliance.connections import ConnectionCap, ConnectionLimits, Listener
 from appliance.dicom.admission import admit, describeSubject
 from appliance.dicom.pdu import (
     ABORT_TYPE,
@@ -51,9 +51,10 @@ from appliance.dicom.pdu import (
     Rejection,
     decodeAssociationRequest,
 )
-from appliance.dicom.profiles import DicomTLSContext, weakProfileWarning
+from appliance.dicom.profiles import dicomPolicy, weakProfileWarning
 from appliance.dicom.relay import RelayedConnection, RelayFactory
 from appliance.orthanc.space import StorageSpace
+from appliance.tls import ServerTLS
 
 #: How long opening the loopback connection to Orthanc may take.
 UPSTREAM_CONNECT_TIMEOUT = 10
@@ -311,12 +312,12 @@ class DicomForwarderService(MultiService):
         settings = config.dicom
         assert settings.listen is not None  # the service exists only then
         self.factory = ForwarderFactory(config, reactor, space)
-        self._tls = DicomTLSContext(settings, certificate)
+        self._tls = ServerTLS(certificate, dicomPolicy(settings))
         limits = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_address, "DICOM TLS", "dicom", reactor
         )
         capped = ConnectionCap(TLSMemoryBIOFactory(self._tls, False, self.factory), limits)
-        listenerService(reactor, settings.listen, capped, "dicom").setServiceParent(self)
+        Listener(reactor, settings.listen, capped, "dicom").setServiceParent(self)
 
     def startService(self) -> None:
         settings = self._config.dicom
@@ -327,7 +328,7 @@ class DicomForwarderService(MultiService):
         self.log.info(
             "DICOM TLS on {address} ({profile} profile{mutual}), forwarding to Orthanc on 127.0.0.1:{upstream}",
             address=str(settings.listen),
-            profile=settings.tls_profile,
+            profile=settings.tls_profile.value,
             mutual=", client certificates required" if settings.require_client_certificate else "",
             upstream=self._config.orthanc.dicom_port,
         )

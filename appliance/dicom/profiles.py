@@ -1,6 +1,6 @@
 """
 The TLS of the DICOM port: the secure transport connection profiles of DICOM
-PS3.15 Annex B, as OpenSSL contexts.
+PS3.15 Annex B, as TLS policies of the appliance's listeners.
 
 C{bcp195-nd} (the default) is the non-downgrading BCP 195 profile, which PS3.15
 B.12 ("BCP 195 RFC 8996, 9325") carries on: TLS 1.2 at least, TLS 1.3 preferred,
@@ -20,12 +20,9 @@ be spoofed into the weaker profile), so it cannot be widened per modality soundl
 from typing import Optional
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.internet.ssl import PrivateCertificate
-from zope.interface import implementer
 
-from appliance.config import DicomSection
-from appliance.tls import restrictGroups
+from appliance.config import DicomSection, DicomTLSProfile
+from appliance.tls import TLSPolicy
 
 _BCP195_ND_CIPHERS = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -39,70 +36,29 @@ _LEGACY_CIPHERS = (
     "AES128-SHA256:AES128-SHA:AES256-SHA:@SECLEVEL=0"
 )
 
-PROFILES = {
-    "bcp195-nd": (SSL.TLS1_2_VERSION, _BCP195_ND_CIPHERS),
-    "legacy": (SSL.TLS1_VERSION, _LEGACY_CIPHERS),
+#: The oldest protocol version and the TLS 1.2 (and older) suites of each profile.
+_PROFILES = {
+    DicomTLSProfile.BCP195_ND: (SSL.TLS1_2_VERSION, _BCP195_ND_CIPHERS),
+    DicomTLSProfile.LEGACY: (SSL.TLS1_VERSION, _LEGACY_CIPHERS),
 }
 
 #: The profiles that must be announced as weaker than PS3.15 asks for today.
-WEAK_PROFILES = frozenset({"legacy"})
+WEAK_PROFILES = frozenset({DicomTLSProfile.LEGACY})
 
 
-def _acceptVerified(connection, certificate, errorNumber, depth, ok) -> bool:
-    # OpenSSL's own chain verification decides; nothing is added here.
-    return bool(ok)
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class DicomTLSContext:
+def dicomPolicy(settings: DicomSection) -> TLSPolicy:
     """
-    Server connections for the DICOM port, all from one OpenSSL context built
-    from the [dicom] section and the appliance's certificate.
+    The TLS policy of the DICOM port: the profile of [dicom], and client
+    certificates from its authority under mutual TLS.
     """
-
-    def __init__(self, settings: DicomSection, certificate: PrivateCertificate) -> None:
-        self._settings = settings
-        self.useCertificate(certificate)
-
-    def useCertificate(self, certificate: PrivateCertificate) -> None:
-        """
-        Build the context again around C{certificate} (a reload): the
-        handshakes that follow present it, associations already open keep
-        theirs.
-        """
-        settings = self._settings
-        minimum, ciphers = PROFILES[settings.tls_profile]
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.set_min_proto_version(minimum)
-        context.set_cipher_list(ciphers.encode("ascii"))
-        context.set_options(
-            SSL.OP_NO_COMPRESSION
-            | SSL.OP_CIPHER_SERVER_PREFERENCE
-            | SSL.OP_NO_RENEGOTIATION
-            | SSL.OP_SINGLE_ECDH_USE
-            # As on HTTPS: a ticket key living as long as the process would
-            # undo forward secrecy.
-            | SSL.OP_NO_TICKET
-        )
-        restrictGroups(context)
-        context.use_certificate(certificate.original.to_cryptography())
-        context.use_privatekey(certificate.privateKey.original.to_cryptography_key())
-        context.check_privatekey()
-        # Sessions are cached per listener; OpenSSL refuses to resume a session
-        # of a verifying server without an id context.
-        context.set_session_id(b"pacs-appliance-dicom")
-        if settings.require_client_certificate:
-            assert settings.client_ca is not None  # the configuration checks it
-            context.load_verify_locations(str(settings.client_ca))
-            # Tells clients which authorities are accepted.
-            context.load_client_ca(bytes(settings.client_ca))
-            context.set_verify(
-                SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _acceptVerified
-            )
-        self._context = context
-
-    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+    minimum, ciphers = _PROFILES[settings.tls_profile]
+    return TLSPolicy(
+        minimumVersion=minimum,
+        tls12Ciphers=ciphers,
+        # Sessions are cached per listener.
+        sessionId=b"pacs-appliance-dicom",
+        clientAuthorities=settings.client_ca if settings.require_client_certificate else None,
+    )
 
 
 def weakProfileWarning(settings: DicomSection) -> Optional[str]:
@@ -113,7 +69,7 @@ def weakProfileWarning(settings: DicomSection) -> Optional[str]:
     if settings.tls_profile not in WEAK_PROFILES:
         return None
     return (
-        f"The DICOM port accepts the {settings.tls_profile!r} TLS profile: TLS 1.0 and"
+        f"The DICOM port accepts the {settings.tls_profile.value!r} TLS profile: TLS 1.0 and"
         " 1.1 and suites without forward secrecy are allowed. Set [dicom] tls_profile"
-        " = bcp195-nd once every modality can use it."
+        f" = {DicomTLSProfile.BCP195_ND.value} once every modality can use it."
     )

@@ -67,7 +67,8 @@ from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.web.answerend import AnswerEnd
 from appliance.web.credentials import SESSION_COOKIE, cookieName, cookiePairs
 from appliance.web.pages import jsonError
-from appliance.web.request import HOST_NAME, cancelPending, mediaType
+from appliance.web.channel import cancelPending
+from appliance.web.request import HOST_NAME, mediaType
 from appliance.web.streaming import registerStreamingProducer
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),

@@ -20,26 +20,20 @@ closes the connection: the body is never read.
 import errno
 import re
 from io import BytesIO
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web.http_headers import Headers
 from twisted.web.server import Request
-from zope.interface import implementer
 
+from appliance.web.channel import SERVER, HeaderPairs
 from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordChecksBusy
 from appliance.web.gate import basicChallenge, cookieChallenge
 from appliance.web.origins import isBrowser
-from appliance.web.pages import REASONS, describeSize
+from appliance.web.pages import describeSize
 from appliance.web.spool import SPOOL_RETRY_AFTER, SpoolQuota
-
-#: What every answer says in its Server header: no version, for scanners.
-SERVER = b"pacs-appliance"
 
 #: The largest body read from a request without an account: enough for the
 #: login form, whose POST is anonymous.
@@ -48,10 +42,6 @@ ANONYMOUS_BODY_LIMIT = 16 * 1024
 #: Bodies up to this size stay in memory; larger ones move to a file in the
 #: site's spool folder.
 MEMORY_BODY_LIMIT = 1024 * 1024
-
-#: Header names and values, in order: the site's standard headers, those of
-#: a refusal.
-HeaderPairs = Sequence[Tuple[bytes, bytes]]
 
 #: A host name or IPv4 address as a browser writes it in the Host header.
 HOST_NAME = re.compile(rb"[A-Za-z0-9.-]{1,253}")
@@ -70,7 +60,7 @@ class ApplianceRequest(Request):
     A request that knows who sent it before any resource runs
     (C{account}, from the site's authenticator), whose body is capped,
     uncompressed, and in memory or in an anonymous file of the spool folder
-    (C{content}, at position 0, C{contentLength} bytes), and whose response
+    (C{content}, at position 0), and whose response
     carries the site's standard headers.
     """
 
@@ -80,12 +70,11 @@ class ApplianceRequest(Request):
     #: password checks waiting (L{appliance.web.checkers.PasswordChecksBusy}):
     #: C{account} is then L{None}, and the access gate answers 503.
     credentialsUnchecked = False
-    #: The length of the body in C{content}.
-    contentLength = 0
 
     log = Logger()
 
     _identified = False
+    _clientGone = False
     _bodyComing = False
     _bodyAccepted = False
     _continueWanted = False
@@ -136,7 +125,8 @@ class ApplianceRequest(Request):
             self._refuse(413, self._tooLarge())
             return
         if length != 0 and self.requestHeaders.hasHeader(b"Content-Encoding"):
-            # Orthanc must never decompress what a client sends (DESIGN.md).
+            # Orthanc must never decompress what a client sends (see the
+            # README's design notes).
             self._refuse(
                 415,
                 "Compressed request bodies are not accepted: send it without a Content-Encoding.",
@@ -167,7 +157,7 @@ class ApplianceRequest(Request):
             self._continueWanted = True
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused or self._disconnected:
+        if self._refused or self._clientGone:
             return
         self._received += len(data)
         self.channel.bodyProgress(len(data))
@@ -192,13 +182,13 @@ class ApplianceRequest(Request):
         except OSError as error:
             self._storageFailed(error)
             return
-        self.contentLength = self.content.tell()
         if self._identified:
             super().requestReceived(command, path, version)
         else:
             self._waiting = (command, path, version)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._clientGone = True
         # The authenticator skips a password check still waiting for a thread.
         if self._identity is not None:
             self._identity.cancel()
@@ -217,7 +207,7 @@ class ApplianceRequest(Request):
             self.log.failure("Could not identify the sender of a request from {client}", failure, client=self._peer())
             self._identifiedAs(None)
             return
-        if self._disconnected or self._refused:
+        if self._clientGone or self._refused:
             return
         if self._bodyComing:
             self._refuse(503, BUSY_MESSAGE, [(b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,))])
@@ -226,7 +216,7 @@ class ApplianceRequest(Request):
         self._identifiedAs(None)
 
     def _identifiedAs(self, account) -> None:
-        if self._disconnected or self._refused:
+        if self._clientGone or self._refused:
             return
         self.account = account
         self._identified = True
@@ -354,345 +344,3 @@ class ApplianceRequest(Request):
 
     def _peer(self) -> str:
         return getattr(self.client, "host", str(self.client))
-
-
-def cancelPending(call: Optional[IDelayedCall]) -> None:
-    """
-    Cancel C{call}, if there is one and it has neither run nor been cancelled.
-    """
-    if call is not None and call.active():
-        call.cancel()
-
-
-@implementer(IHandshakeListener)
-class DeadlineHTTPChannel(http.HTTPChannel):
-    """
-    An HTTP/1.1 channel that:
-
-      - aborts a connection whose client has not sent a whole request head
-        within C{headerTimeout}: from the connection (so the TLS handshake
-        counts) and from the end of each response.  twisted.web's own
-        timeout is an idle timer that every byte resets, which a client
-        sending its headers a byte at a time never trips;
-      - aborts a TLS connection whose handshake has not ended within
-        C{handshakeTimeout}, shorter: a bare TCP connection holds a slot of
-        the listener's cap, and costs nothing to open;
-      - accepts request heads up to C{totalHeadersSize} bytes (also the
-        longest line, C{MAX_LENGTH}), and answers 414 or 431 beyond;
-      - answers malformed requests, and requests it refuses for what their
-        head says, with a status and a sentence and closes the connection
-        (L{refuse}); twisted.web writes a bare 400, or closes silently;
-      - aborts a connection whose request body arrives slower than
-        C{minBodyRate} bytes a second on average, after C{headerTimeout} of
-        grace, or stops arriving for C{headerTimeout} whatever its average
-        (not counting the time the body is held): the idle timer alone would
-        let a byte every C{idleTimeout} hold a connection for days, and an
-        average alone one byte an idle period after a fast start;
-      - holds a request's body unread while the request layer decides
-        whether to read it (L{holdBody}), and sends 100 (Continue) only when
-        it does;
-      - aborts a connection whose transport stays paused for
-        C{stallTimeout}: the transport pauses the channel when its buffer is
-        full, and resumes it once the client has taken all of it (a block or
-        two, up to about 200 KiB), so only a client reading slower than that
-        in C{stallTimeout} (about 1.5 KiB/s at 2 minutes) is cut off.
-        twisted.web stops its idle timer while a request is answered, and a
-        client that stops reading would otherwise hold its answer's
-        resources, and Orthanc's thread behind a proxied one, for ever.
-    """
-
-    headerTimeout: float
-    handshakeTimeout: Optional[float] = None
-    minBodyRate: int
-    stallTimeout: float
-    _handshakeDeadline = None
-    _stallDeadline = None
-    _transportFull = False
-    _bodyDeadline = None
-    _bodyHeldSince: Optional[float] = None
-    _bodyStarted = 0.0
-    _bodyReceived = 0
-    _bodyLastProgress = 0.0
-    _headerDeadline = None
-    _refused = False
-    _host = None
-    log = Logger()
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._startHeaderDeadline()
-        if self.handshakeTimeout is not None and ISSLTransport.providedBy(self.transport):
-            self._handshakeDeadline = self.callLater(self.handshakeTimeout, self._handshakeTooSlow)
-
-    def handshakeCompleted(self) -> None:
-        """
-        The TLS handshake has ended (L{IHandshakeListener}).
-        """
-        cancelPending(self._handshakeDeadline)
-        self._handshakeDeadline = None
-
-    def _handshakeTooSlow(self) -> None:
-        self._handshakeDeadline = None
-        self._abort("no TLS handshake within {timeout}s", timeout=self.handshakeTimeout)
-
-    def getHost(self):
-        # twisted.web asks for it with every request, a system call each
-        # time; it cannot change while the connection lasts.
-        if self._host is None:
-            self._host = super().getHost()
-        return self._host
-
-    def dataReceived(self, data: bytes) -> None:
-        # After a refusal, nothing more the client sends is looked at.
-        if not self._refused:
-            super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._refuseLongHead()
-        elif line[:1] in (b" ", b"\t"):
-            # twisted.web joins folded lines; a folded Transfer-Encoding is a
-            # classic smuggling disguise, and RFC 9112 allows refusing them.
-            self.refuse(400, "Header values folded over several lines are not accepted.")
-        else:
-            super().lineReceived(line)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._refuseLongHead()
-
-    def _refuseLongHead(self) -> None:
-        limit = describeSize(self.totalHeadersSize)
-        # Nothing of the head has been counted yet while its first line comes in.
-        if self._receivedHeaderSize == 0:
-            self.refuse(414, f"The request's URL is longer than the {limit} the appliance accepts.")
-        else:
-            self.refuse(431, f"The request's headers are larger than the {limit} the appliance accepts.")
-
-    def allHeadersReceived(self) -> None:
-        self._cancelHeaderDeadline()
-        problem = self._headProblem(self.requests[-1].requestHeaders)
-        if problem is not None:
-            self.refuse(400, problem)
-            return
-        self.requests[-1].headReceived(self._command, self._path)
-        # Zero: no body follows; None: a chunked one.
-        if self.length != 0:
-            self._startBodyDeadline()
-        super().allHeadersReceived()
-
-    def _headProblem(self, headers: Headers) -> Optional[str]:
-        """
-        What twisted.web lets through and this site does not, in a sentence.
-        """
-        target = self._path
-        if not (target.startswith(b"/") or (target == b"*" and self._command == b"OPTIONS")):
-            return "The request's target must be a path (starting with /)."
-        if max(target) > 0x7E:
-            return "The request's URL must be ASCII: percent-encode other characters."
-        hosts = headers.getRawHeaders(b"Host", [])
-        if len(hosts) > 1 or (self._version == b"HTTP/1.1" and not hosts):
-            return "The request must have one Host header."
-        # twisted.web takes "identity" as no coding at all (the length is
-        # then Content-Length's, or none); RFC 9112 knows only chunked.
-        if headers.hasHeader(b"Transfer-Encoding") and self.length is not None:
-            return "The only Transfer-Encoding accepted is chunked."
-        return None
-
-    def allContentReceived(self) -> None:
-        self._cancelBodyDeadline()
-        # A decoder may finish a body it had buffered after a refusal.
-        if not self._refused:
-            super().allContentReceived()
-
-    def _send100Continue(self) -> None:
-        # twisted.web sends it as soon as the head is in; the request layer
-        # decides, since it may refuse the body instead.
-        self.requests[-1].expectContinue()
-
-    def sendContinue(self) -> None:
-        """
-        Tell the client to send the body it holds back (Expect: 100-continue).
-        """
-        super()._send100Continue()
-
-    def holdBody(self) -> None:
-        """
-        Stop reading what the client sends (its body) until L{releaseBody}.
-        """
-        # LineReceiver hands nothing more to the body decoder while paused,
-        # not even what is already buffered; the transport stops reading.
-        self.paused = True
-        self._networkProducer.pauseProducing()
-        if self._bodyDeadline is not None:
-            self._cancelBodyDeadline()
-            self._bodyHeldSince = self._now()
-
-    def releaseBody(self) -> None:
-        """
-        Read the body L{holdBody} held, from what is buffered on.
-        """
-        self.paused = False
-        if self._bodyHeldSince is not None:
-            # The body was not read while held: that time is not the client's.
-            now = self._now()
-            self._bodyStarted += now - self._bodyHeldSince
-            self._bodyLastProgress = now
-            self._bodyHeldSince = None
-            self._checkBodyRate()
-        if not self._waitingForTransport:
-            self._networkProducer.resumeProducing()
-        self.dataReceived(b"")
-
-    def pauseProducing(self) -> None:
-        super().pauseProducing()
-        if self._transportFull:
-            return
-        # The transport's buffer is full: the client has that long to take it.
-        self._transportFull = True
-        deadline = self._stallDeadline
-        if deadline is not None and deadline.active():
-            # A transfer fills the buffer at nearly every block: moving the
-            # deadline costs less than a new one each time.
-            deadline.reset(self.stallTimeout)
-        else:
-            self._stallDeadline = self.callLater(self.stallTimeout, self._clientStalled)
-
-    def resumeProducing(self) -> None:
-        # The deadline stays scheduled, and only counts once paused again.
-        self._transportFull = False
-        super().resumeProducing()
-        # The transport may drain an earlier response while a body is held:
-        # that must not restart reading the body.
-        if self.paused:
-            self._networkProducer.pauseProducing()
-
-    def refuse(self, status: int, sentence: str, headers: HeaderPairs = ()) -> None:
-        """
-        Answer C{status} with C{sentence} (and C{headers}), ignore anything
-        more from the client, and close the connection once that is written.
-        """
-        if self._refused:
-            return
-        # The refusal has its own way of ending the connection.
-        self._cancelBodyDeadline()
-        self._refused = True
-        self.persistent = False
-        self.paused = True
-        self.clearLineBuffer()
-        site = self.site
-        body = sentence.encode("utf-8") + b"\n"
-        response = Headers()
-        for name, value in [
-            (b"Server", SERVER),
-            (b"Date", http.datetimeToString(site.reactor.seconds())),
-            *site.standardHeaders,
-            (b"Content-Type", b"text/plain; charset=utf-8"),
-            (b"Content-Length", b"%d" % (len(body),)),
-            (b"Cache-Control", b"no-store"),
-            (b"Connection", b"close"),
-            *headers,
-        ]:
-            response.addRawHeader(name, value)
-        self.writeHeaders(b"HTTP/1.1", b"%d" % (status,), REASONS[status], response)
-        self.write(body)
-        self.log.info(
-            "Refused a request from {client} with {status}: {sentence}",
-            client=getattr(self.transport.getPeer(), "host", "-"),
-            status=status,
-            sentence=sentence,
-        )
-        # Closing a socket with unread data resets the connection, which can
-        # destroy the answer before the client reads it; TLS instead waits for
-        # the client's close_notify and reads (here: discards) what it still
-        # sends, a body held or not.  abortTimeout bounds that wait, whatever
-        # the idle timer was doing.
-        self.setTimeout(None)
-        if self._abortingCall is None:
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
-        self._networkProducer.resumeProducing()
-        self.loseConnection()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # Every malformation twisted.web detects: the request line, a header,
-        # the length (both Content-Length and Transfer-Encoding, duplicates,
-        # not a number), a chunk.
-        self.refuse(400, "The request is malformed.")
-
-    def requestDone(self, request: Request) -> None:
-        # Started first: the next request's head may already be buffered, and
-        # is parsed inside requestDone.
-        if self.persistent:
-            self._startHeaderDeadline()
-        super().requestDone(request)
-
-    def connectionLost(self, reason) -> None:
-        cancelPending(self._handshakeDeadline)
-        self._cancelHeaderDeadline()
-        self._cancelBodyDeadline()
-        self._cancelStallDeadline()
-        super().connectionLost(reason)
-
-    def _startHeaderDeadline(self) -> None:
-        self._cancelHeaderDeadline()
-        self._headerDeadline = self.callLater(self.headerTimeout, self._headersTooSlow)
-
-    def _cancelHeaderDeadline(self) -> None:
-        cancelPending(self._headerDeadline)
-        self._headerDeadline = None
-
-    def bodyProgress(self, count: int) -> None:
-        """
-        C{count} more bytes of the request's body arrived.
-        """
-        self._bodyReceived += count
-        self._bodyLastProgress = self._now()
-
-    def _now(self) -> float:
-        return self.site.reactor.seconds()
-
-    def _startBodyDeadline(self) -> None:
-        self._bodyStarted = self._bodyLastProgress = self._now()
-        self._bodyReceived = 0
-        self._bodyHeldSince = None
-        self._checkBodyRate()
-
-    def _checkBodyRate(self) -> None:
-        """
-        Abort if the body is behind the pace C{minBodyRate} allows, or has
-        not moved for C{headerTimeout}, else look again when it next could
-        be (each byte moves the second deadline: it is read only here).
-        """
-        self._bodyDeadline = None
-        paced = self._bodyStarted + self.headerTimeout + self._bodyReceived / self.minBodyRate
-        moving = self._bodyLastProgress + self.headerTimeout
-        now = self._now()
-        if now < min(paced, moving):
-            self._bodyDeadline = self.callLater(min(paced, moving) - now, self._checkBodyRate)
-        elif now >= moving:
-            self._abort("its request body stopped arriving for {timeout}s", timeout=self.headerTimeout)
-        else:
-            self._abort("its request body came slower than {rate} bytes a second", rate=self.minBodyRate)
-
-    def _cancelBodyDeadline(self) -> None:
-        cancelPending(self._bodyDeadline)
-        self._bodyDeadline = None
-
-    def _clientStalled(self) -> None:
-        self._stallDeadline = None
-        if self._transportFull:
-            self._abort("it did not take what was sent to it within {timeout}s", timeout=self.stallTimeout)
-
-    def _cancelStallDeadline(self) -> None:
-        cancelPending(self._stallDeadline)
-        self._stallDeadline = None
-
-    def _headersTooSlow(self) -> None:
-        self._headerDeadline = None
-        self._abort("no complete request within {timeout}s", timeout=self.headerTimeout)
-
-    def _abort(self, why: str, **fields: object) -> None:
-        """
-        Abort the connection, and log C{why} (a log format taking C{fields}).
-        """
-        self.log.info("Closed the connection of {client}: " + why, client=str(self.transport.getPeer()), **fields)
-        self.transport.abortConnection()

@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from appliance.config import Config
-from appliance.connections import ConnectionCap, ConnectionLimits, listenerService
+from appliance.connections import ConnectionCap, ConnectionLimits, Listener
 from appliance.logs import LINE_FORMAT, oncePerSecond
 from appliance.tls import ServerTLS
 from appliance.web.appconfig import renderAppConfig
@@ -33,7 +33,8 @@ from appliance.web.gate import AccessGate
 from appliance.web.origins import requestTarget
 from appliance.web.health import HealthResource
 from appliance.web.login import LoginResource, LogoutResource
-from appliance.web.request import HOST_NAME, ApplianceRequest, DeadlineHTTPChannel, HeaderPairs
+from appliance.web.channel import DeadlineHTTPChannel, HeaderPairs
+from appliance.web.request import HOST_NAME, ApplianceRequest
 from appliance.web.spool import SpoolQuota
 from appliance.web.sitemap import ADMIN, DICOMWEB, SiteMap, archiveRoutes, viewerRoutes
 from appliance.web.static import ViewerResource
@@ -342,7 +343,7 @@ def buildWebService(config: Config, resource: Resource, authenticator, tls: Serv
         TLSMemoryBIOFactory(tls, False, site),
         ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web", reactor),
     )
-    listenerService(reactor, web.listen_https, https, "https").setServiceParent(service)
+    Listener(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
         redirect = ApplianceSite.fromConfig(
             config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False, quota
@@ -350,5 +351,5 @@ def buildWebService(config: Config, resource: Resource, authenticator, tls: Serv
         plain = ConnectionCap(
             redirect, ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web", reactor)
         )
-        listenerService(reactor, web.listen_http, plain, "http").setServiceParent(service)
+        Listener(reactor, web.listen_http, plain, "http").setServiceParent(service)
     return service

@@ -16,7 +16,7 @@ def registerStreamingProducer(request: Request, producer: IPushProducer) -> None
     # HTTPChannel.registerProducer (Twisted 26.10) does not pause a producer
     # registered while the transport holds the channel paused.  The TLS
     # transport passes a pause on only once (tls._ProducerMembrane), so the
-    # producer would write its whole body into memory.  No public attribute
-    # says that the channel is paused.
-    if getattr(request.channel, "_waitingForTransport", False):
+    # producer would write its whole body into memory.  twisted.web does not
+    # say that the channel is paused: the appliance's channel does.
+    if request.channel.writesPaused:
         producer.pauseProducing()

@@ -1,0 +1,66 @@
+"""
+The checks of what a configuration names on disk: Orthanc and its plugins,
+the certificate and its key, the authority of client certificates.  Start-up
+(twistd's options), C{pacs-appliance check-config} and reload all load the
+configuration through L{loadChecked}, so that each refuses what the others
+would; the parsing itself (L{appliance.config}) touches nothing but the
+configuration files.
+"""
+
+import os
+from pathlib import Path
+from typing import List
+
+from appliance.config import DEFAULT_CONFIG_PATH, Config, loadConfig
+from appliance.tls import CertificateError, readCertificate
+
+
+def fileProblems(config: Config) -> List[str]:
+    """
+    The problems with the files C{config} names, one sentence each.
+    """
+    problems = []
+    where = config.where
+    executable = config.orthanc.executable
+    if not executable.is_file() or not os.access(executable, os.X_OK):
+        problems.append(
+            f"{where('orthanc', 'executable')}: {executable} is not an executable file"
+            " (install the orthanc package, or point this key at Orthanc)"
+        )
+    for plugin in config.orthanc.plugins:
+        if not plugin.is_file():
+            problems.append(
+                f"{where('orthanc', 'plugins')}: {plugin} does not exist (install the orthanc-dicomweb package)"
+            )
+
+    # Either both halves of the certificate are installed or neither is (then a
+    # self-signed one is generated); one alone is a mistake made while installing.
+    certificate, privateKey = config.tls.certificate, config.tls.private_key
+    if certificate.exists() != privateKey.exists():
+        present, missing = ("certificate", "private_key") if certificate.exists() else ("private_key", "certificate")
+        problems.append(
+            f"{where('tls', missing)}: {getattr(config.tls, missing)} does not exist but"
+            f" [tls] {present} does (install both files, or remove both to use a"
+            " generated self-signed certificate)"
+        )
+    elif certificate.exists():
+        try:
+            readCertificate(certificate, privateKey)
+        except CertificateError as error:
+            problems.append(f"{where('tls', 'certificate')}: {error}")
+
+    authority = config.dicom.client_ca
+    if authority is not None and not authority.is_file():
+        problems.append(f"{where('dicom', 'client_ca')}: {authority} does not exist")
+    return problems
+
+
+def loadChecked(mainPath: Path = DEFAULT_CONFIG_PATH) -> Config:
+    """
+    The configuration rooted at C{mainPath}, once it parses and the files it
+    names are usable.  Blocking (it reads files): in the reactor's thread
+    only before the reactor runs.
+
+    @raise appliance.config.ConfigError: with every problem found.
+    """
+    return loadConfig(mainPath, checks=[fileProblems])
