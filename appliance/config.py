@@ -4,7 +4,8 @@ The appliance's configuration: INI files parsed once into frozen, typed objects.
 The main file (``/etc/pacs-appliance/appliance.ini`` by default) is read first,
 then every ``conf.d/*.ini`` beside it in name order; a later file overrides a key
 an earlier one set.  Relative paths are taken relative to the folder of the file
-that names them.  Every problem in every file is collected and reported at once as
+that names them (each kind of value is parsed by L{appliance.configvalues}).
+Every problem in every file is collected and reported at once as
 ``FILE: [section] key: message``; nothing below this module sees a raw string.
 
 Loading reads the configuration files and nothing else: what the settings name
@@ -13,15 +14,38 @@ start-up, C{check-config} and reload share.
 """
 
 import configparser
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from cryptography import x509
+
+from appliance.configvalues import (
+    IPNetwork,
+    ListenAddress,
+    parseAETitle,
+    parseBool,
+    parseCertificateSubject,
+    parseContentSecurityPolicy,
+    parseCount,
+    parseDuration,
+    parseEnum,
+    parseHostOrNetwork,
+    parseListen,
+    parseOptionalListen,
+    parseOptionalPath,
+    parseOptionalPort,
+    parseOrigins,
+    parsePath,
+    parsePathList,
+    parsePort,
+    parsePositiveDuration,
+    parseSize,
+    parseText,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/pacs-appliance/appliance.ini")
 
@@ -34,39 +58,6 @@ class ConfigError(Exception):
     def __init__(self, problems: List[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """
-    Where a listener binds: C{host} is empty for every interface.
-    """
-
-    host: str
-    port: int
-
-    def endpointDescription(self) -> str:
-        """
-        The address as a Twisted server endpoint string (C{tcp:...} or
-        C{tcp6:...}), to be completed with the protocol-specific options.
-        """
-        if not self.host:
-            return f"tcp:{self.port}"
-        escaped = self.host.replace(":", r"\:")
-        kind = "tcp6" if ":" in self.host else "tcp"
-        return f"{kind}:{self.port}:interface={escaped}"
-
-    def overlaps(self, other: "ListenAddress") -> bool:
-        return self.port == other.port and (
-            not self.host or not other.host or self.host == other.host
-        )
-
-    def __str__(self) -> str:
-        if not self.host:
-            return str(self.port)
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -162,7 +153,6 @@ class DicomSection:
     max_first_pdu: int
 
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @dataclass(frozen=True)
@@ -199,210 +189,6 @@ class Config:
         """
         source = self.keySources.get((section, key), self.sources[0] if self.sources else DEFAULT_CONFIG_PATH)
         return f"{source}: [{section}] {key}"
-
-
-# --- value parsers: each takes the stripped text and the folder of the file
-# that set it, returns the typed value or raises ValueError with a sentence.
-
-
-def _isNumber(text: str) -> bool:
-    # str.isdigit also takes superscripts and other scripts' digits.
-    return re.fullmatch(r"[0-9]{1,10}", text) is not None
-
-
-def parsePort(text: str, base: Path) -> int:
-    if not _isNumber(text) or not 1 <= int(text) <= 65535:
-        raise ValueError(f"{text!r} is not a port number (1-65535)")
-    return int(text)
-
-
-def parseListen(text: str, base: Path) -> ListenAddress:
-    match = re.fullmatch(r"(?:\[(?P<v6>[^\]]+)\]:|(?P<host>[^:\[\]]+):)?(?P<port>[^:]+)", text)
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not [HOST:]PORT (write IPv6 addresses in brackets: [::1]:443)"
-        )
-    host = match.group("v6") or match.group("host") or ""
-    if host:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IP address (give an address, not a name)")
-        if match.group("v6") and address.version != 6:
-            raise ValueError(f"{host!r} in brackets must be an IPv6 address")
-        if match.group("host") and address.version != 4:
-            raise ValueError(f"write the IPv6 address {host!r} in brackets: [{host}]:PORT")
-        host = str(address)
-    return ListenAddress(host, parsePort(match.group("port"), base))
-
-
-def parseOptionalListen(text: str, base: Path) -> Optional[ListenAddress]:
-    return parseListen(text, base) if text else None
-
-
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-
-
-def parseSize(text: str, base: Path) -> int:
-    match = re.fullmatch(r"([0-9]{1,12})\s*([KMG]?)(?:i?B)?", text, re.IGNORECASE)
-    if match is None:
-        raise ValueError(f"{text!r} is not a size (a number with an optional K, M or G suffix)")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600}
-
-
-def parseDuration(text: str, base: Path) -> float:
-    match = re.fullmatch(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)\s*(ms|s|m|h|)", text)
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not a duration (a number with a unit: 500ms, 30s, 5m, 1h)"
-        )
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def parsePositiveDuration(text: str, base: Path) -> float:
-    value = parseDuration(text, base)
-    if value <= 0:
-        raise ValueError(f"{text!r} must be longer than zero")
-    return value
-
-
-def parseCount(text: str, base: Path) -> int:
-    if not _isNumber(text) or int(text) < 1:
-        raise ValueError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
-
-
-def parseBool(text: str, base: Path) -> bool:
-    lowered = text.lower()
-    if lowered in ("yes", "true", "on", "1"):
-        return True
-    if lowered in ("no", "false", "off", "0"):
-        return False
-    raise ValueError(f"{text!r} is not yes or no")
-
-
-def parseOptionalPort(text: str, base: Path) -> Optional[int]:
-    return parsePort(text, base) if text else None
-
-
-def parseChoice(*choices: str) -> Callable[[str, Path], str]:
-    def parse(text: str, base: Path) -> str:
-        if text not in choices:
-            raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
-        return text
-
-    return parse
-
-
-def parseEnum(kind: Type[Enum]) -> Callable[[str, Path], Enum]:
-    choose = parseChoice(*(member.value for member in kind))
-
-    def parse(text: str, base: Path) -> Enum:
-        return kind(choose(text, base))
-
-    return parse
-
-
-def parseHostOrNetwork(text: str, base: Path) -> IPNetwork:
-    if not text:
-        raise ValueError("an IP address or network (CIDR, like 10.1.2.0/24) is required")
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an IP address or network (give an address or a CIDR"
-            " like 10.1.2.0/24, not a name)"
-        )
-
-
-def parseCertificateSubject(text: str, base: Path) -> Optional[x509.Name]:
-    if not text:
-        return None
-    try:
-        return x509.Name.from_rfc4514_string(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a certificate subject (write it as in RFC 4514,"
-            " like CN=ct1.example.org,O=Hospital)"
-        )
-
-
-def parsePath(text: str, base: Path) -> Path:
-    if not text:
-        raise ValueError("a path is required")
-    try:
-        path = Path(os.path.normpath(base / Path(text).expanduser()))
-    except RuntimeError:
-        raise ValueError(f"{text!r} names the home folder of a user that does not exist")
-    if len(os.fsencode(path)) > 4095 or any(len(os.fsencode(part)) > 255 for part in path.parts):
-        raise ValueError(f"{text!r} is longer than a path can be")
-    return path
-
-
-def parseOptionalPath(text: str, base: Path) -> Optional[Path]:
-    return parsePath(text, base) if text else None
-
-
-def parsePathList(text: str, base: Path) -> Tuple[Path, ...]:
-    return tuple(parsePath(item, base) for item in text.split() if item)
-
-
-def parseText(text: str, base: Path) -> str:
-    if not text.isprintable():
-        raise ValueError(f"{text!r} contains control characters")
-    return text
-
-
-def parseContentSecurityPolicy(text: str, base: Path) -> str:
-    # The policy goes into a header verbatim: nothing may end the header early.
-    if not re.fullmatch(r"[\x20-\x7e]+", text):
-        raise ValueError("a policy is printable ASCII on one line (or leave the default)")
-    return text
-
-
-_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
-_DEFAULT_PORTS = {"https": 443, "http": 80}
-
-
-def normalOrigin(origin: str) -> Optional[str]:
-    """
-    C{origin} as browsers write it in an C{Origin} header (lower case, no
-    default port), so that equal origins compare equal; L{None} if it is not
-    an http or https origin.
-    """
-    match = _ORIGIN.fullmatch(origin.strip().lower())
-    if match is None:
-        return None
-    scheme, host, port = match.groups()
-    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{int(port)}"
-
-
-def parseOrigins(text: str, base: Path) -> Tuple[str, ...]:
-    origins = []
-    for origin in text.split():
-        normal = normalOrigin(origin)
-        if normal is None:
-            raise ValueError(
-                f"{origin!r} is not an origin (scheme, host and optional port, like"
-                " https://viewer.example.org or https://10.1.2.3:8443, with no path)"
-            )
-        origins.append(normal)
-    return tuple(origins)
-
-
-def parseAETitle(text: str, base: Path) -> str:
-    if not 1 <= len(text) <= 16:
-        raise ValueError(f"{text!r} is not an AE title (1 to 16 characters)")
-    if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]+", text):
-        raise ValueError(
-            f"{text!r} is not an AE title (printable ASCII without backslash)"
-        )
-    return text
 
 
 @dataclass(frozen=True)

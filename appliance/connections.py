@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 
-from appliance.config import ListenAddress
+from appliance.configvalues import ListenAddress
 
 
 #: How much more than one address an IPv6 /64 may take: a /64 is usually a

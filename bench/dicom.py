@@ -13,7 +13,7 @@ two share a GIL:
         associate and release in a loop for SECONDS; prints a JSON result
 
 Client and SCP are pynetdicom: dcmtk's storescu is paced by delayed ACKs on
-loopback (DESIGN.md), pynetdicom at both ends is not.
+loopback, pynetdicom at both ends is not.
 """
 
 import json
@@ -40,7 +40,7 @@ def withoutNagle() -> None:
     Make pynetdicom set TCP_NODELAY on its sockets, client and server: it
     writes a C-STORE's command and data set as separate PDUs and then waits for
     the answer, which Nagle's algorithm and delayed ACKs pace at about 40 ms an
-    instance on loopback (dcmtk's storescu suffers the same, see DESIGN.md).
+    instance on loopback (dcmtk's storescu suffers the same).
     Modalities that do this are not what the forwarders are measured with.
     """
     import socket
@@ -150,7 +150,8 @@ def forwarder(configPath: Path, sinkPort: int, listenPort: int) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    from appliance.config import ListenAddress, loadConfig
+    from appliance.config import loadConfig
+    from appliance.configvalues import ListenAddress
     from appliance.dicom.forwarder import DicomForwarderService
     from appliance.logs import observer
     from appliance.orthanc.space import StorageSpace

@@ -32,8 +32,8 @@ claim that the appliance keeps up stronger):
   build's C{.gz} files are sent as the appliance sends them instead of being
   compressed at every request; C{sendfile on} for the plain-HTTP cases.
 - C{Forwarded} is sent as the appliance sends it, so that the URLs Orthanc
-  writes into DICOMweb answers are right (the recipe's are not, see
-  DESIGN.md); it costs nothing.
+  writes into DICOMweb answers are right (the recipe's are not); it costs
+  nothing.
 - C{worker_connections 4096} (the recipe: 1024), so that 1,000 idle clients
   and their upstream connections fit; C{user root} when run as root, so that
   workers read the checkout's files.

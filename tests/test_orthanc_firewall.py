@@ -2,7 +2,7 @@
 Orthanc's own ports closed to other hosts (appliance.orthanc.firewall).
 
 Orthanc 1.10 listens on every interface and an idle connection from another
-host holds it (DESIGN.md): one to its DICOM port held every association for
+host holds it: one to its DICOM port held every association for
 about 30 s, three made the supervisor restart Orthanc.  From another host (a
 second network namespace), both ports refuse the connection while the
 forwarder and /pacs serve that host promptly, with the daemon run the way the

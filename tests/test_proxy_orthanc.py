@@ -39,7 +39,7 @@ from appliance.tls import selfSignedPaths
 from appliance.orthanc.space import StorageSpace
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
-from appliance.web.proxy import MAX_ORTHANC_REQUESTS
+from appliance.web.turns import MAX_ORTHANC_REQUESTS
 from appliance.web.request import MEMORY_BODY_LIMIT
 from appliance.web.routes import ORTHANC_EXPLORER_POLICY, buildProxyResources
 from appliance.web.site import buildSiteResource, buildWebService
@@ -590,15 +590,15 @@ class StalledReaderTests(ProxyToOrthancCase):
         tls, head = await deferToThread(startThenStall)
         self.addCleanup(tls.close)
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
-        self.assertEqual(self.proxy.turns.underWay, 1)
+        self.assertEqual(self.proxy.turns.inUse, 1)
         orthancPort = self.config.orthanc.http_port
         self.assertGreaterEqual(connectionsTo(orthancPort), 1)
         # Once the appliance has closed the client, the exchange gives its
         # turn back and its connection to Orthanc is closed.
         deadline = reactor.seconds() + STALL_TIMEOUT + 30
-        while (self.proxy.turns.underWay or connectionsTo(orthancPort)) and reactor.seconds() < deadline:
+        while (self.proxy.turns.inUse or connectionsTo(orthancPort)) and reactor.seconds() < deadline:
             await deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(self.proxy.turns.underWay, 0, "the stalled client still holds its exchange with Orthanc")
+        self.assertEqual(self.proxy.turns.inUse, 0, "the stalled client still holds its exchange with Orthanc")
         self.assertEqual(connectionsTo(orthancPort), 0, "a connection to Orthanc is still open")
         [closed] = [
             formatEvent(event) for event in events if "did not take what was sent to it" in event.get("log_format", "")

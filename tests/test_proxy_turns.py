@@ -135,7 +135,7 @@ class SlowReaderTurnTests(SlowReaderCase):
         readers = [self.startReader(path) for _ in range(LIMIT)]
         for started, _, _ in readers:
             self.assertTrue(await deferToThread(started.wait, WAIT))
-        self.assertEqual(self.proxy.turns.underWay, LIMIT)
+        self.assertEqual(self.proxy.turns.inUse, LIMIT)
 
         # A small search, behind the slow readers.
         searching = self.fetch(f"/pacs/studies?PatientID={big[0].PatientID}", headers={"Accept": DICOM_JSON})
@@ -182,7 +182,7 @@ class AccountShareTests(SlowReaderCase):
         while self.proxy.turns.waiting != 1 and reactor.seconds() < deadline:
             await deferLater(reactor, 0.05, lambda: None)
         account = self.user[0]
-        self.assertEqual((self.proxy.turns.underWay, self.proxy.turns.heldBy(account), self.proxy.turns.waiting), (1, 1, 1))
+        self.assertEqual((self.proxy.turns.inUse, self.proxy.turns.heldBy(account), self.proxy.turns.waiting), (1, 1, 1))
 
         # Another account's search goes through the free turn at once.
         status, _, body = await self.fetch(

@@ -26,7 +26,8 @@ from appliance.compat import HTTPChannelHooks
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS, OrthancCredentials
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
-from appliance.web.proxy import MAX_ORTHANC_REQUESTS, STORAGE_FULL, OrthancTurns
+from appliance.web.proxy import STORAGE_FULL
+from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
 from appliance.web.adminroutes import RouteTable
 from appliance.web.routes import (
     DICOMWEB_CLIENT_POLICY,
@@ -754,7 +755,7 @@ class FairTurnTests(SynchronousTestCase):
     def test_oneAccountWaitsBehindItsShareWhileOthersGoOn(self) -> None:
         alice = [self.turns.acquire("alice") for _ in range(3)]
         self.assertEqual([turn.called for turn in alice], [True, True, False])
-        self.assertEqual((self.turns.underWay, self.turns.waiting), (2, 1))
+        self.assertEqual((self.turns.inUse, self.turns.waiting), (2, 1))
         # Turns are free: another account starts at once.
         bob = [self.turns.acquire("bob") for _ in range(2)]
         self.assertTrue(all(turn.called for turn in bob))
@@ -766,7 +767,7 @@ class FairTurnTests(SynchronousTestCase):
         self.assertFalse(alice[2].called)
         self.turns.release("alice")
         self.assertTrue(alice[2].called)
-        self.assertEqual((self.turns.underWay, self.turns.waiting), (4, 0))
+        self.assertEqual((self.turns.inUse, self.turns.waiting), (4, 0))
 
     def test_accountsTakeTurns(self) -> None:
         """
@@ -797,7 +798,7 @@ class FairTurnTests(SynchronousTestCase):
         quick[1].addCallback(lambda _: turns.release("carol"))
         turns.release("alice")
         self.assertTrue(all(turn.called for turn in quick))
-        self.assertEqual((turns.underWay, turns.waiting), (1, 0))
+        self.assertEqual((turns.inUse, turns.waiting), (1, 0))
 
     def test_leavingGivesUpThePlace(self) -> None:
         turns = OrthancTurns(1, 1, self.clock)
@@ -830,7 +831,7 @@ class TurnTests(ProxyCase):
         return client, upstream
 
     def assertWaiting(self, count: int) -> None:
-        self.assertEqual((self.proxy.turns.underWay, self.proxy.turns.waiting), (self.maxRequests, count))
+        self.assertEqual((self.proxy.turns.inUse, self.proxy.turns.waiting), (self.maxRequests, count))
         self.assertEqual(self.reactor.tcpClients, [], "a waiting request reached Orthanc")
 
     def turnEvents(self) -> List[str]:
@@ -853,11 +854,11 @@ class TurnTests(ProxyCase):
         toFirst.respond(head(length=2) + b"[]")
         self.assertEqual(first.answer().status, 200)
         self.assertEqual(toFirst.request()[0], b"GET /pacs/studies?n=4 HTTP/1.1")
-        self.assertEqual((self.proxy.turns.underWay, self.proxy.turns.waiting), (2, 0))
+        self.assertEqual((self.proxy.turns.inUse, self.proxy.turns.waiting), (2, 0))
         for upstream, client in ((toSecond, third), (toFirst, fourth)):
             upstream.respond(head(length=2) + b"[]")
             self.assertEqual((client.answer().status, client.answer().body), (200, b"[]"))
-        self.assertEqual(self.proxy.turns.underWay, 0)
+        self.assertEqual(self.proxy.turns.inUse, 0)
         # Saturation is logged when it starts and when it ends, not per request.
         started, drained = self.turnEvents()
         self.assertIn("All 2 connections to Orthanc are in use", started)
@@ -969,7 +970,7 @@ class TurnTests(ProxyCase):
         self.assertEqual(waiting.transport.value(), b"")
         self.reactor.advance(0.1)
         self.assertIn(f"answer within {RESPONSE}s", waiting.answer().json()["error"])
-        self.assertEqual(self.proxy.turns.underWay, 1)
+        self.assertEqual(self.proxy.turns.inUse, 1)
 
 
 class GzipTests(ProxyCase):

@@ -22,7 +22,8 @@ import appliance
 from appliance.orthanc.state import OrthancState
 from appliance.web.appconfig import renderAppConfig
 from appliance.web.site import ApplianceSite, NoCredentials, RedirectToHTTPS, buildWebRoot
-from appliance.web.static import MEMORY_CACHE_LIMIT, FileRangeProducer, inlineScriptHashes
+from appliance.web.assets import MEMORY_CACHE_LIMIT, inlineScriptHashes
+from appliance.web.static import FileRangeProducer
 from tests.support import FakeOrthanc, httpExchange, temporaryFolder, testConfig
 
 INDEX_HTML = (

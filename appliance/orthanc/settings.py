@@ -42,7 +42,7 @@ ORTHANC_HTTP_THREADS = 100
 #: Orthanc's HTTP threads the proxy leaves free: for the supervisor's health
 #: check (one connection at a time), and for connections the proxy has just
 #: closed and Orthanc has not yet let go of.  See
-#: L{appliance.web.proxy.MAX_ORTHANC_REQUESTS}.
+#: L{appliance.web.turns.MAX_ORTHANC_REQUESTS}.
 RESERVED_HTTP_THREADS = 4
 
 #: How much longer than the web listener's C{idle_timeout} Orthanc waits on a

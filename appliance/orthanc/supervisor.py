@@ -93,7 +93,7 @@ class OrthancSupervisor(Service):
         @param relayPorts: the loopback ports through which Orthanc reaches the
             modalities, by name (see L{appliance.dicom.destinations}).
         @param httpThreads: Orthanc's HTTP worker threads; the proxy's limit
-            must leave some of them free (see L{appliance.web.proxy}).
+            must leave some of them free (see L{appliance.web.turns}).
         """
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]

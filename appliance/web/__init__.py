@@ -1,4 +1,4 @@
 """
-The web site: the OHIF viewer over HTTPS, the redirect from HTTP, /healthz, and
-(later) the DICOMweb and admin proxies to Orthanc.
+The web site: the OHIF viewer over HTTPS, the DICOMweb and admin proxies to
+Orthanc behind the access gate, /healthz, and the redirect from HTTP.
 """

@@ -15,7 +15,7 @@ from twisted.web import http
 from twisted.web.server import Request
 
 from appliance.web.origins import requestOrigin
-from appliance.web.proxy import addVary
+from appliance.web.proxyheaders import addVary
 
 #: How long a browser may reuse a preflight answer (Chromium caps it at 2 h):
 #: short enough that a change of the list takes effect soon.

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from twisted.web.server import Request
 
-from appliance.config import normalOrigin
+from appliance.configvalues import normalOrigin
 from appliance.web.credentials import sessionTokens
 
 def isNavigation(request: Request) -> bool:

@@ -5,7 +5,9 @@ The streaming reverse proxy to Orthanc's loopback HTTP port.
            ◀── headers filtered, body streamed: a slow client pauses Orthanc's socket
 
 Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResource}
-(DESIGN.md says why).  Each forwarded request is one L{_Exchange}:
+(which opens a connection per request and, with no flow control, holds in
+memory whatever a slow client has not taken).  Each forwarded request is one
+L{_Exchange}:
 
   - the request's headers lose what is hop-by-hop, the client's credentials and
     the appliance's session cookie, and gain Orthanc's credentials and the
@@ -34,70 +36,43 @@ Built on L{twisted.web.client.Agent}, not L{twisted.web.proxy.ReverseProxyResour
     leaves gives up its place without reaching Orthanc.
 """
 
-import re
-from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, List, Optional, Set
+from enum import Enum
+from typing import Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import error as internetError
-from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.client import (
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-)
+from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET, GzipEncoderFactory, Request
 from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.web.answerend import AnswerEnd
-from appliance.web.credentials import SESSION_COOKIE, cookieName, cookiePairs
-from appliance.web.pages import jsonError
 from appliance.web.channel import cancelPending
-from appliance.web.request import HOST_NAME, mediaType
+from appliance.web.pages import jsonError
+from appliance.web.proxyheaders import (
+    HeaderRewriter,
+    addVary,
+    copyAnswerHeaders,
+    describeStatus,
+    publicHost,
+    upstreamHeaders,
+)
+from appliance.web.request import mediaType
 from appliance.web.streaming import registerStreamingProducer
-
-#: Headers that describe one connection, not the message (RFC 9110 7.6.1),
-#: plus the proxy-authentication ones, which are for the hop that asks.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-
-#: Request headers that never reach Orthanc: the Agent writes Host and
-#: Content-Length itself, the client's credentials are for the appliance, the
-#: forwarding headers are ours to set, and the body was read already (Expect).
-_REQUEST_DROPPED = frozenset(
-    {b"host", b"content-length", b"authorization", b"forwarded", b"x-real-ip", b"expect"}
-)
-
-#: Answer headers that never reach the client: Orthanc's login prompt (its
-#: credentials are the appliance's business) and its server banner.  CORS is
-#: the appliance's too (see L{appliance.web.cors}).
-_RESPONSE_DROPPED = frozenset({b"www-authenticate", b"server"})
+from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
+from appliance.web.upstream import orthancAgent
 
 #: The Content-Security-Policy of every proxied answer but the pages a route
 #: allows: nothing it holds may run, load anything, or act as this site's
@@ -124,39 +99,6 @@ _NOT_COMPRESSED_STATUSES = frozenset({http.NO_CONTENT, http.PARTIAL_CONTENT, htt
 RETRY_AFTER = 5
 RETRY_AFTER_FAILED = 60
 
-#: Idle connections kept to Orthanc, and for how long: Orthanc 1.10 closes an
-#: idle keep-alive connection after one second ("Keep-Alive: timeout=1"), so
-#: the pool lets go first rather than race it.
-MAX_IDLE_CONNECTIONS = 8
-IDLE_CONNECTION_LIFETIME = 0.5
-
-#: A Host header as browsers write it: a name or an address, and a port.
-#: Nothing else (no quote, comma, semicolon, space or line break) can pass
-#: into the Forwarded header built from it.
-_PUBLIC_HOST = re.compile(rb"(?:%s|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?" % (HOST_NAME.pattern,))
-
-#: Signature of a route's rewriting of Orthanc's answer headers: given a
-#: lower-case name and a value, the value to send, or None to drop it.
-HeaderRewriter = Callable[[bytes, bytes], Optional[bytes]]
-
-#: How much is read from Orthanc's connection at a time (see _TimedEndpoint).
-#: Measured on a whole-study retrieve: 64 KiB (Twisted's default) costs 4.3 ms
-#: of CPU a megabyte, 128 KiB 3.4 and 512 KiB 2.2; but the memory the daemon
-#: keeps after clients leave in the middle of a transfer grows with the size
-#: (about 0.1 MB a departed client at 128 KiB, 0.4 MB at 512 KiB: allocator
-#: fragmentation, no object is kept), so the middle way.
-ORTHANC_READ_SIZE = 128 * 1024
-
-#: Exchanges with Orthanc under way at a time, at most.  Each holds one of
-#: Orthanc's HTTP threads until its answer ends (a slow reader holds one for
-#: its whole transfer), and so does each idle connection of the pool: opening
-#: a connection only for an exchange that holds a turn, and giving the turn
-#: back only once its connection is back in the pool or being closed, keeps
-#: the proxy's connections to Orthanc within this number (give or take those
-#: Orthanc has not yet seen close).  The rest of Orthanc's threads stay free
-#: for the supervisor's health check.
-MAX_ORTHANC_REQUESTS = ORTHANC_HTTP_THREADS - RESERVED_HTTP_THREADS
-
 #: What an upload is told while Orthanc's storage is full (with 507).
 STORAGE_FULL = "The archive's storage is full: nothing was stored; ask an administrator to free space, then send it again."
 
@@ -166,126 +108,6 @@ _unavailable = {
     OrthancState.STOPPED: "Orthanc is stopped; try again when the appliance has started it.",
     OrthancState.FAILED: "Orthanc could not be started; an administrator must look at the appliance's log.",
 }
-
-
-def addVary(request: Request, names: bytes) -> None:
-    """
-    Add the comma-separated header C{names} to the answer's C{Vary}, once each.
-    """
-    current = b", ".join(request.responseHeaders.getRawHeaders(b"Vary", []))
-    present = {token.strip().lower() for token in current.split(b",") if token.strip()}
-    added = [token.strip() for token in names.split(b",") if token.strip()]
-    added = [token for token in added if token.lower() not in present]
-    if added:
-        merged = b", ".join(([current] if current else []) + added)
-        request.responseHeaders.setRawHeaders(b"Vary", [merged])
-
-
-def connectionTokens(headers: Headers) -> Set[bytes]:
-    """
-    The lower-case names a message's C{Connection} header lists: hop-by-hop too.
-    """
-    return {
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"Connection", [])
-        for token in value.split(b",")
-        if token.strip()
-    }
-
-
-def withoutSessionCookie(value: bytes) -> bytes:
-    """
-    A C{Cookie} header value without the appliance's session cookie.
-    """
-    return b"; ".join(pair for pair in cookiePairs(value) if cookieName(pair) != SESSION_COOKIE)
-
-
-def publicHost(request: Request) -> Optional[bytes]:
-    """
-    The host and port the client asked for, if its C{Host} header (the
-    request layer lets one at most through) is sane.
-    """
-    host = request.getHeader(b"Host")
-    if host is None or not _PUBLIC_HOST.fullmatch(host):
-        return None
-    return host
-
-
-def forwardingHeaders(request: Request, host: bytes) -> List[tuple]:
-    """
-    C{Forwarded} (RFC 7239) and the C{X-Forwarded-*} headers for C{request}.
-
-    The host goes unquoted: Orthanc's DICOMweb plugin takes the value verbatim,
-    quotes included, into the URLs it writes; L{publicHost} keeps anything
-    that would need quoting out of it.
-    """
-    address = request.getClientAddress()
-    client = getattr(address, "host", None)
-    client = client.encode("ascii", "replace") if client else b"unknown"
-    node = b'"[%s]"' % (client,) if b":" in client else client
-    proto = b"https" if request.isSecure() else b"http"
-    return [
-        (b"Forwarded", b"for=%s;host=%s;proto=%s" % (node, host, proto)),
-        (b"X-Forwarded-For", client),
-        (b"X-Forwarded-Proto", proto),
-        (b"X-Forwarded-Host", host),
-    ]
-
-
-def upstreamHeaders(request: Request, authorization: bytes, host: bytes) -> Headers:
-    """
-    The headers of the request to Orthanc for the client's C{request}.
-    """
-    dropped = HOP_BY_HOP | _REQUEST_DROPPED | connectionTokens(request.requestHeaders)
-    headers = Headers()
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        lower = name.lower()
-        if lower in dropped or lower.startswith(b"x-forwarded-"):
-            continue
-        if lower == b"cookie":
-            values = [kept for kept in (withoutSessionCookie(value) for value in values) if kept]
-            if not values:
-                continue
-        headers.setRawHeaders(name, values)
-    headers.setRawHeaders(b"Authorization", [authorization])
-    for name, value in forwardingHeaders(request, host):
-        headers.setRawHeaders(name, [value])
-    return headers
-
-
-def copyAnswerHeaders(response: IResponse, request: Request, rewrite: Optional[HeaderRewriter]) -> None:
-    """
-    Copy Orthanc's answer headers to C{request}, less what must not pass.
-
-    The Agent keeps the connection headers of an answer (Connection,
-    Content-Length, Keep-Alive, Transfer-Encoding...) to itself: the headers
-    Orthanc's C{Connection} might name cannot be known here, and Orthanc
-    names none but C{keep-alive}.
-    """
-    dropped = HOP_BY_HOP | _RESPONSE_DROPPED
-    for name, values in response.headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower in dropped or lower.startswith(b"access-control-"):
-            continue
-        if rewrite is not None:
-            values = [kept for kept in (rewrite(lower, value) for value in values) if kept is not None]
-        if lower == b"set-cookie":
-            # Through request.cookies, which Twisted writes as Set-Cookie (the
-            # header itself would be replaced by any cookie the site adds).
-            request.cookies.extend(value for value in values if cookieName(value) != SESSION_COOKIE)
-        elif lower == b"vary":
-            for value in values:
-                addVary(request, value)
-        elif values:
-            request.responseHeaders.setRawHeaders(name, values)
-
-
-def describeStatus(response: IResponse) -> str:
-    """
-    The reason phrase of Orthanc's answer, as printable ASCII.
-    """
-    phrase = response.phrase.decode("ascii", "replace")
-    return "".join(character for character in phrase if character.isprintable()) or "error"
 
 
 def _contentType(response: IResponse) -> bytes:
@@ -301,184 +123,6 @@ def _describe(failure: Failure) -> str:
     if reasons:
         return "; ".join(_describe(reason) for reason in reasons)
     return failure.getErrorMessage() or failure.type.__name__
-
-
-@implementer(IStreamClientEndpoint)
-class _TimedEndpoint:
-    """
-    A TCP connection to Orthanc that gives up after C{timeout} seconds, timed
-    by the given reactor (so that tests can use a clock).
-    """
-
-    def __init__(self, reactor, port: int, timeout: float) -> None:
-        self._reactor = reactor
-        self._endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        self._timeout = timeout
-
-    def connect(self, factory) -> Deferred:
-        connecting = self._endpoint.connect(factory).addTimeout(self._timeout, self._reactor, self._timedOut)
-        return connecting.addCallback(self._readLargeBlocks)
-
-    @staticmethod
-    def _readLargeBlocks(protocol):
-        # Each block read from Orthanc costs the same Python work on its way
-        # to the client, whatever its size: larger blocks than Twisted's
-        # 64 KiB cost less CPU per megabyte (see ORTHANC_READ_SIZE).
-        # A paused client still holds at most one block (Orthanc's connection
-        # stops being read while the client's buffer is full).  The same size
-        # is how much of an upload may wait in the buffer toward Orthanc.
-        protocol.transport.bufferSize = ORTHANC_READ_SIZE
-        return protocol
-
-    @staticmethod
-    def _timedOut(result: object, timeout: float) -> object:
-        # A cancelled connection attempt fails with ConnectingCancelledError,
-        # which the default of addTimeout does not turn into a TimeoutError.
-        if isinstance(result, Failure):
-            return Failure(TimeoutError(f"no connection to Orthanc within {timeout:g}s"))
-        return result
-
-
-@implementer(IAgentEndpointFactory)
-class _OrthancEndpoints:
-    def __init__(self, reactor, port: int, timeout: float) -> None:
-        self._endpoint = _TimedEndpoint(reactor, port, timeout)
-
-    def endpointForURI(self, uri) -> _TimedEndpoint:
-        return self._endpoint
-
-
-class OrthancTurns:
-    """
-    At most C{limit} exchanges with Orthanc at a time, and at most
-    C{perAccount} of them for one account; the others wait for their turn.
-
-    A turn that comes free goes to the next account in turn that has a
-    request waiting and holds fewer than its share, to that account's
-    oldest request: one account's many slow reads (a viewer's whole-study
-    retrievals hold a turn for minutes) queue behind its own share, while
-    the other accounts' requests go on.
-
-    Waiting is logged once when requests start waiting, and once when none
-    waits any more, with how many waited: not once per request.
-
-    @ivar limit: how many exchanges may be under way at a time.
-    @ivar perAccount: how many of them one account may hold.
-    """
-
-    log = Logger()
-
-    def __init__(self, limit: int, perAccount: int, reactor) -> None:
-        self.limit = limit
-        self.perAccount = min(perAccount, limit)
-        self._reactor = reactor
-        self.underWay = 0
-        self._held: Dict[str, int] = {}
-        # The accounts with requests waiting, in the order they get turns.
-        self._queues: "OrderedDict[str, Deque[Deferred]]" = OrderedDict()
-        # Since requests started waiting: how many waited, how many gave up
-        # their place, and the longest wait.
-        self._waited = self._gaveUp = 0
-        self._longest = 0.0
-
-    @property
-    def waiting(self) -> int:
-        """
-        How many requests wait for their turn.
-        """
-        return sum(len(queue) for queue in self._queues.values())
-
-    def heldBy(self, account: str) -> int:
-        return self._held.get(account, 0)
-
-    def acquire(self, account: str) -> Deferred:
-        """
-        A Deferred that fires when it is C{account}'s request's turn (at once
-        if it may start now); cancel it to give up one's place.  Whoever got
-        a turn must L{release} it.
-        """
-        if account not in self._queues and self._mayStart(account):
-            self._start(account)
-            return succeed(None)
-
-        def giveUp(turn: Deferred) -> None:
-            queue = self._queues.get(account)
-            if queue is not None and turn in queue:
-                queue.remove(turn)
-                if not queue:
-                    del self._queues[account]
-
-        turn: Deferred = Deferred(giveUp)
-        self._queues.setdefault(account, deque()).append(turn)
-        if not self._waited:
-            if self.underWay >= self.limit:
-                self.log.warn(
-                    "All {limit} connections to Orthanc are in use: requests now wait their turn in the appliance",
-                    limit=self.limit,
-                )
-            else:
-                self.log.warn(
-                    "The account {account} has its {share} connections to Orthanc in use: its requests now wait"
-                    " their turn in the appliance ([web] max_orthanc_requests_per_account)",
-                    account=account or "-",
-                    share=self.perAccount,
-                )
-        self._waited += 1
-        arrived = self._reactor.seconds()
-
-        def waited(result: object) -> object:
-            self._longest = max(self._longest, self._reactor.seconds() - arrived)
-            if isinstance(result, Failure):
-                self._gaveUp += 1
-            if not self._queues:
-                self._drained()
-            return result
-
-        return turn.addBoth(waited)
-
-    def release(self, account: str) -> None:
-        """
-        End a turn of C{account}: the next waiting request whose account may
-        start gets it.
-        """
-        self.underWay -= 1
-        left = self._held.pop(account, 0) - 1
-        if left > 0:
-            self._held[account] = left
-        started = []
-        for waiting in list(self._queues):
-            if self.underWay >= self.limit:
-                break
-            if not self._mayStart(waiting):
-                continue
-            queue = self._queues.pop(waiting)
-            started.append(queue.popleft())
-            if queue:
-                # Back of the line: the other accounts come first.
-                self._queues[waiting] = queue
-            self._start(waiting)
-        # Fired once the books are straight: an exchange that starts may end,
-        # and release its turn, before its callback returns.
-        for turn in started:
-            turn.callback(None)
-
-    def _mayStart(self, account: str) -> bool:
-        return self.underWay < self.limit and self._held.get(account, 0) < self.perAccount
-
-    def _start(self, account: str) -> None:
-        self.underWay += 1
-        self._held[account] = self._held.get(account, 0) + 1
-
-    def _drained(self) -> None:
-        self.log.info(
-            "Requests to Orthanc no longer wait for their turn: {waited} waited, the longest {longest:.1f}s;"
-            " {gaveUp} of them left or timed out before their turn",
-            waited=self._waited,
-            longest=self._longest,
-            gaveUp=self._gaveUp,
-        )
-        self._waited = self._gaveUp = 0
-        self._longest = 0.0
 
 
 class OrthancProxy(Service):
@@ -510,11 +154,7 @@ class OrthancProxy(Service):
         self.responseTimeout = web.proxy_response_timeout
         self.idleTimeout = web.proxy_idle_timeout
         self.origin = b"http://127.0.0.1:%d" % (config.orthanc.http_port,)
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = MAX_IDLE_CONNECTIONS
-        self._pool.cachedConnectionTimeout = IDLE_CONNECTION_LIFETIME
-        endpoints = _OrthancEndpoints(reactor, config.orthanc.http_port, self.connectTimeout)
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
+        self.agent, self._pool = orthancAgent(reactor, config.orthanc.http_port, self.connectTimeout)
         # Request bodies are read a block at a time by tasks of the injected
         # reactor, not of the global one.
         self.cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
@@ -622,10 +262,19 @@ class _WatchedBody:
         self._producer.stopProducing()
 
 
-#: The phases of an exchange: waiting for its turn, sending the request and
-#: waiting for the answer's headers, streaming the answer's body, and over
-#: (answered, or the client left).
-WAITING, REQUEST, ANSWER, OVER = "waiting", "request", "answer", "over"
+class _Phase(Enum):
+    """
+    The phases of an exchange.
+    """
+
+    #: Waiting for its turn.
+    WAITING = "waiting"
+    #: Sending the request and waiting for the answer's headers.
+    REQUEST = "request"
+    #: Streaming the answer's body.
+    ANSWER = "answer"
+    #: Answered, or the client left.
+    OVER = "over"
 
 
 class _Exchange:
@@ -655,7 +304,7 @@ class _Exchange:
         self._headers = headers
         self._rewrite = rewrite
         self._pagePolicy = pagePolicy
-        self._phase = WAITING
+        self._phase = _Phase.WAITING
         self._holdsTurn = False
         self._pending: Optional[Deferred] = None
         self._streamer: Optional["_AnswerStreamer"] = None
@@ -677,7 +326,7 @@ class _Exchange:
         self._pending.addErrback(self._bug)
 
     def _send(self, _: object) -> Deferred:
-        self._phase = REQUEST
+        self._phase = _Phase.REQUEST
         self._holdsTurn = True
         request = self._request
         body: Optional[_WatchedBody] = None
@@ -690,15 +339,15 @@ class _Exchange:
         return maybeDeferred(self._proxy.agent.request, method, self._url, self._headers, body)
 
     def _bodyBlockSent(self) -> None:
-        if self._phase is REQUEST:
+        if self._phase is _Phase.REQUEST:
             self._arm(self._proxy.idleTimeout, "upload")
 
     def _bodySent(self) -> None:
-        if self._phase is REQUEST:
+        if self._phase is _Phase.REQUEST:
             self._arm(self._proxy.responseTimeout, "response")
 
     def _failed(self, failure: Failure) -> None:
-        if self._phase is OVER:
+        if self._phase is _Phase.OVER:
             return
         self._end()
         proxy, request = self._proxy, self._request
@@ -733,7 +382,7 @@ class _Exchange:
 
     def _bug(self, failure: Failure) -> None:
         self.log.failure("Error while forwarding {method} {path}", failure, **self._where())
-        if self._phase is not OVER:
+        if self._phase is not _Phase.OVER:
             self._end()
             self._request.loseConnection()
 
@@ -750,7 +399,7 @@ class _Exchange:
     # --- the answer
 
     def _answered(self, response: IResponse) -> None:
-        if self._phase is OVER:
+        if self._phase is _Phase.OVER:
             response.deliverBody(_Discard())
             return
         self.disarm()
@@ -787,7 +436,7 @@ class _Exchange:
             else:
                 answer(request, http.BAD_GATEWAY, "The archive answered with a web page, which the appliance does not pass on.")
             return
-        self._phase = ANSWER
+        self._phase = _Phase.ANSWER
         request.setResponseCode(response.code)
         copyAnswerHeaders(response, request, self._rewrite)
         if not contentType and response.code not in (http.NO_CONTENT, http.NOT_MODIFIED):
@@ -841,7 +490,7 @@ class _Exchange:
         """
         Orthanc's answer body ended, completely or not.
         """
-        if self._phase is OVER:
+        if self._phase is _Phase.OVER:
             return
         self._end()
         request = self._request
@@ -859,7 +508,7 @@ class _Exchange:
     # --- timers and the client
 
     def armIdle(self) -> None:
-        if self._phase is ANSWER:
+        if self._phase is _Phase.ANSWER:
             self._arm(self._proxy.idleTimeout, "idle")
 
     def _arm(self, seconds: float, what: str) -> None:
@@ -881,7 +530,7 @@ class _Exchange:
         The exchange is over: stop its timer, and give its turn to the next
         request.  Every way an exchange ends comes here, some twice.
         """
-        self._phase = OVER
+        self._phase = _Phase.OVER
         self.disarm()
         if self._holdsTurn:
             self._holdsTurn = False
@@ -889,8 +538,8 @@ class _Exchange:
 
     def _timeout(self, what: str) -> None:
         self._timer = None
-        self._timedOut = "turn" if self._phase is WAITING else what
-        if self._phase in (WAITING, REQUEST):
+        self._timedOut = "turn" if self._phase is _Phase.WAITING else what
+        if self._phase in (_Phase.WAITING, _Phase.REQUEST):
             # Before the answer's headers: _failed answers 504.
             self._pending.cancel()
             return
@@ -908,9 +557,9 @@ class _Exchange:
     def _clientGone(self, reason: Failure) -> None:
         phase = self._phase
         self._end()
-        if phase in (WAITING, REQUEST):
+        if phase in (_Phase.WAITING, _Phase.REQUEST):
             self._pending.cancel()
-        elif phase is ANSWER:
+        elif phase is _Phase.ANSWER:
             self._streamer.stopUpstream()
 
 

@@ -33,7 +33,8 @@ from appliance.orthanc.state import IOrthanc
 from appliance.web.adminroutes import RouteTable
 from appliance.web.cors import CorsPolicy
 from appliance.web.pages import describeSize, jsonError
-from appliance.web.proxy import MAX_ORTHANC_REQUESTS, OrthancProxy
+from appliance.web.proxy import OrthancProxy
+from appliance.web.turns import MAX_ORTHANC_REQUESTS
 from appliance.web.sitemap import ADMIN, DICOMWEB, SAFE_METHODS
 
 #: The DICOMweb resources of Orthanc's plugin that clients use: the plugin's
