@@ -568,7 +568,7 @@ class PageLoad(Scenario):
         import shutil
         import tempfile
 
-        from tests.test_web_viewer import startChromium
+        from tests.viewerbuild import startChromium
 
         profile = tempfile.mkdtemp(prefix="chromium-", dir=self.settings.work)
         browser = startChromium(self.settings.certificate, profile)

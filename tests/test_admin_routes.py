@@ -10,14 +10,14 @@ of tests/test_hostile_http.py.
 import json
 import re
 import subprocess
-from typing import List, Set, Tuple
+from typing import Set, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
 from appliance.web.adminroutes import RouteTable
 from tests.support import freePorts, temporaryFolder
-from tests.test_web_gate import GatedSiteCase, Row
+from tests.webclients import GatedSiteCase, Row
+from tests.webclients import blockedRows
 
 #: Why a row may be blocked, and nothing else (issue 14).
 REASONS = {
@@ -30,26 +30,6 @@ REASONS = {
 
 #: A line Orthanc's --openapi writes for each route it cannot document.
 UNDOCUMENTED = re.compile(r"Ignoring URI without API documentation: ([A-Z]+) (\S+)")
-
-
-def concretePath(path: str) -> str:
-    """
-    A path the route C{path} of the table matches, under /pacs-admin/.
-    """
-    path = path.replace("{dicomweb}", DICOMWEB_ROOT.rstrip("/")).replace("{wado}", WADO_URI_ROOT)
-    path = path.replace("{...}", "some/file.js")
-    return "/pacs-admin" + re.sub(r"\{[^}/]+\}", "1a2b3c", path)
-
-
-def blockedRows() -> List[Tuple[str, str, str]]:
-    """
-    (method, concrete path, reason) of every blocked row.
-    """
-    return [
-        (route.method.decode("ascii"), concretePath(route.path), route.reason)
-        for route in RouteTable.load().routes
-        if not route.allowed
-    ]
 
 
 def generic(path: str) -> str:

@@ -3,36 +3,11 @@ Telling a whole answer from one cut short when only the close of its
 connection ends it: multipart bodies and ZIP archives, cut at every point.
 """
 
-import io
-import zipfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.web.answerend import AnswerEnd, MultipartEnd, ZipEnd
-
-BOUNDARY = b"32264d65-c52a-4318-b22a-a8f1122661c2-dfd810f3"
-
-
-def multipart(parts, boundary: bytes = BOUNDARY) -> bytes:
-    """
-    A multipart/related body as Orthanc writes it.
-    """
-    body = b""
-    for part in parts:
-        body += b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
-    return body + b"--" + boundary + b"--\r\n"
-
-
-def archive(comment: bytes = b"Created by Orthanc") -> bytes:
-    """
-    A ZIP archive with the comment Orthanc gives its archives.
-    """
-    written = io.BytesIO()
-    with zipfile.ZipFile(written, "w") as zip:
-        zip.writestr("PATIENT/STUDY/SERIES/IM0001.dcm", b"DICM" * 5000)
-        zip.writestr("PATIENT/STUDY/SERIES/IM0002.dcm", bytes(range(256)) * 40)
-        zip.comment = comment
-    return written.getvalue()
+from tests.webclients import BOUNDARY, archive, multipart
 
 
 def watched(end: AnswerEnd, data: bytes, blockSize: int) -> AnswerEnd:

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bench.scenarios import ALL
 from tests.support import temporaryFolder
-from tests.test_web_viewer import CHECKOUT, requireViewer
+from tests.viewerbuild import CHECKOUT, requireViewer
 
 
 class BenchSmokeTests(SynchronousTestCase):

@@ -19,9 +19,8 @@ from appliance.config import (
 )
 from appliance.preflight import loadChecked
 from tests.support import writeConfig
+from tests.commandline import REPOSITORY, SHIPPED
 
-REPOSITORY = Path(__file__).resolve().parent.parent
-SHIPPED = REPOSITORY / "etc" / "pacs-appliance" / "appliance.ini"
 DEVELOPMENT = REPOSITORY / "etc" / "dev" / "appliance.ini"
 
 

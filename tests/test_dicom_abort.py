@@ -23,21 +23,20 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import INegotiated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from appliance.dicom.forwarder import ForwarderFactory
 from appliance.dicom.pdu import ENDING_TYPES, PDU_HEADER, PROVIDER_ABORT, PDUBoundaries
 from appliance.orthanc.space import StorageSpace
 from tests.support import temporaryFolder, testConfig
-from tests.test_dicom_forwarder import PEER_TIMEOUT, associateRequest, decodeRejection
-from tests.test_dicom_upstream import StandInTestCase
-from tests.test_fuzz import FUZZ
+from tests.dicompeers import PEER_TIMEOUT, associateRequest, decodeRejection
+from tests.dicompeers import StandInTestCase
+from tests.fuzzing import FUZZ
+from tests.dicompeers import NegotiatedTransport
 
 #: The A-ABORT of PS3.8 9.3.8: type 7, length 4, source 2 (service provider), reason 0.
 ABORT_BYTES = bytes.fromhex("07 00 00000004 00 00 02 00")
@@ -55,15 +54,6 @@ ACCEPT = pdu(0x02, b"\x00\x01" + b"a" * 60)
 ANSWER = pdu(0x04, b"\x00\x00\x00\x0c\x01\x03" + b"r" * 10)
 RELEASE_RP = pdu(0x06, b"\x00" * 4)
 REJECT = pdu(0x03, b"\x00\x01\x01\x03")
-
-
-@implementer(INegotiated)
-class NegotiatedTransport(StringTransport):
-    """
-    An in-memory transport that passes for the forwarder's TLS connection.
-    """
-
-    negotiatedProtocol = None
 
 
 class RelayedAssociation:

@@ -8,7 +8,7 @@ exactly that address, while the forwarder serves that modality.
 import os
 
 from tests.support import OtherHost, freePort
-from tests.test_dicom_forwarder import PEER_TIMEOUT, ForwarderTestCase
+from tests.dicompeers import PEER_TIMEOUT, ForwarderTestCase
 
 
 class OtherHostTests(ForwarderTestCase):

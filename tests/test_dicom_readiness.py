@@ -10,7 +10,7 @@ from appliance.orthanc.state import OrthancState
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.orthanc.space import StorageSpace
 from tests.support import temporaryFolder, testConfig
-from tests.test_supervisor import ProcessReactor, ScriptedProbe
+from tests.orthancfakes import ProcessReactor, ScriptedProbe
 
 
 class ScriptedEcho:

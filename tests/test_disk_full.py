@@ -63,9 +63,9 @@ from tests.support import (
     tinyTmpfs,
     writeUser,
 )
-from tests.test_dicom_abort import NegotiatedTransport
-from tests.test_dicom_forwarder import associateRequest, decodeRejection
-from tests.test_faults import DICOM_JSON, stowBody, stowOutcome
+from tests.dicompeers import NegotiatedTransport
+from tests.dicompeers import associateRequest, decodeRejection
+from tests.webclients import DICOM_JSON, stowBody, stowOutcome
 
 UPLOADER = ("uploader", "uploader password for the disk-full test")
 ADMIN = ("imaging-admin", "admin password for the disk-full test")

@@ -14,8 +14,7 @@ import signal
 import threading
 import uuid
 from dataclasses import dataclass, field
-from io import BytesIO
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 from urllib.parse import quote
 
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -27,17 +26,14 @@ from twisted.trial.unittest import TestCase
 
 from tests.daemon import POLL_INTERVAL, DaemonClient, addUser, orthancPid, startDaemon
 from tests.support import basicAuthorization, ctSeries, temporaryFolder, testConfig
+from tests.webclients import DICOM_JSON, stowBody, stowOutcome
 
 UPLOADER = ("uploader", "uploader password for the fault test")
 ADMIN = ("imaging-admin", "admin password for the fault test")
 #: How long one request or one DICOM exchange may take before its sender
 #: counts it as failed.
 PEER_TIMEOUT = 20
-DICOM_JSON = "application/dicom+json"
 SOP_INSTANCE_UID = "00080018"
-REFERENCED_SOP_SEQUENCE = "00081199"
-FAILED_SOP_SEQUENCE = "00081198"
-REFERENCED_SOP_INSTANCE_UID = "00081155"
 
 
 @dataclass
@@ -70,48 +66,6 @@ def newInstance(studyUID: str, patientID: str):
     One small CT instance of the study C{studyUID}, with its own series.
     """
     return ctSeries(1, rows=16, columns=16, studyUID=studyUID, patientID=patientID)[0]
-
-
-def stowBody(instance) -> Tuple[str, bytes]:
-    """
-    The content type and body of a STOW-RS request storing C{instance} alone.
-    """
-    boundary = uuid.uuid4().hex
-    encoded = BytesIO()
-    instance.save_as(encoded, enforce_file_format=True)
-    body = (
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
-        + encoded.getvalue()
-        + f"\r\n--{boundary}--\r\n".encode("ascii")
-    )
-    return f'multipart/related; type="application/dicom"; boundary={boundary}', body
-
-
-def sequenceUIDs(answer: dict, tag: str) -> Set[str]:
-    """
-    The Referenced SOP Instance UIDs of the items of the sequence C{tag} in a
-    STOW-RS answer.
-    """
-    items = answer.get(tag, {}).get("Value", [])
-    return {uid for item in items for uid in item.get(REFERENCED_SOP_INSTANCE_UID, {}).get("Value", [])}
-
-
-def stowOutcome(status: int, body: bytes, uid: str) -> Optional[str]:
-    """
-    None if a STOW-RS answer acknowledges C{uid} as stored, else how it
-    reported the failure.
-    """
-    if status != 200:
-        return f"HTTP {status}"
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        return "HTTP 200 without a JSON answer"
-    if uid in sequenceUIDs(answer, FAILED_SOP_SEQUENCE):
-        return "HTTP 200 listing it as failed"
-    if uid not in sequenceUIDs(answer, REFERENCED_SOP_SEQUENCE):
-        return "HTTP 200 without a reference to it"
-    return None
 
 
 class FaultTests(DaemonClient, TestCase):

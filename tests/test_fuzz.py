@@ -27,7 +27,6 @@ Hypothesis keeps failing examples in C{.hypothesis/} and replays them first.
 import dataclasses
 import logging
 import math
-import os
 import re
 import warnings
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import assume, event, example, given
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -81,24 +80,7 @@ from appliance.web.routes import (
 )
 from appliance.web.sitemap import ADMIN, DICOMWEB
 from tests.support import temporaryFolder, testConfig, writeTestConfig
-
-settings.register_profile(
-    "ci",
-    max_examples=200,
-    deadline=None,
-    # The machine is shared: slow generation is not a finding.
-    suppress_health_check=[HealthCheck.too_slow],
-    print_blob=True,
-)
-settings.register_profile(
-    "long",
-    max_examples=20_000,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    print_blob=True,
-)
-FUZZ = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
+from tests.fuzzing import FUZZ
 
 # --- the configuration
 

@@ -43,9 +43,9 @@ import pytest
 from appliance.config import loadConfig
 from appliance.tls import selfSignedPaths
 from tests.daemon import EXECUTABLE
-from tests.test_admin_routes import blockedRows
+from tests.webclients import blockedRows
 from tests.support import basicAuthorization, writeTestConfig, writeUser
-from tests.test_tls import clientContext
+from tests.tlsclients import clientContext
 
 #: Who sends the rows: (name, password, roles).
 ADMIN = ("hospital-it", "admin test password", ("admin",))

@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from appliance.orthanc.state import OrthancState
 from tests.support import realSupervisor, ctSeries, httpGet, storeInstances, temporaryFolder, testConfig
+from tests.orthancfakes import processExists
 
 #: Generous: the machines are shared, and Orthanc creates its database first.
 READY_TIMEOUT = 120
@@ -29,16 +30,6 @@ def nonLoopbackAddress() -> str:
     for line in output.splitlines():
         return line.split()[3].split("/")[0]
     raise AssertionError("this test needs a non-loopback IPv4 address on the host")
-
-
-def processExists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0): look at its state.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 class RealOrthancTests(TestCase):

@@ -26,9 +26,9 @@ from typing import Optional
 import pytest
 
 from tests.support import UNIT, TestAuthority, freePort, unitSettings, writeConfig, writeTestConfig
-from tests.test_cli import LineReader
-from tests.test_orthanc_real import processExists
-from tests.test_systemd import NotifySocket, commonName, peerCertificateSubject, unverifiedContext
+from tests.commandline import LineReader
+from tests.orthancfakes import processExists
+from tests.tlsclients import NotifySocket, commonName, peerCertificateSubject, unverifiedContext
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

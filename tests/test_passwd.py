@@ -17,7 +17,7 @@ import pytest
 from appliance.web.passwords import PasswordHash, verifyPassword
 from appliance.web.users import findUser
 from tests.support import writeTestConfig
-from tests.test_cli import COMMAND
+from tests.commandline import COMMAND
 
 
 def passwd(*arguments: str, password: str = None) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.daemon import addUser, startDaemon
 from tests.support import ctSeries, temporaryFolder, testConfig
-from tests.test_tls import clientContext
+from tests.tlsclients import clientContext
 
 ADMIN = ("admin", "backpressure test password")
 AUTHORIZATION = "Basic " + base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()

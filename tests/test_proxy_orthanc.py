@@ -10,7 +10,6 @@ requests.
 """
 
 import gzip
-import http.client
 import json
 import os
 import signal
@@ -21,62 +20,34 @@ import urllib.parse
 import zipfile
 from io import BytesIO
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 from pydicom.dataset import Dataset
-from twisted.application.service import MultiService
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
 
 from appliance.orthanc.settings import orthancConfigurationPath
 from appliance.orthanc.state import OrthancState
-from appliance.orthanc.supervisor import OrthancSupervisor
-from appliance.tls import selfSignedPaths
-from appliance.orthanc.space import StorageSpace
-from appliance.web.authenticator import Authenticator
-from appliance.web.checkers import PasswordChecks
-from appliance.web.turns import MAX_ORTHANC_REQUESTS
 from appliance.web.request import MEMORY_BODY_LIMIT
-from appliance.web.routes import ORTHANC_EXPLORER_POLICY, buildProxyResources
-from appliance.web.site import buildSiteResource, buildWebService
-from appliance.web.users import UsersFile
+from appliance.web.routes import ORTHANC_EXPLORER_POLICY
 from tests.support import (
-    webTLS,
-    realSupervisor,
-    ConnectionTracker,
-    basicAuthorization,
     ctSeries,
     storeInstances,
-    temporaryFolder,
-    testConfig,
-    writeUser,
 )
-from tests.test_web_proxy import Answer
+from tests.webclients import Answer
+from tests.webclients import ADMIN, DICOM_JSON, MULTIPART_DICOM, ProxyToOrthancCase, UPLOADER, VIEWER
 
-#: Generous: the machines are shared, and Orthanc creates its database first.
-READY_TIMEOUT = 120
 
 #: The [web] idle_timeout of the tests of a client that stops reading, in seconds.
 STALL_TIMEOUT = 3
 
-DICOM_JSON = "application/dicom+json"
-MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
 MULTIPART_OCTETS = 'multipart/related; type="application/octet-stream"'
 
 #: The tags whose values are URLs Orthanc writes: RetrieveURL, and every
 #: element's BulkDataURI.
 RETRIEVE_URL = "00081190"
-
-#: The users of the users file: (name, password, roles).
-VIEWER = ("reader", "viewer test password", ("viewer",))
-UPLOADER = ("modality", "uploader test password", ("uploader",))
-ADMIN = ("hospital-it", "admin test password", ("admin",))
-
-User = Tuple[str, str, Sequence[str]]
 
 
 def writtenURLs(document) -> Iterator[str]:
@@ -123,150 +94,6 @@ def stowBody(datasets: Sequence[Dataset]) -> Tuple[str, bytes]:
         body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii") + encoded.getvalue() + b"\r\n"
     body += f"--{boundary}--\r\n".encode("ascii")
     return f'multipart/related; type="application/dicom"; boundary={boundary}', body
-
-
-class ProxyToOrthancCase(TestCase):
-    """
-    The daemon's HTTPS site, wired as L{appliance.service.buildService}
-    wires it, in front of a supervised Orthanc.
-
-    @cvar user: whom the requests of L{fetch} come from by default.
-    @cvar orthancSettings: keys of the [orthanc] section to change.
-    @cvar webSettings: keys of the [web] section to change.
-    @cvar maxRequests: the proxy's limit of exchanges with Orthanc at a time.
-    """
-
-    timeout = 300
-    user: User = UPLOADER
-    orthancSettings: Dict[str, str] = {}
-    webSettings: Dict[str, str] = {}
-    maxRequests = MAX_ORTHANC_REQUESTS
-
-    def setUp(self):
-        folder = temporaryFolder(self)
-        usersFile = folder / "users"
-        self.config = testConfig(
-            folder,
-            auth={"users_file": usersFile},
-            # Only the HTTPS listener: its redirects are tested elsewhere.
-            web={"listen_http": "", **self.webSettings},
-            orthanc=self.orthancSettings,
-            # Orthanc takes C-STORE only from the modalities it knows.
-            **{"modality:test": {"aet": "TESTSCU", "host": "127.0.0.1"}},
-        )
-        for name, password, roles in (VIEWER, UPLOADER, ADMIN):
-            writeUser(usersFile, name, password, roles)
-        self.supervisor = self.buildSupervisor()
-        self.supervisor.startService()
-        self.addCleanup(self.stopSupervisor)
-        services = MultiService()
-        users = UsersFile(self.config.auth.users_file, reactor)
-        users.setServiceParent(services)
-        checks = PasswordChecks(reactor)
-        checks.setServiceParent(services)
-        authenticator = Authenticator.forUsersFile(users, checks, self.config.auth, reactor)
-        authenticator.setServiceParent(services)
-        self.proxy, proxyRoutes = buildProxyResources(
-            self.config, self.supervisor, StorageSpace.forOrthanc(self.config), reactor, maxRequests=self.maxRequests
-        )
-        self.proxy.setServiceParent(services)
-        site = buildSiteResource(self.config, self.supervisor, authenticator, proxyRoutes)
-        web = buildWebService(self.config, site, authenticator, webTLS(self.config), reactor)
-        web.setServiceParent(services)
-        # Clients close their end before the reactor sees it: the test ends
-        # once the site has seen every connection close.
-        https = web.getServiceNamed("https")
-        connections = https.factory = ConnectionTracker(https.factory)
-        services.startService()
-        self.addCleanup(lambda: connections.whenClosed().addTimeout(30, reactor))
-        self.addCleanup(services.stopService)
-        self.port = self.config.web.listen_https.port
-        self.origin = f"https://127.0.0.1:{self.port}"
-        self.caFile = str(selfSignedPaths(self.config.appliance.state_dir)[0])
-        self.context = ssl.create_default_context(cafile=self.caFile)
-        return self.waitFor(OrthancState.READY)
-
-    def buildSupervisor(self) -> OrthancSupervisor:
-        """
-        The supervisor of the test's Orthanc, as the daemon builds it.
-        """
-        return realSupervisor(self.config)
-
-    def stopSupervisor(self):
-        if self.supervisor.running:
-            return self.supervisor.stopService()
-
-    async def storeLargeStudy(self) -> List[Dataset]:
-        """
-        Store a study far larger than the socket buffers between Orthanc and
-        a client (4 instances of 8 MiB), so that a transfer of it holds one of
-        Orthanc's threads for as long as the client does not read; its
-        instances.
-        """
-        big = ctSeries(4, rows=8, columns=8)
-        for ds in big:
-            ds.Rows = ds.Columns = 2048
-            ds.PixelData = os.urandom(2048 * 2048 * 2)
-        self.assertEqual(await storeInstances(self.config.orthanc.dicom_port, big), [0] * 4)
-        return big
-
-    def startStudyDownload(self, tls, path: str) -> bytes:
-        """
-        Ask for the whole study at C{path} on the TLS socket C{tls} (blocking)
-        and read until its head and 256 KiB have come; what came.
-        """
-        tls.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nAccept: {MULTIPART_DICOM}\r\n"
-            f"Authorization: {basicAuthorization(*self.user[:2])}\r\n"
-            "Connection: close\r\n\r\n".encode("ascii")
-        )
-        received = b""
-        while b"\r\n\r\n" not in received or len(received) < 256 * 1024:
-            received += tls.recv(65536)
-        return received
-
-    def waitFor(self, state: OrthancState) -> Deferred:
-        return self.supervisor.whenState(state).addTimeout(READY_TIMEOUT, reactor)
-
-    def fetch(
-        self,
-        target: str,
-        method: str = "GET",
-        headers: Optional[Dict[str, str]] = None,
-        body: Optional[bytes] = None,
-        user: Optional[User] = None,
-        anonymous: bool = False,
-    ):
-        """
-        One request through the site, in a thread: a Deferred firing with
-        C{(status, headers, body)}.  C{target} is a path or a URL of the site.
-        The request carries HTTP Basic credentials of C{user} (default:
-        L{user}), or none if C{anonymous}.
-        """
-        url = urllib.parse.urlsplit(target)
-        if url.scheme:
-            self.assertEqual(f"{url.scheme}://{url.netloc}", self.origin, target)
-        path = url.path + (f"?{url.query}" if url.query else "")
-        headers = dict(headers or {})
-        if not anonymous:
-            name, password, _ = user or self.user
-            headers["Authorization"] = basicAuthorization(name, password)
-
-        def request():
-            connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=60)
-            try:
-                connection.request(method, path, body=body, headers=headers)
-                response = connection.getresponse()
-                return response.status, response.headers, response.read()
-            finally:
-                connection.close()
-
-        return deferToThread(request)
-
-    async def fetchJSON(self, target: str, **headers: str):
-        status, answerHeaders, body = await self.fetch(target, headers={"Accept": DICOM_JSON, **headers})
-        self.assertEqual(status, 200, (target, body[:300]))
-        return json.loads(body)
 
 
 class DicomWebTests(ProxyToOrthancCase):

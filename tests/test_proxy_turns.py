@@ -22,7 +22,7 @@ from appliance.orthanc.probe import DicomEchoProbe, RestProbe
 from appliance.orthanc.state import OrthancState
 from appliance.orthanc.supervisor import OrthancSupervisor
 from tests.support import realSupervisor
-from tests.test_proxy_orthanc import DICOM_JSON, VIEWER, ProxyToOrthancCase
+from tests.webclients import DICOM_JSON, VIEWER, ProxyToOrthancCase
 
 #: The proxy's limit in this test, and Orthanc's HTTP threads: one more, the
 #: fewest that leave the supervisor's health check a thread of its own.

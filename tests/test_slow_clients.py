@@ -27,8 +27,8 @@ from twisted.trial.unittest import TestCase
 
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
 from tests.support import FakeOrthanc, temporaryFolder, testConfig, webTLS
-from tests.test_tls import clientContext
-from tests.test_web_static import makeBuild
+from tests.tlsclients import clientContext
+from tests.viewerbuild import makeBuild
 
 HEADER_TIMEOUT = 2.0
 HANDSHAKE_TIMEOUT = 1.0

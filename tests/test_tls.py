@@ -10,8 +10,7 @@ import socket
 import ssl
 import threading
 import warnings
-from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -32,34 +31,8 @@ from appliance.tls import (
 )
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
 from tests.support import FakeOrthanc, temporaryFolder, testConfig, webTLS
-from tests.test_web_static import BIG_BUNDLE, makeBuild
-
-
-def clientContext(
-    minimum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
-    maximum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
-    ciphers: Optional[str] = None,
-    curve: Optional[str] = None,
-    alpn: Sequence[str] = (),
-    cafile: Optional[Path] = None,
-) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if cafile is None:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context.load_verify_locations(cafile=str(cafile))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 are, on purpose
-        context.minimum_version = minimum
-        context.maximum_version = maximum
-    if ciphers is not None:
-        context.set_ciphers(ciphers)
-    if curve is not None:
-        context.set_ecdh_curve(curve)
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    return context
+from tests.viewerbuild import BIG_BUNDLE, makeBuild
+from tests.tlsclients import clientContext, get
 
 
 def handshake(port: int, context: ssl.SSLContext, serverName: str = "localhost") -> dict:
@@ -75,21 +48,6 @@ def handshake(port: int, context: ssl.SSLContext, serverName: str = "localhost")
                 "compression": tls.compression(),
                 "certificate": tls.getpeercert(binary_form=True),
             }
-
-
-def get(port: int, path: str, headers: Optional[dict] = None, context: Optional[ssl.SSLContext] = None):
-    """
-    One HTTPS request (blocking); returns (status, headers, body).
-    """
-    connection = http.client.HTTPSConnection(
-        "127.0.0.1", port, context=context or clientContext(), timeout=30
-    )
-    try:
-        connection.request("GET", path, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
 
 
 class ListenerCase(TestCase):

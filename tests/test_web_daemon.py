@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.daemon import addUser, startDaemon
 from tests.support import temporaryFolder, testConfig
-from tests.test_tls import get
-from tests.test_web_viewer import VIEWER, requireViewer
+from tests.tlsclients import get
+from tests.viewerbuild import VIEWER, requireViewer
 
 
 class DaemonTests(TestCase):

@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from appliance.tls import selfSignedPaths
 from tests.daemon import addUser, startDaemon
 from tests.support import ctSeries, temporaryFolder, testConfig
-from tests.test_web_viewer import ARTIFACTS, VIEWER, requireViewer, startChromium
+from tests.viewerbuild import ARTIFACTS, VIEWER, requireViewer, startChromium
 
 ADMIN = ("imaging-admin", "admin password for the test")
 READER = ("reader", "reader password for the test")

@@ -10,59 +10,12 @@ what must come of it: the status, and what reached the proxy (nothing, or the
 path asked of Orthanc).
 """
 
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import List
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import NOT_DONE_YET, Request
 
-from appliance.orthanc.space import StorageSpace
-from appliance.web.authenticator import Authenticator
-from appliance.web.checkers import PasswordChecks
-from appliance.web.routes import buildProxyResources
-from appliance.web.site import ApplianceSite, buildSiteResource
-from appliance.web.users import UsersFile
-from tests.support import FakeOrthanc, basicAuthorization, httpExchange, temporaryFolder, testConfig, writeUser
-from tests.test_web_requests import Connection
-
-
-#: The users file's accounts by role, as (name, password); "intruder" is
-#: the viewer's name with a wrong password.
-CREDENTIALS = {
-    "viewer": ("reader", "viewer password"),
-    "uploader": ("modality", "uploader password"),
-    "admin": ("hospital-it", "admin password"),
-    "intruder": ("reader", "not the viewer password"),
-}
-
-#: The body sent with every POST and PUT.
-BODY = b"--a small body--"
-
-Headers = Tuple[Tuple[str, str], ...]
-
-
-class Row(NamedTuple):
-    """
-    A request and what must come of it.
-
-    @ivar user: a key of L{CREDENTIALS} (sent as HTTP Basic), or L{None}.
-    @ivar status: the status, or the statuses any of which will do.
-    @ivar forwarded: the path and query the proxy is asked to get from
-        Orthanc, or L{None} if the request must not reach the proxy.
-    """
-
-    user: Optional[str]
-    method: str
-    path: str
-    status: Union[int, Tuple[int, ...]]
-    forwarded: Optional[str] = None
-    headers: Headers = ()
-
-    @property
-    def body(self) -> bytes:
-        return BODY if self.method in ("POST", "PUT") else b""
+from tests.webclients import Connection
+from tests.webclients import GatedSiteCase, Row
 
 
 #: What a browser loading a page sends (L{appliance.web.auth.isNavigation}).
@@ -239,90 +192,6 @@ ORTHANC_LIMITS = [
     ),
     Row("admin", "GET", "/pacs-admin/system", 200, "/system", headers=tuple((f"X-{n}", "v") for n in range(45))),
 ]
-
-
-class GatedSiteCase(SynchronousTestCase):
-    """
-    The whole HTTPS site in memory, with C{web} added to its configuration.
-    """
-
-    maxDiff = None
-    web: Dict[str, object] = {}
-
-    def setUp(self) -> None:
-        folder = temporaryFolder(self)
-        usersFile = folder / "users"
-        config = testConfig(folder, auth={"users_file": usersFile}, web=dict(self.web))
-        for role in ("viewer", "uploader", "admin"):
-            writeUser(usersFile, *CREDENTIALS[role], [role])
-        for name in ("favicon.ico", "manifest.json"):
-            (config.web.ohif_root / name).write_bytes(b"{}")
-        clock = MemoryReactorClock()
-        # Password checks in the test's thread: a thread pool would answer
-        # through the real reactor, and the test's hashes are cheap.
-        authenticator = Authenticator.forUsersFile(
-            UsersFile(usersFile, clock), PasswordChecks(clock, runInThread=maybeDeferred), config.auth, clock
-        )
-        orthanc = FakeOrthanc()
-        proxy, proxyRoutes = buildProxyResources(config, orthanc, StorageSpace.forOrthanc(config), clock)
-        self.patch(proxy, "forward", self.recordForward)
-        self.forwarded: List[Tuple[str, str, bytes]] = []
-        self.stores: List[bool] = []
-        self.held: List[Request] = []
-        self.site = ApplianceSite.fromConfig(
-            config, buildSiteResource(config, orthanc, authenticator, proxyRoutes), clock, authenticator, True
-        )
-        self.site.startFactory()
-        self.addCleanup(self.site.stopFactory)
-
-    def recordForward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None):
-        """
-        In place of L{OrthancProxy.forward}: note what reached the proxy and
-        answer 200, at once, or when the test calls C{answer} with
-        C{self.holding} set.
-        """
-        self.forwarded.append((request.method.decode("ascii"), target.decode("ascii"), request.content.read()))
-        self.stores.append(stores)
-        request.setHeader(b"Content-Length", b"0")
-        if self.holding:
-            self.held.append(request)
-        else:
-            request.finish()
-        return NOT_DONE_YET
-
-    #: Whether the proxy keeps the requests it gets (in C{held}) unanswered.
-    holding = False
-
-    def connect(self) -> Connection:
-        connection = Connection(self.site)
-        self.addCleanup(connection.lose)
-        return connection
-
-    def head(self, user: str, method: str, path: str, length: int, *headers: Tuple[str, str]) -> bytes:
-        """
-        A request head announcing a body of C{length} bytes, from C{user}.
-        """
-        lines = [
-            f"{method} {path} HTTP/1.1",
-            "Host: pacs.example",
-            "Authorization: " + basicAuthorization(*CREDENTIALS[user]),
-            f"Content-Length: {length}",
-            *(f"{name}: {value}" for name, value in headers),
-        ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-
-    def exchange(self, row: Row):
-        """
-        Send C{row}'s request on a new connection; C{(status, headers,
-        body)} of the answer.
-        """
-        lines = [f"{row.method} {row.path} HTTP/1.1", "Host: pacs.example"]
-        if row.user is not None:
-            lines.append("Authorization: " + basicAuthorization(*CREDENTIALS[row.user]))
-        lines += [f"{name}: {value}" for name, value in row.headers]
-        if row.body:
-            lines.append(f"Content-Length: {len(row.body)}")
-        return httpExchange(self.site, ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + row.body, secure=True)
 
 
 class AccessTests(GatedSiteCase):

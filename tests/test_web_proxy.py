@@ -36,7 +36,8 @@ from appliance.web.routes import (
     buildProxyResources,
 )
 from tests.support import FakeOrthanc, FakeFileSystem, temporaryFolder, testConfig
-from tests.test_answer_end import BOUNDARY, archive, multipart
+from tests.webclients import BOUNDARY, archive, multipart
+from tests.webclients import Answer, head, parseHead
 
 ORTHANC = OrthancCredentials("pacs-appliance", "orthanc-secret-password")
 CONNECT, RESPONSE, IDLE = 3, 20, 7
@@ -73,52 +74,6 @@ class OrthancSide(StringTransport):
     def resumeProducing(self) -> None:
         if self.producerState != "stopped":
             self.producerState = "producing"
-
-
-def parseHead(head: bytes) -> Tuple[bytes, Dict[str, List[str]]]:
-    first, *lines = head.split(b"\r\n")
-    headers: Dict[str, List[str]] = {}
-    for line in lines:
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return first, headers
-
-
-def dechunk(body: bytes) -> Tuple[bytes, bool]:
-    """
-    The data of a chunked body, and whether its last chunk came.
-    """
-    data = b""
-    while body:
-        size, _, rest = body.partition(b"\r\n")
-        length = int(size, 16)
-        if length == 0:
-            return data, True
-        data += rest[:length]
-        body = rest[length + 2 :]
-    return data, False
-
-
-class Answer:
-    """
-    What the client received.
-    """
-
-    def __init__(self, raw: bytes) -> None:
-        head, _, body = raw.partition(b"\r\n\r\n")
-        statusLine, self.headers = parseHead(head)
-        self.status = int(statusLine.split()[1]) if statusLine else None
-        self.complete = True
-        if self.header("Transfer-Encoding") == "chunked":
-            body, self.complete = dechunk(body)
-        self.body = body
-
-    def header(self, name: str) -> Optional[str]:
-        values = self.headers.get(name.lower())
-        return ", ".join(values) if values else None
-
-    def json(self) -> dict:
-        return json.loads(self.body)
 
 
 class Client:
@@ -170,13 +125,6 @@ class Upstream:
 
     def lose(self, reason=ConnectionDone) -> None:
         self.protocol.connectionLost(Failure(reason()))
-
-
-def head(status: str = "200 OK", headers=(), length: Optional[int] = None) -> bytes:
-    lines = [f"HTTP/1.1 {status}"] + [f"{name}: {value}" for name, value in headers]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class ProxyCase(SynchronousTestCase):

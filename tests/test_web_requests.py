@@ -14,22 +14,19 @@ import socket
 import ssl
 from io import BytesIO
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import deferLater
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from zope.interface import implementer
 
 from appliance.web.accounts import Account
 from appliance.web.checkers import BUSY_MESSAGE, PasswordChecksBusy
@@ -37,7 +34,8 @@ from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, Appli
 from appliance.web.spool import SpoolQuota
 from appliance.web.site import ApplianceSite
 from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig, tinyTmpfs, webTLS
-from tests.test_tls import clientContext
+from tests.tlsclients import clientContext
+from tests.webclients import Connection, Response, parseResponses
 
 ALICE = Account("alice", frozenset({"uploader"}))
 ALICE_AUTHORIZATION = b"Basic " + base64.b64encode(b"alice:secret")
@@ -45,8 +43,6 @@ ALICE_HEADER = ("Authorization", ALICE_AUTHORIZATION.decode("ascii"))
 
 MAX_UPLOAD = 8 * 1024 * 1024
 MAX_HEAD = 64 * 1024
-
-Response = Tuple[int, Dict[str, List[str]], bytes]
 
 
 class FakeAuthenticator:
@@ -120,26 +116,6 @@ class EchoResource(Resource):
         return json.dumps(self.answers[-1]).encode("utf-8")
 
 
-def parseResponses(data: bytes) -> List[Response]:
-    """
-    The responses in C{data}, headers as lower-case names to lists of values.
-    """
-    responses = []
-    while data:
-        head, separator, rest = data.partition(b"\r\n\r\n")
-        if not separator:
-            raise AssertionError(f"an incomplete response: {data[:200]!r}")
-        statusLine, *lines = head.split(b"\r\n")
-        headers: Dict[str, List[str]] = {}
-        for line in lines:
-            name, _, value = line.decode("latin-1").partition(":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        length = int(headers.get("content-length", ["0"])[0])
-        responses.append((int(statusLine.split()[1]), headers, rest[:length]))
-        data = rest[length:]
-    return responses
-
-
 def rawRequest(method: str, target: str, headers: Sequence[Tuple[str, str]] = (), body: bytes = b"") -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: pacs.example"] + [f"{name}: {value}" for name, value in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
@@ -184,43 +160,6 @@ def makeSite(
         spoolQuota=SpoolQuota(MAX_UPLOAD, 3 * MAX_UPLOAD),
     )
     return site, echo
-
-
-@implementer(ISSLTransport)
-class TLSStringTransport(StringTransport):
-    """
-    An in-memory transport that passes for the HTTPS listener's.
-    """
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-
-class Connection:
-    """
-    One client connection to C{site} over an in-memory transport, which
-    passes for TLS unless C{secure} is false.
-    """
-
-    def __init__(self, site: ApplianceSite, secure: bool = True) -> None:
-        self.transport = (TLSStringTransport if secure else StringTransport)(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", 443),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
-        )
-        self.protocol = site.buildProtocol(self.transport.getPeer())
-        self.protocol.makeConnection(self.transport)
-        self.lost = False
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def responses(self) -> List[Response]:
-        return parseResponses(self.transport.value())
-
-    def lose(self, reason=ConnectionDone) -> None:
-        if not self.lost:
-            self.lost = True
-            self.protocol.connectionLost(Failure(reason()))
 
 
 class InMemoryCase(SynchronousTestCase):

@@ -4,9 +4,7 @@ index.html names is served with the right type, and the study list page loads
 in headless Chromium over HTTPS without console errors.
 """
 
-import base64
 import gzip
-import hashlib
 import re
 import subprocess
 import sys
@@ -14,8 +12,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import List
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
@@ -24,11 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from appliance.web.site import ApplianceSite, NoCredentials, buildWebRoot, buildWebService
 from appliance.tls import selfSignedPaths
 from tests.support import webTLS, FakeOrthanc, httpExchange, temporaryFolder, testConfig
+from tests.viewerbuild import ARTIFACTS, CHECKOUT, VIEWER, requireViewer, startChromium
 
-
-CHECKOUT = Path(__file__).resolve().parent.parent
-VIEWER = CHECKOUT / "var" / "ohif"
-ARTIFACTS = CHECKOUT / "tests" / "artifacts"
 
 EXPECTED_TYPES = {
     ".js": "text/javascript; charset=utf-8",
@@ -41,11 +34,6 @@ EXPECTED_TYPES = {
     ".wasm": "application/wasm",
     ".woff2": "font/woff2",
 }
-
-
-def requireViewer(case) -> None:
-    if not (VIEWER / "index.html").is_file():
-        case.fail(f"the OHIF build is not in {VIEWER}: run packaging/ohif (packaging/dev test does)")
 
 
 class _References(HTMLParser):
@@ -128,44 +116,6 @@ class OhifBuildTests(SynchronousTestCase):
             self.assertEqual(variant.stat().st_mtime_ns, original.stat().st_mtime_ns, variant.name)
         [bundle] = VIEWER.glob("app.bundle.*.js")
         self.assertTrue(bundle.with_name(bundle.name + ".gz").is_file())
-
-
-def spkiHash(certificatePath: Path) -> str:
-    """
-    What Chromium's --ignore-certificate-errors-spki-list wants: the base64
-    SHA-256 of the certificate's public key, which it then trusts (and only it).
-    """
-    certificate = x509.load_pem_x509_certificate(certificatePath.read_bytes())
-    spki = certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
-
-
-def startChromium(certificatePath: Path, profile: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        # WebGL (the viewer's renderer) on the CPU: there is no GPU here.
-        "--enable-unsafe-swiftshader",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1400,900",
-        f"--user-data-dir={profile}",
-        f"--ignore-certificate-errors-spki-list={spkiHash(certificatePath)}",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
 class BrowserTests(TestCase):

@@ -19,7 +19,7 @@ from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER
 from appliance.web.credentials import SESSION_COOKIE, basicCredentials, decodeBasic
 from appliance.web.origins import isBrowser, isNavigation, isSameOrigin, ownOrigin, requestOrigin, requestTarget
 from appliance.web.pages import TOO_MANY_REQUESTS, Page, jsonError
-from appliance.web.sitemap import SAFE_METHODS, Route, SiteMap
+from appliance.web.sitemap import LOGIN_PATH, SAFE_METHODS, Route, SiteMap
 from appliance.web.throttle import tooManyFailures
 
 
@@ -70,7 +70,7 @@ def cookieChallenge(siteName: str) -> bytes:
     (draft-broyer-http-cookie-auth) names the login page, and no browser
     answers it with a password prompt.
     """
-    return b"Cookie realm=" + _quoted(siteName) + b', form-action="/login", cookie-name="' + SESSION_COOKIE + b'"'
+    return b"Cookie realm=" + _quoted(siteName) + b', form-action="' + LOGIN_PATH + b'", cookie-name="' + SESSION_COOKIE + b'"'
 
 
 class AccessGate(Resource):
@@ -203,12 +203,12 @@ class AccessGate(Resource):
                     ((b"Retry-After", b"%d" % (seconds,)),),
                 )
         if route.loginPage and isNavigation(request):
-            location = b"/login?next=" + quote_from_bytes(requestTarget(request), safe="/").encode("ascii")
+            location = LOGIN_PATH + b"?next=" + quote_from_bytes(requestTarget(request), safe="/").encode("ascii")
             return Refusal(http.FOUND, "Log in first.", ((b"Location", location),))
         challenge = self._cookieChallenge if isBrowser(request) else self._basicChallenge
         return Refusal(
             http.UNAUTHORIZED,
-            "Log in first: send HTTP Basic credentials, or log in at /login.",
+            "Log in first: send HTTP Basic credentials, or log in at " + LOGIN_PATH.decode("ascii") + ".",
             ((b"WWW-Authenticate", challenge),),
         )
 

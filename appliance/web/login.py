@@ -42,6 +42,7 @@ from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset
 # The login form is a few hundred bytes: the request layer reads anonymous
 # bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, mediaType
+from appliance.web.sitemap import LOGIN_PATH
 
 _EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
 
@@ -256,11 +257,11 @@ class LogoutResource(Resource):
         for token in sessionTokens(request.requestHeaders):
             self._authenticator.endSession(token)
         _setSessionCookie(request, b"", expire=True)
-        return _seeOther(request, b"/login")
+        return _seeOther(request, LOGIN_PATH)
 
     def _confirmation(self, request: Request, code: int, error: str = "") -> bytes:
         return self._page.answer(request, code, error=error)
 
     def render_HEAD(self, request: Request) -> bytes:
         # HEAD is safe: it shows where logout leads but ends nothing.
-        return _seeOther(request, b"/login")
+        return _seeOther(request, LOGIN_PATH)

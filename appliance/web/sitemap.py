@@ -39,6 +39,7 @@ DICOMWEB = DICOMWEB_MOUNT.encode("ascii")
 ADMIN = ADMIN_MOUNT.encode("ascii")
 HEALTHZ = b"healthz"
 LOGIN = b"login"
+LOGIN_PATH = b"/" + LOGIN
 LOGOUT = b"logout"
 
 #: Files of the viewer's build that browsers fetch without credentials (a
