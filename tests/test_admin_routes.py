@@ -16,8 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.web.adminroutes import RouteTable
 from tests.support import freePorts, temporaryFolder
-from tests.webclients import GatedSiteCase, Row
-from tests.webclients import blockedRows
+from tests.webclients import GatedSiteCase, Row, blockedRows
 
 #: Why a row may be blocked, and nothing else (issue 14).
 REASONS = {

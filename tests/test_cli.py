@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from tests.support import writeConfig, writeTestConfig
-from tests.commandline import SHIPPED
+from tests.commandline import COMMAND, SHIPPED, VENV_BIN, LineReader
 from tests.orthancfakes import processExists
-from tests.commandline import COMMAND, LineReader, VENV_BIN
+from tests.support import writeConfig, writeTestConfig
 
 
 def runCommand(*arguments):

@@ -18,8 +18,8 @@ from appliance.config import (
     parseSize,
 )
 from appliance.preflight import loadChecked
-from tests.support import writeConfig
 from tests.commandline import REPOSITORY, SHIPPED
+from tests.support import writeConfig
 
 DEVELOPMENT = REPOSITORY / "etc" / "dev" / "appliance.ini"
 

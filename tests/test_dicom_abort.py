@@ -32,11 +32,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from appliance.dicom.forwarder import ForwarderFactory
 from appliance.dicom.pdu import ENDING_TYPES, PDU_HEADER, PROVIDER_ABORT, PDUBoundaries
 from appliance.orthanc.space import StorageSpace
-from tests.support import temporaryFolder, testConfig
-from tests.dicompeers import PEER_TIMEOUT, associateRequest, decodeRejection
-from tests.dicompeers import StandInTestCase
+from tests.dicompeers import PEER_TIMEOUT, NegotiatedTransport, StandInTestCase, associateRequest, decodeRejection
 from tests.fuzzing import FUZZ
-from tests.dicompeers import NegotiatedTransport
+from tests.support import temporaryFolder, testConfig
 
 #: The A-ABORT of PS3.8 9.3.8: type 7, length 4, source 2 (service provider), reason 0.
 ABORT_BYTES = bytes.fromhex("07 00 00000004 00 00 02 00")

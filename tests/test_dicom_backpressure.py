@@ -23,8 +23,8 @@ from twisted.trial.unittest import TestCase
 
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.orthanc.space import StorageSpace
-from tests.support import TestAuthority, freePort, serverCertificate, temporaryFolder, testConfig
 from tests.dicompeers import PEER_TIMEOUT, associateRequest
+from tests.support import TestAuthority, freePort, serverCertificate, temporaryFolder, testConfig
 
 STREAM = 256 * 1024 * 1024
 CHUNK = 64 * 1024

@@ -7,8 +7,8 @@ exactly that address, while the forwarder serves that modality.
 
 import os
 
-from tests.support import OtherHost, freePort
 from tests.dicompeers import PEER_TIMEOUT, ForwarderTestCase
+from tests.support import OtherHost, freePort
 
 
 class OtherHostTests(ForwarderTestCase):

@@ -22,13 +22,13 @@ from pynetdicom.sop_class import (
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.threads import deferToThread
 
+from tests.dicompeers import PEER_TIMEOUT, ForwarderTestCase, associateRequest, decodeRejection, exchange
 from tests.support import (
     TestAuthority,
     ctSeries,
     freePort,
     storeInstances,
 )
-from tests.dicompeers import ForwarderTestCase, PEER_TIMEOUT, associateRequest, decodeRejection, exchange
 
 
 class ForwarderTests(ForwarderTestCase):

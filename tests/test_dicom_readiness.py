@@ -6,11 +6,11 @@ port; the supervisor reports the DICOM side for /healthz.
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
 from appliance.orthanc.supervisor import OrthancSupervisor
-from appliance.orthanc.space import StorageSpace
-from tests.support import temporaryFolder, testConfig
 from tests.orthancfakes import ProcessReactor, ScriptedProbe
+from tests.support import temporaryFolder, testConfig
 
 
 class ScriptedEcho:

@@ -9,9 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
+from tests.dicompeers import PEER_TIMEOUT, StandInTestCase, associateRequest, decodeRejection, exchange
 from tests.support import freePort
-from tests.dicompeers import PEER_TIMEOUT, associateRequest, decodeRejection, exchange
-from tests.dicompeers import StandInTestCase
 
 
 class SilentSCP(Protocol):

@@ -53,6 +53,7 @@ from appliance.dicom.forwarder import ForwarderFactory
 from appliance.orthanc.space import StorageSpace
 from appliance.web.proxy import STORAGE_FULL
 from tests.daemon import DaemonClient, orthancPid, startDaemon
+from tests.dicompeers import NegotiatedTransport, associateRequest, decodeRejection
 from tests.support import (
     FakeFileSystem,
     basicAuthorization,
@@ -63,8 +64,6 @@ from tests.support import (
     tinyTmpfs,
     writeUser,
 )
-from tests.dicompeers import NegotiatedTransport
-from tests.dicompeers import associateRequest, decodeRejection
 from tests.webclients import DICOM_JSON, stowBody, stowOutcome
 
 UPLOADER = ("uploader", "uploader password for the disk-full test")

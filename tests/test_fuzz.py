@@ -79,8 +79,8 @@ from appliance.web.routes import (
     resolveTarget,
 )
 from appliance.web.sitemap import ADMIN, DICOMWEB
-from tests.support import temporaryFolder, testConfig, writeTestConfig
 from tests.fuzzing import FUZZ
+from tests.support import temporaryFolder, testConfig, writeTestConfig
 
 # --- the configuration
 

@@ -43,9 +43,9 @@ import pytest
 from appliance.config import loadConfig
 from appliance.tls import selfSignedPaths
 from tests.daemon import EXECUTABLE
-from tests.webclients import blockedRows
 from tests.support import basicAuthorization, writeTestConfig, writeUser
 from tests.tlsclients import clientContext
+from tests.webclients import blockedRows
 
 #: Who sends the rows: (name, password, roles).
 ADMIN = ("hospital-it", "admin test password", ("admin",))

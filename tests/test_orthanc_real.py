@@ -12,8 +12,8 @@ import subprocess
 from twisted.trial.unittest import TestCase
 
 from appliance.orthanc.state import OrthancState
-from tests.support import realSupervisor, ctSeries, httpGet, storeInstances, temporaryFolder, testConfig
 from tests.orthancfakes import processExists
+from tests.support import ctSeries, httpGet, realSupervisor, storeInstances, temporaryFolder, testConfig
 
 #: Generous: the machines are shared, and Orthanc creates its database first.
 READY_TIMEOUT = 120

@@ -25,9 +25,9 @@ from typing import Optional
 
 import pytest
 
-from tests.support import UNIT, TestAuthority, freePort, unitSettings, writeConfig, writeTestConfig
 from tests.commandline import LineReader
 from tests.orthancfakes import processExists
+from tests.support import UNIT, TestAuthority, freePort, unitSettings, writeConfig, writeTestConfig
 from tests.tlsclients import NotifySocket, commonName, peerCertificateSubject, unverifiedContext
 
 CHECKOUT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import pytest
 
 from appliance.web.passwords import PasswordHash, verifyPassword
 from appliance.web.users import findUser
-from tests.support import writeTestConfig
 from tests.commandline import COMMAND
+from tests.support import writeTestConfig
 
 
 def passwd(*arguments: str, password: str = None) -> subprocess.CompletedProcess:

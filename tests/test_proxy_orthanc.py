@@ -36,9 +36,7 @@ from tests.support import (
     ctSeries,
     storeInstances,
 )
-from tests.webclients import Answer
-from tests.webclients import ADMIN, DICOM_JSON, MULTIPART_DICOM, ProxyToOrthancCase, UPLOADER, VIEWER
-
+from tests.webclients import ADMIN, DICOM_JSON, MULTIPART_DICOM, UPLOADER, VIEWER, Answer, ProxyToOrthancCase
 
 #: The [web] idle_timeout of the tests of a client that stops reading, in seconds.
 STALL_TIMEOUT = 3

@@ -16,8 +16,8 @@ from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, ORTHANC_USER, ortha
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
 from appliance.orthanc.supervisor import OrthancSupervisor
-from tests.support import FakeFileSystem, temporaryFolder, testConfig
 from tests.orthancfakes import ProcessReactor, ScriptedProbe
+from tests.support import FakeFileSystem, temporaryFolder, testConfig
 
 
 class SupervisorTests(SynchronousTestCase):

@@ -15,12 +15,12 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
-from appliance.orthanc.space import StorageSpace
-from tests.support import TestAuthority, temporaryFolder, testConfig, webTLS, writeTestConfig
 from tests.orthancfakes import ProcessReactor, ScriptedProbe
+from tests.support import TestAuthority, temporaryFolder, testConfig, webTLS, writeTestConfig
 from tests.tlsclients import NotifySocket, peerCertificateSubject
 
 

@@ -31,8 +31,8 @@ from appliance.tls import (
 )
 from appliance.web.site import NoCredentials, buildWebRoot, buildWebService
 from tests.support import FakeOrthanc, temporaryFolder, testConfig, webTLS
-from tests.viewerbuild import BIG_BUNDLE, makeBuild
 from tests.tlsclients import clientContext, get
+from tests.viewerbuild import BIG_BUNDLE, makeBuild
 
 
 def handshake(port: int, context: ssl.SSLContext, serverName: str = "localhost") -> dict:

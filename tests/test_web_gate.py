@@ -14,9 +14,7 @@ from typing import List
 
 from twisted.logger import capturedLogs, formatEvent
 
-from tests.webclients import Connection
-from tests.webclients import GatedSiteCase, Row
-
+from tests.webclients import Connection, GatedSiteCase, Row
 
 #: What a browser loading a page sends (L{appliance.web.auth.isNavigation}).
 NAVIGATION = (("Accept", "text/html,application/xhtml+xml"),)

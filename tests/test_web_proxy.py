@@ -10,8 +10,8 @@ import gzip
 import json
 from typing import Dict, List, Optional, Tuple
 
-from twisted.internet.defer import CancelledError
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -26,18 +26,17 @@ from appliance.compat import HTTPChannelHooks
 from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, RESERVED_HTTP_THREADS, OrthancCredentials
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
-from appliance.web.proxy import STORAGE_FULL
-from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
 from appliance.web.adminroutes import RouteTable
+from appliance.web.proxy import STORAGE_FULL
 from appliance.web.routes import (
     DICOMWEB_CLIENT_POLICY,
     ORTHANC_EXPLORER_POLICY,
     PacsAdminResource,
     buildProxyResources,
 )
-from tests.support import FakeOrthanc, FakeFileSystem, temporaryFolder, testConfig
-from tests.webclients import BOUNDARY, archive, multipart
-from tests.webclients import Answer, head, parseHead
+from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
+from tests.support import FakeFileSystem, FakeOrthanc, temporaryFolder, testConfig
+from tests.webclients import BOUNDARY, Answer, archive, head, multipart, parseHead
 
 ORTHANC = OrthancCredentials("pacs-appliance", "orthanc-secret-password")
 CONNECT, RESPONSE, IDLE = 3, 20, 7

@@ -31,8 +31,8 @@ from twisted.web.resource import Resource
 from appliance.web.accounts import Account
 from appliance.web.checkers import BUSY_MESSAGE, PasswordChecksBusy
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, MEMORY_BODY_LIMIT, ApplianceRequest
-from appliance.web.spool import SpoolQuota
 from appliance.web.site import ApplianceSite
+from appliance.web.spool import SpoolQuota
 from tests.support import ConnectionTracker, freePort, temporaryFolder, testConfig, tinyTmpfs, webTLS
 from tests.tlsclients import clientContext
 from tests.webclients import Connection, Response, parseResponses

@@ -14,15 +14,15 @@ from typing import Dict, List, Optional, Tuple
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import appliance
 from appliance.orthanc.state import OrthancState
 from appliance.web.appconfig import renderAppConfig
-from appliance.web.site import ApplianceSite, NoCredentials, RedirectToHTTPS, buildWebRoot
 from appliance.web.assets import MEMORY_CACHE_LIMIT, inlineScriptHashes
+from appliance.web.site import ApplianceSite, NoCredentials, RedirectToHTTPS, buildWebRoot
 from appliance.web.static import FileRangeProducer
 from tests.support import FakeOrthanc, httpExchange, temporaryFolder, testConfig
 from tests.viewerbuild import BIG_BUNDLE, BUNDLE, INDEX_HTML, makeBuild

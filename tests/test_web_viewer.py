@@ -17,11 +17,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from appliance.web.site import ApplianceSite, NoCredentials, buildWebRoot, buildWebService
 from appliance.tls import selfSignedPaths
-from tests.support import webTLS, FakeOrthanc, httpExchange, temporaryFolder, testConfig
+from appliance.web.site import ApplianceSite, NoCredentials, buildWebRoot, buildWebService
+from tests.support import FakeOrthanc, httpExchange, temporaryFolder, testConfig, webTLS
 from tests.viewerbuild import ARTIFACTS, CHECKOUT, VIEWER, requireViewer, startChromium
-
 
 EXPECTED_TYPES = {
     ".js": "text/javascript; charset=utf-8",

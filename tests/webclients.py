@@ -1,5 +1,7 @@
 """
-HTTP clients of the site, in memory and over the network, and what they send and read.
+HTTP clients of the site, in memory and over the network, what they send and
+read, and the test cases that put the site in memory (GatedSiteCase) or in
+front of a real Orthanc (ProxyToOrthancCase).
 """
 
 import http.client
@@ -39,9 +41,9 @@ from appliance.web.site import ApplianceSite, buildSiteResource, buildWebService
 from appliance.web.turns import MAX_ORTHANC_REQUESTS
 from appliance.web.users import UsersFile
 from tests.support import (
-    TLSStringTransport,
     ConnectionTracker,
     FakeOrthanc,
+    TLSStringTransport,
     basicAuthorization,
     ctSeries,
     httpExchange,

@@ -36,13 +36,13 @@ from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordCheck
 from appliance.web.credentials import SESSION_COOKIE, sessionTokens
 from appliance.web.gate import cookieChallenge
 from appliance.web.origins import isCrossSite, isSameOrigin, localTarget
-from appliance.web.throttle import tooManyFailures
 from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset
 
 # The login form is a few hundred bytes: the request layer reads anonymous
 # bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
 from appliance.web.request import ANONYMOUS_BODY_LIMIT, mediaType
 from appliance.web.sitemap import LOGIN_PATH
+from appliance.web.throttle import tooManyFailures
 
 _EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
 
