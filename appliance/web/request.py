@@ -125,8 +125,9 @@ class ApplianceRequest(Request):
             self._refuse(413, self._tooLarge())
             return
         if length != 0 and self.requestHeaders.hasHeader(b"Content-Encoding"):
-            # Orthanc must never decompress what a client sends (see the
-            # README's design notes).
+            # Orthanc must never decompress what a client sends: the size
+            # limit and the spool shares count the bytes sent, and a small
+            # compressed body can expand to any size (a decompression bomb).
             self._refuse(
                 415,
                 "Compressed request bodies are not accepted: send it without a Content-Encoding.",
