@@ -165,8 +165,10 @@ class Appliance:
                     "listen_https": f"127.0.0.1:{httpsPort}",
                     "listen_http": "",
                     "ohif_root": ohifRoot,
-                    # 1,000 idle keep-alive connections and then some.
+                    # 1,000 idle keep-alive connections and then some, all
+                    # from the benchmark's one address.
                     "max_connections": 1200,
+                    "max_connections_per_address": 1200,
                 },
                 "auth": {"users_file": users},
                 "dicom": {"listen": f"127.0.0.1:{tlsPort}"},
