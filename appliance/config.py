@@ -26,6 +26,7 @@ from cryptography import x509
 from appliance.configvalues import (
     IPNetwork,
     ListenAddress,
+    isLoopback,
     parseAETitle,
     parseBool,
     parseCertificateSubject,
@@ -34,7 +35,10 @@ from appliance.configvalues import (
     parseDuration,
     parseEnum,
     parseHostOrNetwork,
+    parseIdentifier,
     parseListen,
+    parseNodeName,
+    parseOptionalHost,
     parseOptionalListen,
     parseOptionalPath,
     parseOptionalPort,
@@ -64,6 +68,7 @@ class ConfigError(Exception):
 class ApplianceSection:
     state_dir: Path
     runtime_dir: Path
+    node_name: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,33 @@ class AuthSection:
     login_failure_window: float
 
 
+class DatabaseTLSMode(str, Enum):
+    """
+    How the connection to PostgreSQL is protected ([database] ssl_mode, as
+    libpq's sslmode names it).
+    """
+
+    #: Encrypted, and the server's certificate checked against ca_file and
+    #: its name against host.
+    VERIFY_FULL = "verify-full"
+    #: Encrypted, the server not checked.
+    REQUIRE = "require"
+    #: In the clear: for a server on this machine only.
+    DISABLE = "disable"
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    #: Empty: no PostgreSQL (the state is kept in a SQLite file).
+    host: str
+    port: int
+    name: str
+    user: str
+    password_file: Optional[Path]
+    ssl_mode: DatabaseTLSMode
+    ca_file: Optional[Path]
+
+
 class DicomTLSProfile(str, Enum):
     """
     The TLS profiles of the DICOM port, by their names in [dicom]
@@ -175,6 +207,7 @@ class Config:
     tls: TlsSection
     web: WebSection
     auth: AuthSection
+    database: DatabaseSection
     dicom: DicomSection
     modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
@@ -217,6 +250,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
     "appliance": {
         "state_dir": Key(parsePath, "/var/lib/pacs-appliance"),
         "runtime_dir": Key(parsePath, "/run/pacs-appliance"),
+        "node_name": Key(parseNodeName, ""),
     },
     "orthanc": {
         "executable": Key(parsePath, "/usr/sbin/Orthanc"),
@@ -273,6 +307,15 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_login_failures": Key(parseCount, "10"),
         "max_address_failures": Key(parseCount, "50"),
         "login_failure_window": Key(parsePositiveDuration, "15m"),
+    },
+    "database": {
+        "host": Key(parseOptionalHost, ""),
+        "port": Key(parsePort, "5432"),
+        "name": Key(parseIdentifier, "pacs_appliance"),
+        "user": Key(parseIdentifier, "pacs_appliance"),
+        "password_file": Key(parseOptionalPath, ""),
+        "ssl_mode": Key(parseEnum(DatabaseTLSMode), DatabaseTLSMode.VERIFY_FULL.value),
+        "ca_file": Key(parseOptionalPath, ""),
     },
     "dicom": {
         "listen": Key(parseOptionalListen, "11112"),
@@ -407,6 +450,7 @@ def _check(config: Config) -> List[str]:
     if config.dicom.listen is not None:
         listeners.append(("dicom", "listen", config.dicom.listen))
     problems.extend(_checkDicom(config))
+    problems.extend(_checkDatabase(config))
     if config.auth.max_address_failures < config.auth.max_login_failures:
         problems.append(
             f"{where('auth', 'max_address_failures')}: it is lower than max_login_failures: one user's"
@@ -431,6 +475,27 @@ def _check(config: Config) -> List[str]:
                     f"{where(section, key)}: port {address.port} is already used by"
                     f" [{otherSection}] {otherKey}"
                 )
+    return problems
+
+
+def _checkDatabase(config: Config) -> List[str]:
+    database = config.database
+    if not database.host:
+        return []
+    problems = []
+    where = config.where
+    if database.password_file is None:
+        problems.append(f"{where('database', 'password_file')}: PostgreSQL needs the file that holds the password")
+    if database.ssl_mode is DatabaseTLSMode.VERIFY_FULL and database.ca_file is None:
+        problems.append(
+            f"{where('database', 'ca_file')}: verify-full needs the certificate authority that signs the"
+            " PostgreSQL server's certificate (set ca_file to its PEM file)"
+        )
+    if database.ssl_mode is DatabaseTLSMode.DISABLE and not isLoopback(database.host):
+        problems.append(
+            f"{where('database', 'ssl_mode')}: disable sends passwords and patient data in the clear:"
+            f" only for a server on this machine, and {database.host} is not (use verify-full)"
+        )
     return problems
 
 
@@ -505,6 +570,7 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH, checks: Sequence[Callable[[
         tls=TlsSection(**sections["tls"]),  # type: ignore[arg-type]
         web=WebSection(**sections["web"]),  # type: ignore[arg-type]
         auth=AuthSection(**sections["auth"]),  # type: ignore[arg-type]
+        database=DatabaseSection(**sections["database"]),  # type: ignore[arg-type]
         dicom=DicomSection(**sections["dicom"]),  # type: ignore[arg-type]
         modalities=tuple(
             ModalitySection(name=section[len(MODALITY_PREFIX) :], **values)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ the file system.
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -195,6 +196,51 @@ def parseOptionalPath(text: str, base: Path) -> Optional[Path]:
 
 def parsePathList(text: str, base: Path) -> Tuple[Path, ...]:
     return tuple(parsePath(item, base) for item in text.split() if item)
+
+
+def parseNodeName(text: str, base: Path) -> str:
+    """
+    A node's name in a cluster: what it writes beside its rows in the shared
+    database, and what /healthz shows.  Empty: this machine's host name.
+    """
+    name = text or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise ValueError(
+            f"{name!r} is not a node name (1 to 64 letters, digits, '.', '-' or '_', starting with a letter or digit)"
+        )
+    return name
+
+
+def parseOptionalHost(text: str, base: Path) -> str:
+    """
+    A host name or IP address to connect to; empty for none.
+    """
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[?[0-9A-Fa-f:.]+\]?", text):
+        raise ValueError(f"{text!r} is not a host name or IP address")
+    return text.strip("[]")
+
+
+def isLoopback(host: str) -> bool:
+    """
+    Does C{host} name this machine's loopback interface?  By its spelling:
+    the configuration does not look names up.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parseIdentifier(text: str, base: Path) -> str:
+    """
+    A PostgreSQL database or user name, as the appliance lets one be written:
+    letters, digits and _, at most 63 (PostgreSQL's limit).
+    """
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", text):
+        raise ValueError(f"{text!r} is not a name (letters, digits and _, at most 63, not starting with a digit)")
+    return text
 
 
 def parseText(text: str, base: Path) -> str:

@@ -1,6 +1,7 @@
 """
 The checks of what a configuration names on disk: Orthanc and its plugins,
-the certificate and its key, the authority of client certificates.  Start-up
+the certificate and its key, the authority of client certificates, the
+database's password and authority files.  Start-up
 (twistd's options), C{pacs-appliance check-config} and reload all load the
 configuration through L{loadChecked}, so that each refuses what the others
 would; the parsing itself (L{appliance.config}) touches nothing but the
@@ -52,6 +53,16 @@ def fileProblems(config: Config) -> List[str]:
     authority = config.dicom.client_ca
     if authority is not None and not authority.is_file():
         problems.append(f"{where('dicom', 'client_ca')}: {authority} does not exist")
+
+    database = config.database
+    if database.host:
+        if database.password_file is not None and not os.access(database.password_file, os.R_OK):
+            problems.append(
+                f"{where('database', 'password_file')}: {database.password_file} cannot be read"
+                " (it must exist, readable by the daemon's group)"
+            )
+        if database.ca_file is not None and not database.ca_file.is_file():
+            problems.append(f"{where('database', 'ca_file')}: {database.ca_file} does not exist")
     return problems
 
 

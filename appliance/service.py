@@ -17,6 +17,7 @@ from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.preflight import loadChecked
 from appliance.reload import CertificateUser, ReloadOnSighup
+from appliance.state.database import openStateDatabase
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.authenticator import Authenticator
@@ -71,7 +72,12 @@ def buildService(config: Config, reactor=None) -> MultiService:
     users.setServiceParent(root)
     passwordChecks = PasswordChecks(reactor)
     passwordChecks.setServiceParent(root)
-    authenticator = Authenticator.forUsersFile(users, passwordChecks, config.auth, reactor)
+    # Before the authenticator: its sessions and failed logins are kept there.
+    database = openStateDatabase(config, reactor)
+    database.setServiceParent(root)
+    authenticator = Authenticator.forUsersFile(
+        users, passwordChecks, config.auth, database, config.appliance.node_name, reactor
+    )
     authenticator.setServiceParent(root)
     proxy, proxyRoutes = buildProxyResources(config, orthanc, space, reactor)
     proxy.setServiceParent(root)

@@ -6,6 +6,7 @@ import base64
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import urllib.error
@@ -17,10 +18,11 @@ from typing import Dict, List, Optional, Sequence
 
 from pydicom.dataset import FileMetaDataset, Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
@@ -30,9 +32,68 @@ from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.preflight import loadChecked
+from appliance.state.database import SQLITE, StateDatabase
 from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.passwords import ScryptParameters, hashPassword
 from appliance.web.users import UserEntry, setUser
+
+
+def captureLogs(case) -> List[dict]:
+    """
+    Every log event until the test C{case} ends.
+    """
+    manager = capturedLogs()
+    events = manager.__enter__()
+    case.addCleanup(manager.__exit__, None, None, None)
+    return events
+
+
+def logText(events: List[dict]) -> str:
+    """
+    All of C{events}, formatted and raw, to search for what must not be there.
+    """
+    return "\n".join(f"{formatEvent(event)} {event!r}" for event in events)
+
+
+class InlineConnectionPool:
+    """
+    adbapi's connection pool, run in the caller's thread on one real SQLite
+    connection: the in-memory tests see an interaction's outcome at once,
+    without a reactor.  With C{broken} set, interactions fail with it.
+    """
+
+    def __init__(self, path: str = ":memory:") -> None:
+        self.connection = sqlite3.connect(path, isolation_level=None)
+        self.broken: Optional[Exception] = None
+        self.interactions = 0
+
+    def runInteraction(self, interaction, *arguments) -> Deferred:
+        self.interactions += 1
+        if self.broken is not None:
+            return fail(self.broken)
+        cursor = self.connection.cursor()
+        try:
+            result = interaction(cursor, *arguments)
+        except Exception:
+            failed = fail()
+            if self.connection.in_transaction:
+                self.connection.rollback()
+            return failed
+        if self.connection.in_transaction:
+            self.connection.commit()
+        return succeed(result)
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def inlineStateDatabase(clock, path: str = ":memory:") -> StateDatabase:
+    """
+    A started state database on an L{InlineConnectionPool}.
+    """
+    database = StateDatabase(InlineConnectionPool(path), SQLITE, path, clock)
+    database.startService()
+    return database
 
 
 @implementer(IOrthanc)

@@ -3,6 +3,7 @@ The configuration parser: every class of error gets its message, all at once.
 """
 
 import re
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,3 +257,50 @@ def test_sizesAndDurations():
     for bad in ("1d", "-1s", "s"):
         with pytest.raises(ValueError, match="is not a duration"):
             parseDuration(bad, Path("/"))
+
+
+def test_databaseSection(tmp_path):
+    """
+    PostgreSQL needs its password file; verify-full its authority; traffic
+    in the clear only to this machine.  Without a host, nothing is asked.
+    """
+    assert loadChecked(writeConfig(tmp_path, {"database": {"ssl_mode": "disable"}})).database.host == ""
+    path = writeConfig(tmp_path, {"database": {"host": "db.hospital.example"}})
+    assert problemsOf(path) == [
+        f"{path}: [database] password_file: PostgreSQL needs the file that holds the password",
+        f"{path}: [database] ca_file: verify-full needs the certificate authority that signs the"
+        " PostgreSQL server's certificate (set ca_file to its PEM file)",
+    ]
+    password = tmp_path / "password"
+    path = writeConfig(
+        tmp_path,
+        {"database": {"host": "10.0.0.5", "ssl_mode": "disable", "password_file": password, "ca_file": "nowhere.pem"}},
+    )
+    assert problemsOf(path) == [
+        f"{path}: [database] ssl_mode: disable sends passwords and patient data in the clear: only for a"
+        " server on this machine, and 10.0.0.5 is not (use verify-full)",
+        f"{path}: [database] password_file: {password} cannot be read (it must exist, readable by the"
+        " daemon's group)",
+        f"{path}: [database] ca_file: {tmp_path}/nowhere.pem does not exist",
+    ]
+    password.write_text("secret\n")
+    for host in ("localhost", "127.0.0.1", "::1"):
+        path = writeConfig(tmp_path, {"database": {"host": host, "ssl_mode": "disable", "password_file": password}})
+        assert loadChecked(path).database.host == host
+    path = writeConfig(tmp_path, {"database": {"host": "db host", "name": "pacs-db", "ssl_mode": "prefer"}})
+    assert problemsOf(path) == [
+        f"{path}: [database] host: 'db host' is not a host name or IP address",
+        f"{path}: [database] name: 'pacs-db' is not a name (letters, digits and _, at most 63, not starting"
+        " with a digit)",
+        f"{path}: [database] ssl_mode: 'prefer' is not one of: verify-full, require, disable",
+    ]
+
+
+def test_nodeName(tmp_path):
+    assert loadConfig(writeConfig(tmp_path, {})).appliance.node_name == socket.gethostname()
+    assert loadConfig(writeConfig(tmp_path, {"appliance": {"node_name": "node-2.ward"}})).appliance.node_name == "node-2.ward"
+    path = writeConfig(tmp_path, {"appliance": {"node_name": "-node"}})
+    assert problemsOf(path) == [
+        f"{path}: [appliance] node_name: '-node' is not a node name (1 to 64 letters, digits, '.', '-' or '_',"
+        " starting with a letter or digit)"
+    ]

@@ -27,8 +27,9 @@ import pytest
 
 from tests.commandline import LineReader
 from tests.orthancfakes import processExists
+from tests.postgres import requirePostgres
 from tests.support import UNIT, TestAuthority, freePort, unitSettings, writeConfig, writeTestConfig
-from tests.tlsclients import NotifySocket, commonName, peerCertificateSubject, unverifiedContext
+from tests.tlsclients import NotifySocket, commonName, logIn, peerCertificateSubject, unverifiedContext
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -278,12 +279,45 @@ def test_frozenDaemonUnderSystemd(frozenBuild, tmp_path):
         notify.close()
 
 
+def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
+    """
+    The frozen binary carries the PostgreSQL driver (psycopg, over the
+    system's libpq): with [database] set it keeps its sessions in
+    PostgreSQL, over verified TLS.
+    """
+    server = requirePostgres(pytest.skip)
+    database = server.newDatabase(request.addfinalizer)
+    httpsPort = freePort()
+    addReader(str(frozenBuild / "pacs-appliance"), tmp_path / "users")
+    config = writeTestConfig(
+        tmp_path,
+        web={"listen_https": f"127.0.0.1:{httpsPort}"},
+        auth={"users_file": tmp_path / "users"},
+        database=database.section(),
+    )
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon([str(frozenBuild / "pacs-appliance"), "run", "--config", str(config)], notify, tmp_path)
+    try:
+        notify.waitFor("READY")
+        cookie = logIn(httpsPort, *READER, context=unverifiedContext())
+        assert httpsGet(httpsPort, "/app-config.js", {"Cookie": cookie})[0] == 200
+        assert server.sql("SELECT account FROM sessions", database.name).split() == [READER[0]]
+        connections = server.sql(
+            f"SELECT ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE usename = '{database.user}'"
+        ).split()
+        assert connections and set(connections) == {"t"}, "every connection encrypted"
+        daemon.terminate()
+    finally:
+        daemon.kill()
+        notify.close()
+
+
 # --- the .deb
 
 
 def test_debContents(debPackage):
     info = subprocess.run(["dpkg-deb", "--info", str(debPackage)], capture_output=True, text=True, check=True).stdout
-    assert re.search(r"^ Depends: orthanc, orthanc-dicomweb, nftables, adduser", info, re.M)
+    assert re.search(r"^ Depends: orthanc, orthanc-dicomweb, nftables, adduser, libpq5,", info, re.M)
     contents = subprocess.run(
         ["dpkg-deb", "--contents", str(debPackage)], capture_output=True, text=True, check=True
     ).stdout

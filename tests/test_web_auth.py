@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -17,7 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
@@ -26,8 +27,9 @@ from twisted.web.server import Request, Site
 from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from appliance.config import DEFAULT_CONTENT_SECURITY_POLICY
-from appliance.reload import ReloadOnSighup
 from appliance.connections import clientKey, networkKey
+from appliance.reload import ReloadOnSighup
+from appliance.state.database import RETRY_LAST, DatabaseUnavailable
 from appliance.web import checkers
 from appliance.web.accounts import ROLES, Account
 from appliance.web.authenticator import BASIC_CACHE_LIFETIME, Authenticator
@@ -35,6 +37,7 @@ from appliance.web.checkers import BUSY_MESSAGE, MAX_PENDING_CHECKS, PasswordChe
 from appliance.web.credentials import SESSION_COOKIE
 from appliance.web.gate import AccessGate
 from appliance.web.login import LoginResource, LogoutResource
+from appliance.web.loginevents import POLL_INTERVAL
 from appliance.web.origins import localTarget, requestOrigin
 from appliance.web.pages import Page
 from appliance.web.passwords import (
@@ -45,10 +48,11 @@ from appliance.web.passwords import (
     hashPassword,
     verifyPassword,
 )
-from appliance.web.sessions import SessionStore
+from appliance.web.sessions import RECHECK_AFTER, SessionStore
 from appliance.web.sitemap import ADMIN, DICOMWEB, HEALTHZ, SiteMap, archiveRoutes, viewerRoutes
+from appliance.web.throttle import LoginEvent
 from appliance.web.users import UsersFile
-from tests.support import temporaryFolder, testConfig
+from tests.support import captureLogs, inlineStateDatabase, logText, temporaryFolder, testConfig
 
 #: Cheap parameters for the tests' users: the format is the same.
 FAST = ScryptParameters(ln=4, r=8, p=1)
@@ -64,23 +68,6 @@ PASSWORDS = {
     "ada": "admin-password-3",
 }
 ROLES_OF = {"vera": "viewer", "uli": "uploader", "ada": "admin"}
-
-
-def captureLogs(case) -> List[dict]:
-    """
-    Every log event until the test C{case} ends.
-    """
-    manager = capturedLogs()
-    events = manager.__enter__()
-    case.addCleanup(manager.__exit__, None, None, None)
-    return events
-
-
-def logText(events: List[dict]) -> str:
-    """
-    All of C{events}, formatted and raw, to search for what must not be there.
-    """
-    return "\n".join(f"{formatEvent(event)} {event!r}" for event in events)
 
 
 def writeUsers(path: Path, lines: List[str]) -> None:
@@ -174,7 +161,10 @@ class AuthFixture:
         case.patch(checkers, "verifyPassword", recordingVerify)
         self.users = UsersFile(self.usersPath, self.clock)
         self.checks = PasswordChecks(self.clock, runInThread=self.threads)
-        self.authenticator = Authenticator.forUsersFile(self.users, self.checks, self.config.auth, self.clock)
+        self.database = inlineStateDatabase(self.clock)
+        self.authenticator = Authenticator.forUsersFile(
+            self.users, self.checks, self.config.auth, self.database, "node1", self.clock
+        )
         self.users.startService()
         case.addCleanup(self.users.stopService)
 
@@ -464,54 +454,158 @@ class SighupTests(TestCase):
         self.assertEqual((yield reloaded), "Reload refused (see the log)")
 
 
+def storedSessions(database) -> List[tuple]:
+    """
+    The rows of the sessions table of an L{inlineStateDatabase}.
+    """
+    return database._pool.connection.execute("SELECT token_hash, account, created, last_used FROM sessions").fetchall()
+
+
 class SessionStoreTests(SynchronousTestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
-        self.sessions = SessionStore(idleTimeout=60, lifetime=300, clock=self.clock)
+        self.database = inlineStateDatabase(self.clock)
+        self.sessions = self.newNode()
+
+    def newNode(self) -> SessionStore:
+        """
+        Another node's (or a restarted daemon's) sessions, on the same table.
+        """
+        return SessionStore(self.database, idleTimeout=60, lifetime=300, clock=self.clock)
+
+    def create(self, name: str, sessions: Optional[SessionStore] = None) -> bytes:
+        return self.successResultOf((sessions or self.sessions).create(name))
+
+    def lookup(self, token: bytes, sessions: Optional[SessionStore] = None) -> Optional[str]:
+        return self.successResultOf((sessions or self.sessions).lookup(token))
 
     def test_tokensAreRandom256Bits(self):
-        first, second = self.sessions.create("vera"), self.sessions.create("vera")
+        first, second = self.create("vera"), self.create("vera")
         self.assertNotEqual(first, second)
         self.assertEqual(len(base64.urlsafe_b64decode(first + b"=")), 32)
 
     def test_idleExpiry(self):
-        token = self.sessions.create("vera")
+        token = self.create("vera")
         self.clock.advance(59)
-        self.assertEqual(self.sessions.lookup(token), "vera")
+        self.assertEqual(self.lookup(token), "vera")
         self.clock.advance(59)
-        self.assertEqual(self.sessions.lookup(token), "vera", "each use restarts the idle timer")
+        self.assertEqual(self.lookup(token), "vera", "each use restarts the idle timer")
         self.clock.advance(60)
-        self.assertIsNone(self.sessions.lookup(token))
-        self.assertEqual(len(self.sessions), 0)
+        self.assertIsNone(self.lookup(token))
+        self.assertEqual(storedSessions(self.database), [])
 
     def test_absoluteExpiry(self):
-        token = self.sessions.create("vera")
+        token = self.create("vera")
         for _ in range(9):
             self.clock.advance(30)
-            self.assertEqual(self.sessions.lookup(token), "vera")
+            self.assertEqual(self.lookup(token), "vera")
         self.clock.advance(30)
-        self.assertIsNone(self.sessions.lookup(token), "300 s after the login, however active")
+        self.assertIsNone(self.lookup(token), "300 s after the login, however active")
 
     def test_endAndEndUsers(self):
-        vera, ada, ada2 = (self.sessions.create(name) for name in ("vera", "ada", "ada"))
-        self.sessions.end(vera)
-        self.assertIsNone(self.sessions.lookup(vera))
-        self.assertEqual(self.sessions.endUsers(frozenset({"ada"})), 2)
-        self.assertIsNone(self.sessions.lookup(ada))
-        self.assertIsNone(self.sessions.lookup(ada2))
+        vera, ada, ada2 = (self.create(name) for name in ("vera", "ada", "ada"))
+        self.assertEqual(self.successResultOf(self.sessions.end(vera)), "vera")
+        self.assertIsNone(self.lookup(vera))
+        self.assertEqual(self.successResultOf(self.sessions.endUsers(frozenset({"ada"}))), 2)
+        self.assertIsNone(self.lookup(ada))
+        self.assertIsNone(self.lookup(ada2))
 
     def test_purgeForgetsExpiredSessions(self):
-        self.sessions.create("vera")
+        self.create("vera")
         self.clock.advance(30)
-        live = self.sessions.create("ada")
+        live = self.create("ada")
         self.clock.advance(40)
-        self.sessions.purge()
-        self.assertEqual(len(self.sessions), 1)
-        self.assertEqual(self.sessions.lookup(live), "ada")
+        self.successResultOf(self.sessions.purge())
+        self.assertEqual([row[1] for row in storedSessions(self.database)], ["ada"])
+        self.assertEqual(self.lookup(live), "ada")
 
     def test_tokensAreNotKept(self):
-        token = self.sessions.create("vera")
+        token = self.create("vera")
         self.assertNotIn(token, repr(self.sessions.__dict__).encode("ascii"))
+        self.assertNotIn(token, repr(storedSessions(self.database)).encode("ascii"))
+
+    def test_sessionsOutliveTheProcess(self):
+        """
+        A session started before a restart (or on another node) is known to
+        the new store, with its times.
+        """
+        token = self.create("vera")
+        self.clock.advance(50)
+        restarted = self.newNode()
+        self.assertEqual(self.lookup(token, restarted), "vera")
+        self.clock.advance(50)
+        self.assertEqual(self.lookup(token, restarted), "vera")
+        self.clock.advance(60)
+        self.assertIsNone(self.lookup(token, restarted), "the idle timer went on across the restart")
+
+    def test_endOnOneNodeEndsItOnTheOthers(self):
+        other = self.newNode()
+        token = self.create("vera")
+        self.assertEqual(self.lookup(token, other), "vera")
+        self.successResultOf(self.sessions.end(token))
+        self.assertIsNone(self.lookup(token), "at once on the node that ended it")
+        self.clock.advance(RECHECK_AFTER)
+        self.assertIsNone(self.lookup(token, other), "within RECHECK_AFTER on the others")
+
+    def test_useOnOneNodeKeepsItAliveOnTheOthers(self):
+        """
+        The last use reaches the table often enough that a session in use on
+        one node does not time out on another.
+        """
+        other = self.newNode()
+        token = self.create("vera")
+        for _ in range(10):
+            self.clock.advance(20)
+            self.assertEqual(self.lookup(token), "vera")
+        self.assertEqual(self.lookup(token, other), "vera", "200 s of use on the first node, idle timeout 60 s")
+        self.successResultOf(other.purge())
+        self.assertEqual(len(storedSessions(self.database)), 1)
+
+    def test_rememberedSessionsLastWhileTheDatabaseIsDown(self):
+        events = captureLogs(self)
+        token, unseen = self.create("vera"), self.create("ada", self.newNode())
+        self.database._pool.broken = sqlite3.OperationalError("disk I/O error")
+        self.clock.advance(RECHECK_AFTER)
+        self.assertEqual(self.lookup(token), "vera")
+        self.assertFalse(self.database.ready)
+        self.assertIsNone(self.lookup(unseen), "a session this node never saw cannot be checked")
+        self.failureResultOf(self.sessions.create("vera"), DatabaseUnavailable)
+        self.clock.advance(30)
+        self.assertEqual(self.lookup(token), "vera")
+        self.clock.advance(60)
+        self.assertIsNone(self.lookup(token), "it still times out")
+        said = [event for event in events if event.get("log_format", "").startswith("The state database ({where}) is not")]
+        self.assertEqual(len(said), 1, "said once, however often it is tried again")
+        self.assertNotIn("Traceback", logText(events))
+        self.assertIn("disk I/O error", logText(said))
+        self.database._pool.broken = None
+        self.clock.advance(RETRY_LAST)
+        self.assertTrue(self.database.ready, "tried again until it answers")
+        self.assertEqual(self.lookup(self.create("ada", self.newNode())), "ada")
+        self.assertIn("is available again", logText(events))
+
+
+    def test_aChangedUsersSessionsEndWhileTheDatabaseIsDown(self):
+        """
+        A user whose account changed while the table could not be written
+        is logged out all the same: refused on this node at once, and ended
+        in the table once it answers again.
+        """
+        other = self.newNode()
+        token = self.create("vera")
+        self.assertEqual(self.lookup(token, other), "vera")
+        self.database._pool.broken = sqlite3.OperationalError("disk I/O error")
+        self.failureResultOf(self.sessions.endUsers(frozenset({"vera"})), DatabaseUnavailable)
+        self.assertIsNone(self.lookup(token), "refused here at once")
+        self.database._pool.broken = None
+        self.clock.advance(RETRY_LAST)
+        self.assertTrue(self.database.ready)
+        self.assertIsNone(self.lookup(token), "not taken back from the table")
+        self.successResultOf(self.sessions.purge())
+        self.assertEqual(storedSessions(self.database), [])
+        self.clock.advance(RECHECK_AFTER)
+        self.assertIsNone(self.lookup(token, other), "ended on the other node too")
+        self.assertEqual(self.lookup(self.create("vera")), "vera", "a new login is not refused")
 
 
 class AuthenticatorTests(SynchronousTestCase):
@@ -522,7 +616,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.authenticator = self.fixture.authenticator
 
     def test_sessionCookie(self):
-        token = self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        token = self.successResultOf(self.authenticator.startSession(Account("vera", frozenset({"viewer"})), []))
         cookie = b"other=1; " + SESSION_COOKIE + b"=" + token
         self.assertEqual(self.fixture.identify(cookie=cookie), Account("vera", frozenset({"viewer"})))
         self.assertIsNone(self.fixture.identify(cookie=SESSION_COOKIE + b"=forged"))
@@ -530,9 +624,9 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual(self.threads.calls, [], "sessions need no password check")
 
     def test_sessionEndsWhenTheUserIsDeletedOrChanged(self):
-        vera = self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
-        ada = self.authenticator.startSession(Account("ada", frozenset({"admin"})), [])
-        uli = self.authenticator.startSession(Account("uli", frozenset({"uploader"})), [])
+        vera = self.successResultOf(self.authenticator.startSession(Account("vera", frozenset({"viewer"})), []))
+        ada = self.successResultOf(self.authenticator.startSession(Account("ada", frozenset({"admin"})), []))
+        uli = self.successResultOf(self.authenticator.startSession(Account("uli", frozenset({"uploader"})), []))
         self.fixture.rewriteUsers([userLine("ada", password="a new password"), self.fixture.users.lookup("uli").line()])
         self.assertIsNone(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + vera), "deleted")
         self.assertIsNone(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + ada), "password changed")
@@ -619,7 +713,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual(self.threads.calls, [])
 
     def test_basicWinsOverTheCookie(self):
-        token = self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        token = self.successResultOf(self.authenticator.startSession(Account("vera", frozenset({"viewer"})), []))
         cookie = SESSION_COOKIE + b"=" + token
         self.assertIsNone(self.fixture.identify(cookie=cookie, authorization=basicHeader("ada", "wrong")))
         self.assertEqual(self.fixture.identify(cookie=cookie, authorization=b"Bearer x").name, "vera")
@@ -794,7 +888,7 @@ class AuthenticatorTests(SynchronousTestCase):
         self.failureResultOf(self.authenticator.login("ada", PASSWORDS["ada"], CLIENT), PasswordChecksBusy)
         self.assertEqual(len(self.threads.calls), MAX_PENDING_CHECKS)
         self.assertEqual(self.authenticator.throttle._byAddress._checking.get(clientKey(CLIENT)), None)
-        token = self.authenticator.startSession(Account("uli", frozenset({"uploader"})), [])
+        token = self.successResultOf(self.authenticator.startSession(Account("uli", frozenset({"uploader"})), []))
         self.assertEqual(self.fixture.identify(cookie=SESSION_COOKIE + b"=" + token).name, "uli", "sessions need no check")
         busy = [event for event in self.events if "password checks are waiting" in event.get("log_format", "")]
         self.assertEqual(len(busy), 1)
@@ -853,12 +947,89 @@ class AuthenticatorTests(SynchronousTestCase):
     def test_purge(self):
         self.authenticator.startService()
         self.addCleanup(self.authenticator.stopService)
-        self.authenticator.startSession(Account("vera", frozenset({"viewer"})), [])
+        self.successResultOf(self.authenticator.startSession(Account("vera", frozenset({"viewer"})), []))
         self.fixture.identify(authorization=basicHeader("vera", "wrong"))
         self.fixture.clock.advance(3600)
-        self.assertEqual(len(self.authenticator.sessions), 0)
+        self.assertEqual(storedSessions(self.fixture.database), [])
         throttle = self.authenticator.throttle
         self.assertEqual([throttle._byName._failures, throttle._byPair._failures, throttle._byAddress._failures], [{}, {}, {}])
+        self.assertEqual(loginEvents(self.fixture.database), [], "the shared log is purged too")
+
+
+def loginEvents(database) -> List[tuple]:
+    """
+    The rows of the login_events table of an L{inlineStateDatabase}.
+    """
+    return database._pool.connection.execute("SELECT node, succeeded, name, address FROM login_events").fetchall()
+
+
+class SharedLoginsTests(SynchronousTestCase):
+    """
+    Failed logins count on every node that shares the state database, and
+    across a restart (L{appliance.web.loginevents}).
+    """
+
+    def setUp(self):
+        self.fixture = AuthFixture(self)
+        self.clock = self.fixture.clock
+
+    def node(self, name: str) -> Authenticator:
+        fixture = self.fixture
+        node = Authenticator.forUsersFile(fixture.users, fixture.checks, fixture.config.auth, fixture.database, name, self.clock)
+        node.startService()
+        self.addCleanup(node.stopService)
+        return node
+
+    def login(self, node: Authenticator, name: str, password: str, client=CLIENT) -> Optional[Account]:
+        checking = node.login(name, password, client)
+        # Past the throttle's back-off (30 s at most).
+        self.clock.advance(30)
+        return self.successResultOf(checking)
+
+    def test_failuresCountOnEveryNode(self):
+        first, second = self.node("node1"), self.node("node2")
+        for attempt in range(4):
+            self.assertIsNone(self.login(first, "vera", f"wrong {attempt}"))
+        self.assertGreater(first.retryAfter("vera", CLIENT), 0)
+        self.assertEqual(
+            loginEvents(self.fixture.database), [("node1", 0, "vera", "192.0.2.10")] * 4, "no password is written"
+        )
+        self.clock.advance(POLL_INTERVAL)
+        self.assertGreater(second.retryAfter("vera", CLIENT), 0, "refused on the other node too")
+        self.assertEqual(second.retryAfter("vera", OTHER_CLIENT), 0, "from that address only")
+        self.assertIsNone(self.login(second, "vera", PASSWORDS["vera"]), "the right password is not even checked")
+
+    def test_aSuccessElsewhereForgetsTheFailures(self):
+        first, second = self.node("node1"), self.node("node2")
+        for attempt in range(3):
+            self.assertIsNone(self.login(first, "vera", f"wrong {attempt}"))
+        self.assertEqual(self.login(second, "vera", PASSWORDS["vera"]).name, "vera")
+        self.clock.advance(POLL_INTERVAL)
+        self.assertIsNone(self.login(first, "vera", "wrong again"))
+        self.assertEqual(first.retryAfter("vera", CLIENT), 0, "three failures were forgotten: one counts")
+
+    def test_failuresOutliveARestart(self):
+        first = self.node("node1")
+        for attempt in range(4):
+            self.login(first, "vera", f"wrong {attempt}")
+        first.stopService()
+        restarted = self.node("node1")
+        self.assertGreater(restarted.retryAfter("vera", CLIENT), 0)
+        self.clock.advance(self.fixture.config.auth.login_failure_window)
+        self.assertEqual(restarted.retryAfter("vera", CLIENT), 0, "until the window has passed")
+
+    def test_lateFailuresTakeTheirPlaceInTime(self):
+        """
+        Another node's failure arrives after later ones of this node: the
+        throttle's window still ends with the oldest of the last few.
+        """
+        throttle = self.fixture.authenticator.throttle
+        now = self.clock.seconds()
+        for at in (now - 10, now - 30, now - 20, now - 40):
+            throttle.apply(LoginEvent(at, False, "vera", "192.0.2.10", None))
+        self.assertEqual([at for at, _ in throttle._byPair.recent(("vera", "192.0.2.10"))], [now - 40, now - 30, now - 20, now - 10])
+        window = self.fixture.config.auth.login_failure_window
+        self.assertEqual(throttle.retryAfter("vera", CLIENT), window - 40)
 
 
 class ThreadTests(TestCase):
@@ -872,7 +1043,7 @@ class ThreadTests(TestCase):
         checks = PasswordChecks()
         checks.startService()
         self.addCleanup(checks.stopService)
-        authenticator = Authenticator.forUsersFile(fixture.users, checks, fixture.config.auth)
+        authenticator = Authenticator.forUsersFile(fixture.users, checks, fixture.config.auth, fixture.database, "node1")
         authenticator.startService()
         self.addCleanup(authenticator.stopService)
         threads = []
@@ -1289,6 +1460,26 @@ class GateTests(SynchronousTestCase):
         # A copy of the old cookie is worth nothing now.
         self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 401)
         self.assertEqual(self.request("GET", "/", NAVIGATE, cookie=cookie).code, 302)
+
+    def test_loginAndLogoutWhileTheStateDatabaseIsDown(self):
+        """
+        A right password cannot start a session that no node could find:
+        the form answers 503 and says to try again; a logout that could not
+        be recorded keeps the cookie and says so, and the session still
+        works on this node.
+        """
+        cookie = self.session("vera")
+        self.fixture.database._pool.broken = sqlite3.OperationalError("disk I/O error")
+        response = self.login("ada")
+        self.assertEqual((response.code, response.header("Retry-After")), (503, "5"))
+        self.assertIn("session could not be started", response.body.decode("utf-8"))
+        self.assertIsNone(response.header("Set-Cookie"))
+        response = self.request("POST", "/logout", {"Origin": OWN_ORIGIN}, cookie=cookie)
+        self.assertEqual(response.code, 503)
+        self.assertIn("The session could not be ended", response.body.decode("utf-8"))
+        self.assertIsNone(response.header("Set-Cookie"))
+        self.assertEqual(self.request("GET", "/pacs/studies", SCRIPT, cookie=cookie).code, 200)
+        self.assertNotIn("Traceback", logText(self.events))
 
     def test_logoutByPost(self):
         cookie = self.session("vera")

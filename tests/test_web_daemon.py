@@ -1,11 +1,13 @@
 """
 The whole daemon, as operators run it (C{pacs-appliance run}), with the real
 Orthanc and the real OHIF build: HTTPS serves the viewer, /healthz follows
-Orthanc's state, HTTP redirects, and SIGTERM stops everything.
+Orthanc's state, HTTP redirects, SIGTERM stops everything, and a browser's
+session outlives a restart.
 """
 
 import base64
 import json
+import stat
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -13,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.daemon import addUser, startDaemon
 from tests.support import temporaryFolder, testConfig
-from tests.tlsclients import get
+from tests.tlsclients import get, logIn
 from tests.viewerbuild import VIEWER, requireViewer
 
 
@@ -52,3 +54,33 @@ class DaemonTests(TestCase):
         process.signalProcess("TERM")
         ended = yield output.ended
         self.assertEqual(ended.exitCode, 0, "\n".join(output.lines))
+
+    @inlineCallbacks
+    def test_sessionsOutliveARestart(self):
+        """
+        A browser logged in before C{systemctl restart} is still logged in
+        after it: sessions are kept in the state database (a private file).
+        """
+        folder = temporaryFolder(self)
+        users = folder / "users"
+        addUser(users, "reader", "correct horse battery", ["viewer"])
+        config = testConfig(folder, auth={"users_file": users})
+        output, process = yield startDaemon(self, config)
+        port = config.web.listen_https.port
+        cookie = yield deferToThread(logIn, port, "reader", "correct horse battery")
+        status, headers, body = yield deferToThread(get, port, "/app-config.js", {"Cookie": cookie})
+        self.assertEqual(status, 200)
+
+        process.signalProcess("TERM")
+        ended = yield output.ended
+        self.assertEqual(ended.exitCode, 0, "\n".join(output.lines))
+        database = config.appliance.state_dir / "appliance.sqlite3"
+        self.assertEqual(stat.S_IMODE(database.stat().st_mode), 0o600)
+        self.assertNotIn(cookie.split("=", 1)[1].encode("ascii"), database.read_bytes(), "only a hash of the token")
+
+        yield startDaemon(self, config)
+        status, headers, body = yield deferToThread(get, port, "/app-config.js", {"Cookie": cookie})
+        self.assertEqual(status, 200, "the session lives on")
+        status, headers, body = yield deferToThread(get, port, "/app-config.js", {"Cookie": "__Host-pacs-session=forged"})
+        self.assertEqual(status, 401, "and a made-up one does not")
+

@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+from urllib.parse import urlencode
 
 
 class NotifySocket:
@@ -138,5 +139,28 @@ def get(port: int, path: str, headers: Optional[dict] = None, context: Optional[
         connection.request("GET", path, headers=headers or {})
         response = connection.getresponse()
         return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def logIn(port: int, name: str, password: str, context: Optional[ssl.SSLContext] = None) -> str:
+    """
+    Log in through the login form, as a browser does; returns the session
+    cookie to send (C{NAME=VALUE}).
+    """
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context or clientContext(), timeout=30)
+    try:
+        form = urlencode({"user": name, "password": password, "next": "/"})
+        connection.request(
+            "POST",
+            "/login",
+            body=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin"},
+        )
+        response = connection.getresponse()
+        response.read()
+        if response.status != 303:
+            raise AssertionError(f"the login was answered {response.status}")
+        return response.headers["Set-Cookie"].split(";", 1)[0]
     finally:
         connection.close()

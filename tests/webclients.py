@@ -32,6 +32,7 @@ from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
 from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
+from appliance.state.database import sqliteDatabase
 from appliance.tls import selfSignedPaths
 from appliance.web.adminroutes import RouteTable
 from appliance.web.authenticator import Authenticator
@@ -47,6 +48,7 @@ from tests.support import (
     basicAuthorization,
     ctSeries,
     httpExchange,
+    inlineStateDatabase,
     realSupervisor,
     storeInstances,
     temporaryFolder,
@@ -216,7 +218,9 @@ class ProxyToOrthancCase(TestCase):
         users.setServiceParent(services)
         checks = PasswordChecks(reactor)
         checks.setServiceParent(services)
-        authenticator = Authenticator.forUsersFile(users, checks, self.config.auth, reactor)
+        database = sqliteDatabase(self.config.appliance.state_dir, reactor)
+        database.setServiceParent(services)
+        authenticator = Authenticator.forUsersFile(users, checks, self.config.auth, database, "node1", reactor)
         authenticator.setServiceParent(services)
         self.proxy, proxyRoutes = buildProxyResources(
             self.config, self.supervisor, StorageSpace.forOrthanc(self.config), reactor, maxRequests=self.maxRequests
@@ -380,7 +384,12 @@ class GatedSiteCase(SynchronousTestCase):
         # Password checks in the test's thread: a thread pool would answer
         # through the real reactor, and the test's hashes are cheap.
         authenticator = Authenticator.forUsersFile(
-            UsersFile(usersFile, clock), PasswordChecks(clock, runInThread=maybeDeferred), config.auth, clock
+            UsersFile(usersFile, clock),
+            PasswordChecks(clock, runInThread=maybeDeferred),
+            config.auth,
+            inlineStateDatabase(clock),
+            "node1",
+            clock,
         )
         orthanc = FakeOrthanc()
         proxy, proxyRoutes = buildProxyResources(config, orthanc, StorageSpace.forOrthanc(config), clock)

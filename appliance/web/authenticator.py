@@ -15,13 +15,14 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
+from functools import partial
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +30,7 @@ from twisted.web.http_headers import Headers
 
 from appliance.config import AuthSection
 from appliance.connections import clientKey
+from appliance.state.database import StateDatabase, ignoreUnavailable, reportFailure
 from appliance.web.accounts import IAccount
 from appliance.web.checkers import (
     AccountChanged,
@@ -39,6 +41,7 @@ from appliance.web.checkers import (
     UsersRealm,
 )
 from appliance.web.credentials import basicCredentials, decodeBasic, displayName, sessionTokens
+from appliance.web.loginevents import LoginEventFeed
 from appliance.web.sessions import SessionStore
 from appliance.web.throttle import LoginThrottle
 from appliance.web.users import UsersFile
@@ -103,27 +106,34 @@ class Authenticator(Service):
     source of accounts, see L{appliance.web.checkers}), after the login
     throttle has had its say; verified Basic credentials are remembered
     briefly, and sessions name their account, which C{accounts} looks up.
-    The service also forgets expired sessions and failures periodically.
+    Sessions and the throttle's counts are kept in the state database,
+    which other nodes share.  The service also forgets expired sessions and
+    failures periodically.
 
     @param portal: checks user names and passwords, and yields accounts
         (L{IAccount}).
     @param accounts: the accounts by name (C{account(name)}), telling of
         changes (C{subscribe}): the users file's L{UsersRealm}.
     @param auth: the [auth] configuration.
+    @param database: the state database.
+    @param node: this node's name, beside the logins it counts.
     """
 
     log = Logger()
 
-    def __init__(self, portal: Portal, accounts: UsersRealm, auth: AuthSection, reactor=None) -> None:
+    def __init__(
+        self, portal: Portal, accounts: UsersRealm, auth: AuthSection, database: StateDatabase, node: str, reactor=None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._reactor = reactor
         self._portal = portal
         self._accounts = accounts
-        self.sessions = SessionStore(auth.session_idle_timeout, auth.session_lifetime, reactor)
+        self.sessions = SessionStore(database, auth.session_idle_timeout, auth.session_lifetime, reactor)
         self.throttle = LoginThrottle(
             auth.max_login_failures, auth.max_address_failures, auth.login_failure_window, reactor
         )
+        self._loginEvents = LoginEventFeed(database, self.throttle, node, auth.login_failure_window, reactor)
         # Verified Basic credentials, under a keyed hash of the header: the
         # table holds no password, nor anything that could be replayed.
         self._cacheKey = secrets.token_bytes(32)
@@ -136,22 +146,26 @@ class Authenticator(Service):
         accounts.subscribe(self._accountsChanged)
 
     @classmethod
-    def forUsersFile(cls, users: UsersFile, checks: PasswordChecks, auth: AuthSection, reactor=None) -> "Authenticator":
+    def forUsersFile(
+        cls, users: UsersFile, checks: PasswordChecks, auth: AuthSection, database: StateDatabase, node: str, reactor=None
+    ) -> "Authenticator":
         """
         The authenticator of the accounts of the users file, their passwords
         checked by C{checks}.
         """
         realm = UsersRealm(users)
-        return cls(Portal(realm, [UsersFileChecker(users, checks)]), realm, auth, reactor)
+        return cls(Portal(realm, [UsersFileChecker(users, checks)]), realm, auth, database, node, reactor)
 
     def startService(self) -> None:
         Service.startService(self)
+        self._loginEvents.start()
         self._purging.start(PURGE_INTERVAL, now=False).addErrback(
             lambda failure: self.log.failure("Stopped forgetting expired sessions", failure)
         )
 
     def stopService(self) -> None:
         Service.stopService(self)
+        self._loginEvents.stop()
         if self._purging.running:
             self._purging.stop()
 
@@ -163,10 +177,11 @@ class Authenticator(Service):
         carries an C{Authorization: Basic} header (invalid ones give L{None},
         whatever cookie comes with them), else from its session cookie.
 
-        Fires at once when memory answers (a session, a Basic credential
-        verified recently, an address refused by the L{LoginThrottle});
-        checks the password in a thread otherwise, after the throttle's
-        back-off.  Fails only with L{PasswordChecksBusy}, when the password
+        Fires at once when memory answers (a session seen in the last few
+        seconds, a Basic credential verified recently, an address refused by
+        the L{LoginThrottle}); reads the session from the state database, or
+        checks the password in a thread (after the throttle's back-off),
+        otherwise.  Fails only with L{PasswordChecksBusy}, when the password
         could not be checked for too many checks waiting: other errors are
         logged and give L{None}.  Cancelling the Deferred (the client left)
         skips a check still waiting for a thread.
@@ -188,12 +203,21 @@ class Authenticator(Service):
         credentials = basicCredentials(headers)
         if credentials is not None:
             return self._basic(credentials, client)
-        for token in sessionTokens(headers):
-            name = self.sessions.lookup(token)
+        return self._fromSessions(list(sessionTokens(headers)))
+
+    def _fromSessions(self, tokens: List[bytes]) -> "Deferred[Optional[IAccount]]":
+        """
+        The account of the first live session among C{tokens} (a browser
+        may hold an old cookie beside the current one).
+        """
+        if not tokens:
+            return succeed(None)
+
+        def found(name: Optional[str]) -> "Optional[IAccount] | Deferred[Optional[IAccount]]":
             account = self._accounts.account(name) if name is not None else None
-            if account is not None:
-                return succeed(account)
-        return succeed(None)
+            return account if account is not None else self._fromSessions(tokens[1:])
+
+        return self.sessions.lookup(tokens[0]).addCallback(found)
 
     def _basic(self, credentials: bytes, client) -> "Deferred[Optional[IAccount]]":
         key = hmac.new(self._cacheKey, credentials, hashlib.sha256).digest()
@@ -246,21 +270,30 @@ class Authenticator(Service):
         """
         return self._check(name, password, client, "login form")
 
-    def startSession(self, account: IAccount, previous: List[bytes]) -> bytes:
+    def startSession(self, account: IAccount, previous: List[bytes]) -> "Deferred[bytes]":
         """
         End the C{previous} sessions of the browser and start one for
-        C{account}; returns its token.
+        C{account}; fires with its token once every node knows it.
         """
         for token in previous:
-            self.sessions.end(token)
-        self.log.info("{user} logged in", user=account.name)
-        return self.sessions.create(account.name)
+            self.sessions.end(token).addErrback(partial(reportFailure, self.log), "end a browser's previous session")
 
-    def endSession(self, token: bytes) -> None:
-        name = self.sessions.lookup(token)
-        self.sessions.end(token)
-        if name is not None:
-            self.log.info("{user} logged out", user=name)
+        def started(token: bytes) -> bytes:
+            self.log.info("{user} logged in", user=account.name)
+            return token
+
+        return self.sessions.create(account.name).addCallback(started)
+
+    def endSession(self, token: bytes) -> "Deferred[None]":
+        """
+        End the session C{token}; fires once it has ended on every node.
+        """
+
+        def ended(name: Optional[str]) -> None:
+            if name is not None:
+                self.log.info("{user} logged out", user=name)
+
+        return self.sessions.end(token).addCallback(ended)
 
     def _check(self, name: str, password: str, client, method: str) -> "Deferred[Optional[IAccount]]":
         delay = self.throttle.attempt(name, client)
@@ -276,12 +309,12 @@ class Authenticator(Service):
 
     def _succeeded(self, loggedIn: tuple, name: str, client) -> IAccount:
         _, account, _ = loggedIn
-        self.throttle.succeeded(name, client)
+        self._loginEvents.record(self.throttle.succeeded(name, client))
         return account
 
     def _refused(self, failure: Failure, name: str, client, method: str) -> Optional[IAccount]:
         if failure.check(UnauthorizedLogin):
-            self.throttle.failed(name, client)
+            self._loginEvents.record(self.throttle.failed(name, client))
             self.log.warn(
                 "Failed login for {user} from {client} ({method}): {reason}",
                 user=displayName(name),
@@ -310,17 +343,30 @@ class Authenticator(Service):
 
     def _accountsChanged(self, names: FrozenSet[str]) -> None:
         self._basicCache.clear()
-        ended = self.sessions.endUsers(names)
-        if ended:
-            self.log.info(
-                "Ended {count} sessions of changed or removed users: {users}",
-                count=ended,
-                users=", ".join(sorted(names)),
-            )
 
-    def _purge(self) -> None:
-        self.sessions.purge()
+        def ended(count: int) -> None:
+            if count:
+                self.log.info(
+                    "Ended {count} sessions of changed or removed users: {users}",
+                    count=count,
+                    users=", ".join(sorted(names)),
+                )
+
+        # If the table cannot be told now, this node refuses those sessions
+        # and tells the table later (SessionStore.purge).
+        self.sessions.endUsers(names).addCallbacks(
+            ended, partial(reportFailure, self.log), errbackArgs=("end the sessions of changed or removed users in the table",)
+        )
+
+    def _purge(self) -> Deferred:
         self.throttle.purge()
         now = self._reactor.seconds()
         for key in [key for key, (_, expires) in self._basicCache.items() if expires <= now]:
             del self._basicCache[key]
+        purging = DeferredList([self.sessions.purge(), self._loginEvents.purge()], consumeErrors=True)
+        return purging.addCallback(self._purged)
+
+    def _purged(self, results: list) -> None:
+        for succeeded, result in results:
+            if not succeeded:
+                ignoreUnavailable(self.log, result, "forget expired sessions and logins")

@@ -20,7 +20,7 @@ import hashlib
 from typing import Dict, List, Optional
 from urllib.parse import parse_qs
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.config import WebSection
 from appliance.connections import clientKey
+from appliance.state.database import reportFailure
 from appliance.web.accounts import IAccount
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordChecksBusy
@@ -45,6 +46,12 @@ from appliance.web.sitemap import LOGIN_PATH
 from appliance.web.throttle import tooManyFailures
 
 _EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
+
+#: What a browser is told when the state database could not record its
+#: session's start or end (it is down, or not yet reachable).
+SESSION_RETRY_AFTER = 5
+SESSION_UNAVAILABLE = f"Your password is right, but the session could not be started: try again in {SESSION_RETRY_AFTER} seconds."
+LOGOUT_UNAVAILABLE = f"The session could not be ended: try again in {SESSION_RETRY_AFTER} seconds."
 
 
 def _setSessionCookie(request: Request, value: bytes, expire: bool = False) -> None:
@@ -160,10 +167,27 @@ class LoginResource(Resource):
                 request.setHeader(b"WWW-Authenticate", cookieChallenge(self._siteName))
                 body = self._form(request, http.UNAUTHORIZED, target, "The user name or password is incorrect.", name)
         else:
-            token = self._authenticator.startSession(account, sessionTokens(request.requestHeaders))
-            _setSessionCookie(request, token)
-            body = _seeOther(request, target.encode("ascii"))
+            starting = self._authenticator.startSession(account, sessionTokens(request.requestHeaders))
+            starting.addCallbacks(
+                self._started, self._notStarted, (request, finished, target), errbackArgs=(request, finished, name, target)
+            )
+            return
         request.write(body)
+        request.finish()
+
+    def _started(self, token: bytes, request: Request, finished: Deferred, target: str) -> None:
+        if finished.called:
+            return
+        _setSessionCookie(request, token)
+        request.write(_seeOther(request, target.encode("ascii")))
+        request.finish()
+
+    def _notStarted(self, failure: Failure, request: Request, finished: Deferred, name: str, target: str) -> None:
+        reportFailure(self.log, failure, f"start a session for {name}")
+        if finished.called:
+            return
+        request.setHeader(b"Retry-After", b"%d" % (SESSION_RETRY_AFTER,))
+        request.write(self._form(request, http.SERVICE_UNAVAILABLE, target, SESSION_UNAVAILABLE, name))
         request.finish()
 
     def _busy(self, failure: Failure, request: Request, finished: Deferred, name: str, target: str) -> None:
@@ -254,10 +278,31 @@ class LogoutResource(Resource):
         return self._logOut(request)
 
     def _logOut(self, request: Request) -> bytes:
-        for token in sessionTokens(request.requestHeaders):
-            self._authenticator.endSession(token)
+        ending = gatherResults(
+            [self._authenticator.endSession(token) for token in sessionTokens(request.requestHeaders)],
+            consumeErrors=True,
+        )
+        finished = request.notifyFinish()
+        ending.addCallbacks(self._loggedOut, self._notLoggedOut, (request, finished), errbackArgs=(request, finished))
+        ending.addErrback(lambda failure: self.log.failure("Could not answer a logout", failure))
+        return NOT_DONE_YET
+
+    def _loggedOut(self, ignored: list, request: Request, finished: Deferred) -> None:
+        # The browser may have gone: the session has ended all the same.
+        if finished.called:
+            return
         _setSessionCookie(request, b"", expire=True)
-        return _seeOther(request, LOGIN_PATH)
+        request.write(_seeOther(request, LOGIN_PATH))
+        request.finish()
+
+    def _notLoggedOut(self, failure: Failure, request: Request, finished: Deferred) -> None:
+        # The cookie stays: the user must know that the session lives on.
+        reportFailure(self.log, failure.value.subFailure, "end a session at logout")
+        if finished.called:
+            return
+        request.setHeader(b"Retry-After", b"%d" % (SESSION_RETRY_AFTER,))
+        request.write(self._confirmation(request, http.SERVICE_UNAVAILABLE, LOGOUT_UNAVAILABLE))
+        request.finish()
 
     def _confirmation(self, request: Request, code: int, error: str = "") -> bytes:
         return self._page.answer(request, code, error=error)

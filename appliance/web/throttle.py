@@ -4,6 +4,7 @@ name, per address, per IPv6 network.
 """
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Deque, Dict, Optional, Tuple
 
 from twisted.logger import Logger
@@ -80,14 +81,23 @@ class FailureCounter:
         if left > 0:
             self._checking[key] = left
 
-    def add(self, key: object, other: str) -> bool:
+    def add(self, key: object, other: str, at: float) -> bool:
         """
-        Note a failure; whether it makes C{key} refused.
+        Note a failure at time C{at}; whether it makes C{key} refused.
         """
         # Only the last `limit` failures decide (the oldest of them, when
         # the refusal ends); a name's are kept for its back-off.
         failures = self._failures.setdefault(key, deque(maxlen=self.limit or BACKOFF_MEMORY))
-        failures.append((self._clock.seconds(), other))
+        # Another node's failures arrive late: they take their place in time.
+        position = len(failures)
+        while position and failures[position - 1][0] > at:
+            position -= 1
+        if len(failures) == failures.maxlen:
+            if position == 0:
+                return False
+            failures.popleft()
+            position -= 1
+        failures.insert(position, (at, other))
         return self.limit is not None and len(self.recent(key)) == self.limit
 
     def forget(self, key: object, other: Optional[str] = None) -> None:
@@ -113,6 +123,21 @@ class FailureCounter:
 BACKOFF_MEMORY = 16
 
 
+@dataclass(frozen=True)
+class LoginEvent:
+    """
+    A password check's outcome, as the throttle counts it: what other nodes
+    replay into theirs (L{appliance.web.loginevents}).
+    """
+
+    at: float
+    succeeded: bool
+    name: str
+    address: str
+    #: The IPv6 network of the address, L{None} for IPv4.
+    network: Optional[str]
+
+
 class LoginThrottle:
     """
     Failed logins (login form and HTTP Basic):
@@ -136,7 +161,8 @@ class LoginThrottle:
         account.
 
     Unfinished attempts count, so that a burst of parallel guesses gets no
-    more checks than a slow sequence.
+    more checks than a slow sequence.  Outcomes on other nodes (and before a
+    restart) count as well, once L{apply}'d.
     """
 
     log = Logger()
@@ -155,7 +181,10 @@ class LoginThrottle:
         The name, the address, its IPv6 network, and the pair (the name with
         the network the address lies in, or the address itself).
         """
-        name, address, network = name[:THROTTLED_NAME_LENGTH], clientKey(client), networkKey(client)
+        return LoginThrottle._eventKeys(name[:THROTTLED_NAME_LENGTH], clientKey(client), networkKey(client))
+
+    @staticmethod
+    def _eventKeys(name: str, address: str, network: Optional[str]) -> Tuple[str, str, Optional[str], object]:
         return name, address, network, (name, network or address)
 
     def attempt(self, name: str, client) -> Optional[float]:
@@ -186,20 +215,44 @@ class LoginThrottle:
         name, address, network, pair = self._keys(name, client)
         return max(counter.wait(key) for counter, key in self._counters(name, address, network, pair))
 
-    def succeeded(self, name: str, client) -> None:
-        name, address, network, pair = self._keys(name, client)
-        self._release(name, address, network, pair)
-        self._byPair.forget(pair)
-        self._byName.forget(name, network or address)
-        self._byAddress.forget(address, name)
-        if network is not None:
-            self._byNetwork.forget(network, name)
+    def succeeded(self, name: str, client) -> LoginEvent:
+        """
+        End a reserved check that found the password right; returns the
+        outcome, for the other nodes.
+        """
+        return self._ended(True, name, client)
 
-    def failed(self, name: str, client) -> None:
+    def failed(self, name: str, client) -> LoginEvent:
+        """
+        End a reserved check that found no such user or a wrong password;
+        returns the outcome, for the other nodes.
+        """
+        return self._ended(False, name, client)
+
+    def _ended(self, succeeded: bool, name: str, client) -> LoginEvent:
         name, address, network, pair = self._keys(name, client)
         self._release(name, address, network, pair)
-        self._byName.add(name, network or address)
-        if self._byPair.add(pair, address):
+        event = LoginEvent(self._clock.seconds(), succeeded, name, address, network)
+        self._count(event, warn=True)
+        return event
+
+    def apply(self, event: LoginEvent) -> None:
+        """
+        Count an outcome seen elsewhere: on another node, or before a restart.
+        """
+        self._count(event, warn=False)
+
+    def _count(self, event: LoginEvent, warn: bool) -> None:
+        name, address, network, pair = self._eventKeys(event.name, event.address, event.network)
+        if event.succeeded:
+            self._byPair.forget(pair)
+            self._byName.forget(name, network or address)
+            self._byAddress.forget(address, name)
+            if network is not None:
+                self._byNetwork.forget(network, name)
+            return
+        self._byName.add(name, network or address, event.at)
+        if self._byPair.add(pair, address, event.at) and warn:
             self.log.warn(
                 "Refusing logins as {user} from {client} for {seconds:.0f}s: {count} failed logins within {window:.0f}s",
                 user=displayName(name),
@@ -209,7 +262,7 @@ class LoginThrottle:
                 window=self._window,
             )
         for counter, key in ((self._byAddress, address), (self._byNetwork, network)):
-            if key is not None and counter.add(key, name):
+            if key is not None and counter.add(key, name, event.at) and warn:
                 self.log.warn(
                     "Refusing logins from {client} for {seconds:.0f}s: {count} failed logins within {window:.0f}s",
                     client=key,

@@ -1,0 +1,46 @@
+"""
+The appliance's tables, as migrations: each entry of L{MIGRATIONS} takes the
+schema from the version before it to the next, and is never changed once
+released (a change is a new entry).  The version reached is kept in the
+table C{schema_version}; a database from a newer release is refused, not
+guessed at.
+
+Statements name their types in braces ({blob}, {real}, {serial}), which
+each dialect spells its own way (L{appliance.state.database.Dialect}).
+"""
+
+from typing import Sequence, Tuple
+
+MIGRATIONS: Sequence[Tuple[str, ...]] = (
+    # 1: browser sessions and the log of logins that the throttle counts.
+    (
+        # Under a hash of the token: the table holds nothing a client could
+        # present.  Times are seconds since the epoch, from the node's clock.
+        """CREATE TABLE sessions (
+            token_hash {blob} PRIMARY KEY,
+            account TEXT NOT NULL,
+            created {real} NOT NULL,
+            last_used {real} NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_account ON sessions (account)",
+        # One row a failed or successful password check: every node replays
+        # the others' into its throttle (appliance.web.loginevents).
+        # `recorded` is the database's clock, which the nodes poll by (their
+        # own clocks may disagree); `at` is the node's, which the throttle's
+        # windows are measured in.
+        """CREATE TABLE login_events (
+            id {serial},
+            recorded {real} NOT NULL,
+            at {real} NOT NULL,
+            node TEXT NOT NULL,
+            succeeded BOOLEAN NOT NULL,
+            name TEXT NOT NULL,
+            address TEXT NOT NULL,
+            network TEXT
+        )""",
+        "CREATE INDEX login_events_by_recorded ON login_events (recorded)",
+    ),
+)
+
+#: The schema version this release reads and writes.
+SCHEMA_VERSION = len(MIGRATIONS)
