@@ -71,6 +71,17 @@ class ApplianceSection:
     node_name: str
 
 
+class OrthancStorage(str, Enum):
+    """
+    Where Orthanc keeps its DICOM files ([orthanc] storage).
+    """
+
+    #: In a folder: storage_dir, which all nodes of a cluster share.
+    FILESYSTEM = "filesystem"
+    #: In the PostgreSQL database of [database] (Orthanc's storage plugin).
+    POSTGRESQL = "postgresql"
+
+
 @dataclass(frozen=True)
 class OrthancSection:
     executable: Path
@@ -89,6 +100,9 @@ class OrthancSection:
     max_start_failures: int
     min_free_space: int
     firewall: bool
+    storage: OrthancStorage
+    #: L{None}: state_dir/orthanc/storage.
+    storage_dir: Optional[Path]
 
 
 @dataclass(frozen=True)
@@ -269,6 +283,8 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_start_failures": Key(parseCount, "3"),
         "min_free_space": Key(parseSize, "1G"),
         "firewall": Key(parseBool, "yes"),
+        "storage": Key(parseEnum(OrthancStorage), OrthancStorage.FILESYSTEM.value),
+        "storage_dir": Key(parseOptionalPath, ""),
     },
     "tls": {
         "certificate": Key(parsePath, "/etc/pacs-appliance/tls/cert.pem"),
@@ -480,10 +496,12 @@ def _check(config: Config) -> List[str]:
 
 def _checkDatabase(config: Config) -> List[str]:
     database = config.database
+    where = config.where
     if not database.host:
+        if config.orthanc.storage is OrthancStorage.POSTGRESQL:
+            return [f"{where('orthanc', 'storage')}: postgresql needs the PostgreSQL server of [database] (set its host)"]
         return []
     problems = []
-    where = config.where
     if database.password_file is None:
         problems.append(f"{where('database', 'password_file')}: PostgreSQL needs the file that holds the password")
     if database.ssl_mode is DatabaseTLSMode.VERIFY_FULL and database.ca_file is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List
 
 from appliance.config import DEFAULT_CONFIG_PATH, Config, loadConfig
+from appliance.orthanc.settings import postgresqlPlugins
 from appliance.tls import CertificateError, readCertificate
 
 
@@ -56,6 +57,12 @@ def fileProblems(config: Config) -> List[str]:
 
     database = config.database
     if database.host:
+        for plugin in postgresqlPlugins(config):
+            if not plugin.is_file():
+                problems.append(
+                    f"{where('database', 'host')}: Orthanc's PostgreSQL plugin {plugin} does not exist"
+                    " (install the orthanc-postgresql package)"
+                )
         if database.password_file is not None and not os.access(database.password_file, os.R_OK):
             problems.append(
                 f"{where('database', 'password_file')}: {database.password_file} cannot be read"

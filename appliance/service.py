@@ -82,7 +82,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     proxy, proxyRoutes = buildProxyResources(config, orthanc, space, reactor)
     proxy.setServiceParent(root)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
-    site = buildSiteResource(config, orthanc, authenticator, proxyRoutes)
+    site = buildSiteResource(config, orthanc, database, authenticator, proxyRoutes)
     buildWebService(config, site, authenticator, webTLS, reactor).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before

@@ -304,3 +304,14 @@ def test_nodeName(tmp_path):
         f"{path}: [appliance] node_name: '-node' is not a node name (1 to 64 letters, digits, '.', '-' or '_',"
         " starting with a letter or digit)"
     ]
+
+
+def test_orthancStorage(tmp_path):
+    config = loadConfig(writeConfig(tmp_path, {}))
+    assert (config.orthanc.storage.value, config.orthanc.storage_dir) == ("filesystem", None)
+    path = writeConfig(tmp_path, {"orthanc": {"storage": "postgresql"}})
+    assert problemsOf(path) == [
+        f"{path}: [orthanc] storage: postgresql needs the PostgreSQL server of [database] (set its host)"
+    ]
+    path = writeConfig(tmp_path, {"orthanc": {"storage": "s3"}})
+    assert problemsOf(path) == [f"{path}: [orthanc] storage: 's3' is not one of: filesystem, postgresql"]

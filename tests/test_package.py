@@ -283,7 +283,7 @@ def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
     """
     The frozen binary carries the PostgreSQL driver (psycopg, over the
     system's libpq): with [database] set it keeps its sessions in
-    PostgreSQL, over verified TLS.
+    PostgreSQL, over verified TLS, and its Orthanc's index is there too.
     """
     server = requirePostgres(pytest.skip)
     database = server.newDatabase(request.addfinalizer)
@@ -291,6 +291,7 @@ def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
     addReader(str(frozenBuild / "pacs-appliance"), tmp_path / "users")
     config = writeTestConfig(
         tmp_path,
+        appliance={"node_name": "frozen-node"},
         web={"listen_https": f"127.0.0.1:{httpsPort}"},
         auth={"users_file": tmp_path / "users"},
         database=database.section(),
@@ -299,6 +300,11 @@ def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
     daemon = Daemon([str(frozenBuild / "pacs-appliance"), "run", "--config", str(config)], notify, tmp_path)
     try:
         notify.waitFor("READY")
+        status, body = httpsGet(httpsPort, "/healthz")
+        health = json.loads(body)
+        assert (status, health["node"], health["database"]) == (200, "frozen-node", "ready")
+        # Orthanc's index is there too, beside the appliance's tables.
+        assert server.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'resources'", database.name).split() == ["1"]
         cookie = logIn(httpsPort, *READER, context=unverifiedContext())
         assert httpsGet(httpsPort, "/app-config.js", {"Cookie": cookie})[0] == 200
         assert server.sql("SELECT account FROM sessions", database.name).split() == [READER[0]]
@@ -318,6 +324,7 @@ def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
 def test_debContents(debPackage):
     info = subprocess.run(["dpkg-deb", "--info", str(debPackage)], capture_output=True, text=True, check=True).stdout
     assert re.search(r"^ Depends: orthanc, orthanc-dicomweb, nftables, adduser, libpq5,", info, re.M)
+    assert re.search(r"^ Recommends: orthanc-postgresql$", info, re.M)
     contents = subprocess.run(
         ["dpkg-deb", "--contents", str(debPackage)], capture_output=True, text=True, check=True
     ).stdout

@@ -12,7 +12,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from appliance.orthanc.process import OrthancProcessProtocol
-from appliance.orthanc.settings import ORTHANC_HTTP_THREADS, ORTHANC_USER, orthancConfigurationPath
+from appliance.orthanc.settings import (
+    ORTHANC_HTTP_THREADS,
+    ORTHANC_USER,
+    orthancConfigurationPath,
+    postgresqlPasswordPath,
+)
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import OrthancState
 from appliance.orthanc.supervisor import OrthancSupervisor
@@ -182,6 +187,38 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.supervisor.state, OrthancState.FAILED)
         self.assertIn("is not an executable file", self.supervisor.reason)
         self.assertEqual(self.reactor.processes, [])
+
+    def test_databasePasswordIsReadAtEveryStartAndKeptOutOfTheConfiguration(self):
+        """
+        With [database], Orthanc's plugins find the password in a private
+        libpq password file written from password_file at each start (a new
+        password is taken at Orthanc's next start); a file that cannot be
+        read fails the start with the reason.
+        """
+        folder = temporaryFolder(self)
+        password = folder / "password"
+        password.write_text("first:secret\\\n")
+        config = testConfig(
+            folder, database={"host": "127.0.0.1", "ssl_mode": "disable", "password_file": password, "name": "archive"}
+        )
+        supervisor = OrthancSupervisor(config, self.reactor, probe=self.probe, space=StorageSpace.forOrthanc(config))
+        supervisor.startService()
+        passfile = postgresqlPasswordPath(config)
+        self.assertEqual(passfile.read_text(), "127.0.0.1:5432:archive:pacs_appliance:first\\:secret\\\\\n")
+        self.assertEqual(stat.S_IMODE(passfile.stat().st_mode), 0o600)
+        document = orthancConfigurationPath(config).read_text()
+        self.assertNotIn("secret", document)
+        self.assertIn(f"passfile={passfile}", json.loads(document)["PostgreSQL"]["ConnectionUri"])
+        password.write_text("second\n")
+        self.reactor.processes[-1].end(exitCode=255)
+        self.reactor.advance(1)
+        self.assertTrue(passfile.read_text().endswith(":second\n"))
+        password.unlink()
+        self.reactor.processes[-1].end(exitCode=255)
+        self.reactor.advance(2)
+        self.assertEqual(supervisor.state, OrthancState.FAILED)
+        self.assertIn("cannot write Orthanc's configuration", supervisor.reason)
+        self.assertIn(str(password), supervisor.reason)
 
     def test_startTimeoutStopsAHungStart(self):
         self.supervisor.startService()

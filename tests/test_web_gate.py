@@ -10,6 +10,9 @@ what must come of it: the status, and what reached the proxy (nothing, or the
 path asked of Orthanc).
 """
 
+import json
+import socket
+import sqlite3
 from typing import List
 
 from twisted.logger import capturedLogs, formatEvent
@@ -190,6 +193,25 @@ ORTHANC_LIMITS = [
     ),
     Row("admin", "GET", "/pacs-admin/system", 200, "/system", headers=tuple((f"X-{n}", "v") for n in range(45))),
 ]
+
+
+class HealthTests(GatedSiteCase):
+    def test_healthzNamesTheNodeAndFollowsTheStateDatabase(self) -> None:
+        """
+        A node whose state database does not answer is taken out by the load
+        balancer: /healthz says 503 and why, without a user.
+        """
+        status, headers, body = self.exchange(Row(None, "GET", "/healthz", 200))
+        self.assertEqual(status, 200)
+        self.assertEqual((json.loads(body)["node"], json.loads(body)["database"]), (socket.gethostname(), "ready"))
+        self.database._pool.broken = sqlite3.OperationalError("disk I/O error")
+        self.database.interact(lambda statements: None).addErrback(lambda failure: None)
+        status, headers, body = self.exchange(Row(None, "GET", "/healthz", 503))
+        self.assertEqual(status, 503)
+        self.assertEqual(
+            {key: json.loads(body)[key] for key in ("status", "orthanc", "database")},
+            {"status": "unavailable", "orthanc": "ready", "database": "unavailable"},
+        )
 
 
 class AccessTests(GatedSiteCase):

@@ -5,6 +5,7 @@ redirect listener and the access log, against a small build made per test.
 
 import gzip
 import json
+import socket
 import os
 import shutil
 import subprocess
@@ -519,8 +520,10 @@ class HealthTests(SiteCase):
             json.loads(body),
             {
                 "status": "ok",
+                "node": socket.gethostname(),
                 "orthanc": "ready",
                 "dicom": "answers C-ECHO on 127.0.0.1:4242",
+                "database": "ready",
                 "version": appliance.__version__,
             },
         )

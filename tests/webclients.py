@@ -226,7 +226,7 @@ class ProxyToOrthancCase(TestCase):
             self.config, self.supervisor, StorageSpace.forOrthanc(self.config), reactor, maxRequests=self.maxRequests
         )
         self.proxy.setServiceParent(services)
-        site = buildSiteResource(self.config, self.supervisor, authenticator, proxyRoutes)
+        site = buildSiteResource(self.config, self.supervisor, database, authenticator, proxyRoutes)
         web = buildWebService(self.config, site, authenticator, webTLS(self.config), reactor)
         web.setServiceParent(services)
         # Clients close their end before the reactor sees it: the test ends
@@ -383,11 +383,12 @@ class GatedSiteCase(SynchronousTestCase):
         clock = MemoryReactorClock()
         # Password checks in the test's thread: a thread pool would answer
         # through the real reactor, and the test's hashes are cheap.
+        self.database = inlineStateDatabase(clock)
         authenticator = Authenticator.forUsersFile(
             UsersFile(usersFile, clock),
             PasswordChecks(clock, runInThread=maybeDeferred),
             config.auth,
-            inlineStateDatabase(clock),
+            self.database,
             "node1",
             clock,
         )
@@ -398,7 +399,7 @@ class GatedSiteCase(SynchronousTestCase):
         self.stores: List[bool] = []
         self.held: List[Request] = []
         self.site = ApplianceSite.fromConfig(
-            config, buildSiteResource(config, orthanc, authenticator, proxyRoutes), clock, authenticator, True
+            config, buildSiteResource(config, orthanc, self.database, authenticator, proxyRoutes), clock, authenticator, True
         )
         self.site.startFactory()
         self.addCleanup(self.site.stopFactory)

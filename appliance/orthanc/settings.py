@@ -13,10 +13,13 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-from appliance.config import Config
+from psycopg.conninfo import make_conninfo
+
+from appliance.config import Config, DatabaseTLSMode, OrthancStorage
 from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
+from appliance.state.database import databasePassword
 
 #: The only account Orthanc's REST API knows.  Its password changes at every
 #: start of Orthanc and is known to nobody but this process.
@@ -85,8 +88,107 @@ def newCredentials() -> OrthancCredentials:
     return OrthancCredentials(ORTHANC_USER, secrets.token_urlsafe(32))
 
 
-def orthancStorageDir(config: Config) -> Path:
+#: Debian's orthanc-postgresql plugins: Orthanc's index, and its files, in
+#: PostgreSQL.
+POSTGRESQL_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
+POSTGRESQL_STORAGE_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLStorage.so")
+
+#: Connections from one Orthanc to PostgreSQL for its index.  Plugin 4.0
+#: runs every transaction SERIALIZABLE and each stored instance updates the
+#: same counters, so parallel writes collide and are retried whatever the
+#: count: more connections than this buy parallel reads only, and a cluster
+#: shares the server's max_connections (100 by default) among its nodes.
+POSTGRESQL_INDEX_CONNECTIONS = 4
+
+#: How often plugin 4.0 tries a transaction that collided with another
+#: node's (100 ms more each time: about 5 s in all) before Orthanc gives up
+#: with 503 (REST) or 0xA700 (C-STORE), and how often it tries to connect at
+#: start, ConnectionRetryInterval seconds apart (20 s in all, within
+#: [orthanc] start_timeout).
+POSTGRESQL_RETRIES = 10
+POSTGRESQL_RETRY_INTERVAL = 2
+
+
+def orthancHome(config: Config) -> Path:
+    """
+    Orthanc's own folder under state_dir: its working directory, its home,
+    and its index when the index is not in PostgreSQL.
+    """
     return config.appliance.state_dir / "orthanc"
+
+
+def orthancStorageFolder(config: Config) -> Path:
+    """
+    The folder of Orthanc's DICOM files (when they are not in PostgreSQL).
+    """
+    return config.orthanc.storage_dir or orthancHome(config) / "storage"
+
+
+def postgresqlPlugins(config: Config) -> Tuple[Path, ...]:
+    """
+    The orthanc-postgresql plugins C{config} needs: the index's when
+    [database] names a server, and the storage's for [orthanc] storage =
+    postgresql.
+    """
+    if not config.database.host:
+        return ()
+    if config.orthanc.storage is OrthancStorage.POSTGRESQL:
+        return (POSTGRESQL_INDEX_PLUGIN, POSTGRESQL_STORAGE_PLUGIN)
+    return (POSTGRESQL_INDEX_PLUGIN,)
+
+
+def postgresqlPasswordPath(config: Config) -> Path:
+    """
+    The libpq password file through which Orthanc's plugins find the
+    database's password, kept out of Orthanc's configuration (and so out of
+    anything that shows it).
+    """
+    return config.appliance.runtime_dir / "orthanc.pgpass"
+
+
+def renderPostgreSQL(config: Config) -> Dict[str, Any]:
+    """
+    Orthanc's C{PostgreSQL} section for [database] (orthanc-postgresql 4.0).
+
+    The connection is a libpq connection string (C{ConnectionUri}, which
+    the plugin hands to libpq unchanged): the plugin's own keys cannot ask
+    for the server's certificate to be verified.
+    """
+    database = config.database
+    keywords: Dict[str, Any] = {
+        "host": database.host,
+        "port": database.port,
+        "dbname": database.name,
+        "user": database.user,
+        "passfile": str(postgresqlPasswordPath(config)),
+        "sslmode": database.ssl_mode.value,
+        # libpq waits for ever on a host that does not answer.
+        "connect_timeout": 5,
+        "application_name": f"orthanc {config.appliance.node_name}",
+    }
+    if database.ssl_mode is DatabaseTLSMode.VERIFY_FULL:
+        keywords["sslrootcert"] = str(database.ca_file)
+    return {
+        "EnableIndex": True,
+        "EnableStorage": config.orthanc.storage is OrthancStorage.POSTGRESQL,
+        "ConnectionUri": make_conninfo(**keywords),
+        # Several nodes' Orthancs share the database: the lock would let
+        # only the first one start.
+        "Lock": False,
+        "IndexConnectionsCount": POSTGRESQL_INDEX_CONNECTIONS,
+        "MaximumConnectionRetries": POSTGRESQL_RETRIES,
+        "ConnectionRetryInterval": POSTGRESQL_RETRY_INTERVAL,
+    }
+
+
+def postgresqlPasswordLine(config: Config, password: str) -> str:
+    """
+    The line of L{postgresqlPasswordPath} for [database] and C{password}
+    (libpq's format: five fields, colons and backslashes escaped).
+    """
+    database = config.database
+    fields = (database.host, str(database.port), database.name, database.user, password)
+    return ":".join(field.replace("\\", "\\\\").replace(":", "\\:") for field in fields) + "\n"
 
 
 def orthancConfigurationPath(config: Config) -> Path:
@@ -139,12 +241,14 @@ def renderOrthancConfiguration(
     C{httpThreads} its HTTP worker threads (fewer in tests that fill them).
     """
     orthanc = config.orthanc
-    storage = orthancStorageDir(config)
-    return {
+    document = {
         "Name": orthanc.aet,
-        "StorageDirectory": str(storage / "storage"),
-        "IndexDirectory": str(storage / "index"),
-        "Plugins": [str(plugin) for plugin in orthanc.plugins],
+        "StorageDirectory": str(orthancStorageFolder(config)),
+        "IndexDirectory": str(orthancHome(config) / "index"),
+        # Names this node among those that share the index (jobs, and
+        # what plugins keep per server, are kept under it).
+        "DatabaseServerIdentifier": config.appliance.node_name,
+        "Plugins": [str(plugin) for plugin in config.orthanc.plugins + postgresqlPlugins(config)],
         # HTTP: loopback only, one account, reached through the appliance alone.
         "HttpServerEnabled": True,
         "HttpPort": orthanc.http_port,
@@ -199,15 +303,33 @@ def renderOrthancConfiguration(
             # request's Forwarded header, which the proxy sets.
         },
     }
+    if config.database.host:
+        document["PostgreSQL"] = renderPostgreSQL(config)
+    return document
 
 
-def writeOrthancConfiguration(path: Path, document: Dict[str, Any]) -> None:
+def _writePrivate(path: Path, text: str) -> None:
     """
-    Atomically write C{document} to C{path}, readable by the owner only: it
-    holds Orthanc's password.
+    Atomically write C{text} to C{path}, readable by the owner only.
     """
     temporary = path.with_name(path.name + ".new")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-        json.dump(document, stream, indent=2)
+        stream.write(text)
     os.replace(temporary, path)
+
+
+def writeOrthancConfiguration(config: Config, document: Dict[str, Any]) -> None:
+    """
+    Write Orthanc's configuration C{document}, which holds Orthanc's
+    password, and with [database] the password file of its PostgreSQL
+    plugins (read again from [database] password_file at every start of
+    Orthanc, so that a new password is taken at the next one).
+
+    @raise OSError: if a file cannot be read or written.
+    """
+    _writePrivate(orthancConfigurationPath(config), json.dumps(document, indent=2))
+    if config.database.host:
+        _writePrivate(
+            postgresqlPasswordPath(config), postgresqlPasswordLine(config, databasePassword(config.database))
+        )

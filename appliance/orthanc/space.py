@@ -1,5 +1,6 @@
 """
-The free space of the file system that holds Orthanc's storage and index.
+The free space of the file system that holds Orthanc's files (its index
+beside them, unless that is in PostgreSQL).
 
 Orthanc 1.10.1 cannot be trusted with a full disk (measured on Debian 12, see
 C{tests/test_disk_full.py}): an instance smaller than its write buffer (4 KiB:
@@ -16,8 +17,8 @@ from typing import Callable, Optional
 
 from twisted.logger import Logger
 
-from appliance.config import Config
-from appliance.orthanc.settings import orthancStorageDir
+from appliance.config import Config, OrthancStorage
+from appliance.orthanc.settings import orthancHome, orthancStorageFolder
 
 
 def describeFree(size: int) -> str:
@@ -54,9 +55,13 @@ class StorageSpace:
     @classmethod
     def forOrthanc(cls, config: Config) -> "StorageSpace":
         """
-        The free space of Orthanc's storage, against [orthanc] min_free_space.
+        The free space of Orthanc's storage folder, against [orthanc]
+        min_free_space; of Orthanc's own folder when the files are in
+        PostgreSQL (whose server watches its own disk).
         """
-        return cls(orthancStorageDir(config), config.orthanc.min_free_space)
+        if config.orthanc.storage is OrthancStorage.POSTGRESQL:
+            return cls(orthancHome(config), config.orthanc.min_free_space)
+        return cls(orthancStorageFolder(config), config.orthanc.min_free_space)
 
     def full(self) -> bool:
         """

@@ -35,7 +35,8 @@ from appliance.orthanc.settings import (
     OrthancCredentials,
     newCredentials,
     orthancConfigurationPath,
-    orthancStorageDir,
+    orthancHome,
+    orthancStorageFolder,
     renderOrthancConfiguration,
     writeOrthancConfiguration,
 )
@@ -150,7 +151,7 @@ class OrthancSupervisor(Service):
         Service.startService(self)
         self._restartDelay = INITIAL_RESTART_DELAY
         self._startFailures = 0
-        for folder in (orthancStorageDir(self._config), self._config.appliance.runtime_dir):
+        for folder in (orthancHome(self._config), orthancStorageFolder(self._config), self._config.appliance.runtime_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._launch()
 
@@ -175,10 +176,14 @@ class OrthancSupervisor(Service):
             return
         self.credentials = newCredentials()
         configurationPath = orthancConfigurationPath(self._config)
-        writeOrthancConfiguration(
-            configurationPath,
-            renderOrthancConfiguration(self._config, self.credentials, self._relayPorts, self._httpThreads),
-        )
+        try:
+            writeOrthancConfiguration(
+                self._config,
+                renderOrthancConfiguration(self._config, self.credentials, self._relayPorts, self._httpThreads),
+            )
+        except OSError as error:
+            self._fail(f"cannot write Orthanc's configuration: {error}")
+            return
         arguments = [str(executable), str(configurationPath)]
         if self._settings.verbose:
             arguments.append("--verbose")
@@ -191,7 +196,7 @@ class OrthancSupervisor(Service):
                 str(executable),
                 arguments,
                 env=self._environment(),
-                path=str(orthancStorageDir(self._config)),
+                path=str(orthancHome(self._config)),
                 childFDs={0: "w", 1: "r", 2: "r"},
             )
         except OSError as error:
@@ -208,7 +213,7 @@ class OrthancSupervisor(Service):
         environment = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
-            "HOME": str(orthancStorageDir(self._config)),
+            "HOME": str(orthancHome(self._config)),
         }
         if "TZ" in os.environ:
             environment["TZ"] = os.environ["TZ"]

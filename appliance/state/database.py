@@ -359,18 +359,27 @@ class _ConnectionPool(adbapi.ConnectionPool):
     connectionFactory = _Connection
 
 
+def databasePassword(section: DatabaseSection) -> str:
+    """
+    The password of [database], from its file (one line).
+
+    @raise OSError: if the file cannot be read.
+    """
+    assert section.password_file is not None
+    return section.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+
+
 def postgresqlDatabase(section: DatabaseSection, node: str, reactor) -> StateDatabase:
     """
     The state database of a cluster: PostgreSQL, through psycopg (libpq).
     Reads the password file (before the reactor runs).
     """
-    assert section.password_file is not None
     keywords = {
         "host": section.host,
         "port": section.port,
         "dbname": section.name,
         "user": section.user,
-        "password": section.password_file.read_text(encoding="utf-8").rstrip("\r\n"),
+        "password": databasePassword(section),
         "sslmode": section.ssl_mode.value,
         "application_name": f"pacs-appliance {node}",
         "connect_timeout": CONNECT_TIMEOUT,

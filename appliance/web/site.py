@@ -28,6 +28,7 @@ from appliance.logs import LINE_FORMAT, oncePerSecond
 from appliance.tls import ServerTLS
 from appliance.web.appconfig import renderAppConfig
 from appliance.orthanc.state import IOrthanc
+from appliance.state.database import StateDatabase
 from appliance.web.authenticator import Authenticator
 from appliance.web.gate import AccessGate
 from appliance.web.origins import requestTarget
@@ -301,18 +302,23 @@ def buildWebRoot(config: Config, orthanc: IOrthanc) -> Resource:
     A site without accounts: C{/healthz} and the viewer (the routes of
     L{viewerRoutes}).
     """
-    return SiteMap(viewerRoutes(HealthResource(orthanc), viewerResource(config))).root()
+    return SiteMap(viewerRoutes(HealthResource(orthanc, config.appliance.node_name), viewerResource(config))).root()
 
 
 def buildSiteResource(
-    config: Config, orthanc: IOrthanc, authenticator: Authenticator, proxyRoutes: Mapping[bytes, Resource]
+    config: Config,
+    orthanc: IOrthanc,
+    database: StateDatabase,
+    authenticator: Authenticator,
+    proxyRoutes: Mapping[bytes, Resource],
 ) -> AccessGate:
     """
     The daemon's HTTPS site: every route of L{appliance.web.sitemap}, the
     proxy's to Orthanc among them (C{proxyRoutes}, by segment), behind the
     access gate.
     """
-    routes = viewerRoutes(HealthResource(orthanc), viewerResource(config)) + archiveRoutes(
+    health = HealthResource(orthanc, config.appliance.node_name, database)
+    routes = viewerRoutes(health, viewerResource(config)) + archiveRoutes(
         LoginResource(authenticator, config.web),
         LogoutResource(authenticator, config.web),
         proxyRoutes[DICOMWEB],
