@@ -12,8 +12,9 @@ import getpass
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -22,11 +23,13 @@ from twisted.scripts import twistd
 
 import appliance
 from appliance.compat import runTwistd
-from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, loadConfig
+from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, DatabaseSection, loadConfig
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall, removeEveryTable
 from appliance.plugin import serviceMaker
 from appliance.preflight import loadChecked
+from appliance.state.database import DatabaseUnavailable, interactOnce
 from appliance.web.passwords import hashPassword
+from appliance.web.sharedaccounts import findAccount, removeAccount, writeAccount
 from appliance.web.users import (
     UserEntry,
     UsersFileError,
@@ -98,7 +101,13 @@ class PasswdOptions(_OptionsAfterArguments):
         ["delete", None, "Delete the user instead."],
     ]
     optParameters = [
-        ["users", "u", None, "The users file (default: [auth] users_file of the configuration)."],
+        [
+            "users",
+            "u",
+            None,
+            "The users file (default: where the configuration keeps accounts: the database of [database],"
+            " else [auth] users_file).",
+        ],
         [
             "roles",
             "r",
@@ -206,16 +215,62 @@ class PasswdError(Exception):
     """
 
 
-def _usersPath(options: PasswdOptions) -> Path:
+class _UsersFileAccounts:
+    """
+    The accounts of a users file, for passwd.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def find(self, name: str) -> Optional[UserEntry]:
+        return findUser(self.path, name)
+
+    def set(self, entry: UserEntry) -> bool:
+        return setUser(self.path, entry)
+
+    def delete(self, name: str) -> bool:
+        return deleteUser(self.path, name)
+
+
+class _DatabaseAccounts:
+    """
+    The accounts of a cluster's database ([database]), for passwd: every
+    node reads them again within a few seconds.
+    """
+
+    def __init__(self, section: DatabaseSection) -> None:
+        self._section = section
+        self.where = f"the database {section.name} on {section.host}"
+
+    def find(self, name: str) -> Optional[UserEntry]:
+        return interactOnce(self._section, findAccount, name)
+
+    def set(self, entry: UserEntry) -> bool:
+        return interactOnce(self._section, writeAccount, entry, time.time())
+
+    def delete(self, name: str) -> bool:
+        return interactOnce(self._section, removeAccount, name)
+
+
+def _accounts(options: PasswdOptions) -> Union[_UsersFileAccounts, _DatabaseAccounts]:
+    """
+    Where passwd writes: the users file given, else where the configuration
+    keeps its accounts.
+    """
     if options["users"] is not None:
-        return Path(options["users"])
+        return _UsersFileAccounts(Path(options["users"]))
     try:
-        return loadConfig(Path(options["config"])).auth.users_file
+        config = loadConfig(Path(options["config"]))
     except ConfigError as error:
         raise PasswdError(
             f"the configuration {options['config']} has problems (fix them, or name the"
             " users file with --users PATH):\n" + "\n".join(error.problems)
         ) from None
+    if config.database.host:
+        return _DatabaseAccounts(config.database)
+    return _UsersFileAccounts(config.auth.users_file)
 
 
 def _readPassword(name: str, fromStandardInput: bool) -> str:
@@ -238,9 +293,10 @@ def _readPassword(name: str, fromStandardInput: bool) -> str:
 
 def passwd(options: PasswdOptions) -> int:
     """
-    Set the password (and roles) of a user in the users file, or delete the
-    user; every other line of the file stays as it was.  The running daemon
-    reads the file again by itself.
+    Set the password (and roles) of a user where the configuration keeps
+    accounts (the users file, every other line staying as it was, or a
+    cluster's database), or delete the user.  The running daemons read the
+    accounts again by themselves.
     """
     name = options["user"]
     try:
@@ -250,23 +306,24 @@ def passwd(options: PasswdOptions) -> int:
         print(f"pacs-appliance passwd: {error}", file=sys.stderr)
         return 1
     try:
-        path = _usersPath(options)
+        accounts = _accounts(options)
         if options["delete"]:
-            if not deleteUser(path, name):
-                raise PasswdError(f"there is no user {name} in {path}")
-            print(f"Deleted the user {name} from {path}.")
+            if not accounts.delete(name):
+                raise PasswdError(f"there is no user {name} in {accounts.where}")
+            print(f"Deleted the user {name} from {accounts.where}.")
             return 0
         if roles is None:
-            existing = findUser(path, name)
+            existing = accounts.find(name)
             roles = existing.roles if existing is not None else frozenset({"viewer"})
         password = _readPassword(name, options["password-stdin"])
-        created = not path.exists()
-        replaced = setUser(path, UserEntry(name, hashPassword(password), roles))
-    except (PasswdError, UsersFileError) as error:
+        created = isinstance(accounts, _UsersFileAccounts) and not accounts.path.exists()
+        replaced = accounts.set(UserEntry(name, hashPassword(password), roles))
+    except (PasswdError, UsersFileError, DatabaseUnavailable) as error:
         print(f"pacs-appliance passwd: {error}", file=sys.stderr)
         return 1
-    print(f"{'Changed' if replaced else 'Added'} the user {name} (roles: {formatRoles(roles)}) in {path}.")
-    if created and path.stat().st_gid == 0:
+    print(f"{'Changed' if replaced else 'Added'} the user {name} (roles: {formatRoles(roles)}) in {accounts.where}.")
+    if created and isinstance(accounts, _UsersFileAccounts) and accounts.path.stat().st_gid == 0:
+        path = accounts.path
         # A new file has the group of its folder (appliance.web.users).
         print(
             f"pacs-appliance passwd: warning: the new file {path} belongs to the group root: unless the"

@@ -3,7 +3,7 @@ The service tree of the daemon, and the options of its twistd plugin.
 """
 
 from pathlib import Path
-from typing import List
+from typing import List, Union
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
@@ -23,6 +23,7 @@ from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
 from appliance.web.routes import buildProxyResources
+from appliance.web.sharedaccounts import DatabaseAccounts
 from appliance.web.site import buildSiteResource, buildWebService
 from appliance.web.users import UsersFile
 
@@ -68,14 +69,19 @@ def buildService(config: Config, reactor=None) -> MultiService:
         forwarder = DicomForwarderService(config, certificate, reactor, space)
         forwarder.setServiceParent(root)
         certificateUsers.append(forwarder)
-    users = UsersFile(config.auth.users_file, reactor)
-    users.setServiceParent(root)
     passwordChecks = PasswordChecks(reactor)
     passwordChecks.setServiceParent(root)
     # Before the authenticator: its sessions and failed logins are kept there.
     database = openStateDatabase(config, reactor)
     database.setServiceParent(root)
-    authenticator = Authenticator.forUsersFile(
+    # A cluster's accounts are in its database; a single box's in the users file.
+    users: Union[DatabaseAccounts, UsersFile]
+    if config.database.host:
+        users = DatabaseAccounts(database, reactor)
+    else:
+        users = UsersFile(config.auth.users_file, reactor)
+    users.setServiceParent(root)
+    authenticator = Authenticator.forAccountStore(
         users, passwordChecks, config.auth, database, config.appliance.node_name, reactor
     )
     authenticator.setServiceParent(root)

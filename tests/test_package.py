@@ -193,10 +193,16 @@ READER = ("reader", "package test password")
 READER_HEADERS = {"Authorization": "Basic " + base64.b64encode(":".join(READER).encode()).decode()}
 
 
-def addReader(program: str, usersFile: Optional[Path] = None) -> None:
+def addReader(program: str, usersFile: Optional[Path] = None, config: Optional[Path] = None) -> None:
+    """
+    Add the reader with the frozen C{passwd}: to C{usersFile}, else where
+    C{config} keeps accounts, else where the default configuration does.
+    """
     command = [program, "passwd", READER[0], "--roles", "viewer", "--password-stdin"]
     if usersFile is not None:
         command[2:2] = ["--users", str(usersFile)]
+    elif config is not None:
+        command[2:2] = ["--config", str(config)]
     added = subprocess.run(command, input=READER[1] + "\n", capture_output=True, text=True, env=BARE_ENVIRONMENT)
     assert added.returncode == 0, added.stderr
 
@@ -282,20 +288,21 @@ def test_frozenDaemonUnderSystemd(frozenBuild, tmp_path):
 def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
     """
     The frozen binary carries the PostgreSQL driver (psycopg, over the
-    system's libpq): with [database] set it keeps its sessions in
-    PostgreSQL, over verified TLS, and its Orthanc's index is there too.
+    system's libpq): with [database] set, its passwd writes the account
+    there, and the daemon keeps its sessions there, over verified TLS, with
+    its Orthanc's index beside them.
     """
     server = requirePostgres(pytest.skip)
     database = server.newDatabase(request.addfinalizer)
     httpsPort = freePort()
-    addReader(str(frozenBuild / "pacs-appliance"), tmp_path / "users")
     config = writeTestConfig(
         tmp_path,
         appliance={"node_name": "frozen-node"},
         web={"listen_https": f"127.0.0.1:{httpsPort}"},
-        auth={"users_file": tmp_path / "users"},
         database=database.section(),
     )
+    addReader(str(frozenBuild / "pacs-appliance"), config=config)
+    assert server.sql("SELECT name FROM accounts", database.name).split() == [READER[0]]
     notify = NotifySocket(tmp_path / "notify")
     daemon = Daemon([str(frozenBuild / "pacs-appliance"), "run", "--config", str(config)], notify, tmp_path)
     try:

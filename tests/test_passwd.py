@@ -17,7 +17,8 @@ import pytest
 from appliance.web.passwords import PasswordHash, verifyPassword
 from appliance.web.users import findUser
 from tests.commandline import COMMAND
-from tests.support import writeTestConfig
+from tests.postgres import requirePostgres
+from tests.support import freePort, writeTestConfig
 
 
 def passwd(*arguments: str, password: str = None) -> subprocess.CompletedProcess:
@@ -265,3 +266,43 @@ def test_unwritableFolder(tmp_path):
     result = passwd("--users", str(tmp_path / "missing" / "users"), "ada", "--password-stdin", password="a password")
     assert result.returncode == 1
     assert result.stderr == f"pacs-appliance passwd: cannot open the folder {tmp_path / 'missing'}: No such file or directory\n"
+
+
+def test_accountsOfAClusterGoToItsDatabase(request, tmp_path):
+    """
+    With [database], passwd writes the account into the cluster's database
+    (the tables created if need be), where every node reads it.
+    """
+    server = requirePostgres(pytest.skip)
+    database = server.newDatabase(request.addfinalizer)
+    config = writeTestConfig(tmp_path, database=database.section())
+    added = passwd("--config", str(config), "ward-admin", "--roles", "admin", "--password-stdin", password="a long password")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout == f"Added the user ward-admin (roles: admin) in the database {database.name} on 127.0.0.1.\n"
+    [row] = server.sql("SELECT name || ' ' || roles || ' ' || password_hash FROM accounts", database.name).splitlines()
+    name, roles, stored = row.split(" ")
+    assert (name, roles) == ("ward-admin", "admin")
+    assert verifyPassword("a long password", stored)
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("users*")), "no users file written"
+    changed = passwd("--config", str(config), "ward-admin", "--password-stdin", password="another password")
+    assert changed.stdout.startswith("Changed the user ward-admin (roles: admin)"), changed.stdout
+    deleted = passwd("--config", str(config), "ward-admin", "--delete")
+    assert deleted.returncode == 0, deleted.stderr
+    assert server.sql("SELECT count(*) FROM accounts", database.name).strip() == "0"
+    missing = passwd("--config", str(config), "ward-admin", "--delete")
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f"pacs-appliance passwd: there is no user ward-admin in the database {database.name} on 127.0.0.1\n",
+    )
+
+
+def test_anUnreachableDatabaseIsSaid(tmp_path):
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+    config = writeTestConfig(
+        tmp_path, database={"host": "127.0.0.1", "port": freePort(), "ssl_mode": "disable", "password_file": password}
+    )
+    result = passwd("--config", str(config), "someone", "--password-stdin", password="a long password")
+    assert result.returncode == 1
+    assert result.stderr.startswith("pacs-appliance passwd: cannot reach the database: connection failed"), result.stderr
+    assert "Traceback" not in result.stderr

@@ -162,7 +162,7 @@ class ClusterStateTests(DatabaseCase):
     def node(self, name: str) -> Authenticator:
         database = self.started(openStateDatabase(self.config, reactor))
         self.databases.append(database)
-        node = Authenticator.forUsersFile(self.users, self.checks, self.config.auth, database, name, self.clock)
+        node = Authenticator.forAccountStore(self.users, self.checks, self.config.auth, database, name, self.clock)
         node.startService()
         self.addCleanup(node.stopService)
         return node

@@ -71,6 +71,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(document["RemoteAccessAllowed"], False)
         self.assertEqual(document["DicomWeb"]["Root"], "/pacs/")
         self.assertEqual(document["ExecuteLuaEnabled"], False)
+        self.assertEqual(document["OverwriteInstances"], False)
         # The proxy's limit is derived from it: never Orthanc's default.
         self.assertEqual(document["HttpThreadsCount"], ORTHANC_HTTP_THREADS)
         # Orthanc must not give up on a send before the appliance gives up on

@@ -49,9 +49,11 @@ from appliance.web.passwords import (
     verifyPassword,
 )
 from appliance.web.sessions import RECHECK_AFTER, SessionStore
+from appliance.web.sharedaccounts import CHECK_INTERVAL as SHARED_ACCOUNTS_INTERVAL
+from appliance.web.sharedaccounts import DatabaseAccounts, removeAccount, writeAccount
 from appliance.web.sitemap import ADMIN, DICOMWEB, HEALTHZ, SiteMap, archiveRoutes, viewerRoutes
 from appliance.web.throttle import LoginEvent
-from appliance.web.users import UsersFile
+from appliance.web.users import UserEntry, UsersFile
 from tests.support import captureLogs, inlineStateDatabase, logText, temporaryFolder, testConfig
 
 #: Cheap parameters for the tests' users: the format is the same.
@@ -162,7 +164,7 @@ class AuthFixture:
         self.users = UsersFile(self.usersPath, self.clock)
         self.checks = PasswordChecks(self.clock, runInThread=self.threads)
         self.database = inlineStateDatabase(self.clock)
-        self.authenticator = Authenticator.forUsersFile(
+        self.authenticator = Authenticator.forAccountStore(
             self.users, self.checks, self.config.auth, self.database, "node1", self.clock
         )
         self.users.startService()
@@ -608,6 +610,64 @@ class SessionStoreTests(SynchronousTestCase):
         self.assertEqual(self.lookup(self.create("vera")), "vera", "a new login is not refused")
 
 
+class DatabaseAccountsTests(SynchronousTestCase):
+    """
+    A cluster's accounts, read from the state database's table.
+    """
+
+    def setUp(self):
+        self.events = captureLogs(self)
+        self.clock = MemoryReactorClock()
+        self.database = inlineStateDatabase(self.clock)
+        self.accounts = DatabaseAccounts(self.database, self.clock)
+        self.changes: List[frozenset] = []
+        self.accounts.subscribe(self.changes.append)
+        self.accounts.startService()
+        self.addCleanup(self.accounts.stopService)
+
+    def write(self, name: str, password: str = "a password", roles: str = "viewer") -> None:
+        entry = UserEntry(name, hashPassword(password, FAST), frozenset(roles.split(",")))
+        self.successResultOf(self.database.interact(writeAccount, entry, self.clock.seconds()))
+
+    def test_changesElsewhereAreReadWithinTheInterval(self):
+        self.assertEqual(self.accounts.users, {})
+        self.write("vera")
+        self.write("ada", roles="admin")
+        self.clock.advance(SHARED_ACCOUNTS_INTERVAL)
+        self.assertEqual(sorted(self.accounts.users), ["ada", "vera"])
+        self.assertEqual(self.accounts.lookup("ada").account, Account("ada", frozenset({"admin"})))
+        self.assertEqual(self.changes, [], "new accounts change nobody's sessions")
+        self.write("vera", password="a new password")
+        self.successResultOf(self.database.interact(removeAccount, "ada"))
+        self.clock.advance(SHARED_ACCOUNTS_INTERVAL)
+        self.assertEqual(self.changes, [frozenset({"vera", "ada"})])
+        self.assertEqual(sorted(self.accounts.users), ["vera"])
+
+    def test_aBrokenRowIsSkippedAndTheDatabaseBeingDownKeepsTheAccounts(self):
+        self.write("vera")
+        self.database._pool.connection.execute(
+            "INSERT INTO accounts (name, password_hash, roles, changed) VALUES ('uli', 'not a hash', 'viewer', 0)"
+        )
+        self.clock.advance(SHARED_ACCOUNTS_INTERVAL)
+        self.assertEqual(sorted(self.accounts.users), ["vera"])
+        self.clock.advance(SHARED_ACCOUNTS_INTERVAL)
+        skipped = [event for event in self.events if "Skipped the account" in event.get("log_format", "")]
+        self.assertEqual(len(skipped), 1, "said once")
+        self.database._pool.broken = sqlite3.OperationalError("disk I/O error")
+        self.clock.advance(SHARED_ACCOUNTS_INTERVAL)
+        self.assertEqual(sorted(self.accounts.users), ["vera"], "kept while the database is away")
+
+    def test_authenticatesThroughTheStore(self):
+        self.write("vera", password=PASSWORDS["vera"])
+        self.clock.advance(SHARED_ACCOUNTS_INTERVAL)
+        checks = PasswordChecks(self.clock, runInThread=InlineThreads())
+        authenticator = Authenticator.forAccountStore(
+            self.accounts, checks, testConfig(temporaryFolder(self)).auth, self.database, "node1", self.clock
+        )
+        checking = authenticator.login("vera", PASSWORDS["vera"], CLIENT)
+        self.assertEqual(self.successResultOf(checking), Account("vera", frozenset({"viewer"})))
+
+
 class AuthenticatorTests(SynchronousTestCase):
     def setUp(self):
         self.events = captureLogs(self)
@@ -975,7 +1035,7 @@ class SharedLoginsTests(SynchronousTestCase):
 
     def node(self, name: str) -> Authenticator:
         fixture = self.fixture
-        node = Authenticator.forUsersFile(fixture.users, fixture.checks, fixture.config.auth, fixture.database, name, self.clock)
+        node = Authenticator.forAccountStore(fixture.users, fixture.checks, fixture.config.auth, fixture.database, name, self.clock)
         node.startService()
         self.addCleanup(node.stopService)
         return node
@@ -1018,6 +1078,19 @@ class SharedLoginsTests(SynchronousTestCase):
         self.clock.advance(self.fixture.config.auth.login_failure_window)
         self.assertEqual(restarted.retryAfter("vera", CLIENT), 0, "until the window has passed")
 
+    def test_aRefusalIsLoggedOnceHoweverManyFailuresFollow(self):
+        """
+        Other nodes' failures keep arriving after a refusal has started: it
+        is said once, not once a failure.
+        """
+        events = captureLogs(self)
+        throttle = self.fixture.authenticator.throttle
+        now = self.clock.seconds()
+        for offset in range(8):
+            throttle.apply(LoginEvent(now - 60 + offset, False, "vera", "192.0.2.10", None))
+        said = [event for event in events if "Refusing logins as" in event.get("log_format", "")]
+        self.assertEqual(len(said), 1)
+
     def test_lateFailuresTakeTheirPlaceInTime(self):
         """
         Another node's failure arrives after later ones of this node: the
@@ -1043,7 +1116,7 @@ class ThreadTests(TestCase):
         checks = PasswordChecks()
         checks.startService()
         self.addCleanup(checks.stopService)
-        authenticator = Authenticator.forUsersFile(fixture.users, checks, fixture.config.auth, fixture.database, "node1")
+        authenticator = Authenticator.forAccountStore(fixture.users, checks, fixture.config.auth, fixture.database, "node1")
         authenticator.startService()
         self.addCleanup(authenticator.stopService)
         threads = []

@@ -220,7 +220,7 @@ class ProxyToOrthancCase(TestCase):
         checks.setServiceParent(services)
         database = sqliteDatabase(self.config.appliance.state_dir, reactor)
         database.setServiceParent(services)
-        authenticator = Authenticator.forUsersFile(users, checks, self.config.auth, database, "node1", reactor)
+        authenticator = Authenticator.forAccountStore(users, checks, self.config.auth, database, "node1", reactor)
         authenticator.setServiceParent(services)
         self.proxy, proxyRoutes = buildProxyResources(
             self.config, self.supervisor, StorageSpace.forOrthanc(self.config), reactor, maxRequests=self.maxRequests
@@ -384,7 +384,7 @@ class GatedSiteCase(SynchronousTestCase):
         # Password checks in the test's thread: a thread pool would answer
         # through the real reactor, and the test's hashes are cheap.
         self.database = inlineStateDatabase(clock)
-        authenticator = Authenticator.forUsersFile(
+        authenticator = Authenticator.forAccountStore(
             UsersFile(usersFile, clock),
             PasswordChecks(clock, runInThread=maybeDeferred),
             config.auth,

@@ -291,6 +291,9 @@ def renderOrthancConfiguration(
         "OrthancPeersInDatabase": False,
         # Patient data stays out of the logs.
         "DeidentifyLogs": True,
+        # An instance sent again is not stored again: with several nodes,
+        # each Orthanc's caches can then never hold an old copy of one.
+        "OverwriteInstances": False,
         "DicomWeb": {
             "Enable": True,
             # Orthanc serves DICOMweb under the site's public prefix, so that

@@ -369,10 +369,9 @@ def databasePassword(section: DatabaseSection) -> str:
     return section.password_file.read_text(encoding="utf-8").rstrip("\r\n")
 
 
-def postgresqlDatabase(section: DatabaseSection, node: str, reactor) -> StateDatabase:
+def _postgresqlKeywords(section: DatabaseSection, node: str) -> dict:
     """
-    The state database of a cluster: PostgreSQL, through psycopg (libpq).
-    Reads the password file (before the reactor runs).
+    psycopg's connection keywords for [database] (reads the password file).
     """
     keywords = {
         "host": section.host,
@@ -386,11 +385,44 @@ def postgresqlDatabase(section: DatabaseSection, node: str, reactor) -> StateDat
     }
     if section.ssl_mode is DatabaseTLSMode.VERIFY_FULL:
         keywords["sslrootcert"] = str(section.ca_file)
+    return keywords
+
+
+def postgresqlDatabase(section: DatabaseSection, node: str, reactor) -> StateDatabase:
+    """
+    The state database of a cluster: PostgreSQL, through psycopg (libpq).
+    Reads the password file (before the reactor runs).
+    """
+    keywords = _postgresqlKeywords(section, node)
     pool = _ConnectionPool(
         "psycopg", cp_min=1, cp_max=POSTGRESQL_CONNECTIONS, cp_noisy=False, cp_reactor=reactor, **keywords
     )
     where = f"PostgreSQL {section.user}@{section.host}:{section.port}/{section.name}"
     return StateDatabase(pool, POSTGRESQL, where, reactor)
+
+
+def interactOnce(section: DatabaseSection, interaction: Callable[..., Any], *arguments: object) -> Any:
+    """
+    Run C{interaction(statements, *arguments)} on the PostgreSQL database of
+    C{section} in one transaction, the schema brought up to date first, on a
+    connection of its own (blocking: for commands, not for the daemon).
+
+    @raise DatabaseUnavailable: if the database cannot be reached.
+    """
+    import psycopg
+
+    try:
+        with psycopg.connect(**_postgresqlKeywords(section, "command")) as connection:
+            with connection.cursor() as cursor:
+                statements = Statements(cursor, POSTGRESQL)
+                migrate(statements)
+                return interaction(statements, *arguments)
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(f"cannot reach the database: {' '.join(str(error).split())}") from None
+    except psycopg.Error as error:
+        raise DatabaseUnavailable(f"the database refused: {' '.join(str(error).split())}") from None
+    except NewerSchema as error:
+        raise DatabaseUnavailable(str(error)) from None
 
 
 def openStateDatabase(config: Config, reactor) -> StateDatabase:

@@ -40,6 +40,16 @@ MIGRATIONS: Sequence[Tuple[str, ...]] = (
         )""",
         "CREATE INDEX login_events_by_recorded ON login_events (recorded)",
     ),
+    # 2: the accounts of a cluster (pacs-appliance passwd --config), in the
+    # users file's terms: a name, its scrypt hash, its roles.
+    (
+        """CREATE TABLE accounts (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            changed {real} NOT NULL
+        )""",
+    ),
 )
 
 #: The schema version this release reads and writes.

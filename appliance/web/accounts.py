@@ -1,7 +1,8 @@
 """
 Who a user is to the site, whatever the source of the account (the users
-file today; a directory or a single sign-on later): a name, and roles from
-L{ROLES}.
+file, or the shared database's accounts; a directory or a single sign-on
+later): a name, and roles from L{ROLES}; and what a store of accounts with
+passwords offers the checker and the realm (L{IAccountStore}).
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,30 @@ class IAccount(Interface):
     def has(role):
         """
         Do they hold C{role}, or a role that includes it?
+        """
+
+
+class IAccountStore(Interface):
+    """
+    Accounts with their password hashes, as the appliance keeps them: the
+    users file (L{appliance.web.users.UsersFile}) on one box, the accounts
+    table (L{appliance.web.sharedaccounts.DatabaseAccounts}) in a cluster.
+    """
+
+    dummyHash = Attribute(
+        "What an unknown user's password is checked against: a hash with the parameters most users' have,"
+        " so that an unknown name costs what a known one does."
+    )
+
+    def lookup(name):
+        """
+        The entry (L{appliance.web.users.UserEntry}) of user C{name}, or L{None}.
+        """
+
+    def subscribe(listener):
+        """
+        Call C{listener(names)} with the names whose account changed or went,
+        after each change.
         """
 
 

@@ -36,15 +36,15 @@ from appliance.web.checkers import (
     AccountChanged,
     PasswordChecks,
     PasswordChecksBusy,
+    AccountStoreChecker,
+    AccountStoreRealm,
     UnknownUser,
-    UsersFileChecker,
-    UsersRealm,
 )
 from appliance.web.credentials import basicCredentials, decodeBasic, displayName, sessionTokens
 from appliance.web.loginevents import LoginEventFeed
 from appliance.web.sessions import SessionStore
 from appliance.web.throttle import LoginThrottle
-from appliance.web.users import UsersFile
+from appliance.web.accounts import IAccountStore
 
 #: How long a verified HTTP Basic credential is remembered (unless the users
 #: file changes first), and how many are.
@@ -113,7 +113,7 @@ class Authenticator(Service):
     @param portal: checks user names and passwords, and yields accounts
         (L{IAccount}).
     @param accounts: the accounts by name (C{account(name)}), telling of
-        changes (C{subscribe}): the users file's L{UsersRealm}.
+        changes (C{subscribe}): an L{AccountStoreRealm}.
     @param auth: the [auth] configuration.
     @param database: the state database.
     @param node: this node's name, beside the logins it counts.
@@ -122,7 +122,7 @@ class Authenticator(Service):
     log = Logger()
 
     def __init__(
-        self, portal: Portal, accounts: UsersRealm, auth: AuthSection, database: StateDatabase, node: str, reactor=None
+        self, portal: Portal, accounts: AccountStoreRealm, auth: AuthSection, database: StateDatabase, node: str, reactor=None
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -146,15 +146,15 @@ class Authenticator(Service):
         accounts.subscribe(self._accountsChanged)
 
     @classmethod
-    def forUsersFile(
-        cls, users: UsersFile, checks: PasswordChecks, auth: AuthSection, database: StateDatabase, node: str, reactor=None
+    def forAccountStore(
+        cls, users: IAccountStore, checks: PasswordChecks, auth: AuthSection, database: StateDatabase, node: str, reactor=None
     ) -> "Authenticator":
         """
-        The authenticator of the accounts of the users file, their passwords
-        checked by C{checks}.
+        The authenticator of the accounts of a store (the users file, the
+        shared database's accounts), their passwords checked by C{checks}.
         """
-        realm = UsersRealm(users)
-        return cls(Portal(realm, [UsersFileChecker(users, checks)]), realm, auth, database, node, reactor)
+        realm = AccountStoreRealm(users)
+        return cls(Portal(realm, [AccountStoreChecker(users, checks)]), realm, auth, database, node, reactor)
 
     def startService(self) -> None:
         Service.startService(self)

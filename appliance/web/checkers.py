@@ -1,13 +1,14 @@
 """
 Checking a user name and password, the twisted.cred way: an
-L{ICredentialsChecker} per source of accounts (here the users file; a
-directory or a single sign-on would each be one more), an L{IRealm} that
-yields the account with its roles, and the bounded pool of threads the
-password hashes are checked on.
+L{ICredentialsChecker} per source of accounts (here a store of password
+hashes: the users file, or the shared database's accounts; a directory or a
+single sign-on would each be one more), an L{IRealm} that yields the account
+with its roles, and the bounded pool of threads the password hashes are
+checked on.
 
-    Authenticator ──Portal.login(UsernamePassword)──▶ UsersFileChecker ──▶ PasswordChecks (scrypt, 2 threads)
+    Authenticator ──Portal.login(UsernamePassword)──▶ AccountStoreChecker ──▶ PasswordChecks (scrypt, 2 threads)
                                                    ◀── the user's name ──┘
-                  ◀── IAccount ── UsersRealm
+                  ◀── IAccount ── AccountStoreRealm
 
 The checker's refusals say why (L{UnknownUser}, L{WrongPassword}), so that a
 failed login is logged with its reason; an account that changed while its
@@ -28,9 +29,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from appliance.web.accounts import IAccount
+from appliance.web.accounts import IAccount, IAccountStore
 from appliance.web.passwords import verifyPassword
-from appliance.web.users import UsersFile
 
 #: Password checks run on this many threads at most: each scrypt takes a core
 #: and tens of MiB, so a burst of logins queues instead of starving the box.
@@ -172,16 +172,17 @@ class PasswordChecks(Service):
 
 
 @implementer(ICredentialsChecker)
-class UsersFileChecker:
+class AccountStoreChecker:
     """
-    User names and passwords of the users file; the avatar id is the
-    user's name.  An unknown user costs the same scrypt work as most known
-    ones (the users file's C{dummyHash}).
+    User names and passwords of a store of accounts (the users file, the
+    shared database's); the avatar id is the user's name.  An unknown user
+    costs the same scrypt work as most known ones (the store's
+    C{dummyHash}).
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: UsersFile, checks: PasswordChecks) -> None:
+    def __init__(self, users: IAccountStore, checks: PasswordChecks) -> None:
         self._users = users
         self._checks = checks
 
@@ -203,13 +204,13 @@ class UsersFileChecker:
 
 
 @implementer(IRealm)
-class UsersRealm:
+class AccountStoreRealm:
     """
-    The accounts of the users file, by name (the avatar id of
-    L{UsersFileChecker}, and the name a browser session holds).
+    The accounts of a store, by name (the avatar id of
+    L{AccountStoreChecker}, and the name a browser session holds).
     """
 
-    def __init__(self, users: UsersFile) -> None:
+    def __init__(self, users: IAccountStore) -> None:
         self._users = users
 
     def account(self, name: str) -> Optional[IAccount]:

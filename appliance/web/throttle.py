@@ -83,8 +83,10 @@ class FailureCounter:
 
     def add(self, key: object, other: str, at: float) -> bool:
         """
-        Note a failure at time C{at}; whether it makes C{key} refused.
+        Note a failure at time C{at}; whether it makes C{key} refused (not
+        whether it was already: other nodes' failures keep arriving).
         """
+        before = len(self.recent(key))
         # Only the last `limit` failures decide (the oldest of them, when
         # the refusal ends); a name's are kept for its back-off.
         failures = self._failures.setdefault(key, deque(maxlen=self.limit or BACKOFF_MEMORY))
@@ -98,7 +100,7 @@ class FailureCounter:
             failures.popleft()
             position -= 1
         failures.insert(position, (at, other))
-        return self.limit is not None and len(self.recent(key)) == self.limit
+        return self.limit is not None and before < self.limit <= len(self.recent(key))
 
     def forget(self, key: object, other: Optional[str] = None) -> None:
         """
@@ -233,16 +235,15 @@ class LoginThrottle:
         name, address, network, pair = self._keys(name, client)
         self._release(name, address, network, pair)
         event = LoginEvent(self._clock.seconds(), succeeded, name, address, network)
-        self._count(event, warn=True)
+        self.apply(event)
         return event
 
     def apply(self, event: LoginEvent) -> None:
         """
-        Count an outcome seen elsewhere: on another node, or before a restart.
+        Count an outcome: this node's, or one seen elsewhere (on another
+        node, or before a restart).  A refusal it starts is logged on every
+        node that counts it.
         """
-        self._count(event, warn=False)
-
-    def _count(self, event: LoginEvent, warn: bool) -> None:
         name, address, network, pair = self._eventKeys(event.name, event.address, event.network)
         if event.succeeded:
             self._byPair.forget(pair)
@@ -252,7 +253,7 @@ class LoginThrottle:
                 self._byNetwork.forget(network, name)
             return
         self._byName.add(name, network or address, event.at)
-        if self._byPair.add(pair, address, event.at) and warn:
+        if self._byPair.add(pair, address, event.at):
             self.log.warn(
                 "Refusing logins as {user} from {client} for {seconds:.0f}s: {count} failed logins within {window:.0f}s",
                 user=displayName(name),
@@ -262,7 +263,7 @@ class LoginThrottle:
                 window=self._window,
             )
         for counter, key in ((self._byAddress, address), (self._byNetwork, network)):
-            if key is not None and counter.add(key, name, event.at) and warn:
+            if key is not None and counter.add(key, name, event.at):
                 self.log.warn(
                     "Refusing logins from {client} for {seconds:.0f}s: {count} failed logins within {window:.0f}s",
                     client=key,

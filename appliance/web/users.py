@@ -23,8 +23,9 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from appliance.web.accounts import ROLES, Account
+from appliance.web.accounts import ROLES, Account, IAccountStore
 from appliance.web.passwords import DEFAULT_PARAMETERS, PasswordHash, PasswordHashError, commonParameters, dummyHash
 
 
@@ -329,7 +330,57 @@ def _signature(status: os.stat_result) -> _Signature:
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
-class UsersFile(Service):
+@implementer(IAccountStore)
+class AccountEntries:
+    """
+    The accounts a daemon holds, by name (read from the users file, or from
+    a cluster's database), and who is told when they change.
+
+    C{dummyHash} is what an unknown user's password is checked against: a
+    hash with the scrypt parameters most users have (L{commonParameters}),
+    so that an unknown name costs what most known ones do, whatever
+    parameters were the default when their passwords were set.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._users: Dict[str, UserEntry] = {}
+        self.dummyHash = dummyHash(DEFAULT_PARAMETERS)
+        self._listeners: List[Callable[[FrozenSet[str]], None]] = []
+
+    @property
+    def users(self) -> Mapping[str, UserEntry]:
+        return self._users
+
+    def lookup(self, name: str) -> Optional[UserEntry]:
+        return self._users.get(name)
+
+    def subscribe(self, listener: Callable[[FrozenSet[str]], None]) -> None:
+        """
+        Call C{listener} with the names whose account changed or went away,
+        after each read that changed any.
+        """
+        self._listeners.append(listener)
+
+    def _replace(self, users: Dict[str, UserEntry]) -> FrozenSet[str]:
+        """
+        Hold C{users} from now on; tell the listeners, and return, the names
+        whose account changed or went away.
+        """
+        changed = frozenset(name for name, entry in self._users.items() if users.get(name) != entry)
+        self._users = users
+        self.dummyHash = dummyHash(commonParameters(entry.passwordHash for entry in users.values()))
+        if changed:
+            for listener in self._listeners:
+                try:
+                    listener(changed)
+                except Exception:
+                    self.log.failure("Could not apply the change of accounts {users}", users=", ".join(sorted(changed)))
+        return changed
+
+
+class UsersFile(Service, AccountEntries):
     """
     The accounts of the users file, read at construction (so they are there
     before any listener starts) and again when it changes: its metadata is
@@ -340,11 +391,6 @@ class UsersFile(Service):
     L{MAX_FILE_SIZE} and refused if it holds more (a few KiB in practice), so
     the read is as short as a stat, and reading synchronously keeps changes in
     order (no two reads can finish out of turn).
-
-    C{dummyHash} is what an unknown user's password is checked against: a
-    hash with the scrypt parameters most users have (L{commonParameters}),
-    so that an unknown name costs what most known ones do, whatever
-    parameters were the default when their passwords were set.
 
     A missing file means no users.  A file that cannot be read or is not a
     users file (L{readUsers}) keeps the previous accounts in force, said in
@@ -357,29 +403,13 @@ class UsersFile(Service):
     def __init__(self, path: Path, reactor=None, interval: float = CHECK_INTERVAL) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
+        AccountEntries.__init__(self)
         self.path = path
         self._interval = interval
-        self._users: Dict[str, UserEntry] = {}
-        self.dummyHash = dummyHash(DEFAULT_PARAMETERS)
         self._signature: Optional[_Signature] = None
-        self._listeners: List[Callable[[FrozenSet[str]], None]] = []
         self._checking = LoopingCall(self.check)
         self._checking.clock = reactor
         self._read(starting=True)
-
-    @property
-    def users(self) -> Mapping[str, UserEntry]:
-        return self._users
-
-    def lookup(self, name: str) -> Optional[UserEntry]:
-        return self._users.get(name)
-
-    def subscribe(self, listener: Callable[[FrozenSet[str]], None]) -> None:
-        """
-        Call C{listener} with the names whose line changed or was removed,
-        after each read that changed any.
-        """
-        self._listeners.append(listener)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -440,14 +470,4 @@ class UsersFile(Service):
                 " first administrator with: pacs-appliance passwd admin --roles admin",
                 path=str(self.path),
             )
-        changed = frozenset(
-            name for name, entry in self._users.items() if users.get(name) != entry
-        )
-        self._users = users
-        self.dummyHash = dummyHash(commonParameters(entry.passwordHash for entry in users.values()))
-        if changed:
-            for listener in self._listeners:
-                try:
-                    listener(changed)
-                except Exception:
-                    self.log.failure("Could not apply the change of users {users}", users=", ".join(sorted(changed)))
+        self._replace(users)

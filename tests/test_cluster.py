@@ -1,0 +1,295 @@
+"""
+Two whole appliances (`pacs-appliance run`, each supervising its own real
+Orthanc) on one PostgreSQL database (tests/postgres.py) and one storage
+folder, behind a real load balancer in TCP mode (tests/haproxy.py), as a
+hospital would run them: uploads through the balancer (STOW-RS and DICOM TLS
+C-STORE) land on both nodes and are one archive, found and read back through
+either; a browser session opened on one node holds on the other and a logout
+ends it on both; failed logins count across nodes.
+"""
+
+import http.client
+import json
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import urlencode
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from appliance.orthanc.settings import POSTGRESQL_INDEX_PLUGIN
+from appliance.state.database import interactOnce
+from appliance.web.passwords import hashPassword
+from appliance.web.sessions import RECHECK_AFTER
+from appliance.web.sharedaccounts import writeAccount
+from appliance.web.users import UserEntry
+from tests.commandline import COMMAND
+from tests.daemon import startDaemon
+from tests.haproxy import HAPROXY, LoadBalancer
+from tests.postgres import requirePostgres
+from tests.support import (
+    TEST_SCRYPT,
+    TestAuthority,
+    basicAuthorization,
+    ctSeries,
+    storeInstances,
+    temporaryFolder,
+    testConfig,
+)
+from tests.tlsclients import clientContext
+from tests.webclients import DICOM_JSON, UPLOADER, VIEWER, stowBody, stowOutcome
+
+NODES = ("node1", "node2")
+
+#: How long a test waits for the cluster to settle (a node taken in by the
+#: balancer, a logout reaching the other node).
+SETTLE_TIMEOUT = 30.0
+
+
+class ClusterTests(TestCase):
+    timeout = 600
+
+    @inlineCallbacks
+    def setUp(self):
+        if not POSTGRESQL_INDEX_PLUGIN.exists():
+            self.skipTest("Debian's orthanc-postgresql package is not installed")
+        if not Path(HAPROXY).exists():
+            self.skipTest("Debian's haproxy package is not installed")
+        self.server = requirePostgres(self.skipTest)
+        self.database = self.server.newDatabase(self.addCleanup)
+        shared = temporaryFolder(self)
+        authority = TestAuthority(shared / "ca")
+        # One certificate on every node, as behind any load balancer.
+        certificate, key = authority.issue("appliance", "localhost", server=True)
+        self.configs = [
+            testConfig(
+                temporaryFolder(self),
+                appliance={"node_name": node},
+                database=self.database.section(),
+                orthanc={"storage_dir": shared / "storage"},
+                tls={"certificate": certificate, "private_key": key},
+                auth={"max_login_failures": 4},
+                **{"modality:ct": {"aet": "CT1", "host": "127.0.0.1"}},
+            )
+            for node in NODES
+        ]
+        # The cluster's accounts, written where passwd writes them.
+        for name, password, roles in (VIEWER, UPLOADER):
+            entry = UserEntry(name, hashPassword(password, TEST_SCRYPT), frozenset(roles))
+            interactOnce(self.configs[0].database, writeAccount, entry, 0.0)
+        self.context = clientContext(cafile=authority.path)
+        # The modality checks the certificate, not the name (it calls an address).
+        self.dicomContext = clientContext(cafile=authority.path)
+        self.dicomContext.check_hostname = False
+        self.outputs = []
+        # One after the other: the first creates Orthanc's tables.
+        for config in self.configs:
+            output, _ = yield startDaemon(self, config)
+            self.outputs.append(output)
+        self.balancer = LoadBalancer(
+            shared,
+            {
+                "https": [config.web.listen_https.port for config in self.configs],
+                "dicom": [config.dicom.listen.port for config in self.configs],
+            },
+            health=[config.web.listen_https.port for config in self.configs],
+        )
+        self.balancer.start()
+        self.addCleanup(self.balancer.stop)
+        yield self.settle(lambda: self.nodesReached() == set(NODES), "the balancer to send to both nodes")
+
+    # --- clients (blocking: run them in threads)
+
+    def request(
+        self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None, port: Optional[int] = None
+    ) -> Tuple[int, Dict[str, str], bytes]:
+        """
+        One request on a new connection, through the balancer unless C{port}
+        names a node's.
+        """
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", port or self.balancer.ports["https"], context=self.context, timeout=60
+        )
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, dict(response.headers), response.read()
+        finally:
+            connection.close()
+
+    def nodesReached(self) -> set:
+        """
+        The nodes that answer /healthz through the balancer over four
+        connections.
+        """
+        reached = set()
+        for _ in range(4):
+            try:
+                status, _, body = self.request("GET", "/healthz", {})
+            except (OSError, http.client.HTTPException):
+                continue
+            if status == 200:
+                reached.add(json.loads(body)["node"])
+        return reached
+
+    @inlineCallbacks
+    def settle(self, condition, what: str):
+        """
+        Poll C{condition} (blocking, in a thread) until it holds.
+        """
+        deadline = reactor.seconds() + SETTLE_TIMEOUT
+        while not (yield deferToThread(condition)):
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            yield deferLater(reactor, 0.1, lambda: None)
+
+    def stow(self, instance) -> Optional[str]:
+        contentType, body = stowBody(instance)
+        status, _, answer = self.request(
+            "POST",
+            "/pacs/studies",
+            {"Authorization": basicAuthorization(*UPLOADER[:2]), "Content-Type": contentType, "Accept": DICOM_JSON},
+            body,
+        )
+        return stowOutcome(status, answer, instance.SOPInstanceUID)
+
+    def instancesThrough(self, config, studyUID: str) -> List[str]:
+        status, _, body = self.request(
+            "GET",
+            f"/pacs/studies/{studyUID}/instances",
+            {"Authorization": basicAuthorization(*VIEWER[:2]), "Accept": DICOM_JSON},
+            port=config.web.listen_https.port,
+        )
+        self.assertEqual(status, 200, config.appliance.node_name)
+        return [item["00080018"]["Value"][0] for item in json.loads(body)]
+
+    def logIn(self, name: str, password: str) -> Tuple[int, Optional[str]]:
+        status, headers, _ = self.request(
+            "POST",
+            "/login",
+            {"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin"},
+            urlencode({"user": name, "password": password, "next": "/"}).encode("ascii"),
+        )
+        cookie = headers.get("Set-Cookie")
+        return status, cookie.split(";", 1)[0] if cookie else None
+
+    def accessLines(self, text: str) -> List[int]:
+        """
+        How many access-log lines of each node contain C{text}.
+        """
+        return [sum(1 for line in output.lines if "appliance.web.access" in line and text in line) for output in self.outputs]
+
+    # --- the tests
+
+    @inlineCallbacks
+    def test_uploadsThroughTheBalancerAreOneArchive(self):
+        series = ctSeries(10)
+        study = series[0].StudyInstanceUID
+        outcomes = []
+        for instance in series[:6]:
+            outcomes.append((yield deferToThread(self.stow, instance)))
+        self.assertEqual(outcomes, [None] * 6, "every STOW-RS acknowledged")
+        # Two associations: one to each node.
+        for part in (series[6:8], series[8:]):
+            statuses = yield storeInstances(self.balancer.ports["dicom"], part, callingAET="CT1", sslContext=self.dicomContext)
+            self.assertEqual(statuses, [0, 0])
+        self.assertEqual([count > 0 for count in self.accessLines('"POST /pacs/studies HTTP/1.1" 200')], [True, True])
+        expected = sorted(instance.SOPInstanceUID for instance in series)
+        for config in self.configs:
+            found = yield deferToThread(self.instancesThrough, config, study)
+            self.assertEqual(sorted(found), expected, f"each once, through {config.appliance.node_name}")
+        self.assertEqual(
+            self.server.sql("SELECT count(*) FROM Resources WHERE resourceType = 3", self.database.name).split(), ["10"]
+        )
+        # An instance read back through each node, whichever stored it.
+        for instance, config in ((series[0], self.configs[1]), (series[9], self.configs[0])):
+            status, headers, body = yield deferToThread(
+                self.request,
+                "GET",
+                f"/pacs/studies/{study}/series/{instance.SeriesInstanceUID}/instances/{instance.SOPInstanceUID}",
+                {"Authorization": basicAuthorization(*VIEWER[:2]), "Accept": 'multipart/related; type="application/dicom"'},
+                None,
+                config.web.listen_https.port,
+            )
+            self.assertEqual(status, 200)
+            self.assertIn(instance.SOPInstanceUID.encode("ascii"), body)
+
+    @inlineCallbacks
+    def test_aSessionHoldsOnEveryNodeAndALogoutEndsItOnAll(self):
+        status, cookie = yield deferToThread(self.logIn, *VIEWER[:2])
+        self.assertEqual(status, 303)
+        for _ in range(4):
+            status, _, _ = yield deferToThread(self.request, "GET", "/pacs/studies", {"Cookie": cookie, "Accept": DICOM_JSON})
+            self.assertEqual(status, 200)
+        self.assertEqual([count > 0 for count in self.accessLines(f' - {VIEWER[0]} ')], [True, True])
+        status, headers, _ = yield deferToThread(self.request, "POST", "/logout", {"Cookie": cookie, "Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(status, 303)
+
+        def refusedByBoth() -> bool:
+            return all(
+                self.request("GET", "/pacs/studies", {"Cookie": cookie, "Accept": DICOM_JSON}, port=config.web.listen_https.port)[0]
+                == 401
+                for config in self.configs
+            )
+
+        yield self.settle(refusedByBoth, f"both nodes to end the session (within {RECHECK_AFTER:.0f}s)")
+
+    @inlineCallbacks
+    def test_failedLoginsCountOnEveryNode(self):
+        name = VIEWER[0]
+        answers = []
+        for attempt in range(4):
+            status, _ = yield deferToThread(self.logIn, name, f"wrong guess {attempt}")
+            answers.append(status)
+        self.assertEqual(answers, [401] * 4)
+        self.assertEqual([count > 0 for count in self.accessLines('"POST /login HTTP/1.1" 401')], [True, True])
+        # Each node counted two and hears of the other two.
+        for output in self.outputs:
+            yield output.waitFor(f"Refusing logins as '{name}' from 127.0.0.1").addTimeout(SETTLE_TIMEOUT, reactor)
+        for config in self.configs:
+            status, _, _ = yield deferToThread(
+                self.request,
+                "POST",
+                "/login",
+                {"Content-Type": "application/x-www-form-urlencoded", "Sec-Fetch-Site": "same-origin"},
+                urlencode({"user": name, "password": VIEWER[1], "next": "/"}).encode("ascii"),
+                config.web.listen_https.port,
+            )
+            self.assertEqual(status, 429, f"{config.appliance.node_name} refuses the guesser, even the right password")
+
+    @inlineCallbacks
+    def test_anAccountSetOnOneNodeIsInForceOnAll(self):
+        """
+        pacs-appliance passwd --config of one node writes the account where
+        every node reads it: within a few seconds both let it in, and its
+        removal shuts it out of both.
+        """
+        added = yield deferToThread(
+            subprocess.run,
+            [COMMAND, "passwd", "--config", str(self.configs[0].sources[0]), "night-shift", "--roles", "viewer", "--password-stdin"],
+            input="night shift password\n",
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(added.returncode, 0, added.stderr)
+        headers = {"Authorization": basicAuthorization("night-shift", "night shift password"), "Accept": DICOM_JSON}
+
+        def answeredByBoth(status: int):
+            return lambda: all(
+                self.request("GET", "/pacs/studies", headers, port=config.web.listen_https.port)[0] == status
+                for config in self.configs
+            )
+
+        yield self.settle(answeredByBoth(200), "both nodes to know the new account")
+        removed = yield deferToThread(
+            subprocess.run,
+            [COMMAND, "passwd", "--config", str(self.configs[1].sources[0]), "night-shift", "--delete"],
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(removed.returncode, 0, removed.stderr)
+        yield self.settle(answeredByBoth(401), "both nodes to forget the account")
