@@ -1,10 +1,11 @@
 """
 Faults with accounting ("nothing lost"): while a web client STOWs instances
 and a modality C-STOREs over DICOM TLS, both without pause, Orthanc is killed
-with SIGKILL twice and the daemon reloads on SIGHUP once.  Afterwards every
-instance whose store was acknowledged as successful is in the archive, every
-other store was reported to its sender as a failure, and the daemon is ready
-again without anyone's help.  The counts are printed.
+with SIGKILL twice and the daemon reloads on SIGHUP once; on a node whose
+state and index are in PostgreSQL, the same, and PostgreSQL stopped for 20 s.
+Afterwards every instance whose store was acknowledged as successful is in
+the archive, every other store was reported to its sender as a failure, and
+the daemon is ready again without anyone's help.  The counts are printed.
 """
 
 import http.client
@@ -14,25 +15,37 @@ import signal
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set
 from urllib.parse import quote
 
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from appliance.config import Config
+from appliance.state.database import interactOnce
+from appliance.web.passwords import hashPassword
+from appliance.web.sharedaccounts import writeAccount
+from appliance.web.users import UserEntry
 from tests.daemon import POLL_INTERVAL, DaemonClient, addUser, orthancPid, startDaemon
-from tests.support import basicAuthorization, ctSeries, temporaryFolder, testConfig
+from tests.postgres import requirePostgres
+from tests.support import TEST_SCRYPT, basicAuthorization, ctSeries, temporaryFolder, testConfig
 from tests.webclients import DICOM_JSON, stowBody, stowOutcome
 
 UPLOADER = ("uploader", "uploader password for the fault test")
 ADMIN = ("imaging-admin", "admin password for the fault test")
+#: The modality that stores over DICOM TLS.
+CT1 = {"aet": "CT1", "host": "127.0.0.0/8"}
 #: How long one request or one DICOM exchange may take before its sender
 #: counts it as failed.
 PEER_TIMEOUT = 20
+#: How long PostgreSQL stays away in the outage test.
+OUTAGE = 20.0
 SOP_INSTANCE_UID = "00080018"
 
 
@@ -80,17 +93,19 @@ class FaultTests(DaemonClient, TestCase):
     @inlineCallbacks
     def setUp(self):
         self.folder = temporaryFolder(self)
-        users = self.folder / "users"
-        addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
-        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
-        self.config = testConfig(
-            self.folder,
-            auth={"users_file": users},
-            **{"modality:ct1": {"aet": "CT1", "host": "127.0.0.0/8"}},
-        )
+        self.config = self.faultConfig()
         self.output, self.process = yield startDaemon(self, self.config)
         self.dicomPort = self.config.dicom.listen.port
         self.trustDaemon()
+
+    def faultConfig(self) -> Config:
+        """
+        The daemon's configuration, its accounts written.
+        """
+        users = self.folder / "users"
+        addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
+        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
+        return testConfig(self.folder, auth={"users_file": users}, **{"modality:ct1": CT1})
 
     @inlineCallbacks
     def killOrthanc(self):
@@ -212,7 +227,21 @@ class FaultTests(DaemonClient, TestCase):
         return bool(body) and bool(json.loads(body))
 
     @inlineCallbacks
+    def killTwiceAndReload(self):
+        yield self.killOrthanc()
+        yield self.killOrthanc()
+        yield self.reloadDaemon()
+
     def test_nothingAcknowledgedIsLost(self):
+        return self.underLoad(self.killTwiceAndReload)
+
+    @inlineCallbacks
+    def underLoad(self, faults: Callable[[], Deferred]):
+        """
+        Run C{faults} while both senders store without pause; afterwards,
+        every acknowledged instance must be in the archive, every failure
+        told to its sender, and the daemon ready by itself.
+        """
         stow, dicom = Ledger("STOW-RS"), Ledger("C-STORE")
         studies = {"STOW-RS": "2.25." + str(uuid.uuid4().int), "C-STORE": "2.25." + str(uuid.uuid4().int)}
         stop = threading.Event()
@@ -222,9 +251,7 @@ class FaultTests(DaemonClient, TestCase):
         ]
         try:
             yield self.poll(lambda: stow.succeeded and dicom.succeeded, "both senders to store an instance", blocking=False)
-            yield self.killOrthanc()
-            yield self.killOrthanc()
-            yield self.reloadDaemon()
+            yield faults()
             # Both doors work again, without help.
             before = len(stow.succeeded), len(dicom.succeeded)
             yield self.poll(
@@ -266,3 +293,33 @@ class FaultTests(DaemonClient, TestCase):
         # refused STOW is a 5xx or a broken connection, never a 4xx.
         blamed = {uid: kind for uid, kind in stow.failed.items() if kind.startswith("HTTP 4")}
         self.assertEqual(blamed, {}, "\n".join(report))
+
+
+class PostgreSQLFaultTests(FaultTests):
+    """
+    The same on a node whose state, accounts and Orthanc index are in
+    PostgreSQL (the tests' server), and PostgreSQL stopped for L{OUTAGE}
+    seconds under the load.
+    """
+
+    timeout = 400
+
+    def faultConfig(self) -> Config:
+        self.server = requirePostgres(self.skipTest)
+        database = self.server.newDatabase(self.addCleanup)
+        config = testConfig(self.folder, database=database.section(), **{"modality:ct1": CT1})
+        for (name, password), role in ((UPLOADER, "uploader"), (ADMIN, "admin")):
+            entry = UserEntry(name, hashPassword(password, TEST_SCRYPT), frozenset({role}))
+            interactOnce(config.database, writeAccount, entry, 0.0)
+        return config
+
+    @inlineCallbacks
+    def stopPostgreSQL(self):
+        yield deferToThread(self.server.stop)
+        self.addCleanup(lambda: self.server.process is None and self.server.start())
+        yield deferLater(reactor, OUTAGE, lambda: None)
+        yield deferToThread(self.server.start)
+        yield self.poll(self.healthy, "/healthz to say ready after PostgreSQL came back", blocking=True)
+
+    def test_postgresqlStoppedDuringUploads(self):
+        return self.underLoad(self.stopPostgreSQL)
