@@ -17,9 +17,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from psycopg.conninfo import make_conninfo
 
-from appliance.config import Config, DatabaseTLSMode, OrthancStorage
+from appliance.config import Config, OrthancStorage
 from appliance.paths import DICOMWEB_ROOT, WADO_URI_ROOT
-from appliance.state.database import databasePassword
+from appliance.state.database import databasePassword, libpqKeywords
 
 #: The only account Orthanc's REST API knows.  Its password changes at every
 #: start of Orthanc and is known to nobody but this process.
@@ -154,20 +154,8 @@ def renderPostgreSQL(config: Config) -> Dict[str, Any]:
     the plugin hands to libpq unchanged): the plugin's own keys cannot ask
     for the server's certificate to be verified.
     """
-    database = config.database
-    keywords: Dict[str, Any] = {
-        "host": database.host,
-        "port": database.port,
-        "dbname": database.name,
-        "user": database.user,
-        "passfile": str(postgresqlPasswordPath(config)),
-        "sslmode": database.ssl_mode.value,
-        # libpq waits for ever on a host that does not answer.
-        "connect_timeout": 5,
-        "application_name": f"orthanc {config.appliance.node_name}",
-    }
-    if database.ssl_mode is DatabaseTLSMode.VERIFY_FULL:
-        keywords["sslrootcert"] = str(database.ca_file)
+    keywords = libpqKeywords(config.database, f"orthanc {config.appliance.node_name}")
+    keywords["passfile"] = str(postgresqlPasswordPath(config))
     return {
         "EnableIndex": True,
         "EnableStorage": config.orthanc.storage is OrthancStorage.POSTGRESQL,

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
@@ -369,23 +369,32 @@ def databasePassword(section: DatabaseSection) -> str:
     return section.password_file.read_text(encoding="utf-8").rstrip("\r\n")
 
 
-def _postgresqlKeywords(section: DatabaseSection, node: str) -> dict:
+def libpqKeywords(section: DatabaseSection, applicationName: str) -> Dict[str, Any]:
     """
-    psycopg's connection keywords for [database] (reads the password file).
+    libpq's connection keywords for [database], but for the password: the
+    one place that says how the server is reached and verified, for the
+    appliance's own connections and for Orthanc's.
     """
-    keywords = {
+    keywords: Dict[str, Any] = {
         "host": section.host,
         "port": section.port,
         "dbname": section.name,
         "user": section.user,
-        "password": databasePassword(section),
         "sslmode": section.ssl_mode.value,
-        "application_name": f"pacs-appliance {node}",
+        "application_name": applicationName,
+        # libpq waits for ever on a host that does not answer.
         "connect_timeout": CONNECT_TIMEOUT,
     }
     if section.ssl_mode is DatabaseTLSMode.VERIFY_FULL:
         keywords["sslrootcert"] = str(section.ca_file)
     return keywords
+
+
+def _postgresqlKeywords(section: DatabaseSection, node: str) -> Dict[str, Any]:
+    """
+    psycopg's connection keywords for [database] (reads the password file).
+    """
+    return {**libpqKeywords(section, f"pacs-appliance {node}"), "password": databasePassword(section)}
 
 
 def postgresqlDatabase(section: DatabaseSection, node: str, reactor) -> StateDatabase:
