@@ -50,6 +50,26 @@ NODES = ("node1", "node2")
 SETTLE_TIMEOUT = 30.0
 
 
+#: A real serialization failure (SQLSTATE 40001) on every resource Orthanc's
+#: index creates while the table holds a row: what plugin 4.0 meets when two
+#: nodes' parallel writes collide, made certain.  Orthanc retries the
+#: transaction (about 5 s) and gives up.
+SERIALIZATION_FAILURES = """
+CREATE TABLE serialization_fault (reason text);
+INSERT INTO serialization_fault VALUES ('injected by the test');
+GRANT SELECT ON serialization_fault TO PUBLIC;
+CREATE FUNCTION serialization_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM serialization_fault) THEN
+    RAISE EXCEPTION 'could not serialize access (injected)' USING ERRCODE = 'serialization_failure';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER serialization_fault BEFORE INSERT ON Resources
+  FOR EACH ROW EXECUTE FUNCTION serialization_fault();
+"""
+
+
 class ClusterTests(TestCase):
     timeout = 600
 
@@ -217,6 +237,31 @@ class ClusterTests(TestCase):
             )
             self.assertEqual(status, 200)
             self.assertIn(instance.SOPInstanceUID.encode("ascii"), body)
+
+    @inlineCallbacks
+    def test_aWriteTheDatabaseCannotSerialiseIsRefusedNotAcknowledged(self):
+        database = self.database.name
+        self.server.sql(SERIALIZATION_FAILURES, database)
+        series = ctSeries(2)
+        contentType, body = stowBody(series[0])
+        headers = {"Authorization": basicAuthorization(*UPLOADER[:2]), "Content-Type": contentType, "Accept": DICOM_JSON}
+        status, answerHeaders, answer = yield deferToThread(self.request, "POST", "/pacs/studies", headers, body)
+        self.assertEqual((status, answerHeaders.get("Retry-After")), (503, "5"), answer)
+        self.assertIn("could not store 1 of the 1 instances", json.loads(answer)["error"])
+        statuses = yield storeInstances(self.balancer.ports["dicom"], series[1:], callingAET="CT1", sslContext=self.dicomContext)
+        self.assertEqual(statuses, [0xA700], "C-STORE: out of resources, which modalities send again")
+        self.assertEqual(self.server.sql("SELECT count(*) FROM Resources", database).split(), ["0"])
+        self.assertEqual(
+            sum(1 for output in self.outputs for line in output.lines if "accounted for 0 of the 1 instances" in line), 1
+        )
+        # The database serialises again: the senders' second tries are stored, once.
+        self.server.sql("TRUNCATE serialization_fault", database)
+        self.assertIsNone((yield deferToThread(self.stow, series[0])))
+        statuses = yield storeInstances(self.balancer.ports["dicom"], series[1:], callingAET="CT1", sslContext=self.dicomContext)
+        self.assertEqual(statuses, [0])
+        self.assertEqual(
+            self.server.sql("SELECT count(*) FROM Resources WHERE resourceType = 3", database).split(), ["2"]
+        )
 
     @inlineCallbacks
     def test_aSessionHoldsOnEveryNodeAndALogoutEndsItOnAll(self):

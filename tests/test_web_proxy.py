@@ -36,6 +36,7 @@ from appliance.web.routes import (
 )
 from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
 from tests.support import FakeFileSystem, FakeOrthanc, temporaryFolder, testConfig
+from tests.test_stow_check import stowAnswer
 from tests.webclients import BOUNDARY, Answer, archive, head, multipart, parseHead
 
 ORTHANC = OrthancCredentials("pacs-appliance", "orthanc-secret-password")
@@ -972,6 +973,74 @@ class GzipTests(ProxyCase):
             [("Accept-Encoding", "gzip")],
         )
         self.assertEqual((answer.header("Content-Encoding"), answer.body), ("gzip", compressed))
+
+
+class StowCheckTests(ProxyCase):
+    """
+    A STOW-RS answer is passed on only if it accounts for every instance
+    sent: Orthanc's DICOMweb plugin leaves out, from a 200, an instance
+    whose store failed (see appliance.web.stowcheck; the real case is in
+    test_cluster).
+    """
+
+    def stow(self, parts: int, status: str, body: bytes, answerType: str = "application/dicom+json", headers=()):
+        # Parts of 100 kB: the body reaches Orthanc in several blocks.
+        request = multipart([bytes([i]) * 100_000 for i in range(parts)])
+        contentType = f'multipart/related; type="application/dicom"; boundary={BOUNDARY.decode()}'
+        client = self.client("POST", "/pacs/studies", [("Content-Type", contentType), *headers], request)
+        upstream = self.upstream()
+        self.pump()
+        self.assertEqual(upstream.request()[2], request)
+        upstream.respond(head(status, [("Content-Type", answerType)], length=len(body)) + body)
+        upstream.transport.clear()
+        self.pooled = upstream
+        return client.answer()
+
+    def warnings(self) -> List[str]:
+        return [
+            formatEvent(event)
+            for event in self.events
+            if event.get("log_level").name in ("warn", "error")
+            and event.get("log_namespace", "").startswith("appliance.web.proxy")
+        ]
+
+    def test_anInstanceLeftOutIsNotAcknowledged(self) -> None:
+        answer = self.stow(3, "200 OK", stowAnswer(2, 0))
+        self.assertEqual((answer.status, answer.header("Retry-After")), (503, "5"))
+        self.assertIn("could not store 1 of the 3 instances", answer.json()["error"])
+        [warning] = self.warnings()
+        self.assertIn("accounted for 2 of the 3 instances", warning)
+        self.assertEqual(self.stow(1, "200 OK", stowAnswer(0, 0)).status, 503)
+
+    def test_anAnswerAccountingForEveryInstancePasses(self) -> None:
+        for status, body in (("200 OK", stowAnswer(3, 0)), ("202 Accepted", stowAnswer(2, 1))):
+            answer = self.stow(3, status, body)
+            self.assertEqual((answer.status, answer.body), (int(status[:3]), body))
+            self.assertEqual(answer.header("Content-Length"), str(len(body)))
+        compressed = self.stow(3, "200 OK", stowAnswer(3, 0), headers=[("Accept-Encoding", "gzip")])
+        self.assertEqual(gzip.decompress(compressed.body), stowAnswer(3, 0))
+        self.assertEqual(self.warnings(), [])
+
+    def test_refusalsPassAsTheyAre(self) -> None:
+        answer = self.stow(2, "400 Bad Request", stowAnswer(1, 0))
+        self.assertEqual((answer.status, answer.body), (400, stowAnswer(1, 0)))
+
+    def test_anAnswerThatCannotBeReadIsNotAnAcknowledgement(self) -> None:
+        answer = self.stow(1, "200 OK", b"<NativeDicomModel><DicomAttribute", "application/dicom+xml")
+        self.assertEqual(answer.status, 502)
+        self.assertIn("could not be checked", answer.json()["error"])
+        [error] = self.warnings()
+        self.assertIn("could not be read", error)
+
+    def test_orthancsOwn503SaysWhenToTryAgain(self) -> None:
+        answer, _ = self.exchange(
+            "POST",
+            "/pacs-admin/instances",
+            head("503 Service Unavailable", [("Content-Type", "application/json")], length=2) + b"{}",
+            [("Content-Type", "application/dicom")],
+            b"DICM",
+        )
+        self.assertEqual((answer.status, answer.header("Retry-After")), (503, "5"))
 
 
 class PacsRouteTests(ProxyCase):

@@ -102,7 +102,8 @@ POSTGRESQL_INDEX_CONNECTIONS = 4
 
 #: How often plugin 4.0 tries a transaction that collided with another
 #: node's (100 ms more each time: about 5 s in all) before Orthanc gives up
-#: with 503 (REST) or 0xA700 (C-STORE), and how often it tries to connect at
+#: with 503 (REST) or 0xA700 (C-STORE; its STOW-RS says 200, which the proxy
+#: catches: see appliance.web.stowcheck), and how often it tries to connect at
 #: start, ConnectionRetryInterval seconds apart (20 s in all, within
 #: [orthanc] start_timeout).
 POSTGRESQL_RETRIES = 10

@@ -37,7 +37,7 @@ L{_Exchange}:
 """
 
 from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Union
 
 from twisted.application.service import Service
 from twisted.internet import error as internetError
@@ -70,6 +70,7 @@ from appliance.web.proxyheaders import (
     upstreamHeaders,
 )
 from appliance.web.request import mediaType
+from appliance.web.stowcheck import MAX_STOW_ANSWER, PartCounter, answeredItems
 from appliance.web.streaming import registerStreamingProducer
 from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
 from appliance.web.upstream import orthancAgent
@@ -98,6 +99,13 @@ _NOT_COMPRESSED_STATUSES = frozenset({http.NO_CONTENT, http.PARTIAL_CONTENT, htt
 #: failed (an administrator must act first).
 RETRY_AFTER = 5
 RETRY_AFTER_FAILED = 60
+
+#: What an upload is told when Orthanc's answer to it could not be checked
+#: (with 502).
+UNCHECKED_UPLOAD = (
+    "The archive's answer to this upload could not be checked, so whether every instance was stored is not"
+    " known: send it again (instances already stored are recognised), and tell an administrator if it persists."
+)
 
 #: What an upload is told while Orthanc's storage is full (with 507).
 STORAGE_FULL = "The archive's storage is full: nothing was stored; ask an administrator to free space, then send it again."
@@ -174,6 +182,7 @@ class OrthancProxy(Service):
         rewrite: Optional[HeaderRewriter] = None,
         stores: bool = False,
         pagePolicy: Optional[bytes] = None,
+        stow: bool = False,
     ) -> int:
         """
         Answer C{request} with Orthanc's answer to the same method, headers and
@@ -188,6 +197,9 @@ class OrthancProxy(Service):
         @param stores: whether the request uploads instances into the archive.
         @param pagePolicy: the policy of the pages of Orthanc's own web
             application at C{target}, if it is one; L{None} lets no page through.
+        @param stow: whether the request is a STOW-RS upload, whose successful
+            answer must account for every instance sent (see
+            L{appliance.web.stowcheck}).
         @return: L{NOT_DONE_YET}, for C{render}.
         """
         state, credentials = self.orthanc.state, self.orthanc.credentials
@@ -202,7 +214,8 @@ class OrthancProxy(Service):
             answer(request, http.BAD_REQUEST, "The request needs one valid Host header.")
             return NOT_DONE_YET
         headers = upstreamHeaders(request, credentials.authorization(), host)
-        _Exchange(self, request, self.origin + target, headers, rewrite, pagePolicy).start()
+        parts = PartCounter.forContentType(request.getHeader(b"Content-Type") or b"") if stow else None
+        _Exchange(self, request, self.origin + target, headers, rewrite, pagePolicy, parts).start()
         return NOT_DONE_YET
 
 
@@ -227,11 +240,12 @@ def answerUnavailable(request: Request, state: OrthancState) -> None:
 class _WatchedBody:
     """
     The request body, read from its file by a L{FileBodyProducer}, telling the
-    exchange of every block Orthanc takes and of the end.
+    exchange of every block Orthanc takes (an empty one when Orthanc starts
+    taking them) and of the end.
     """
 
     def __init__(
-        self, producer: FileBodyProducer, onBlock: Callable[[], None], onEnd: Callable[[], None]
+        self, producer: FileBodyProducer, onBlock: Callable[[bytes], None], onEnd: Callable[[], None]
     ) -> None:
         self._producer = producer
         self._onBlock = onBlock
@@ -241,7 +255,7 @@ class _WatchedBody:
 
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
-        self._onBlock()
+        self._onBlock(b"")
         return self._producer.startProducing(self).addCallback(self._ended)
 
     def _ended(self, result: object) -> object:
@@ -249,7 +263,7 @@ class _WatchedBody:
         return result
 
     def write(self, data: bytes) -> None:
-        self._onBlock()
+        self._onBlock(data)
         self._consumer.write(data)
 
     def pauseProducing(self) -> None:
@@ -293,7 +307,14 @@ class _Exchange:
     log = Logger()
 
     def __init__(
-        self, proxy: OrthancProxy, request: Request, url: bytes, headers: Headers, rewrite, pagePolicy: Optional[bytes]
+        self,
+        proxy: OrthancProxy,
+        request: Request,
+        url: bytes,
+        headers: Headers,
+        rewrite,
+        pagePolicy: Optional[bytes],
+        parts: Optional[PartCounter] = None,
     ) -> None:
         self._proxy = proxy
         self._request = request
@@ -304,10 +325,12 @@ class _Exchange:
         self._headers = headers
         self._rewrite = rewrite
         self._pagePolicy = pagePolicy
+        #: The parts of a STOW-RS request, counted as they are sent.
+        self._parts = parts
         self._phase = _Phase.WAITING
         self._holdsTurn = False
         self._pending: Optional[Deferred] = None
-        self._streamer: Optional["_AnswerStreamer"] = None
+        self._streamer: Optional[Union["_AnswerStreamer", "_AnswerCollector"]] = None
         self._timer = None
         self._timedOut: Optional[str] = None
 
@@ -338,7 +361,9 @@ class _Exchange:
         method = b"GET" if request.method == b"HEAD" else request.method
         return maybeDeferred(self._proxy.agent.request, method, self._url, self._headers, body)
 
-    def _bodyBlockSent(self) -> None:
+    def _bodyBlockSent(self, data: bytes) -> None:
+        if self._parts is not None:
+            self._parts.feed(data)
         if self._phase is _Phase.REQUEST:
             self._arm(self._proxy.idleTimeout, "upload")
 
@@ -437,21 +462,12 @@ class _Exchange:
                 answer(request, http.BAD_GATEWAY, "The archive answered with a web page, which the appliance does not pass on.")
             return
         self._phase = _Phase.ANSWER
-        request.setResponseCode(response.code)
-        copyAnswerHeaders(response, request, self._rewrite)
-        if not contentType and response.code not in (http.NO_CONTENT, http.NOT_MODIFIED):
-            # Orthanc's untyped answers (empty ones, mostly) are text: not the
-            # text/html twisted.web would say, nor the XML that jQuery parses
-            # an untyped answer as in Orthanc Explorer.
-            request.setHeader(b"Content-Type", b"text/plain")
-        # A page where the route allows one gets its policy; everything else
-        # (a redirect's page too) is sandboxed.
-        policy = self._pagePolicy if isPage and self._pagePolicy is not None else SANDBOXED
-        request.setHeader(b"Content-Security-Policy", policy)
-        # The Agent keeps Content-Length to itself.
-        if isinstance(response.length, int) and response.code not in http.NO_BODY_CODES:
-            request.setHeader(b"Content-Length", b"%d" % (response.length,))
-        encoder = self._encoderFor(response)
+        if self._parts is not None and 200 <= response.code < 300:
+            # Held whole: whether it is passed on depends on what it says.
+            self._streamer = _AnswerCollector(self, response)
+            response.deliverBody(self._streamer)
+            return
+        encoder = self._passHead(response)
         if request.method == b"HEAD":
             self._end()
             response.deliverBody(_Discard())
@@ -464,6 +480,83 @@ class _Exchange:
             ending = AnswerEnd.forContentType(_contentType(response))
         self._streamer = _AnswerStreamer(self, request, encoder, ending)
         response.deliverBody(self._streamer)
+
+    def _passHead(self, response: IResponse):
+        """
+        Give the client Orthanc's status and headers, as far as the policy
+        lets them through; the encoder of the body, if it is to be compressed.
+        """
+        request = self._request
+        contentType = mediaType(_contentType(response))
+        request.setResponseCode(response.code)
+        copyAnswerHeaders(response, request, self._rewrite)
+        if not contentType and response.code not in (http.NO_CONTENT, http.NOT_MODIFIED):
+            # Orthanc's untyped answers (empty ones, mostly) are text: not the
+            # text/html twisted.web would say, nor the XML that jQuery parses
+            # an untyped answer as in Orthanc Explorer.
+            request.setHeader(b"Content-Type", b"text/plain")
+        # A page where the route allows one gets its policy; everything else
+        # (a redirect's page too) is sandboxed.
+        isPage = contentType in PAGE_TYPES
+        policy = self._pagePolicy if isPage and self._pagePolicy is not None else SANDBOXED
+        request.setHeader(b"Content-Security-Policy", policy)
+        if response.code == http.SERVICE_UNAVAILABLE and not request.responseHeaders.hasHeader(b"Retry-After"):
+            # Orthanc's own 503: a write its index could not serialise
+            # against another node's, or PostgreSQL away.  Both pass.
+            request.setHeader(b"Retry-After", b"%d" % (RETRY_AFTER,))
+        # The Agent keeps Content-Length to itself.
+        if isinstance(response.length, int) and response.code not in http.NO_BODY_CODES:
+            request.setHeader(b"Content-Length", b"%d" % (response.length,))
+        return self._encoderFor(response)
+
+    def answerCollected(self, response: IResponse, reason: Failure, body: Optional[bytes]) -> None:
+        """
+        Orthanc's whole answer to a STOW-RS request (L{None} if it was larger
+        than L{MAX_STOW_ANSWER}): passed on if it accounts for every instance
+        sent, else a 503 (see L{appliance.web.stowcheck}).
+        """
+        if self._phase is _Phase.OVER:
+            return
+        self._end()
+        request = self._request
+        if body is not None and not reason.check(ResponseDone, PotentialDataLoss):
+            self._logFailure("Orthanc broke off its answer to {method} {path}: {error}", reason)
+            answer(request, http.BAD_GATEWAY, UNCHECKED_UPLOAD)
+            return
+        sent = self._parts.parts
+        accounted = None if body is None else answeredItems(_contentType(response), body)
+        if accounted is None:
+            self.log.error(
+                "Orthanc's answer to {method} {path} could not be read to check it (status {status}, {size} bytes)",
+                status=response.code,
+                size=f"over {MAX_STOW_ANSWER}" if body is None else len(body),
+                **self._where(),
+            )
+            answer(request, http.BAD_GATEWAY, UNCHECKED_UPLOAD)
+            return
+        if accounted < sent:
+            self.log.warn(
+                "Orthanc answered {method} {path} with {status} but accounted for {accounted} of the {sent}"
+                " instances sent (the others failed without being listed: its database was busy or away);"
+                " answered 503",
+                status=response.code,
+                accounted=accounted,
+                sent=sent,
+                **self._where(),
+            )
+            answer(
+                request,
+                http.SERVICE_UNAVAILABLE,
+                f"The archive could not store {sent - accounted} of the {sent} instances sent (its database was"
+                " busy or unreachable). Send the request again: the instances already stored are recognised.",
+                RETRY_AFTER,
+            )
+            return
+        encoder = self._passHead(response)
+        if encoder is not None:
+            body = encoder.encode(body) + encoder.finish()
+        request.write(body)
+        request.finish()
 
     def _encoderFor(self, response: IResponse):
         """
@@ -621,6 +714,39 @@ class _AnswerStreamer(Protocol):
 
     def stopProducing(self) -> None:
         self.stopUpstream()
+
+
+class _AnswerCollector(Protocol):
+    """
+    Receives an answer that must be read whole before any of it is passed on
+    (a STOW-RS answer: see L{appliance.web.stowcheck}), at most
+    L{MAX_STOW_ANSWER} bytes of it.
+    """
+
+    def __init__(self, exchange: _Exchange, response: IResponse) -> None:
+        self._exchange = exchange
+        self._response = response
+        self._blocks: List[bytes] = []
+        self._size = 0
+
+    def connectionMade(self) -> None:
+        self._exchange.armIdle()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._exchange.armIdle()
+        self._size += len(data)
+        if self._size > MAX_STOW_ANSWER:
+            self._blocks = []
+            self.transport.stopProducing()
+            return
+        self._blocks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        whole = None if self._size > MAX_STOW_ANSWER else b"".join(self._blocks)
+        self._exchange.answerCollected(self._response, reason, whole)
+
+    def stopUpstream(self) -> None:
+        self.transport.stopProducing()
 
 
 class _Discard(Protocol):

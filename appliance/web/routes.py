@@ -267,7 +267,8 @@ class PacsResource(Resource):
         refusal = tooLargeForOrthanc(request, upstream)
         if refusal is not None:
             return refusal
-        return self._proxy.forward(request, upstream, stores=stow and request.method == b"POST")
+        uploads = stow and request.method == b"POST"
+        return self._proxy.forward(request, upstream, stores=uploads, stow=uploads)
 
 
 #: The Content-Security-Policy of Orthanc Explorer's pages (Orthanc 1.10.1's
