@@ -94,7 +94,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     # After every listener: one that cannot be bound ends the start before
     # the guard has changed the firewall (nothing would remove the rules).
     guard.setServiceParent(root)
-    notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval())
+    notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval(), database)
     ReloadOnSighup(config, certificateUsers, notify, reactor, reloadables=[users]).setServiceParent(root)
     # Last: it starts once every listener is bound (see its docstring).
     notify.setServiceParent(root)

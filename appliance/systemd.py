@@ -5,7 +5,8 @@ Under C{Type=notify} systemd gives us C{NOTIFY_SOCKET}, an AF_UNIX datagram
 socket, and reads newline-separated C{KEY=VALUE} assignments from it:
 
     READY=1        the listeners are bound and Orthanc answers: start is done
-    STATUS=...     one line for C{systemctl status}: the supervisor's state
+    STATUS=...     one line for C{systemctl status}: the supervisor's state,
+                   then the state database's (available, or why not)
     WATCHDOG=1     the reactor is alive; sent at half of C{WATCHDOG_USEC}
     RELOADING=1    a reload (SIGHUP) has begun; READY=1 ends it
     STOPPING=1     the daemon is shutting down
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.orthanc.state import IOrthanc, OrthancState
+from appliance.state.database import StateDatabase
 
 
 class Notifier:
@@ -118,17 +120,30 @@ class SystemdNotifyService(Service):
         orthanc: IOrthanc,
         reactor=None,
         watchdogInterval: Optional[float] = None,
+        database: Optional[StateDatabase] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._notifier = notifier
         self._orthanc = orthanc
+        self._database = database
         self._reactor = reactor
         self._watchdogInterval = watchdogInterval
         self._watchdog: Optional[LoopingCall] = None
         self._waitingForOrthanc: Optional[Deferred] = None
         self.ready = False
         orthanc.subscribe(self._orthancChanged)
+        if database is not None:
+            database.subscribe(self._databaseChanged)
+
+    def _status(self, state: OrthancState, reason: str) -> str:
+        """
+        The STATUS= line: Orthanc's state, then the state database's.
+        """
+        status = orthancStatus(state, reason)
+        if self._database is None:
+            return status
+        return f"{status}; {self._database.describe()}"
 
     def startService(self) -> None:
         Service.startService(self)
@@ -167,7 +182,7 @@ class SystemdNotifyService(Service):
         """
         if not self.running:
             return  # STOPPING=1 has been sent: nothing else should follow it
-        status = f"{outcome}; {orthancStatus(self._orthanc.state, self._orthanc.reason)}"
+        status = f"{outcome}; {self._status(self._orthanc.state, self._orthanc.reason)}"
         if self.ready:
             self._notifier.notify(ready="1", status=status)
         else:
@@ -180,11 +195,15 @@ class SystemdNotifyService(Service):
             return
         self.ready = True
         self.log.info("Listening and Orthanc is ready: notifying systemd")
-        self._notifier.notify(ready="1", status=orthancStatus(self._orthanc.state, self._orthanc.reason))
+        self._notifier.notify(ready="1", status=self._status(self._orthanc.state, self._orthanc.reason))
 
     def _orthancChanged(self, state: OrthancState, reason: str) -> None:
         if self.running:
-            self._notifier.notify(status=orthancStatus(state, reason))
+            self._notifier.notify(status=self._status(state, reason))
+
+    def _databaseChanged(self) -> None:
+        if self.running:
+            self._notifier.notify(status=self._status(self._orthanc.state, self._orthanc.reason))
 
     def _watchdogFailed(self, failure: Failure) -> None:
         self._logFailure(failure, "The systemd watchdog pings stopped")

@@ -10,6 +10,8 @@ ends it on both; failed logins count across nodes.
 
 import http.client
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -28,7 +30,7 @@ from appliance.web.sessions import RECHECK_AFTER
 from appliance.web.sharedaccounts import writeAccount
 from appliance.web.users import UserEntry
 from tests.commandline import COMMAND
-from tests.daemon import startDaemon
+from tests.daemon import RECOVERY_TIMEOUT, orthancPid, startDaemon
 from tests.haproxy import HAPROXY, LoadBalancer
 from tests.postgres import requirePostgres
 from tests.support import (
@@ -40,6 +42,9 @@ from tests.support import (
     temporaryFolder,
     testConfig,
 )
+from tests.test_faults import ADMIN as FAULT_ADMIN
+from tests.test_faults import UPLOADER as FAULT_UPLOADER
+from tests.test_faults import UploadsUnderFaults
 from tests.tlsclients import clientContext
 from tests.webclients import DICOM_JSON, UPLOADER, VIEWER, stowBody, stowOutcome
 
@@ -70,8 +75,15 @@ CREATE TRIGGER serialization_fault BEFORE INSERT ON Resources
 """
 
 
-class ClusterTests(TestCase):
+class ClusterCase(TestCase):
+    """
+    Two appliances on one database and one storage folder behind haproxy,
+    started for each test; the accounts of C{accounts} (name, password,
+    roles) written where C{passwd --config} writes them.
+    """
+
     timeout = 600
+    accounts = (VIEWER, UPLOADER)
 
     @inlineCallbacks
     def setUp(self):
@@ -98,18 +110,19 @@ class ClusterTests(TestCase):
             for node in NODES
         ]
         # The cluster's accounts, written where passwd writes them.
-        for name, password, roles in (VIEWER, UPLOADER):
+        for name, password, roles in self.accounts:
             entry = UserEntry(name, hashPassword(password, TEST_SCRYPT), frozenset(roles))
             interactOnce(self.configs[0].database, writeAccount, entry, 0.0)
         self.context = clientContext(cafile=authority.path)
         # The modality checks the certificate, not the name (it calls an address).
         self.dicomContext = clientContext(cafile=authority.path)
         self.dicomContext.check_hostname = False
-        self.outputs = []
+        self.outputs, self.processes = [], []
         # One after the other: the first creates Orthanc's tables.
         for config in self.configs:
-            output, _ = yield startDaemon(self, config)
+            output, process = yield startDaemon(self, config)
             self.outputs.append(output)
+            self.processes.append(process)
         self.balancer = LoadBalancer(
             shared,
             {
@@ -157,11 +170,11 @@ class ClusterTests(TestCase):
         return reached
 
     @inlineCallbacks
-    def settle(self, condition, what: str):
+    def settle(self, condition, what: str, timeout: float = SETTLE_TIMEOUT):
         """
         Poll C{condition} (blocking, in a thread) until it holds.
         """
-        deadline = reactor.seconds() + SETTLE_TIMEOUT
+        deadline = reactor.seconds() + timeout
         while not (yield deferToThread(condition)):
             if reactor.seconds() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
@@ -203,8 +216,8 @@ class ClusterTests(TestCase):
         """
         return [sum(1 for line in output.lines if "appliance.web.access" in line and text in line) for output in self.outputs]
 
-    # --- the tests
 
+class ClusterTests(ClusterCase):
     @inlineCallbacks
     def test_uploadsThroughTheBalancerAreOneArchive(self):
         series = ctSeries(10)
@@ -338,3 +351,59 @@ class ClusterTests(TestCase):
         )
         self.assertEqual(removed.returncode, 0, removed.stderr)
         yield self.settle(answeredByBoth(401), "both nodes to forget the account")
+
+
+class NodeKilledTests(UploadsUnderFaults, ClusterCase):
+    """
+    One node killed in the middle of uploads through the balancer: the
+    daemon and its Orthanc with SIGKILL, as a power cut or the kernel's OOM
+    killer would, then started again as systemd's Restart= does.
+    """
+
+    accounts = (
+        VIEWER,
+        UPLOADER,
+        (FAULT_UPLOADER[0], FAULT_UPLOADER[1], ["uploader"]),
+        (FAULT_ADMIN[0], FAULT_ADMIN[1], ["admin"]),
+    )
+
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.dicomPort = self.balancer.ports["dicom"]
+        # The modality's context: it checks the certificate, not the name.
+        self.context = self.dicomContext
+
+    def archiveRequest(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None):
+        status, _, answer = self.request(method, path, headers, body)
+        return status, answer
+
+    def poll(self, condition, what: str, blocking: bool = True):
+        return self.settle(condition, what, RECOVERY_TIMEOUT)
+
+    def nodeHealthy(self, config) -> bool:
+        try:
+            return self.request("GET", "/healthz", {}, port=config.web.listen_https.port)[0] == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    @inlineCallbacks
+    def assertRecovered(self):
+        for config, output in zip(self.configs, self.outputs):
+            self.assertTrue((yield deferToThread(self.nodeHealthy, config)), config.appliance.node_name)
+            self.assertFalse(output.ended.called, "a daemon ended:\n" + "\n".join(output.lines))
+
+    @inlineCallbacks
+    def killFirstNode(self):
+        output, process = self.outputs[0], self.processes[0]
+        orthanc = orthancPid(output, process)
+        os.kill(process.pid, signal.SIGKILL)
+        os.kill(orthanc, signal.SIGKILL)
+        yield output.ended
+        # The senders go on through the other node meanwhile.
+        yield self.settle(lambda: self.nodesReached() == {"node2"}, "the balancer to take node1 out")
+        self.outputs[0], self.processes[0] = yield startDaemon(self, self.configs[0])
+        yield self.settle(lambda: self.nodesReached() == set(NODES), "the balancer to take node1 in again")
+
+    def test_nothingAcknowledgedIsLostWhenANodeDies(self):
+        return self.underLoad(self.killFirstNode)

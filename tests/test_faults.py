@@ -81,66 +81,19 @@ def newInstance(studyUID: str, patientID: str):
     return ctSeries(1, rows=16, columns=16, studyUID=studyUID, patientID=patientID)[0]
 
 
-class FaultTests(DaemonClient, TestCase):
+class UploadsUnderFaults:
     """
-    The whole daemon under load from both doors while Orthanc dies and the
-    configuration is reloaded.
+    Faults under load, with accounting: a web client STOWs and a modality
+    C-STOREs over DICOM TLS without pause while a test's faults happen, then
+    every acknowledged instance must be in the archive.
+
+    A test case using it provides C{archiveRequest} (one HTTPS request to the
+    archive, blocking), C{dicomPort} and C{context} (where the modality
+    associates, and its TLS context), C{poll} (as L{DaemonClient.poll}) and
+    C{assertRecovered} (a Deferred: the archive is ready again by itself).
     """
 
-    timeout = 300
     log = Logger()
-
-    @inlineCallbacks
-    def setUp(self):
-        self.folder = temporaryFolder(self)
-        self.config = self.faultConfig()
-        self.output, self.process = yield startDaemon(self, self.config)
-        self.dicomPort = self.config.dicom.listen.port
-        self.trustDaemon()
-
-    def faultConfig(self) -> Config:
-        """
-        The daemon's configuration, its accounts written.
-        """
-        users = self.folder / "users"
-        addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
-        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
-        return testConfig(self.folder, auth={"users_file": users}, **{"modality:ct1": CT1})
-
-    @inlineCallbacks
-    def killOrthanc(self):
-        """
-        SIGKILL the daemon's Orthanc, then wait until the daemon has noticed
-        and /healthz says it is ready again.
-        """
-        pid = orthancPid(self.output, self.process)
-        seen = len(self.output.lines)
-        os.kill(pid, signal.SIGKILL)
-        yield self.poll(
-            lambda: any("Orthanc is restarting" in line for line in self.output.lines[seen:]),
-            f"the daemon to notice that Orthanc (pid {pid}) died",
-            blocking=False,
-        )
-        yield self.poll(self.healthy, "/healthz to say ready after the kill", blocking=True)
-        self.log.info("Orthanc (pid {pid}) was killed and replaced by pid {new}", pid=pid, new=orthancPid(self.output, self.process))
-
-    @inlineCallbacks
-    def reloadDaemon(self):
-        """
-        SIGHUP the daemon and wait for the outcome of the reload in its log.
-        """
-        seen = len(self.output.lines)
-        self.process.signalProcess("HUP")
-        outcomes = ("Reloaded:", "Reload refused", "Reload failed")
-
-        def outcome() -> Optional[str]:
-            for line in self.output.lines[seen:]:
-                if any(text in line for text in outcomes):
-                    return line
-            return None
-
-        yield self.poll(lambda: outcome() is not None, "the outcome of the reload", blocking=False)
-        self.assertIn("Reloaded:", outcome())
 
     # --- the senders
 
@@ -155,7 +108,7 @@ class FaultTests(DaemonClient, TestCase):
             contentType, body = stowBody(instance)
             uid = instance.SOPInstanceUID
             try:
-                status, answer = self.request("POST", "/pacs/studies", {**headers, "Content-Type": contentType}, body)
+                status, answer = self.archiveRequest("POST", "/pacs/studies", {**headers, "Content-Type": contentType}, body)
             except (OSError, http.client.HTTPException) as error:
                 ledger.record(uid, f"connection error ({type(error).__name__})")
                 stop.wait(POLL_INTERVAL)
@@ -213,7 +166,7 @@ class FaultTests(DaemonClient, TestCase):
         the appliance (blocking).
         """
         headers = {"Authorization": basicAuthorization(*ADMIN), "Accept": DICOM_JSON}
-        status, body = self.request("GET", f"/pacs/studies/{studyUID}/instances", headers)
+        status, body = self.archiveRequest("GET", f"/pacs/studies/{studyUID}/instances", headers)
         self.assertIn(status, (200, 204), body[:300])
         return {item[SOP_INSTANCE_UID]["Value"][0] for item in (json.loads(body) if body else [])}
 
@@ -222,18 +175,9 @@ class FaultTests(DaemonClient, TestCase):
         Whether the archive has the instance C{uid}, asked alone (blocking).
         """
         headers = {"Authorization": basicAuthorization(*ADMIN), "Accept": DICOM_JSON}
-        status, body = self.request("GET", f"/pacs/instances?SOPInstanceUID={quote(uid)}", headers)
+        status, body = self.archiveRequest("GET", f"/pacs/instances?SOPInstanceUID={quote(uid)}", headers)
         self.assertIn(status, (200, 204), body[:300])
         return bool(body) and bool(json.loads(body))
-
-    @inlineCallbacks
-    def killTwiceAndReload(self):
-        yield self.killOrthanc()
-        yield self.killOrthanc()
-        yield self.reloadDaemon()
-
-    def test_nothingAcknowledgedIsLost(self):
-        return self.underLoad(self.killTwiceAndReload)
 
     @inlineCallbacks
     def underLoad(self, faults: Callable[[], Deferred]):
@@ -264,8 +208,7 @@ class FaultTests(DaemonClient, TestCase):
             for sender in senders:
                 yield sender
 
-        self.assertTrue((yield deferToThread(self.healthy)), "/healthz does not say ready")
-        self.assertFalse(self.output.ended.called, "the daemon ended:\n" + "\n".join(self.output.lines))
+        yield self.assertRecovered()
 
         report = []
         missing: Dict[str, List[str]] = {}
@@ -294,6 +237,83 @@ class FaultTests(DaemonClient, TestCase):
         blamed = {uid: kind for uid, kind in stow.failed.items() if kind.startswith("HTTP 4")}
         self.assertEqual(blamed, {}, "\n".join(report))
 
+
+class FaultTests(UploadsUnderFaults, DaemonClient, TestCase):
+    """
+    The whole daemon under load from both doors while Orthanc dies and the
+    configuration is reloaded.
+    """
+
+    timeout = 300
+
+    @inlineCallbacks
+    def setUp(self):
+        self.folder = temporaryFolder(self)
+        self.config = self.faultConfig()
+        self.output, self.process = yield startDaemon(self, self.config)
+        self.dicomPort = self.config.dicom.listen.port
+        self.trustDaemon()
+
+    def faultConfig(self) -> Config:
+        """
+        The daemon's configuration, its accounts written.
+        """
+        users = self.folder / "users"
+        addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
+        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
+        return testConfig(self.folder, auth={"users_file": users}, **{"modality:ct1": CT1})
+
+    @inlineCallbacks
+    def killOrthanc(self):
+        """
+        SIGKILL the daemon's Orthanc, then wait until the daemon has noticed
+        and /healthz says it is ready again.
+        """
+        pid = orthancPid(self.output, self.process)
+        seen = len(self.output.lines)
+        os.kill(pid, signal.SIGKILL)
+        yield self.poll(
+            lambda: any("Orthanc is restarting" in line for line in self.output.lines[seen:]),
+            f"the daemon to notice that Orthanc (pid {pid}) died",
+            blocking=False,
+        )
+        yield self.poll(self.healthy, "/healthz to say ready after the kill", blocking=True)
+        self.log.info("Orthanc (pid {pid}) was killed and replaced by pid {new}", pid=pid, new=orthancPid(self.output, self.process))
+
+    @inlineCallbacks
+    def reloadDaemon(self):
+        """
+        SIGHUP the daemon and wait for the outcome of the reload in its log.
+        """
+        seen = len(self.output.lines)
+        self.process.signalProcess("HUP")
+        outcomes = ("Reloaded:", "Reload refused", "Reload failed")
+
+        def outcome() -> Optional[str]:
+            for line in self.output.lines[seen:]:
+                if any(text in line for text in outcomes):
+                    return line
+            return None
+
+        yield self.poll(lambda: outcome() is not None, "the outcome of the reload", blocking=False)
+        self.assertIn("Reloaded:", outcome())
+
+    def archiveRequest(self, method: str, path: str, headers: Dict[str, str], body: Optional[bytes] = None):
+        return self.request(method, path, headers, body)
+
+    @inlineCallbacks
+    def assertRecovered(self):
+        self.assertTrue((yield deferToThread(self.healthy)), "/healthz does not say ready")
+        self.assertFalse(self.output.ended.called, "the daemon ended:\n" + "\n".join(self.output.lines))
+
+    @inlineCallbacks
+    def killTwiceAndReload(self):
+        yield self.killOrthanc()
+        yield self.killOrthanc()
+        yield self.reloadDaemon()
+
+    def test_nothingAcknowledgedIsLost(self):
+        return self.underLoad(self.killTwiceAndReload)
 
 class PostgreSQLFaultTests(FaultTests):
     """

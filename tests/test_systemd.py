@@ -5,6 +5,7 @@ reload on SIGHUP against real TLS handshakes.
 
 import os
 import signal
+import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,7 +21,7 @@ from appliance.orthanc.supervisor import OrthancSupervisor
 from appliance.reload import ReloadOnSighup
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from tests.orthancfakes import ProcessReactor, ScriptedProbe
-from tests.support import TestAuthority, temporaryFolder, testConfig, webTLS, writeTestConfig
+from tests.support import TestAuthority, inlineStateDatabase, temporaryFolder, testConfig, webTLS, writeTestConfig
 from tests.tlsclients import NotifySocket, peerCertificateSubject
 
 
@@ -162,6 +163,44 @@ class SystemdNotifyServiceTests(SynchronousTestCase):
         ended = self.listener.messages()[-1]
         self.assertEqual(ended["READY"], "1")
         self.assertTrue(ended["STATUS"].startswith("Reloaded; Orthanc is ready"))
+
+
+class DatabaseStatusTests(SynchronousTestCase):
+    """
+    STATUS= names the state database's state beside Orthanc's, and changes
+    when the database goes away and comes back.
+    """
+
+    def setUp(self):
+        self.reactor = ProcessReactor()
+        self.probe = ScriptedProbe()
+        config = testConfig(temporaryFolder(self))
+        self.supervisor = OrthancSupervisor(config, self.reactor, probe=self.probe, space=StorageSpace.forOrthanc(config))
+        self.database = inlineStateDatabase(self.reactor)
+        self.listener = notifySocket(self)
+        SystemdNotifyService(Notifier(self.listener.address), self.supervisor, self.reactor, database=self.database).startService()
+        self.supervisor.startService()
+        self.reactor.advance(0.2)
+        self.probe.answer(ok=True)
+
+    def statuses(self):
+        return [message["STATUS"] for message in self.listener.messages() if "STATUS" in message]
+
+    def test_theDatabaseComesAndGoesInTheStatus(self):
+        self.assertTrue(
+            self.statuses()[-1].endswith("; the state database (:memory:) is available"), self.statuses()
+        )
+        self.database._pool.broken = sqlite3.OperationalError("disk I/O error")
+        self.database.interact(lambda statements: None).addErrback(lambda failure: None)
+        [status] = self.statuses()
+        self.assertTrue(status.startswith("Orthanc is ready: "), status)
+        self.assertTrue(
+            status.endswith("; the state database (:memory:) is not available: disk I/O error"), status
+        )
+        self.database._pool.broken = None
+        self.reactor.advance(1)
+        [status] = self.statuses()
+        self.assertTrue(status.endswith("; the state database (:memory:) is available"), status)
 
 
 class ReloadTests(TestCase):

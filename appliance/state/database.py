@@ -214,7 +214,30 @@ class StateDatabase(Service):
         self._problem: Optional[str] = None
         #: The interactions waiting for the first migration.
         self._waiting: Optional[List[Deferred]] = None
+        self._observers: List[Callable[[], None]] = []
         self.ready = False
+
+    def subscribe(self, observer: Callable[[], None]) -> None:
+        """
+        Call C{observer()} each time the database becomes available or
+        unavailable, or is unavailable for another reason (L{describe} says
+        which).
+        """
+        self._observers.append(observer)
+
+    def describe(self) -> str:
+        """
+        The database and whether it is available, in a few words.
+        """
+        if self.ready:
+            return f"the state database ({self._where}) is available"
+        if self._problem is not None:
+            return f"the state database ({self._where}) is not available: {self._problem}"
+        return f"the state database ({self._where}) is being opened"
+
+    def _tell(self) -> None:
+        for observer in self._observers:
+            observer()
 
     def startService(self) -> None:
         Service.startService(self)
@@ -282,7 +305,9 @@ class StateDatabase(Service):
             self.log.info("The state database ({where}) is available again", where=self._where)
         self._problem = None
         self._retry = RETRY_FIRST
-        self.ready = True
+        if not self.ready:
+            self.ready = True
+            self._tell()
 
     def _unavailable(self, failure: Failure) -> None:
         if not self.running:
@@ -297,6 +322,7 @@ class StateDatabase(Service):
                 seconds=RETRY_LAST,
             )
             self._problem = problem
+            self._tell()
         if self._retrying is None:
             self._retrying = self._reactor.callLater(self._retry, self._migrate)
             self._retry = min(self._retry * 2, RETRY_LAST)
