@@ -30,6 +30,7 @@ from appliance.web.sessions import RECHECK_AFTER
 from appliance.web.sharedaccounts import writeAccount
 from appliance.web.users import UserEntry
 from tests.commandline import COMMAND
+from tests.browser import logIn, viewStudy
 from tests.daemon import RECOVERY_TIMEOUT, orthancPid, startDaemon
 from tests.haproxy import HAPROXY, LoadBalancer
 from tests.postgres import requirePostgres
@@ -46,6 +47,8 @@ from tests.test_faults import ADMIN as FAULT_ADMIN
 from tests.test_faults import UPLOADER as FAULT_UPLOADER
 from tests.test_faults import UploadsUnderFaults
 from tests.tlsclients import clientContext
+from tests.viewerbuild import ARTIFACTS, requireViewer, startChromium
+from tests.viewerbuild import VIEWER as OHIF_BUILD
 from tests.webclients import DICOM_JSON, UPLOADER, VIEWER, stowBody, stowOutcome
 
 NODES = ("node1", "node2")
@@ -97,6 +100,7 @@ class ClusterCase(TestCase):
         authority = TestAuthority(shared / "ca")
         # One certificate on every node, as behind any load balancer.
         certificate, key = authority.issue("appliance", "localhost", server=True)
+        self.certificate = certificate
         self.configs = [
             testConfig(
                 temporaryFolder(self),
@@ -104,6 +108,7 @@ class ClusterCase(TestCase):
                 database=self.database.section(),
                 orthanc={"storage_dir": shared / "storage"},
                 tls={"certificate": certificate, "private_key": key},
+                web={"ohif_root": OHIF_BUILD},
                 auth={"max_login_failures": 4},
                 **{"modality:ct": {"aet": "CT1", "host": "127.0.0.1"}},
             )
@@ -351,6 +356,34 @@ class ClusterTests(ClusterCase):
         )
         self.assertEqual(removed.returncode, 0, removed.stderr)
         yield self.settle(answeredByBoth(401), "both nodes to forget the account")
+
+    @inlineCallbacks
+    def test_theViewerOnOneNodeOpensAStudyStoredThroughTheOther(self):
+        requireViewer(self)
+        series = ctSeries(6, rows=256, columns=256)
+        first, second = self.configs
+        statuses = yield storeInstances(first.dicom.listen.port, series, callingAET="CT1", sslContext=self.dicomContext)
+        self.assertEqual(statuses, [0] * len(series))
+        base = f"https://localhost:{second.web.listen_https.port}"
+        profile = temporaryFolder(self) / "chromium"
+
+        def browse():
+            browser = startChromium(self.certificate, str(profile))
+            try:
+                logIn(browser, base, VIEWER)
+                return viewStudy(browser, base, series[0].StudyInstanceUID)
+            except Exception:
+                ARTIFACTS.mkdir(exist_ok=True)
+                browser.save_screenshot(str(ARTIFACTS / "cluster-viewer-failure.png"))
+                raise
+            finally:
+                browser.quit()
+
+        self.assertTrue((yield deferToThread(browse)))
+        # The viewer's DICOMweb requests went to node2 alone.
+        node1, node2 = self.accessLines('"GET /pacs/studies')
+        self.assertEqual(node1, 0)
+        self.assertGreater(node2, 0)
 
 
 class NodeKilledTests(UploadsUnderFaults, ClusterCase):

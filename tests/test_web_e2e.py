@@ -19,35 +19,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from appliance.tls import selfSignedPaths
+from tests.browser import logIn, viewStudy, waitUntil
 from tests.daemon import addUser, startDaemon
 from tests.support import ctSeries, temporaryFolder, testConfig
 from tests.viewerbuild import ARTIFACTS, VIEWER, requireViewer, startChromium
 
 ADMIN = ("imaging-admin", "admin password for the test")
 READER = ("reader", "reader password for the test")
-
-#: Reads the pixels of every visible canvas: OHIF (cornerstone3D) copies each
-#: rendered viewport into a 2D canvas, so a drawn image shows there as many
-#: grey levels, a blank viewport as one.
-CANVAS_PIXELS = """
-const found = [];
-for (const canvas of document.querySelectorAll('canvas')) {
-  if (canvas.width < 64 || canvas.height < 64) continue;
-  const context = canvas.getContext('2d', {willReadFrequently: true});
-  if (!context) continue;
-  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
-  const levels = new Set();
-  let lit = 0;
-  for (let i = 0; i < data.length; i += 4 * 7) {
-    levels.add(data[i] << 16 | data[i + 1] << 8 | data[i + 2]);
-    if (data[i] + data[i + 1] + data[i + 2] > 30) lit++;
-  }
-  found.push({width: canvas.width, height: canvas.height, levels: levels.size,
-              litFraction: lit / (data.length / (4 * 7))});
-}
-return found;
-"""
-
 
 def basic(user) -> Dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()}
@@ -91,32 +69,17 @@ class ViewerEndToEndTests(TestCase):
             body = response.read()
         return json.loads(body) if body else []
 
-    def waitUntil(self, browser, condition, timeout: float = 60, message: str = ""):
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        return WebDriverWait(browser, timeout, poll_frequency=0.2).until(condition, message)
-
-    def logIn(self, browser, user, path: str = "/") -> None:
-        from selenium.webdriver.common.by import By
-
-        browser.get(self.base + path)
-        self.waitUntil(browser, lambda b: "/login" in b.current_url, message="no redirect to the login page")
-        browser.find_element(By.CSS_SELECTOR, "input[name=user]").send_keys(user[0])
-        browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(user[1])
-        browser.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
-        self.waitUntil(browser, lambda b: "/login" not in b.current_url, message="the login did not go through")
-
     def uploadInExplorer(self, browser) -> None:
         from selenium.webdriver.common.by import By
 
         browser.get(self.base + "/pacs-admin/")
-        self.waitUntil(browser, lambda b: b.current_url.endswith("/pacs-admin/app/explorer.html"))
+        waitUntil(browser, lambda b: b.current_url.endswith("/pacs-admin/app/explorer.html"))
         browser.get(self.base + "/pacs-admin/app/explorer.html#upload")
         # jQuery Mobile shows the upload page once its transition is over.
-        self.waitUntil(browser, lambda b: b.find_element(By.ID, "upload-button").is_displayed())
+        waitUntil(browser, lambda b: b.find_element(By.ID, "upload-button").is_displayed())
         browser.find_element(By.ID, "fileupload").send_keys("\n".join(str(path) for path in self.files))
         browser.find_element(By.ID, "upload-button").click()
-        self.waitUntil(
+        waitUntil(
             browser,
             lambda b: any(int(s.get("00201208", {}).get("Value", [0])[0]) == len(self.files) for s in self.studiesInArchive()),
             timeout=120,
@@ -127,7 +90,7 @@ class ViewerEndToEndTests(TestCase):
         from selenium.webdriver.common.by import By
 
         browser.get(self.base + "/")
-        self.waitUntil(
+        waitUntil(
             browser,
             lambda b: "ACC0001" in b.find_element(By.TAG_NAME, "body").text,
             timeout=90,
@@ -135,13 +98,7 @@ class ViewerEndToEndTests(TestCase):
         )
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "study-list-with-study.png"))
-        browser.get(f"{self.base}/viewer?StudyInstanceUIDs={self.studyUID}")
-
-        def drawn(b):
-            canvases = b.execute_script(CANVAS_PIXELS)
-            return [c for c in canvases if c["levels"] > 20 and c["litFraction"] > 0.2] or False
-
-        canvases = self.waitUntil(browser, drawn, timeout=120, message="no canvas shows the image")
+        canvases = viewStudy(browser, self.base, self.studyUID)
         browser.save_screenshot(str(ARTIFACTS / "study-viewer.png"))
         return canvases
 
@@ -154,17 +111,17 @@ class ViewerEndToEndTests(TestCase):
 
             browser = startChromium(certificate, str(profile))
             try:
-                self.logIn(browser, ADMIN, "/pacs-admin/")
+                logIn(browser, self.base, ADMIN, "/pacs-admin/")
                 self.uploadInExplorer(browser)
                 canvases = self.openStudy(browser)
                 browser.get(self.base + "/logout")
-                self.waitUntil(browser, lambda b: "/login" in b.current_url)
+                waitUntil(browser, lambda b: "/login" in b.current_url)
                 # The old session is over: the viewer asks for a login again.
                 browser.get(self.base + "/")
-                self.waitUntil(browser, lambda b: "/login" in b.current_url)
+                waitUntil(browser, lambda b: "/login" in b.current_url)
 
-                self.logIn(browser, READER)
-                self.waitUntil(
+                logIn(browser, self.base, READER)
+                waitUntil(
                     browser,
                     lambda b: "ACC0001" in b.find_element(By.TAG_NAME, "body").text,
                     timeout=90,
