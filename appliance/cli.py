@@ -1,6 +1,6 @@
 """
-The C{pacs-appliance} command: C{run}, C{check-config}, C{passwd}, C{version}
-and C{firewall}.
+The C{pacs-appliance} command: C{run}, C{check-config}, C{passwd}, C{version},
+C{firewall} and C{move-archive}.
 
 C{run} starts the same service as C{twistd -n pacs-appliance}, but hands twistd
 the service maker directly: plugin discovery walks the file system, which a frozen
@@ -25,6 +25,8 @@ import appliance
 from appliance.compat import runTwistd
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, DatabaseSection, loadConfig
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall, removeEveryTable
+from appliance.orthanc.move import DEFAULT_PARALLEL, MoveFailed, moveArchive
+from appliance.orthanc.settings import orthancHome
 from appliance.plugin import serviceMaker
 from appliance.preflight import loadChecked
 from appliance.state.database import DatabaseUnavailable, interactOnce
@@ -125,6 +127,19 @@ class PasswdOptions(_OptionsAfterArguments):
             raise usage.UsageError("--delete takes neither --roles nor --password-stdin")
 
 
+class MoveArchiveOptions(_ConfigOption):
+    synopsis = "[--config PATH] [--from FOLDER] [--from-storage FOLDER] [--parallel N]"
+    optParameters = [
+        ["from", None, None, "The old Orthanc folder, which holds index/ (default: state_dir/orthanc)."],
+        ["from-storage", None, None, "The old storage folder (default: storage/ in the old Orthanc folder)."],
+        ["parallel", None, DEFAULT_PARALLEL, "How many instances are copied at once.", int],
+    ]
+
+    def postOptions(self) -> None:
+        if self["parallel"] < 1:
+            raise usage.UsageError("--parallel must be at least 1")
+
+
 class CommandLine(usage.Options):
     synopsis = "pacs-appliance COMMAND [options]"
     subCommands = [
@@ -139,11 +154,18 @@ class CommandLine(usage.Options):
             "Close Orthanc's ports to other hosts (apply), open them again (remove), or close them again"
             " after the box's firewall was reloaded (restore); needs root.",
         ],
+        [
+            "move-archive",
+            None,
+            MoveArchiveOptions,
+            "Move a single box's archive (Orthanc's SQLite index and its files) into the PostgreSQL of"
+            " [database]; run it again to go on after an interruption.",
+        ],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: run, check-config, passwd, version or firewall")
+            raise usage.UsageError("give a command: run, check-config, passwd, version, firewall or move-archive")
 
 
 class ApplianceServerOptions(twistd.ServerOptions):
@@ -403,6 +425,19 @@ def version(configPath: str) -> int:
     return 0
 
 
+def moveArchiveCommand(options: MoveArchiveOptions) -> int:
+    config = loadOrReport(options["config"])
+    if config is None:
+        return 1
+    oldHome = Path(options["from"]) if options["from"] else orthancHome(config)
+    oldStorage = Path(options["from-storage"]) if options["from-storage"] else oldHome / "storage"
+    try:
+        return moveArchive(config, oldHome.absolute(), oldStorage.absolute(), options["parallel"])
+    except MoveFailed as error:
+        print(f"pacs-appliance: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     commandLine = CommandLine()
     try:
@@ -420,6 +455,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return passwd(commandLine.subOptions)
     if command == "firewall":
         return firewall(configPath, commandLine.subOptions["action"])
+    if command == "move-archive":
+        return moveArchiveCommand(commandLine.subOptions)
     return version(configPath)
 
 
