@@ -4,9 +4,11 @@ appliance's archive (real Orthanc on SQLite, local files) into the tests'
 PostgreSQL (tests/postgres.py) and a shared storage folder.  The move is
 interrupted with SIGTERM in the middle and run again: afterwards the new
 index holds every instance of the old one exactly once, each file's MD5 the
-same, and the interrupted run left no Orthanc behind.
+same, and the interrupted run left no Orthanc behind.  The appliance runs on
+the new configuration meanwhile, and serves the moved studies.
 """
 
+import json
 import signal
 import sqlite3
 import subprocess
@@ -20,11 +22,25 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from appliance.config import loadConfig
+from appliance.state.database import interactOnce
+from appliance.web.passwords import hashPassword
+from appliance.web.sharedaccounts import writeAccount
+from appliance.web.users import UserEntry
 from appliance.orthanc.settings import POSTGRESQL_INDEX_PLUGIN
 from appliance.orthanc.state import OrthancState
 from tests.commandline import COMMAND
+from tests.daemon import DaemonClient, startDaemon
 from tests.postgres import requirePostgres
-from tests.support import ctSeries, realSupervisor, storeInstances, temporaryFolder, writeTestConfig
+from tests.support import (
+    TEST_SCRYPT,
+    basicAuthorization,
+    ctSeries,
+    realSupervisor,
+    storeInstances,
+    temporaryFolder,
+    writeTestConfig,
+)
+from tests.webclients import DICOM_JSON, VIEWER
 
 STUDIES = 8
 INSTANCES_PER_STUDY = 5
@@ -48,7 +64,7 @@ def attachmentsInSQLite(index: Path) -> Dict[str, str]:
     return dict(rows)
 
 
-class MoveArchiveTests(TestCase):
+class MoveArchiveTests(DaemonClient, TestCase):
     timeout = 600
 
     async def test_aMoveInterruptedAndRunAgainMovesEveryInstanceOnce(self):
@@ -82,6 +98,15 @@ class MoveArchiveTests(TestCase):
             database=database.section(),
             orthanc={"storage_dir": folder / "shared"},
         )
+        self.config = loadConfig(clustered)
+        interactOnce(
+            self.config.database,
+            writeAccount,
+            UserEntry(VIEWER[0], hashPassword(VIEWER[1], TEST_SCRYPT), frozenset(VIEWER[2])),
+            0.0,
+        )
+        self.output, _ = await startDaemon(self, self.config)
+        self.trustDaemon()
         done = single.appliance.state_dir / "move-archive.done"
         command = [COMMAND, "move-archive", "--config", str(clustered), "--parallel", "2"]
 
@@ -122,3 +147,8 @@ class MoveArchiveTests(TestCase):
         self.assertEqual(dict(after), before)
         # The old archive is left as it was.
         self.assertEqual(attachmentsInSQLite(oldIndex), before)
+        # The appliance serves the moved studies.
+        status, body = await deferToThread(
+            self.request, "GET", "/pacs/instances", {"Authorization": basicAuthorization(*VIEWER[:2]), "Accept": DICOM_JSON}
+        )
+        self.assertEqual((status, len(json.loads(body))), (200, len(before)))
