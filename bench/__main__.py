@@ -1,6 +1,6 @@
 """
 python -m bench [--smoke] [--repetitions N] [--seconds S] [--only SCENARIO ...]
-                [--work DIR] [--output DIR] [--profile] [--list]
+                [--work DIR] [--output DIR] [--profile] [--list] [--index]
 
 Prepares the studies, starts the appliance (and the Orthanc it supervises),
 loads the studies into that Orthanc, starts nginx as the OHIF recipe runs it
@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from bench import report, scenarios
+from bench import index, report, scenarios
 from bench.clients import ClientError
 from bench.data import FULL, SMOKE, OrthancRest, loadDataset, prepareDataset
 from bench.scenarios import APPLIANCE, LIMIT, NGINX, TARGETS, Settings, Target
@@ -54,6 +54,10 @@ def parseArguments(arguments: List[str]) -> argparse.Namespace:
         help="record each appliance measurement with py-spy: a flame graph per run in WORK/full/profiles/ (WORK/smoke/profiles/ with --smoke)",
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument(
+        "--index", action="store_true",
+        help="instead: Orthanc's index per node, SQLite beside PostgreSQL (bench/index.py): index.json and index.md",
+    )
     options = parser.parse_args(arguments)
     if options.smoke:
         options.repetitions, options.seconds = 1, 1.0
@@ -155,6 +159,8 @@ def main(arguments: List[str]) -> int:
     work = options.work / ("smoke" if options.smoke else "full")
     work.mkdir(parents=True, exist_ok=True)
     dataset = prepareDataset(options.work / "data", sizes, say)
+    if options.index:
+        return index.compare(options, dataset, work / "index", say)
 
     with ExitStack() as running:
         appliance = Appliance(work, options.ohif)

@@ -55,7 +55,7 @@ def scenarioResult(scenario: Scenario, samples: Dict[str, Dict[str, List[float]]
     }
 
 
-def _format(value: Optional[Dict]) -> str:
+def formatSummary(value: Optional[Dict]) -> str:
     if value is None:
         return "-"
     median = value["median"]
@@ -82,9 +82,9 @@ def rows(results: Dict) -> List[tuple]:
                     metric["label"],
                     metric["unit"],
                     metric["better"],
-                    _format(metric[APPLIANCE]),
-                    _format(metric[NGINX]),
-                    _format(metric[LIMIT]) if scenario["hasLimit"] else "n/a",
+                    formatSummary(metric[APPLIANCE]),
+                    formatSummary(metric[NGINX]),
+                    formatSummary(metric[LIMIT]) if scenario["hasLimit"] else "n/a",
                     f"{ratio:.2f}" if ratio is not None else "-",
                 )
             )

@@ -14,15 +14,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from appliance.config import Config, loadConfig
 from appliance.orthanc.settings import OrthancCredentials, orthancConfigurationPath
+from appliance.state.database import interactOnce
 from appliance.tls import selfSignedPaths
+from appliance.web.passwords import hashPassword
+from appliance.web.sharedaccounts import writeAccount
+from appliance.web.users import UserEntry
 from bench import nginx
 from bench.dicom import BENCH_AET
 from tests.daemon import addUser
-from tests.support import basicAuthorization, freePorts, writeConfig
+from tests.support import TEST_SCRYPT, basicAuthorization, freePorts, writeConfig
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 VIEWER = CHECKOUT / "var" / "ohif"
@@ -144,10 +148,12 @@ class ChildProcess:
 class Appliance:
     """
     The appliance daemon (C{pacs-appliance run}) on a configuration of the
-    benchmark's own, its state (and so Orthanc's storage) kept in C{work}.
+    benchmark's own, its state (and so Orthanc's storage) kept in C{work};
+    C{sections} add to it (a [database]: the benchmark's account is then
+    written there).
     """
 
-    def __init__(self, work: Path, ohifRoot: Path) -> None:
+    def __init__(self, work: Path, ohifRoot: Path, sections: Optional[Dict[str, Dict[str, object]]] = None) -> None:
         self.work = work
         folder = work / "appliance"
         httpPort, dicomPort, httpsPort, tlsPort = freePorts(4)
@@ -173,10 +179,14 @@ class Appliance:
                 "auth": {"users_file": users},
                 "dicom": {"listen": f"127.0.0.1:{tlsPort}"},
                 "modality:bench": {"aet": BENCH_AET, "host": "127.0.0.1"},
+                **(sections or {}),
             },
         )
         addUser(users, BENCH_USER[0], BENCH_USER[1], ["admin"])
         self.config: Config = loadConfig(path)
+        if self.config.database.host:
+            account = UserEntry(BENCH_USER[0], hashPassword(BENCH_USER[1], TEST_SCRYPT), frozenset({"admin"}))
+            interactOnce(self.config.database, writeAccount, account, 0.0)
         self.authorization = basicAuthorization(*BENCH_USER)
         self.child: Optional[ChildProcess] = None
         self.credentials: Optional[OrthancCredentials] = None

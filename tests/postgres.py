@@ -89,7 +89,12 @@ class PostgresServer:
             atexit.register(cls._shared.remove)
         return cls._shared
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """
+        @param durable: sync every commit to disk, as a real server does (the
+            benchmark); the tests do not measure durability and go faster
+            without.
+        """
         self.programs = serverPrograms()
         self.folder = Path(tempfile.mkdtemp(prefix="pacs-appliance-postgres-"))
         self.data = self.folder / "data"
@@ -120,11 +125,10 @@ class PostgresServer:
                 "ssl = on\n"
                 f"ssl_cert_file = '{certificate}'\n"
                 f"ssl_key_file = '{key}'\n"
-                # A test server: durability is not what the tests measure.
-                "fsync = off\n"
-                "full_page_writes = off\n"
                 "max_connections = 200\n"
             )
+            if not durable:
+                conf.write("fsync = off\nfull_page_writes = off\n")
         # Administration through the socket; the appliance over TCP, with a
         # password, encrypted or (for the refusal tests) not.
         (self.data / "pg_hba.conf").write_text(

@@ -1,7 +1,8 @@
 """
 The benchmark still works: its smoke mode (tiny studies, one repetition of
 one second) runs every scenario against the appliance, nginx and the limit
-from this checkout, and its JSON has a positive figure for each.  No
+from this checkout, and its JSON has a positive figure for each; so does the
+comparison of Orthanc's index per node (SQLite beside PostgreSQL).  No
 threshold: the numbers of a smoke run on a shared machine mean nothing.
 """
 
@@ -11,7 +12,10 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from appliance.orthanc.settings import POSTGRESQL_INDEX_PLUGIN
+from bench import index
 from bench.scenarios import ALL
+from tests.postgres import serverPrograms
 from tests.support import temporaryFolder
 from tests.viewerbuild import CHECKOUT, requireViewer
 
@@ -43,3 +47,26 @@ class BenchSmokeTests(SynchronousTestCase):
                     self.assertGreater(metric[target]["median"], 0, f"{name} {key} {target}")
                 self.assertGreater(metric["ratio"], 0, f"{name} {key}")
         self.assertIn("app/nginx", result.stdout)
+
+    def test_theIndexComparisonMeasuresBothNodes(self) -> None:
+        requireViewer(self)
+        if serverPrograms() is None or not POSTGRESQL_INDEX_PLUGIN.exists():
+            self.skipTest("Debian's postgresql and orthanc-postgresql packages are not installed")
+        folder = temporaryFolder(self)
+        result = subprocess.run(
+            [sys.executable, "-m", "bench", "--index", "--smoke", "--work", str(folder), "--output", str(folder / "results")],
+            cwd=CHECKOUT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-4000:] + result.stderr[-4000:])
+        document = json.loads((folder / "results" / "index.json").read_text())
+        self.assertEqual(set(document["scenarios"]), {scenario.name for scenario in index.SCENARIOS})
+        for name, scenario in document["scenarios"].items():
+            self.assertEqual(scenario["errors"], [], name)
+            for key, metric in scenario["metrics"].items():
+                for node in index.NODES:
+                    self.assertGreater(metric[node]["median"], 0, f"{name} {key} {node}")
+                self.assertGreater(metric["ratio"], 0, f"{name} {key}")
+        self.assertIn("PostgreSQL/SQLite", result.stdout)

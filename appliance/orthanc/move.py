@@ -5,7 +5,9 @@ in a local folder) into the PostgreSQL of C{[database]}.
 
 The command runs two Orthancs of its own, supervised as the daemon supervises
 its one, on free ports with fresh credentials (rendered as the daemon's are:
-HTTP for loopback only, no modality known): the old one on the
+HTTP for loopback only, no modality known; the firewall table of
+L{appliance.orthanc.firewall} covers the configured ports, not these): the
+old one on the
 old index and files, the new one as the configuration renders it
 (PostgreSQL, C{[orthanc] storage} and C{storage_dir}), named
 C{NODE-move} among the nodes of the database.  It copies every instance from
