@@ -704,7 +704,7 @@ class RecordingProxy:
     def __init__(self) -> None:
         self.forwarded: List[bytes] = []
 
-    def forward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None) -> bytes:
+    def forward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None, stow=False) -> bytes:
         self.forwarded.append(target)
         return b""
 

@@ -243,6 +243,10 @@ class AccessTests(GatedSiteCase):
             answers.append(self.exchange(Row("admin", method, path, 200))[0])
         self.assertEqual(answers, [200] * len(storing))
         self.assertEqual(dict(zip(storing, self.stores)), storing)
+        # Whose answer must account for every instance sent: STOW-RS, on
+        # either route.
+        stows = {request for request, stow in zip(storing, self.stows) if stow}
+        self.assertEqual(stows, {("POST", "/pacs/studies"), ("POST", "/pacs-admin/pacs/studies")})
 
 
     def assertTable(self, rows: List[Row]) -> None:

@@ -397,6 +397,7 @@ class GatedSiteCase(SynchronousTestCase):
         self.patch(proxy, "forward", self.recordForward)
         self.forwarded: List[Tuple[str, str, bytes]] = []
         self.stores: List[bool] = []
+        self.stows: List[bool] = []
         self.held: List[Request] = []
         self.site = ApplianceSite.fromConfig(
             config, buildSiteResource(config, orthanc, self.database, authenticator, proxyRoutes), clock, authenticator, True
@@ -404,7 +405,7 @@ class GatedSiteCase(SynchronousTestCase):
         self.site.startFactory()
         self.addCleanup(self.site.stopFactory)
 
-    def recordForward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None):
+    def recordForward(self, request, target: bytes, rewrite=None, stores=False, pagePolicy=None, stow=False):
         """
         In place of L{OrthancProxy.forward}: note what reached the proxy and
         answer 200, at once, or when the test calls C{answer} with
@@ -412,6 +413,7 @@ class GatedSiteCase(SynchronousTestCase):
         """
         self.forwarded.append((request.method.decode("ascii"), target.decode("ascii"), request.content.read()))
         self.stores.append(stores)
+        self.stows.append(stow)
         request.setHeader(b"Content-Length", b"0")
         if self.holding:
             self.held.append(request)

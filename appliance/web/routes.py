@@ -91,6 +91,15 @@ READING_WRITES = (
 )
 
 
+def isStow(segments: Tuple[bytes, ...]) -> bool:
+    """
+    Whether C{segments}, under Orthanc's DICOMweb root, are a STOW-RS
+    resource: C{studies} or C{studies/{StudyInstanceUID}}.  Without case,
+    as L{_matches}: it takes in at least every route Orthanc would serve.
+    """
+    return 1 <= len(segments) <= 2 and segments[0].lower() == b"studies"
+
+
 def _matches(target: "Target", pattern: Tuple[Optional[bytes], ...]) -> bool:
     """
     Whether C{target}'s path starts with C{pattern} (L{ANY} matching any
@@ -258,8 +267,7 @@ class PacsResource(Resource):
             return jsonError(request, http.BAD_REQUEST, str(error))
         if not target.segments or target.segments[0] not in DICOMWEB_RESOURCES:
             return jsonError(request, http.NOT_FOUND, "This is not a DICOMweb resource of the archive.")
-        # STOW-RS: POST /studies or /studies/{StudyInstanceUID}.
-        stow = target.segments[0] == b"studies" and len(target.segments) <= 2
+        stow = isStow(target.segments)
         allowed = STOW_METHODS if stow else SAFE_METHODS
         if request.method not in allowed:
             return notAllowed(request, allowed)
@@ -381,8 +389,19 @@ class PacsAdminResource(Resource):
         stores = request.method in (b"POST", b"PUT") and not any(
             _matches(target, pattern) for pattern in READING_WRITES
         )
+        # STOW-RS to Orthanc's DICOMweb root under Orthanc's own API.
+        stow = (
+            request.method == b"POST"
+            and target.segments[:1] == (DICOMWEB,)
+            and isStow(target.segments[1:])
+        )
         return self._proxy.forward(
-            request, upstream, self.rewriteHeader, stores=stores, pagePolicy=pagePolicy(request.method, target)
+            request,
+            upstream,
+            self.rewriteHeader,
+            stores=stores,
+            pagePolicy=pagePolicy(request.method, target),
+            stow=stow,
         )
 
     def _refusal(self, method: bytes, target: Target) -> Optional[str]:
