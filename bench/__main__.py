@@ -113,6 +113,8 @@ def runScenario(
     names = list(TARGETS if scenario.hasLimit else (APPLIANCE, NGINX))
     samples: Dict[str, Dict[str, List[float]]] = {name: {} for name in names}
     errors: List[str] = []
+    if scenario.repetitionsAtMost is not None:
+        repetitions = min(repetitions, scenario.repetitionsAtMost)
     for repetition in range(repetitions):
         # Rotate the order at every repetition: drift and order effects spread
         # over all three instead of favouring one.

@@ -104,6 +104,8 @@ class Scenario:
     hasLimit = True
     #: The appliance's side is its forwarder to the discarding SCP, not the daemon.
     throughSinkForwarder = False
+    #: Fewer repetitions than the run's, for a scenario that is long by itself.
+    repetitionsAtMost: Optional[int] = None
 
     def __init__(self, dataset: Dataset, settings: Settings, orthanc: OrthancRest) -> None:
         self.dataset = dataset
@@ -530,6 +532,41 @@ class SlowReaders(Scenario):
         return {"before": before, "rss": max(sampler.samples)}
 
 
+class SlowReadersSoak(SlowReaders):
+    """
+    Rounds of slow readers leaving mid-transfer, one after the other: does
+    the memory they leave behind level off?  Measured once per target (a
+    run is long), the resident memory sampled after every round.
+    """
+
+    name = "scale-soak"
+    repetitionsAtMost = 1
+
+    def __init__(self, *arguments) -> None:
+        super().__init__(*arguments)
+        self.rounds = 2 if self.settings.smoke else 30
+        self.description = (
+            f"{self.rounds} rounds, one after the other, of: " + self.description.replace("; peak RSS during", "")
+            + "; RSS after each round"
+        )
+        self.metrics = [
+            Metric("first", "RSS after the first round", "MB", "lower", MB),
+            Metric("tenth", "RSS after round 10 (or the last)", "MB", "lower", MB),
+            Metric("last", f"RSS after round {self.rounds}", "MB", "lower", MB),
+            Metric("highest", "highest RSS after a round", "MB", "lower", MB),
+        ]
+
+    def measure(self, target: Target) -> Dict[str, float]:
+        sampler = MemorySampler(target.pids)
+        after: List[int] = []
+        for _ in range(self.rounds):
+            asyncio.run(self._read(target))
+            # What stays, once the server has seen the readers go.
+            time.sleep(1.0)
+            after.append(sampler.now())
+        return {"first": after[0], "tenth": after[min(9, len(after) - 1)], "last": after[-1], "highest": max(after)}
+
+
 #: Run in the page before anything else: OHIF loads more files than the
 #: browser's default resource-timing buffer (250 entries) holds.
 _BIGGER_TIMING_BUFFER = "performance.setResourceTimingBufferSize(10000);"
@@ -631,5 +668,6 @@ ALL = [
     DicomAssociations,
     IdleConnections,
     SlowReaders,
+    SlowReadersSoak,
     PageLoad,
 ]
