@@ -27,6 +27,7 @@ from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
 from appliance.config import Config
+from appliance.orthanc.move import freePorts  # one helper: the move's Orthancs, and the tests' servers
 from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
@@ -281,21 +282,6 @@ class OtherHost:
 
 #: setns(2)'s flag for a network namespace.
 CLONE_NEWNET = 0x40000000
-
-
-def freePorts(count: int) -> List[int]:
-    """
-    C{count} different TCP ports nothing listens on right now (all held open
-    together while chosen, so no two are the same).
-    """
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
 
 
 def temporaryFolder(case) -> Path:

@@ -9,6 +9,8 @@ threshold: the numbers of a smoke run on a shared machine mean nothing.
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,17 +23,25 @@ from tests.viewerbuild import CHECKOUT, requireViewer
 
 
 class BenchSmokeTests(SynchronousTestCase):
-    def test_everyScenarioMeasuresEveryTarget(self) -> None:
+    def smoke(self, *arguments: str) -> Tuple[subprocess.CompletedProcess, Path]:
+        """
+        Run the benchmark's smoke mode with C{arguments}; its output and the
+        folder of its results.
+        """
         requireViewer(self)
         folder = temporaryFolder(self)
         result = subprocess.run(
-            [sys.executable, "-m", "bench", "--smoke", "--work", str(folder), "--output", str(folder / "results")],
+            [sys.executable, "-m", "bench", "--smoke", *arguments, "--work", str(folder), "--output", str(folder / "results")],
             cwd=CHECKOUT,
             capture_output=True,
             text=True,
             timeout=900,
         )
         self.assertEqual(result.returncode, 0, result.stdout[-4000:] + result.stderr[-4000:])
+        return result, folder
+
+    def test_everyScenarioMeasuresEveryTarget(self) -> None:
+        result, folder = self.smoke()
         document = json.loads((folder / "results" / "latest.json").read_text())
         self.assertGreater((folder / "results" / "latest.png").stat().st_size, 10_000)
         self.assertEqual(set(document["scenarios"]), {scenario.name for scenario in ALL})
@@ -49,18 +59,9 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertIn("app/nginx", result.stdout)
 
     def test_theIndexComparisonMeasuresBothNodes(self) -> None:
-        requireViewer(self)
         if serverPrograms() is None or not POSTGRESQL_INDEX_PLUGIN.exists():
             self.skipTest("Debian's postgresql and orthanc-postgresql packages are not installed")
-        folder = temporaryFolder(self)
-        result = subprocess.run(
-            [sys.executable, "-m", "bench", "--index", "--smoke", "--work", str(folder), "--output", str(folder / "results")],
-            cwd=CHECKOUT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout[-4000:] + result.stderr[-4000:])
+        result, folder = self.smoke("--index")
         document = json.loads((folder / "results" / "index.json").read_text())
         self.assertEqual(set(document["scenarios"]), {scenario.name for scenario in index.SCENARIOS})
         for name, scenario in document["scenarios"].items():

@@ -324,18 +324,20 @@ class ArchiveMove:
         return DeferredList(stopping + [self._pool.closeCachedConnections()])
 
 
-def freeLoopbackPorts(count: int) -> List[int]:
+def freePorts(count: int) -> List[int]:
     """
-    C{count} TCP ports free on 127.0.0.1 now, for the move's Orthancs.
+    C{count} different TCP ports nothing listens on right now (all held open
+    together while chosen, so no two are the same), on every interface: Orthanc
+    listens on all of them.
     """
-    sockets = [socket.socket() for _ in range(count)]
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
-        for each in sockets:
-            each.bind(("127.0.0.1", 0))
-        return [each.getsockname()[1] for each in sockets]
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
     finally:
-        for each in sockets:
-            each.close()
+        for probe in probes:
+            probe.close()
 
 
 def moveArchive(
@@ -351,7 +353,7 @@ def moveArchive(
     from twisted.internet import reactor
 
     runtime = config.appliance.runtime_dir / "move-archive"
-    ends = archiveEnds(config, oldHome, oldStorage, freeLoopbackPorts(4), runtime)
+    ends = archiveEnds(config, oldHome, oldStorage, freePorts(4), runtime)
     done = DoneStudies(config.appliance.state_dir / "move-archive.done")
     move = ArchiveMove(ends, done, reactor, out, parallel)
     outcome: Dict[str, int] = {}
