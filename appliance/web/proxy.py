@@ -27,6 +27,9 @@ L{_Exchange}:
     otherwise; after the headers, the client's connection is closed;
   - an upload is answered 507 without reaching Orthanc while its storage has
     less free space than [orthanc] min_free_space (see L{appliance.orthanc.space});
+  - a STOW-RS answer is held whole and passed on only if it accounts for
+    every instance sent, else it becomes a 503 (see L{appliance.web.stowcheck});
+    Orthanc's own 503s gain a C{Retry-After};
   - at most L{MAX_ORTHANC_REQUESTS} exchanges are under way at a time, so that
     Orthanc always has an HTTP thread free for the supervisor's health check,
     and at most [web] max_orthanc_requests_per_account of them for one
