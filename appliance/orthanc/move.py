@@ -90,7 +90,7 @@ def archiveEnds(config: Config, oldHome: Path, oldStorage: Path, ports: List[int
     The old Orthanc on the index under C{oldHome} (its C{index} folder) and
     the files in C{oldStorage}, without [database]; the new one as C{config}
     renders it.  Each on two of C{ports}, with a runtime folder of its own
-    under C{runtime}, no modalities, and never restarted.
+    under C{runtime} and no modalities; a start that fails is not tried again.
     """
     if not config.database.host:
         raise MoveFailed("[database] names no PostgreSQL server: there is nowhere to move the archive to.")
