@@ -103,6 +103,7 @@ class OrthancSection:
     storage: OrthancStorage
     #: L{None}: state_dir/orthanc/storage.
     storage_dir: Optional[Path]
+    stable_age: float
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class WebSection:
     max_orthanc_requests_per_account: int
     cors_allowed_origins: Tuple[str, ...]
     admin_unsafe_endpoints: bool
+    #: 0: no metadata cache.
+    metadata_cache_size: int
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "firewall": Key(parseBool, "yes"),
         "storage": Key(parseEnum(OrthancStorage), OrthancStorage.FILESYSTEM.value),
         "storage_dir": Key(parseOptionalPath, ""),
+        "stable_age": Key(parsePositiveDuration, "60s"),
     },
     "tls": {
         "certificate": Key(parsePath, "/etc/pacs-appliance/tls/cert.pem"),
@@ -315,6 +319,7 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_orthanc_requests_per_account": Key(parseCount, "32"),
         "cors_allowed_origins": Key(parseOrigins, ""),
         "admin_unsafe_endpoints": Key(parseBool, "no"),
+        "metadata_cache_size": Key(parseSize, "4G"),
     },
     "auth": {
         "users_file": Key(parsePath, "/etc/pacs-appliance/users"),

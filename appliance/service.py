@@ -22,7 +22,8 @@ from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
-from appliance.web.routes import buildProxyResources
+from appliance.web.proxy import OrthancProxy
+from appliance.web.routes import metadataCache, proxyResources
 from appliance.web.sharedaccounts import DatabaseAccounts
 from appliance.web.site import buildSiteResource, buildWebService
 from appliance.web.users import UsersFile
@@ -85,8 +86,12 @@ def buildService(config: Config, reactor=None) -> MultiService:
         users, passwordChecks, config.auth, database, config.appliance.node_name, reactor
     )
     authenticator.setServiceParent(root)
-    proxy, proxyRoutes = buildProxyResources(config, orthanc, space, reactor)
+    proxy = OrthancProxy(config, orthanc, space, reactor)
     proxy.setServiceParent(root)
+    metadata = metadataCache(config, proxy, database, reactor)
+    if metadata is not None:
+        metadata.setServiceParent(root)
+    proxyRoutes = proxyResources(config, proxy, metadata)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
     site = buildSiteResource(config, orthanc, database, authenticator, proxyRoutes)
     buildWebService(config, site, authenticator, webTLS, reactor).setServiceParent(root)

@@ -27,6 +27,7 @@ from appliance.web.accounts import Account
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
 from appliance.web.loginevents import POLL_INTERVAL
+from appliance.web.metadatacache import readEntry, writeEntry
 from appliance.web.sessions import RECHECK_AFTER
 from appliance.web.users import UsersFile
 from tests.postgres import requirePostgres
@@ -198,6 +199,21 @@ class ClusterStateTests(DatabaseCase):
 
         yield waitUntil(counted, "the other node to count the failures")
         self.assertIsNone((yield second.login(name, password, client)), "refused there too")
+
+    @inlineCallbacks
+    def test_metadataCachedByOneNodeIsReadByTheOther(self):
+        """
+        The metadata cache's table on PostgreSQL: an entry one node wrote is
+        the other's (its bytes whole), and the oldest go first over the limit.
+        """
+        first, second = (self.started(openStateDatabase(self.config, reactor)) for _ in range(2))
+        body = bytes(range(256)) * 40
+        yield first.interact(writeEntry, "1.2/1.2.3", "facts", body, 15_000)
+        self.assertEqual((yield second.interact(readEntry, "1.2/1.2.3")), ("facts", body))
+        removed = yield second.interact(writeEntry, "1.2/1.2.4", "other facts", body, 15_000)
+        self.assertEqual(removed, 1)
+        self.assertIsNone((yield first.interact(readEntry, "1.2/1.2.3")))
+        self.assertEqual((yield first.interact(readEntry, "1.2/1.2.4")), ("other facts", body))
 
     @inlineCallbacks
     def test_postgresqlStoppedAndStartedAgain(self):

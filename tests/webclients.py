@@ -37,7 +37,8 @@ from appliance.tls import selfSignedPaths
 from appliance.web.adminroutes import RouteTable
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
-from appliance.web.routes import buildProxyResources
+from appliance.web.proxy import OrthancProxy
+from appliance.web.routes import buildProxyResources, metadataCache, proxyResources
 from appliance.web.site import ApplianceSite, buildSiteResource, buildWebService
 from appliance.web.turns import MAX_ORTHANC_REQUESTS
 from appliance.web.users import UsersFile
@@ -222,10 +223,15 @@ class ProxyToOrthancCase(TestCase):
         database.setServiceParent(services)
         authenticator = Authenticator.forAccountStore(users, checks, self.config.auth, database, "node1", reactor)
         authenticator.setServiceParent(services)
-        self.proxy, proxyRoutes = buildProxyResources(
+        self.proxy = OrthancProxy(
             self.config, self.supervisor, StorageSpace.forOrthanc(self.config), reactor, maxRequests=self.maxRequests
         )
         self.proxy.setServiceParent(services)
+        self.database = database
+        self.metadata = metadataCache(self.config, self.proxy, database, reactor)
+        if self.metadata is not None:
+            self.metadata.setServiceParent(services)
+        proxyRoutes = proxyResources(self.config, self.proxy, self.metadata)
         site = buildSiteResource(self.config, self.supervisor, database, authenticator, proxyRoutes)
         web = buildWebService(self.config, site, authenticator, webTLS(self.config), reactor)
         web.setServiceParent(services)

@@ -254,6 +254,9 @@ def renderOrthancConfiguration(
         "KeepAlive": True,
         "TcpNoDelay": True,
         "OrthancExplorerEnabled": True,
+        # How long a series, study or patient receives nothing before Orthanc
+        # calls it stable: the metadata cache builds a series' answer then.
+        "StableAge": max(1, round(orthanc.stable_age)),
         "WebDavEnabled": False,
         # Nothing that runs code or writes outside the storage.
         "LuaScripts": [],

@@ -50,6 +50,25 @@ MIGRATIONS: Sequence[Tuple[str, ...]] = (
             changed {real} NOT NULL
         )""",
     ),
+    # 3: the metadata cache (appliance.web.metadatacache): Orthanc's DICOMweb
+    # answers to studies/S/metadata and studies/S/series/s/metadata, under
+    # "S" and "S/s", gzip-compressed, with the digest of the index facts they
+    # were built from; the body last, so that summing the sizes reads no
+    # blob.  And where each node is in Orthanc's /changes.
+    (
+        """CREATE TABLE metadata_cache (
+            resource TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            built {real} NOT NULL,
+            body {blob} NOT NULL
+        )""",
+        "CREATE INDEX metadata_cache_by_built ON metadata_cache (built)",
+        """CREATE TABLE metadata_changes_read (
+            node TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL
+        )""",
+    ),
 )
 
 #: The schema version this release reads and writes.

@@ -31,7 +31,10 @@ from appliance.config import Config
 from appliance.orthanc.space import StorageSpace
 from appliance.orthanc.state import IOrthanc
 from appliance.web.adminroutes import RouteTable
+from appliance.state.database import StateDatabase
 from appliance.web.cors import CorsPolicy
+from appliance.web.metadatacache import MetadataCache, MetadataKey
+from appliance.web.orthancrest import OrthancRest
 from appliance.web.pages import describeSize, jsonError
 from appliance.web.proxy import OrthancProxy
 from appliance.web.turns import MAX_ORTHANC_REQUESTS
@@ -252,10 +255,11 @@ class PacsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, proxy: OrthancProxy, cors: CorsPolicy) -> None:
+    def __init__(self, proxy: OrthancProxy, cors: CorsPolicy, metadata: Optional[MetadataCache] = None) -> None:
         super().__init__()
         self._proxy = proxy
         self._cors = cors
+        self._metadata = metadata
 
     def render(self, request: Request):
         self._cors.decorate(request)
@@ -276,6 +280,9 @@ class PacsResource(Resource):
         if refusal is not None:
             return refusal
         uploads = stow and request.method == b"POST"
+        key = MetadataKey.fromSegments(target.segments) if not target.query and not target.trailingSlash else None
+        if self._metadata is not None and key is not None:
+            return self._metadata.answer(request, key, lambda: self._proxy.forward(request, upstream))
         return self._proxy.forward(request, upstream, stores=uploads, stow=uploads)
 
 
@@ -465,9 +472,10 @@ def buildProxyResources(
     maxRequests: int = MAX_ORTHANC_REQUESTS,
 ) -> Tuple[OrthancProxy, Dict[bytes, Resource]]:
     """
-    The proxy to Orthanc and the resources of its two routes, by segment.
-    The proxy is a service: add it to the daemon's service tree so that its
-    connections to Orthanc are closed when it stops.
+    The proxy to Orthanc and the resources of its two routes, by segment,
+    without a metadata cache.  The proxy is a service: add it to the
+    daemon's service tree so that its connections to Orthanc are closed when
+    it stops.
 
     @param orthanc: Orthanc's state and credentials.
     @param space: the free space of Orthanc's storage (see L{OrthancProxy}).
@@ -475,8 +483,27 @@ def buildProxyResources(
         time (see L{OrthancProxy}).
     """
     proxy = OrthancProxy(config, orthanc, space, reactor, maxRequests)
-    resources: Dict[bytes, Resource] = {
-        DICOMWEB: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS)),
+    return proxy, proxyResources(config, proxy)
+
+
+def proxyResources(
+    config: Config, proxy: OrthancProxy, metadata: Optional[MetadataCache] = None
+) -> Dict[bytes, Resource]:
+    """
+    The resources of the proxy's two routes, by segment; /pacs answers the
+    metadata resources from C{metadata} if given.
+    """
+    return {
+        DICOMWEB: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS), metadata),
         ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints, RouteTable.load()),
     }
-    return proxy, resources
+
+
+def metadataCache(config: Config, proxy: OrthancProxy, database: StateDatabase, reactor) -> Optional[MetadataCache]:
+    """
+    The metadata cache of [web] metadata_cache_size (a service), if any.
+    """
+    if not config.web.metadata_cache_size:
+        return None
+    rest = OrthancRest(proxy)
+    return MetadataCache(rest, database, config.web.metadata_cache_size, config.appliance.node_name, reactor)
