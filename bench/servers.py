@@ -163,7 +163,8 @@ class Appliance:
             folder,
             {
                 "appliance": {"state_dir": work / "state", "runtime_dir": work / "run"},
-                "orthanc": {"http_port": httpPort, "dicom_port": dicomPort},
+                # Series are stable, and their metadata cached, soon after loading.
+                "orthanc": {"http_port": httpPort, "dicom_port": dicomPort, "stable_age": "5s"},
                 # No certificate installed: the appliance generates its
                 # self-signed one into the state folder; nginx presents it too.
                 "tls": {"certificate": folder / "tls" / "cert.pem", "private_key": folder / "tls" / "key.pem"},
