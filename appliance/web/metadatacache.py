@@ -275,6 +275,8 @@ class MetadataCache(Service):
         self._node = node
         #: The last change of Orthanc's /changes read, once known.
         self._changesRead: Optional[int] = None
+        #: Why the changes could not be read, once the journal has been told.
+        self._changesProblem: Optional[str] = None
         self._following = LoopingCall(self._followChanges)
         self._following.clock = reactor
         #: Builds asked for by requests, and by the changes being read.
@@ -461,15 +463,25 @@ class MetadataCache(Service):
     @inlineCallbacks
     def _followChanges(self):
         """
-        Read Orthanc's new changes and build what became stable; the
-        failures of a round (Orthanc or the database away) wait for the next.
+        Read Orthanc's new changes and build what became stable; after a
+        failure (Orthanc or the database away), the next round tries again.
         """
         try:
             yield self._readChanges()
         except (OrthancUnavailable, DatabaseUnavailable):
-            pass
-        except Exception:
-            self.log.failure("Could not read Orthanc's changes for the metadata cache")
+            # Said by the supervisor and the database themselves.
+            return
+        except Exception as error:
+            # Once per problem: Orthanc may hang for minutes before the
+            # supervisor restarts it.
+            problem = str(error) or type(error).__name__
+            if problem != self._changesProblem:
+                self._changesProblem = problem
+                self.log.warn("Could not read Orthanc's changes for the metadata cache: {problem}", problem=problem)
+            return
+        if self._changesProblem is not None:
+            self._changesProblem = None
+            self.log.info("Reading Orthanc's changes for the metadata cache again")
 
     @inlineCallbacks
     def _readChanges(self):
