@@ -65,6 +65,9 @@ SOCKET_TIMEOUT = 15
 
 #: A line Orthanc logs for each HTTP request it receives (verbose level),
 #: as the daemon writes it: the method and the path, without the query.
+#: The metadata cache's reading of Orthanc's changes, every few seconds:
+#: not a client's request.
+FOLLOWED_CHANGES = "/changes"
 ORTHANC_REQUEST = re.compile(r"\[orthanc\] HttpServer\.cpp:\d+\] \(http\) ([A-Z]+) (/\S*)$")
 
 #: A problem of the daemon itself in its log: an unhandled error, a traceback,
@@ -175,7 +178,8 @@ ROWS: Sequence[Row] = [
         (200,),
         reaches=(LOOKUP_SEEN,),
     ),
-    # Three requests in one write: a 404 from Orthanc, the daemon's own
+    # Three requests in one write: a 404 from Orthanc (once the metadata
+    # cache has looked the study up in Orthanc's index), the daemon's own
     # /healthz, a search; answered in that order, Orthanc asked in order.
     Row(
         "honest pipelining, answered in order",
@@ -183,7 +187,7 @@ ROWS: Sequence[Row] = [
         + request(b"GET", b"/healthz", close=False)
         + request(b"GET", b"/pacs/studies"),
         (404, 200, 200),
-        reaches=("GET /pacs/studies/1.2.3.4/metadata", "GET /pacs/studies"),
+        reaches=("POST /tools/find", "GET /pacs/studies/1.2.3.4/metadata", "GET /pacs/studies"),
     ),
     Row(
         "HTTP/1.0 with a Host",
@@ -788,7 +792,7 @@ def orthancRequestsUntilBarrier(appliance: Appliance, start: int) -> List[str]:
     seen = []
     for line in appliance.log.lines()[start:]:
         match = ORTHANC_REQUEST.search(line)
-        if match is None:
+        if match is None or match.group(2) == FOLLOWED_CHANGES:
             continue
         if match.group(2) == path:
             return seen
