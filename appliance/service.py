@@ -25,7 +25,7 @@ from appliance.web.checkers import PasswordChecks
 from appliance.web.proxy import OrthancProxy
 from appliance.web.routes import metadataCache, proxyResources
 from appliance.web.sharedaccounts import DatabaseAccounts
-from appliance.web.site import buildSiteResource, buildWebService
+from appliance.web.site import buildSiteResource, buildWebService, compressedCopies
 from appliance.web.users import UsersFile
 
 
@@ -93,7 +93,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         metadata.setServiceParent(root)
     proxyRoutes = proxyResources(config, proxy, metadata)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
-    site = buildSiteResource(config, orthanc, database, authenticator, proxyRoutes)
+    site = buildSiteResource(config, orthanc, database, authenticator, proxyRoutes, compressedCopies(config, reactor))
     buildWebService(config, site, authenticator, webTLS, reactor).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before

@@ -1,7 +1,8 @@
 """
 The viewer's files as assets: each file described once (type, caching,
 validators, its precompressed variants), cached and revalidated with one
-C{stat} a request, small representations kept in memory.
+C{stat} a request, small representations kept in memory; a gzip copy made
+for the compressible files that have none (see L{appliance.web.compressedcopies}).
 """
 
 import base64
@@ -16,6 +17,8 @@ from typing import Dict, List, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.web import http
+
+from appliance.web.compressedcopies import CompressedCopies, compressible
 
 #: Representations up to this size are read once and kept in memory: the
 #: viewer's small files are requested on every page load.
@@ -128,8 +131,10 @@ class AssetCatalog:
 
     log = Logger()
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, copies: Optional[CompressedCopies] = None) -> None:
         self.root = Path(os.path.realpath(root))
+        #: Where gzip copies of the files that have none beside them are made.
+        self._copies = copies
         # Every request joins and stats a path: plain strings cost a fraction
         # of pathlib's objects there.
         self._rootText = str(self.root)
@@ -154,8 +159,15 @@ class AssetCatalog:
         if not self._inside(path):
             self.log.warn("Refused {path}: a link that leads out of {root}", path=relative, root=str(self.root))
             return None
-        asset = self._describe(Path(path), status)
+        asset = self._describe(Path(path), status, relative)
         self._assets[relative] = asset
+        if (
+            self._copies is not None
+            and not any(representation.encoding == b"gzip" for representation in asset.representations)
+            and compressible(asset.contentType, status.st_size)
+        ):
+            # Described again once the copy is made.
+            self._copies.make(relative, Path(path), status, lambda: self._assets.pop(relative, None))
         return asset
 
     def known(self, relative: str) -> Optional[Asset]:
@@ -167,7 +179,7 @@ class AssetCatalog:
     def _inside(self, path: "str | Path") -> bool:
         return os.path.realpath(path).startswith(self._rootText + os.sep)
 
-    def _describe(self, path: Path, status: os.stat_result) -> Asset:
+    def _describe(self, path: Path, status: os.stat_result, relative: str) -> Asset:
         representations = []
         for encoding, suffix in ENCODINGS:
             variant = path.with_name(path.name + suffix)
@@ -182,6 +194,9 @@ class AssetCatalog:
                 and self._inside(variant)
             ):
                 representations.append(_representation(variant, variantStatus, encoding))
+        copy = self._copies.existing(relative, status) if self._copies is not None else None
+        if copy is not None and not any(representation.encoding == b"gzip" for representation in representations):
+            representations.append(_representation(copy[0], copy[1], b"gzip"))
         representations.append(_representation(path, status, None))
         return Asset(
             stamp=_stamp(status),

@@ -11,11 +11,13 @@ decides whether its account may reach the resource.
 
 import ipaddress
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, List, Mapping, Optional, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http
@@ -38,6 +40,7 @@ from appliance.web.channel import DeadlineHTTPChannel, HeaderPairs
 from appliance.web.request import HOST_NAME, ApplianceRequest
 from appliance.web.spool import SpoolQuota
 from appliance.web.sitemap import ADMIN, DICOMWEB, SiteMap, archiveRoutes, viewerRoutes
+from appliance.web.compressedcopies import COMPRESSED_COPIES, CompressedCopies
 from appliance.web.static import ViewerResource
 
 
@@ -283,9 +286,19 @@ def standardHeaders(config: Config, secure: bool) -> List[Tuple[bytes, bytes]]:
     return headers
 
 
-def viewerResource(config: Config) -> ViewerResource:
+def compressedCopies(config: Config, reactor) -> CompressedCopies:
     """
-    The OHIF build of C{config}, with its generated C{app-config.js}.
+    The gzip copies of the viewer's files, under C{state_dir}, made in the
+    threads of C{reactor}.
+    """
+    runInThread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    return CompressedCopies(config.appliance.state_dir / COMPRESSED_COPIES, runInThread)
+
+
+def viewerResource(config: Config, copies: Optional[CompressedCopies] = None) -> ViewerResource:
+    """
+    The OHIF build of C{config}, with its generated C{app-config.js}; with
+    gzip copies made in C{copies} of its files that have none.
     """
     web = config.web
     if not (web.ohif_root / "index.html").is_file():
@@ -294,7 +307,9 @@ def viewerResource(config: Config) -> ViewerResource:
             " until one is unpacked there (packaging/ohif {root})",
             root=str(web.ohif_root),
         )
-    return ViewerResource(web.ohif_root, renderAppConfig(web), web.content_security_policy, web.cross_origin_isolation)
+    return ViewerResource(
+        web.ohif_root, renderAppConfig(web), web.content_security_policy, web.cross_origin_isolation, copies
+    )
 
 
 def buildWebRoot(config: Config, orthanc: IOrthanc) -> Resource:
@@ -311,14 +326,15 @@ def buildSiteResource(
     database: StateDatabase,
     authenticator: Authenticator,
     proxyRoutes: Mapping[bytes, Resource],
+    copies: Optional[CompressedCopies] = None,
 ) -> AccessGate:
     """
     The daemon's HTTPS site: every route of L{appliance.web.sitemap}, the
     proxy's to Orthanc among them (C{proxyRoutes}, by segment), behind the
-    access gate.
+    access gate; the viewer's compressed copies in C{copies}.
     """
     health = HealthResource(orthanc, config.appliance.node_name, database)
-    routes = viewerRoutes(health, viewerResource(config)) + archiveRoutes(
+    routes = viewerRoutes(health, viewerResource(config, copies)) + archiveRoutes(
         LoginResource(authenticator, config.web),
         LogoutResource(authenticator, config.web),
         proxyRoutes[DICOMWEB],

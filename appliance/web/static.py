@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from appliance.web.assets import Asset, AssetCatalog, Representation, generatedAsset, inlineScriptHashes
+from appliance.web.compressedcopies import CompressedCopies
 from appliance.web.methods import answerOtherMethod, isRead
 from appliance.web.streaming import registerStreamingProducer
 
@@ -138,6 +139,8 @@ class ViewerResource(Resource):
         of index.html's inline scripts are added to its C{script-src}.
     @param crossOriginIsolation: send COOP/COEP so the viewer may use
         SharedArrayBuffer.
+    @param copies: where gzip copies are made of the compressible files that
+        the build ships without one; L{None}: they are sent as they are.
     """
 
     isLeaf = True
@@ -149,9 +152,10 @@ class ViewerResource(Resource):
         appConfig: bytes,
         contentSecurityPolicy: str,
         crossOriginIsolation: bool,
+        copies: Optional[CompressedCopies] = None,
     ) -> None:
         super().__init__()
-        self._catalog = AssetCatalog(root)
+        self._catalog = AssetCatalog(root, copies)
         self._appConfig = generatedAsset(APP_CONFIG, appConfig)
         self._policy = contentSecurityPolicy
         self._policyFor: Tuple[Optional[Asset], bytes] = (None, b"")
