@@ -49,6 +49,11 @@ class Sizes:
 FULL = Sizes(studies=4, instancesPerStudy=100, side=512, largeInstances=600, largeSide=512, uploadInstances=100)
 SMOKE = Sizes(studies=2, instancesPerStudy=4, side=64, largeInstances=12, largeSide=128, uploadInstances=6)
 
+#: The study the viewer scenarios open: this many series, each of the large
+#: study's size (600 instances of 512x512 in a full run).
+VIEWER_SERIES = 3
+VIEWER_PATIENT = "VIEWER-0001"
+
 
 @dataclass(frozen=True)
 class Series:
@@ -83,17 +88,20 @@ class Dataset:
     #: A STOW-RS request body holding every instance of the upload series.
     stowBody: Path
     stowBoundary: str
+    #: The study the viewer opens: L{VIEWER_SERIES} series of the large
+    #: study's size, of another patient (not found by the QIDO scenario).
+    viewer: List[Series]
 
     def kept(self) -> List[Series]:
         """
         The series that live in Orthanc for the whole run.
         """
-        return self.regular + [self.large]
+        return self.regular + [self.large] + self.viewer
 
 
-def _writeSeries(folder: Path, count: int, side: int, patientID: str) -> Series:
+def _writeSeries(folder: Path, count: int, side: int, patientID: str, studyUID: Optional[str] = None) -> Series:
     folder.mkdir(parents=True, exist_ok=True)
-    instances = ctSeries(count, rows=1, columns=1, patientID=patientID)
+    instances = ctSeries(count, rows=1, columns=1, studyUID=studyUID, patientID=patientID)
     files = []
     for number, instance in enumerate(instances, 1):
         instance.Rows = instance.Columns = side
@@ -134,33 +142,44 @@ def _seriesToJSON(series: Series) -> Dict:
     }
 
 
+def _writeViewerStudy(root: Path, sizes: Sizes) -> List[Series]:
+    first = _writeSeries(root / "viewer-1", sizes.largeInstances, sizes.largeSide, VIEWER_PATIENT)
+    return [first] + [
+        _writeSeries(root / f"viewer-{number}", sizes.largeInstances, sizes.largeSide, VIEWER_PATIENT, first.studyUID)
+        for number in range(2, VIEWER_SERIES + 1)
+    ]
+
+
 def prepareDataset(folder: Path, sizes: Sizes, say) -> Dataset:
     """
-    The dataset of C{sizes} under C{folder}, generated unless it is there.
+    The dataset of C{sizes} under C{folder}, generated unless it is there
+    (the viewer's study alone, for a dataset made before it was added).
     """
     root = folder / sizes.name
     manifest = root / "manifest.json"
-    if manifest.is_file():
-        saved = json.loads(manifest.read_text(encoding="utf-8"))
-        dataset = Dataset(
-            [_seriesFromJSON(entry) for entry in saved["regular"]],
-            _seriesFromJSON(saved["large"]),
-            _seriesFromJSON(saved["upload"]),
-            Path(saved["stowBody"]),
-            saved["stowBoundary"],
-        )
-        if all(path.is_file() for series in dataset.kept() + [dataset.upload] for path in series.files):
-            return dataset
-    say(f"Generating the benchmark's studies into {root}")
-    regular = [
-        _writeSeries(root / f"study-{index}", sizes.instancesPerStudy, sizes.side, f"BENCH-{index:04d}")
-        for index in range(sizes.studies)
-    ]
-    large = _writeSeries(root / "large", sizes.largeInstances, sizes.largeSide, "BENCH-LARGE")
-    upload = _writeSeries(root / "upload", sizes.uploadInstances, sizes.side, "BENCH-UPLOAD")
-    stowBody = root / "upload.multipart"
-    boundary = _writeStowBody(upload, stowBody)
-    dataset = Dataset(regular, large, upload, stowBody, boundary)
+    saved = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    if saved is not None:
+        regular = [_seriesFromJSON(entry) for entry in saved["regular"]]
+        large, upload = _seriesFromJSON(saved["large"]), _seriesFromJSON(saved["upload"])
+        if not all(path.is_file() for series in regular + [large, upload] for path in series.files):
+            saved = None
+    if saved is None:
+        say(f"Generating the benchmark's studies into {root}")
+        regular = [
+            _writeSeries(root / f"study-{index}", sizes.instancesPerStudy, sizes.side, f"BENCH-{index:04d}")
+            for index in range(sizes.studies)
+        ]
+        large = _writeSeries(root / "large", sizes.largeInstances, sizes.largeSide, "BENCH-LARGE")
+        upload = _writeSeries(root / "upload", sizes.uploadInstances, sizes.side, "BENCH-UPLOAD")
+        stowBody = root / "upload.multipart"
+        boundary = _writeStowBody(upload, stowBody)
+    else:
+        stowBody, boundary = Path(saved["stowBody"]), saved["stowBoundary"]
+    viewer = [_seriesFromJSON(entry) for entry in (saved or {}).get("viewer", [])]
+    if not viewer or not all(path.is_file() for series in viewer for path in series.files):
+        say(f"Generating the viewer's study ({VIEWER_SERIES} series of {sizes.largeInstances}) into {root}")
+        viewer = _writeViewerStudy(root, sizes)
+    dataset = Dataset(regular, large, upload, stowBody, boundary, viewer)
     manifest.write_text(
         json.dumps(
             {
@@ -169,6 +188,7 @@ def prepareDataset(folder: Path, sizes: Sizes, say) -> Dataset:
                 "upload": _seriesToJSON(upload),
                 "stowBody": str(stowBody),
                 "stowBoundary": boundary,
+                "viewer": [_seriesToJSON(series) for series in viewer],
             }
         ),
         encoding="utf-8",
@@ -211,15 +231,21 @@ class OrthancRest:
             raise RuntimeError(f"Orthanc answered {method} {path} with {response.status}: {answer[:300]!r}")
         return json.loads(answer) if answer else None
 
-    def studyID(self, studyUID: str) -> Optional[str]:
-        found = self.request("POST", "/tools/lookup", studyUID.encode("ascii"), "text/plain")
-        return next((entry["ID"] for entry in found if entry["Type"] == "Study"), None)
+    def lookUp(self, uid: str, kind: str) -> Optional[str]:
+        """
+        Orthanc's identifier of the study or series (C{kind}) of C{uid}.
+        """
+        found = self.request("POST", "/tools/lookup", uid.encode("ascii"), "text/plain")
+        return next((entry["ID"] for entry in found if entry["Type"] == kind), None)
 
-    def instanceCount(self, studyUID: str) -> int:
-        identifier = self.studyID(studyUID)
+    def studyID(self, studyUID: str) -> Optional[str]:
+        return self.lookUp(studyUID, "Study")
+
+    def instanceCount(self, series: Series) -> int:
+        identifier = self.lookUp(series.seriesUID, "Series")
         if identifier is None:
             return 0
-        return len(self.request("GET", f"/studies/{identifier}/instances"))
+        return len(self.request("GET", f"/series/{identifier}")["Instances"])
 
     def deleteStudy(self, studyUID: str) -> None:
         identifier = self.studyID(studyUID)
@@ -241,7 +267,7 @@ def loadDataset(orthanc: OrthancRest, dataset: Dataset, say) -> None:
     the upload series is not there.
     """
     for series in dataset.kept():
-        if orthanc.instanceCount(series.studyUID) == len(series.files):
+        if orthanc.instanceCount(series) == len(series.files):
             continue
         say(f"Loading study {series.studyUID} ({len(series.files)} instances) into Orthanc")
         for path in series.files:

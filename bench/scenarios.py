@@ -27,6 +27,7 @@ from bench import clients
 from bench.data import Dataset, OrthancRest
 from appliance.state.database import SQLITE_FILE
 from bench.servers import CHECKOUT, residentBytes
+from tests.browser import CANVAS_PIXELS
 
 APPLIANCE, NGINX, LIMIT = "appliance", "nginx", "limit"
 TARGETS = (APPLIANCE, NGINX, LIMIT)
@@ -225,13 +226,7 @@ class Metadata(Scenario):
         return {"seconds": statistics.median(answer["seconds"] for answer in answers)}
 
     def fillCache(self, target: Target) -> None:
-        clients.curl([target.base + self.path], headers=target.headers(DICOM_JSON))
-        database = self.settings.work / "state" / SQLITE_FILE
-        deadline = time.monotonic() + CACHE_TIMEOUT
-        while not cachedEntry(database, self.resource):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the appliance did not cache {self.path} within {CACHE_TIMEOUT:.0f}s")
-            time.sleep(0.2)
+        waitUntilCached(self.settings, target, [self.path], [self.resource])
         self.cached = True
 
 
@@ -250,6 +245,20 @@ class SeriesMetadata(Metadata):
 #: How long the metadata scenarios wait for the appliance to cache their
 #: answer: the series must first be stable ([orthanc] stable_age).
 CACHE_TIMEOUT = 300.0
+
+
+def waitUntilCached(settings: Settings, target: Target, paths: List[str], resources: List[str]) -> None:
+    """
+    Ask the appliance for the metadata at C{paths} (which has it build what
+    is stable and missing), then wait until its cache holds C{resources}.
+    """
+    clients.curl([target.base + path for path in paths], headers=target.headers(DICOM_JSON))
+    database = settings.work / "state" / SQLITE_FILE
+    deadline = time.monotonic() + CACHE_TIMEOUT
+    while not all(cachedEntry(database, resource) for resource in resources):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the appliance did not cache {', '.join(paths)} within {CACHE_TIMEOUT:.0f}s")
+        time.sleep(0.2)
 
 
 def cachedEntry(database: Path, resource: str) -> bool:
@@ -638,17 +647,11 @@ class PageLoad(Scenario):
     client = "headless Chromium (selenium), a new profile each time: cold cache"
     metrics = [Metric("seconds", "OHIF page load to network idle", "ms", "lower", MS)]
 
-    #: The network is idle once no transfer has ended for this long.
-    QUIET = 1.0
-
-    #: A light page of the build, public on the appliance.
-    WARM_UP = "/manifest.json"
-
     def __init__(self, *arguments) -> None:
         super().__init__(*arguments)
         self.description = (
             "Open / (the OHIF study list, with its QIDO search) in a fresh browser; the time from"
-            f" navigation start to the end of the last transfer, once none has ended for {self.QUIET:g}s"
+            f" navigation start to the end of the last transfer, once none has ended for {QUIET:g}s"
             " (after one light page of the same origin, and the appliance's login, unmeasured)"
         )
 
@@ -661,49 +664,242 @@ class PageLoad(Scenario):
         profile = tempfile.mkdtemp(prefix="chromium-", dir=self.settings.work)
         browser = startChromium(self.settings.certificate, profile)
         try:
-            # Both start with one light page of the same origin (the
-            # appliance's is the login, which then goes to the same light
-            # page): the browser is started and has a TLS session, and OHIF
-            # has not been loaded yet, by either.
-            if target.name == APPLIANCE:
-                self._logIn(browser, target)
-            else:
-                browser.get(target.base + self.WARM_UP)
+            openPage(browser, target)
             browser.execute_cdp_cmd("Network.enable", {})
             browser.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
             browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _BIGGER_TIMING_BUFFER})
             browser.get(target.base + "/")
-            return {"seconds": self._waitForIdle(browser) / 1000}
+            return {"seconds": waitForIdle(browser) / 1000}
         finally:
             browser.quit()
             shutil.rmtree(profile, ignore_errors=True)
 
-    def _logIn(self, browser, target: Target) -> None:
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
 
-        from bench.servers import BENCH_USER
+#: The network is idle once no transfer has ended for this long.
+QUIET = 1.0
 
-        browser.get(f"{target.base}/login?next={self.WARM_UP}")
-        browser.find_element(By.CSS_SELECTOR, "input[name=user]").send_keys(BENCH_USER[0])
-        browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(BENCH_USER[1])
-        browser.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
-        WebDriverWait(browser, 30, poll_frequency=0.05).until(lambda b: b.current_url.endswith(self.WARM_UP))
+#: A light page of the build, public on the appliance.
+WARM_UP = "/manifest.json"
 
-    def _waitForIdle(self, browser, timeout: float = 120) -> float:
+
+def openPage(browser, target: Target) -> None:
+    """
+    Start with one light page of C{target}'s origin (the appliance's is the
+    login, which then goes to the same light page): the browser is started
+    and has a TLS session, and OHIF has not been loaded yet, by either.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from bench.servers import BENCH_USER
+
+    if target.name != APPLIANCE:
+        browser.get(target.base + WARM_UP)
+        return
+    browser.get(f"{target.base}/login?next={WARM_UP}")
+    browser.find_element(By.CSS_SELECTOR, "input[name=user]").send_keys(BENCH_USER[0])
+    browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(BENCH_USER[1])
+    browser.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+    WebDriverWait(browser, 30, poll_frequency=0.05).until(lambda b: b.current_url.endswith(WARM_UP))
+
+
+def waitForIdle(browser, timeout: float = 120) -> float:
+    """
+    Milliseconds from the page's navigation to the end of its last transfer,
+    once none has ended for L{QUIET} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last, quietSince = None, time.monotonic()
+    while time.monotonic() < deadline:
+        state = browser.execute_script(_NETWORK_STATE)
+        seen = (state["end"], state["count"])
+        if seen != last or state["ready"] != "complete":
+            last, quietSince = seen, time.monotonic()
+        elif time.monotonic() - quietSince >= QUIET:
+            if state["count"] < 10:
+                raise clients.ClientError(f"the page made only {state['count']} requests: OHIF did not load")
+            return state["end"]
+        time.sleep(0.05)
+    raise clients.ClientError(f"the network was never idle for {QUIET:g}s within {timeout:g}s")
+
+
+#: Injected into the viewer's page before it loads: notes when an image is
+#: first on a canvas (its pixels read every 20 ms, see
+#: L{tests.browser.CANVAS_PIXELS}), in the page's own clock.
+_FIRST_IMAGE_WATCH = """
+window.__firstImage = null;
+(function watch() {
+  const canvases = (() => { %s })();
+  if (canvases.some(c => c.levels > 20 && c.litFraction > 0.2)) {
+    window.__firstImage = performance.now();
+    return;
+  }
+  setTimeout(watch, 20);
+})();
+"""
+
+#: The first image's time, and the frames received so far by series: how
+#: many, and when the last of them ended (the page's clock).
+_VIEWER_STATE = """
+const frames = {};
+for (const entry of performance.getEntriesByType('resource')) {
+  const match = entry.name.match(/\\/series\\/([^/]+)\\/instances\\/([^/]+)\\/frames\\//);
+  if (!match || !entry.responseEnd) continue;
+  const series = frames[match[1]] || (frames[match[1]] = {instances: new Set(), end: 0});
+  series.instances.add(match[2]);
+  series.end = Math.max(series.end, entry.responseEnd);
+}
+const loaded = {};
+for (const [uid, series] of Object.entries(frames)) loaded[uid] = {count: series.instances.size, end: series.end};
+return {firstImage: window.__firstImage, frames: loaded};
+"""
+
+#: A reading room at home over a VPN (issue 17): 20 Mbit/s each way, 40 ms
+#: of round trip.
+WAN = {"offline": False, "latency": 40, "downloadThroughput": 20e6 / 8, "uploadThroughput": 20e6 / 8}
+
+
+class ViewerScenario(Scenario):
+    """
+    Headless Chromium opening the viewer's study (3 series of the large
+    study's size) in OHIF, with a new profile each time: OHIF's page is
+    loaded first (the study list, not measured unless C{measurePageLoad}),
+    then the study is opened; the time until its first image is on a canvas
+    (pixels read back) and, with C{wholeSeries}, until every frame of the
+    series on screen has been received.
+
+    On the appliance the study's metadata is cached before the first
+    measurement (as L{Metadata} does).
+    """
+
+    hasLimit = False
+    client = "headless Chromium (selenium), a new profile each time"
+    #: The network conditions (Chromium's emulation), if any.
+    network: Optional[Dict[str, object]] = None
+    #: Drop the file system's cache before the study is opened.
+    cold = False
+    wholeSeries = True
+    measurePageLoad = False
+
+    def __init__(self, *arguments) -> None:
+        super().__init__(*arguments)
+        self.series = self.dataset.viewer
+        self.studyUID = self.series[0].studyUID
+        self.instances = len(self.series[0].files)
+        self.cached = False
+
+    def measure(self, target: Target) -> Dict[str, float]:
+        import shutil
+        import tempfile
+
+        from tests.viewerbuild import startChromium
+
+        if target.name == APPLIANCE and not self.cached:
+            self.fillCache(target)
+        profile = tempfile.mkdtemp(prefix="chromium-", dir=self.settings.work)
+        browser = startChromium(self.settings.certificate, profile)
+        try:
+            openPage(browser, target)
+            browser.execute_cdp_cmd("Network.enable", {})
+            if self.network is not None:
+                browser.execute_cdp_cmd("Network.emulateNetworkConditions", self.network)
+            browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _BIGGER_TIMING_BUFFER})
+            browser.get(target.base + "/")
+            measured: Dict[str, float] = {}
+            pageLoad = waitForIdle(browser)
+            if self.measurePageLoad:
+                measured["page_load"] = pageLoad / 1000
+            if self.cold:
+                dropFileSystemCache()
+            watch = _FIRST_IMAGE_WATCH % (CANVAS_PIXELS,)
+            browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": watch})
+            browser.get(f"{target.base}/viewer?StudyInstanceUIDs={self.studyUID}")
+            measured.update(self._waitForStudy(browser))
+            return measured
+        finally:
+            browser.quit()
+            shutil.rmtree(profile, ignore_errors=True)
+
+    def _waitForStudy(self, browser, timeout: float = 300) -> Dict[str, float]:
         deadline = time.monotonic() + timeout
-        last, quietSince = None, time.monotonic()
         while time.monotonic() < deadline:
-            state = browser.execute_script(_NETWORK_STATE)
-            seen = (state["end"], state["count"])
-            if seen != last or state["ready"] != "complete":
-                last, quietSince = seen, time.monotonic()
-            elif time.monotonic() - quietSince >= self.QUIET:
-                if state["count"] < 10:
-                    raise clients.ClientError(f"the page made only {state['count']} requests: OHIF did not load")
-                return state["end"]
-            time.sleep(0.05)
-        raise clients.ClientError(f"the network was never idle for {self.QUIET:g}s within {timeout:g}s")
+            state = browser.execute_script(_VIEWER_STATE)
+            if state["firstImage"] is not None:
+                measured = {"first_image": state["firstImage"] / 1000}
+                if not self.wholeSeries:
+                    return measured
+                whole = [series["end"] for series in state["frames"].values() if series["count"] >= self.instances]
+                if whole:
+                    measured["whole_series"] = min(whole) / 1000
+                    return measured
+            time.sleep(0.1)
+        raise clients.ClientError(f"the study was not shown (and its series not loaded) within {timeout:g}s")
+
+    def fillCache(self, target: Target) -> None:
+        paths = [f"/pacs/studies/{self.studyUID}/metadata"] + [
+            f"/pacs/studies/{self.studyUID}/series/{series.seriesUID}/metadata" for series in self.series
+        ]
+        resources = [self.studyUID] + [f"{self.studyUID}/{series.seriesUID}" for series in self.series]
+        waitUntilCached(self.settings, target, paths, resources)
+        self.cached = True
+
+
+class StudyOpen(ViewerScenario):
+    name = "study-open"
+    metrics = [
+        Metric("first_image", "study open: first image", "ms", "lower", MS),
+        Metric("whole_series", "whole series loaded", "ms", "lower", MS),
+    ]
+
+    def __init__(self, *arguments) -> None:
+        super().__init__(*arguments)
+        self.description = (
+            f"Open a study of {len(self.series)} series of {self.instances} instances in OHIF (its page loaded"
+            " before, unmeasured): time to the first image on a canvas, and to every frame of the series shown"
+        )
+
+
+class StudyOpenCold(StudyOpen):
+    name = "study-open-cold"
+    cold = True
+    metrics = [
+        Metric("first_image", "study open, file cache dropped: first image", "ms", "lower", MS),
+        Metric("whole_series", "whole series loaded, file cache dropped", "ms", "lower", MS),
+    ]
+
+    def __init__(self, *arguments) -> None:
+        super().__init__(*arguments)
+        self.description += "; the file system's cache dropped just before"
+
+
+class WanStudyOpen(ViewerScenario):
+    name = "wan"
+    network = WAN
+    wholeSeries = False
+    measurePageLoad = True
+    metrics = [
+        Metric("page_load", "OHIF page load over the WAN", "ms", "lower", MS),
+        Metric("first_image", "study open over the WAN: first image", "ms", "lower", MS),
+    ]
+
+    def __init__(self, *arguments) -> None:
+        super().__init__(*arguments)
+        self.description = (
+            "Chromium's network emulation at 20 Mbit/s each way and 40 ms of round trip: OHIF's page load to"
+            f" network idle, then the study of {len(self.series)} series opened, to its first image"
+        )
+
+
+def dropFileSystemCache() -> None:
+    """
+    Drop the kernel's page cache (as root), so that Orthanc reads its files
+    from the disk.
+    """
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as error:
+        raise clients.ClientError(f"cannot drop the file system's cache here: {error.strerror}")
 
 
 ALL = [
@@ -722,4 +918,7 @@ ALL = [
     SlowReaders,
     SlowReadersSoak,
     PageLoad,
+    StudyOpen,
+    StudyOpenCold,
+    WanStudyOpen,
 ]
