@@ -147,7 +147,7 @@ def runScenario(
                 if metric.key in values
             )
             say(f"  {scenario.name} #{repetition + 1} {name}: {shown} ({time.monotonic() - started:.1f}s)")
-    return report.scenarioResult(scenario, samples, errors)
+    return report.scenarioResult(scenario, samples, errors, repetitions)
 
 
 def main(arguments: List[str]) -> int:

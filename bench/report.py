@@ -32,9 +32,12 @@ def summary(samples: List[float], metric: Metric) -> Optional[Dict[str, object]]
     }
 
 
-def scenarioResult(scenario: Scenario, samples: Dict[str, Dict[str, List[float]]], errors: List[str]) -> Dict:
+def scenarioResult(
+    scenario: Scenario, samples: Dict[str, Dict[str, List[float]]], errors: List[str], repetitions: int
+) -> Dict:
     """
-    The JSON of one scenario; C{samples[target][metric key]} are raw values.
+    The JSON of one scenario, measured C{repetitions} times per target;
+    C{samples[target][metric key]} are raw values.
     """
     metrics = {}
     for metric in scenario.metrics:
@@ -52,6 +55,7 @@ def scenarioResult(scenario: Scenario, samples: Dict[str, Dict[str, List[float]]
         "hasLimit": scenario.hasLimit,
         "metrics": metrics,
         "errors": errors,
+        "repetitions": repetitions,
     }
 
 
@@ -113,8 +117,14 @@ def markdown(results: Dict) -> str:
     """
     machineDescription = results["machine"]
     settings = results["settings"]
+    fewer = [
+        f"{name} {result['repetitions']}"
+        for name, result in results["scenarios"].items()
+        if result.get("repetitions", settings["repetitions"]) != settings["repetitions"]
+    ]
+    repetitions = f"{settings['repetitions']} repetitions" + (f" (but {', '.join(fewer)})" if fewer else "")
     lines = [
-        f"Measured {results['date']} ({settings['repetitions']} repetitions, median (min-max);"
+        f"Measured {results['date']} ({repetitions}, median (min-max);"
         f" commit {machineDescription['commit']}) on {machineDescription['cpu']}, {machineDescription['cores']}"
         f" cores, {machineDescription['memory']}, Linux {machineDescription['kernel']},"
         f" {machineDescription['os']}; {machineDescription['nginx']}, {machineDescription['orthanc']},"
