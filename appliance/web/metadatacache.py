@@ -37,12 +37,14 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
+from io import BytesIO
 from typing import Deque, Iterable, Optional, Set, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
+from twisted.protocols.basic import FileSender
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.server import NOT_DONE_YET, Request
@@ -362,8 +364,10 @@ class MetadataCache(Service):
         if compress:
             request.setHeader(b"Content-Encoding", b"gzip")
         request.setHeader(b"Content-Length", b"%d" % (len(body),))
-        request.write(body)
-        request.finish()
+        # At the client's pace: a study's metadata is megabytes uncompressed.
+        # It fails only when the client has left: there is nothing to end.
+        sending = FileSender().beginFileTransfer(BytesIO(body), request)
+        sending.addCallbacks(lambda ignored: request.finish(), lambda failure: None)
         return True
 
     def _drop(self, key: MetadataKey, facts: str) -> None:
