@@ -8,7 +8,7 @@ what costs), while other hosts are still served.
 """
 
 import ipaddress
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -150,9 +150,11 @@ class ConnectionCap(WrappingFactory):
     the others out.
     """
 
-    def __init__(self, wrappedFactory, limits: ConnectionLimits) -> None:
+    def __init__(self, wrappedFactory, limits: ConnectionLimits, onClosed: Optional[Callable[[], None]] = None) -> None:
         super().__init__(wrappedFactory)
         self.limits = limits
+        #: Told of each connection that closes (L{appliance.garbage}).
+        self._onClosed = onClosed
 
     def buildProtocol(self, addr):
         if not self.limits.admits(addr):
@@ -166,6 +168,8 @@ class ConnectionCap(WrappingFactory):
     def unregisterProtocol(self, protocol) -> None:
         super().unregisterProtocol(protocol)
         self.limits.closed(protocol.getPeer())
+        if self._onClosed is not None:
+            self._onClosed()
 
 
 class Listener(Service):

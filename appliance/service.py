@@ -11,6 +11,7 @@ from twisted.python import usage
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
+from appliance.garbage import CollectAfterClosing
 from appliance.orthanc.firewall import OrthancPortGuard
 from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
@@ -66,8 +67,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.
     certificate = loadServerCertificate(config.tls, config.appliance.state_dir)
     certificateUsers: List[CertificateUser] = []
+    # Told by every listener when a connection closes (see its module).
+    garbage = CollectAfterClosing(reactor)
     if config.dicom.listen is not None:
-        forwarder = DicomForwarderService(config, certificate, reactor, space)
+        forwarder = DicomForwarderService(config, certificate, reactor, space, garbage.closed)
         forwarder.setServiceParent(root)
         certificateUsers.append(forwarder)
     passwordChecks = PasswordChecks(reactor)
@@ -94,11 +97,13 @@ def buildService(config: Config, reactor=None) -> MultiService:
     proxyRoutes = proxyResources(config, proxy, metadata)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
     site = buildSiteResource(config, orthanc, database, authenticator, proxyRoutes, compressedCopies(config, reactor))
-    buildWebService(config, site, authenticator, webTLS, reactor).setServiceParent(root)
+    buildWebService(config, site, authenticator, webTLS, reactor, garbage.closed).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before
     # the guard has changed the firewall (nothing would remove the rules).
     guard.setServiceParent(root)
+    # Once everything else has started: what the start built is frozen.
+    garbage.setServiceParent(root)
     notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval(), database)
     ReloadOnSighup(config, certificateUsers, notify, reactor, reloadables=[users]).setServiceParent(root)
     # Last: it starts once every listener is bound (see its docstring).

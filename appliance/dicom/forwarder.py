@@ -300,12 +300,15 @@ class DicomForwarderService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, certificate: PrivateCertificate, reactor, space: StorageSpace) -> None:
+    def __init__(
+        self, config: Config, certificate: PrivateCertificate, reactor, space: StorageSpace, onClosed=None
+    ) -> None:
         """
         @param certificate: the server certificate, loaded once for HTTPS and
             DICOM alike (see L{appliance.tls.loadServerCertificate}).
         @param space: the free space of Orthanc's storage: associations that
             may store are refused while it is short.
+        @param onClosed: told of each connection that closes.
         """
         super().__init__()
         self._config = config
@@ -316,7 +319,7 @@ class DicomForwarderService(MultiService):
         limits = ConnectionLimits(
             settings.max_connections, settings.max_connections_per_address, "DICOM TLS", "dicom", reactor
         )
-        capped = ConnectionCap(TLSMemoryBIOFactory(self._tls, False, self.factory), limits)
+        capped = ConnectionCap(TLSMemoryBIOFactory(self._tls, False, self.factory), limits, onClosed)
         Listener(reactor, settings.listen, capped, "dicom").setServiceParent(self)
 
     def startService(self) -> None:

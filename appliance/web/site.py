@@ -343,7 +343,9 @@ def buildSiteResource(
     return AccessGate(SiteMap(routes), authenticator, config.web)
 
 
-def buildWebService(config: Config, resource: Resource, authenticator, tls: ServerTLS, reactor=None) -> MultiService:
+def buildWebService(
+    config: Config, resource: Resource, authenticator, tls: ServerTLS, reactor=None, onClosed=None
+) -> MultiService:
     """
     The HTTPS listener serving C{resource} and, unless disabled, the HTTP
     one that redirects to it.
@@ -364,6 +366,7 @@ def buildWebService(config: Config, resource: Resource, authenticator, tls: Serv
     https = ConnectionCap(
         TLSMemoryBIOFactory(tls, False, site),
         ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web", reactor),
+        onClosed,
     )
     Listener(reactor, web.listen_https, https, "https").setServiceParent(service)
     if web.listen_http is not None:
@@ -371,7 +374,9 @@ def buildWebService(config: Config, resource: Resource, authenticator, tls: Serv
             config, RedirectToHTTPS(web.listen_https.port), reactor, NoCredentials(), False, quota
         )
         plain = ConnectionCap(
-            redirect, ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web", reactor)
+            redirect,
+            ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTP", "web", reactor),
+            onClosed,
         )
         Listener(reactor, web.listen_http, plain, "http").setServiceParent(service)
     return service
