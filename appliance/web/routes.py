@@ -250,7 +250,9 @@ def notAllowed(request: Request, allowed: Tuple[bytes, ...]) -> bytes:
 
 class PacsResource(Resource):
     """
-    C{/pacs/...}: Orthanc's DICOMweb API, for the viewer and API clients.
+    C{/pacs/...}: Orthanc's DICOMweb API, for the viewer and API clients;
+    study and series metadata from C{metadata}, the cache, when it can
+    answer them (L{appliance.web.metadatacache}).
     """
 
     isLeaf = True
