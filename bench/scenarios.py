@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -656,23 +657,11 @@ class PageLoad(Scenario):
         )
 
     def measure(self, target: Target) -> Dict[str, float]:
-        import shutil
-        import tempfile
-
-        from tests.viewerbuild import startChromium
-
-        profile = tempfile.mkdtemp(prefix="chromium-", dir=self.settings.work)
-        browser = startChromium(self.settings.certificate, profile)
-        try:
-            openPage(browser, target)
-            browser.execute_cdp_cmd("Network.enable", {})
+        with freshChromium(self.settings, target) as browser:
             browser.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
             browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _BIGGER_TIMING_BUFFER})
             browser.get(target.base + "/")
             return {"seconds": waitForIdle(browser) / 1000}
-        finally:
-            browser.quit()
-            shutil.rmtree(profile, ignore_errors=True)
 
 
 #: The network is idle once no transfer has ended for this long.
@@ -680,6 +669,29 @@ QUIET = 1.0
 
 #: A light page of the build, public on the appliance.
 WARM_UP = "/manifest.json"
+
+
+@contextmanager
+def freshChromium(settings: Settings, target: Target):
+    """
+    Headless Chromium on a new profile (an empty cache), started on one
+    light page of C{target} (L{openPage}) with its network events on;
+    closed, and its profile removed, on the way out.
+    """
+    import shutil
+    import tempfile
+
+    from tests.viewerbuild import startChromium
+
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=settings.work)
+    browser = startChromium(settings.certificate, profile)
+    try:
+        openPage(browser, target)
+        browser.execute_cdp_cmd("Network.enable", {})
+        yield browser
+    finally:
+        browser.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def openPage(browser, target: Target) -> None:
@@ -789,18 +801,9 @@ class ViewerScenario(Scenario):
         self.cached = False
 
     def measure(self, target: Target) -> Dict[str, float]:
-        import shutil
-        import tempfile
-
-        from tests.viewerbuild import startChromium
-
         if target.name == APPLIANCE and not self.cached:
             self.fillCache(target)
-        profile = tempfile.mkdtemp(prefix="chromium-", dir=self.settings.work)
-        browser = startChromium(self.settings.certificate, profile)
-        try:
-            openPage(browser, target)
-            browser.execute_cdp_cmd("Network.enable", {})
+        with freshChromium(self.settings, target) as browser:
             if self.network is not None:
                 browser.execute_cdp_cmd("Network.emulateNetworkConditions", self.network)
             browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": _BIGGER_TIMING_BUFFER})
@@ -816,9 +819,6 @@ class ViewerScenario(Scenario):
             browser.get(f"{target.base}/viewer?StudyInstanceUIDs={self.studyUID}")
             measured.update(self._waitForStudy(browser))
             return measured
-        finally:
-            browser.quit()
-            shutil.rmtree(profile, ignore_errors=True)
 
     def _waitForStudy(self, browser, timeout: float = 300) -> Dict[str, float]:
         deadline = time.monotonic() + timeout

@@ -117,6 +117,10 @@ def _stamp(status: os.stat_result) -> Tuple[int, int, int]:
     return (status.st_ino, status.st_mtime_ns, status.st_size)
 
 
+def _hasGzip(representations) -> bool:
+    return any(representation.encoding == b"gzip" for representation in representations)
+
+
 def _representation(path: Path, status: os.stat_result, encoding: Optional[bytes]) -> Representation:
     suffix = "-" + encoding.decode("ascii") if encoding else ""
     etag = f'"{status.st_mtime_ns:x}-{status.st_size:x}{suffix}"'.encode("ascii")
@@ -163,7 +167,7 @@ class AssetCatalog:
         self._assets[relative] = asset
         if (
             self._copies is not None
-            and not any(representation.encoding == b"gzip" for representation in asset.representations)
+            and not _hasGzip(asset.representations)
             and compressible(asset.contentType, status.st_size)
         ):
             # Described again once the copy is made.
@@ -195,7 +199,7 @@ class AssetCatalog:
             ):
                 representations.append(_representation(variant, variantStatus, encoding))
         copy = self._copies.existing(relative, status) if self._copies is not None else None
-        if copy is not None and not any(representation.encoding == b"gzip" for representation in representations):
+        if copy is not None and not _hasGzip(representations):
             representations.append(_representation(copy[0], copy[1], b"gzip"))
         representations.append(_representation(path, status, None))
         return Asset(

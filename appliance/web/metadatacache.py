@@ -54,7 +54,7 @@ from appliance.state.database import DatabaseUnavailable, StateDatabase, Stateme
 from appliance.web.orthancrest import AnswerTooLarge, OrthancRest, OrthancUnavailable
 from appliance.web.proxy import GZIP_LEVEL, SANDBOXED
 from appliance.web.proxyheaders import addVary, publicHost
-from appliance.web.static import acceptedEncodings
+from appliance.web.static import acceptedValues
 
 #: The origin the cached answers are built for: Orthanc writes it into
 #: every URL of an answer (RetrieveURL, BulkDataURI), and each answer from
@@ -224,16 +224,12 @@ def acceptsCachedType(request: Request) -> bool:
     accept = request.getHeader(b"Accept")
     if not accept:
         return True
-    for item in accept.split(b","):
-        mediaRange, _, parameters = item.strip().partition(b";")
-        quality = re.search(rb"q\s*=\s*0(?:\.0*)?\s*(?:;|$)", parameters)
-        if mediaRange.strip().lower() in _JSON_TYPES and quality is None:
-            return True
-    return False
+    accepted = acceptedValues(accept)
+    return any(accepted.get(mediaRange, 0.0) > 0 for mediaRange in _JSON_TYPES)
 
 
 def acceptsGzip(request: Request) -> bool:
-    accepted = acceptedEncodings(request.getHeader(b"Accept-Encoding"))
+    accepted = acceptedValues(request.getHeader(b"Accept-Encoding"))
     return accepted.get(b"gzip", accepted.get(b"*", 0.0)) > 0
 
 

@@ -102,7 +102,11 @@ def _byteRange(header: bytes, size: int) -> Optional[Tuple[int, int]]:
     return start, min(end, size - 1)
 
 
-def acceptedEncodings(header: Optional[bytes]) -> Dict[bytes, float]:
+def acceptedValues(header: Optional[bytes]) -> Dict[bytes, float]:
+    """
+    The values a negotiation header (Accept-Encoding, Accept) lists, lower
+    case and without their parameters, with their quality.
+    """
     accepted: Dict[bytes, float] = {}
     for item in (header or b"").split(b","):
         coding, _, parameters = item.strip().partition(b";")
@@ -120,7 +124,7 @@ def acceptedEncodings(header: Optional[bytes]) -> Dict[bytes, float]:
 
 
 def chooseRepresentation(asset: Asset, acceptEncoding: Optional[bytes]) -> Representation:
-    accepted = acceptedEncodings(acceptEncoding)
+    accepted = acceptedValues(acceptEncoding)
     for representation in asset.representations:
         if representation.encoding is None:
             return representation
