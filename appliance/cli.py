@@ -228,7 +228,23 @@ def checkConfig(configPath: str) -> int:
     if config is None:
         return 1
     print(f"{', '.join(str(path) for path in config.sources)}: OK")
+    # Warnings, not problems: the directory may be down while the box boots.
+    for warning in identityWarnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def identityWarnings(config: Config) -> List[str]:
+    """
+    What is wrong with the directory's servers as the appliance reaches
+    them now (blocking).
+    """
+    if not config.ldap.url or config.ldap.bind_password_file is None:
+        return []
+    from appliance.web.directory import Directory, readSecret
+
+    directory = Directory(config.ldap, readSecret(config.ldap.bind_password_file))
+    return [f"{config.where('ldap', 'url')}: {problem}" for problem in directory.probe()]
 
 
 class PasswdError(Exception):

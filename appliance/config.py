@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from cryptography import x509
 
 from appliance.configvalues import (
+    DirectoryServer,
     IPNetwork,
     ListenAddress,
     isLoopback,
@@ -32,13 +33,18 @@ from appliance.configvalues import (
     parseCertificateSubject,
     parseContentSecurityPolicy,
     parseCount,
+    parseDirectoryServers,
+    parseDNList,
     parseDuration,
     parseEnum,
     parseHostOrNetwork,
     parseIdentifier,
+    parseLDAPFilter,
     parseListen,
     parseNodeName,
+    parseOptionalDN,
     parseOptionalHost,
+    parseOptionalHTTPSURL,
     parseOptionalListen,
     parseOptionalPath,
     parseOptionalPort,
@@ -49,6 +55,8 @@ from appliance.configvalues import (
     parsePositiveDuration,
     parseSize,
     parseText,
+    parseValueList,
+    parseWords,
 )
 
 DEFAULT_CONFIG_PATH = Path("/etc/pacs-appliance/appliance.ini")
@@ -152,6 +160,50 @@ class AuthSection:
     login_failure_window: float
 
 
+@dataclass(frozen=True)
+class LdapSection:
+    """
+    The hospital's directory (LDAP, Active Directory): no C{url}, no
+    directory logins.
+    """
+
+    url: Tuple[DirectoryServer, ...]
+    ca_file: Optional[Path]
+    bind_dn: str
+    bind_password_file: Optional[Path]
+    user_base: str
+    user_filter: str
+    #: Empty: the domain of user_base (its DC= part).
+    group_base: str
+    viewer_groups: Tuple[str, ...]
+    uploader_groups: Tuple[str, ...]
+    admin_groups: Tuple[str, ...]
+    recheck_interval: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class OidcSection:
+    """
+    The hospital's single sign-on (OpenID Connect): no C{issuer}, none.
+    """
+
+    issuer: str
+    client_id: str
+    client_secret_file: Optional[Path]
+    ca_file: Optional[Path]
+    display_name: str
+    scopes: Tuple[str, ...]
+    user_claim: str
+    roles_claim: str
+    viewer_values: Tuple[str, ...]
+    uploader_values: Tuple[str, ...]
+    admin_values: Tuple[str, ...]
+    #: Empty: the client id.
+    audience: str
+    timeout: float
+
+
 class DatabaseTLSMode(str, Enum):
     """
     How the connection to PostgreSQL is protected ([database] ssl_mode, as
@@ -226,6 +278,8 @@ class Config:
     auth: AuthSection
     database: DatabaseSection
     dicom: DicomSection
+    ldap: LdapSection
+    oidc: OidcSection
     modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
     #: The file that set each key given, by (section, key): where a problem
@@ -348,6 +402,35 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "max_connections": Key(parseCount, "100"),
         "max_connections_per_address": Key(parseCount, "50"),
         "max_first_pdu": Key(parseSize, "64K"),
+    },
+    "ldap": {
+        "url": Key(parseDirectoryServers, ""),
+        "ca_file": Key(parseOptionalPath, ""),
+        "bind_dn": Key(parseOptionalDN, ""),
+        "bind_password_file": Key(parseOptionalPath, ""),
+        "user_base": Key(parseOptionalDN, ""),
+        "user_filter": Key(parseLDAPFilter, "(&(objectClass=user)(sAMAccountName={user}))"),
+        "group_base": Key(parseOptionalDN, ""),
+        "viewer_groups": Key(parseDNList, ""),
+        "uploader_groups": Key(parseDNList, ""),
+        "admin_groups": Key(parseDNList, ""),
+        "recheck_interval": Key(parsePositiveDuration, "5m"),
+        "timeout": Key(parsePositiveDuration, "10s"),
+    },
+    "oidc": {
+        "issuer": Key(parseOptionalHTTPSURL, ""),
+        "client_id": Key(parseText, ""),
+        "client_secret_file": Key(parseOptionalPath, ""),
+        "ca_file": Key(parseOptionalPath, ""),
+        "display_name": Key(parseText, "single sign-on"),
+        "scopes": Key(parseWords, "openid profile email"),
+        "user_claim": Key(parseText, "preferred_username"),
+        "roles_claim": Key(parseText, "groups"),
+        "viewer_values": Key(parseValueList, ""),
+        "uploader_values": Key(parseValueList, ""),
+        "admin_values": Key(parseValueList, ""),
+        "audience": Key(parseText, ""),
+        "timeout": Key(parsePositiveDuration, "10s"),
     },
 }
 
@@ -472,6 +555,7 @@ def _check(config: Config) -> List[str]:
         listeners.append(("dicom", "listen", config.dicom.listen))
     problems.extend(_checkDicom(config))
     problems.extend(_checkDatabase(config))
+    problems.extend(_checkIdentity(config))
     if config.auth.max_address_failures < config.auth.max_login_failures:
         problems.append(
             f"{where('auth', 'max_address_failures')}: it is lower than max_login_failures: one user's"
@@ -519,6 +603,38 @@ def _checkDatabase(config: Config) -> List[str]:
             f"{where('database', 'ssl_mode')}: disable sends passwords and patient data in the clear:"
             f" only for a server on this machine, and {database.host} is not (use verify-full)"
         )
+    return problems
+
+
+def _checkIdentity(config: Config) -> List[str]:
+    problems = []
+    where = config.where
+    ldap = config.ldap
+    if ldap.url:
+        for key in ("bind_dn", "bind_password_file", "user_base"):
+            if not getattr(ldap, key):
+                problems.append(f"{where('ldap', key)}: directory logins need it (or remove [ldap] url)")
+        if not (ldap.viewer_groups or ldap.uploader_groups or ldap.admin_groups):
+            problems.append(
+                f"{where('ldap', 'viewer_groups')}: no directory group gives a role, so no directory user"
+                " could log in (name the groups of viewer_groups, uploader_groups or admin_groups)"
+            )
+        if not ldap.group_base and "dc=" not in ldap.user_base.lower():
+            problems.append(
+                f"{where('ldap', 'group_base')}: user_base has no DC= part to search groups under: set group_base"
+            )
+    oidc = config.oidc
+    if oidc.issuer:
+        for key in ("client_id", "client_secret_file"):
+            if not getattr(oidc, key):
+                problems.append(f"{where('oidc', key)}: single sign-on needs it (or remove [oidc] issuer)")
+        if "openid" not in oidc.scopes:
+            problems.append(f"{where('oidc', 'scopes')}: OpenID Connect needs the scope openid")
+        if not (oidc.viewer_values or oidc.uploader_values or oidc.admin_values):
+            problems.append(
+                f"{where('oidc', 'viewer_values')}: no value of {oidc.roles_claim} gives a role, so no one could"
+                " sign in (name the values of viewer_values, uploader_values or admin_values)"
+            )
     return problems
 
 
@@ -595,6 +711,8 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH, checks: Sequence[Callable[[
         auth=AuthSection(**sections["auth"]),  # type: ignore[arg-type]
         database=DatabaseSection(**sections["database"]),  # type: ignore[arg-type]
         dicom=DicomSection(**sections["dicom"]),  # type: ignore[arg-type]
+        ldap=LdapSection(**sections["ldap"]),  # type: ignore[arg-type]
+        oidc=OidcSection(**sections["oidc"]),  # type: ignore[arg-type]
         modalities=tuple(
             ModalitySection(name=section[len(MODALITY_PREFIX) :], **values)  # type: ignore[arg-type]
             for section, values in modalities.items()

@@ -296,3 +296,109 @@ def parseAETitle(text: str, base: Path) -> str:
             f"{text!r} is not an AE title (printable ASCII without backslash)"
         )
     return text
+
+
+@dataclass(frozen=True)
+class DirectoryServer:
+    """
+    One server of [ldap] url: C{startTLS} for C{ldap://} (StartTLS before
+    anything else is sent), otherwise LDAPS.
+    """
+
+    url: str
+    host: str
+    port: int
+    startTLS: bool
+
+
+_LDAP_URL = re.compile(r"(ldaps?)://([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?/?")
+
+
+def parseDirectoryServers(text: str, base: Path) -> Tuple[DirectoryServer, ...]:
+    """
+    Directory servers, tried in the order given: C{ldaps://HOST[:PORT]}, or
+    C{ldap://HOST[:PORT]} for StartTLS; empty for none.
+    """
+    servers = []
+    for url in text.split():
+        match = _LDAP_URL.fullmatch(url)
+        if match is None:
+            raise ValueError(
+                f"{url!r} is not a directory server (ldaps://HOST[:PORT], or ldap://HOST[:PORT] for StartTLS;"
+                " nothing is ever sent to a directory in the clear)"
+            )
+        scheme, host, port = match.groups()
+        startTLS = scheme == "ldap"
+        number = int(port) if port else (389 if startTLS else 636)
+        if not 1 <= number <= 65535:
+            raise ValueError(f"{url!r}: the port must be between 1 and 65535")
+        servers.append(DirectoryServer(url, host.strip("[]"), number, startTLS))
+    return tuple(servers)
+
+
+def _parseDN(text: str) -> str:
+    from ldap3.core.exceptions import LDAPInvalidDnError
+    from ldap3.utils.dn import parse_dn
+
+    try:
+        parse_dn(text)
+    except LDAPInvalidDnError:
+        raise ValueError(f"{text!r} is not a distinguished name (like CN=PACS-Viewers,OU=Groups,DC=hospital,DC=example)")
+    return text
+
+
+def parseOptionalDN(text: str, base: Path) -> str:
+    """
+    A distinguished name, as written; empty for none.
+    """
+    return _parseDN(text) if text else ""
+
+
+def parseDNList(text: str, base: Path) -> Tuple[str, ...]:
+    """
+    Distinguished names with C{;} between them (a DN holds commas).
+    """
+    return tuple(_parseDN(item.strip()) for item in text.split(";") if item.strip())
+
+
+def parseLDAPFilter(text: str, base: Path) -> str:
+    """
+    An LDAP search filter in which C{{user}} stands for the name a user
+    logs in with.
+    """
+    if "{user}" not in text:
+        raise ValueError("the filter must contain {user}, where the name the user logs in with goes")
+    if not (text.startswith("(") and text.endswith(")")) or text.count("(") != text.count(")"):
+        raise ValueError(f"{text!r} is not an LDAP filter (in parentheses, like (&(objectClass=user)(sAMAccountName={{user}})))")
+    return text
+
+
+def parseValueList(text: str, base: Path) -> Tuple[str, ...]:
+    """
+    Values with C{;} between them (a value may hold spaces or commas).
+    """
+    return tuple(item.strip() for item in text.split(";") if item.strip())
+
+
+def parseWords(text: str, base: Path) -> Tuple[str, ...]:
+    """
+    Words with white space between them.
+    """
+    if not text.isprintable():
+        raise ValueError(f"{text!r} contains control characters")
+    return tuple(text.split())
+
+
+_HTTPS_URL = re.compile(r"https://[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?(?:/[\x21-\x7e]*)?")
+
+
+def parseOptionalHTTPSURL(text: str, base: Path) -> str:
+    """
+    An https URL without a query, as written (OpenID Connect compares an
+    issuer exactly, trailing slash included); empty for none.
+    """
+    if not text:
+        return ""
+    if not _HTTPS_URL.fullmatch(text) or "?" in text or "#" in text:
+        raise ValueError(f"{text!r} is not an https URL without query (like https://sso.hospital.example/realms/hospital)")
+    return text

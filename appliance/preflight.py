@@ -14,7 +14,7 @@ from typing import List
 
 from appliance.config import DEFAULT_CONFIG_PATH, Config, loadConfig
 from appliance.orthanc.settings import postgresqlPlugins
-from appliance.tls import CertificateError, readCertificate
+from appliance.tls import CertificateError, readAuthorities, readCertificate
 
 
 def fileProblems(config: Config) -> List[str]:
@@ -70,6 +70,32 @@ def fileProblems(config: Config) -> List[str]:
             )
         if database.ca_file is not None and not database.ca_file.is_file():
             problems.append(f"{where('database', 'ca_file')}: {database.ca_file} does not exist")
+    problems.extend(_identityFileProblems(config))
+    return problems
+
+
+def _identityFileProblems(config: Config) -> List[str]:
+    # Only files: an unreachable directory or provider is no configuration
+    # problem (it may be down while the box boots), and start-up warns of it.
+    where = config.where
+    problems = []
+    secrets = []
+    authorities = []
+    if config.ldap.url:
+        secrets.append(("ldap", "bind_password_file", config.ldap.bind_password_file))
+        authorities.append(("ldap", "ca_file", config.ldap.ca_file))
+    if config.oidc.issuer:
+        secrets.append(("oidc", "client_secret_file", config.oidc.client_secret_file))
+        authorities.append(("oidc", "ca_file", config.oidc.ca_file))
+    for section, key, path in secrets:
+        if path is not None and not os.access(path, os.R_OK):
+            problems.append(f"{where(section, key)}: {path} cannot be read (it must exist, readable by the daemon's group)")
+    for section, key, path in authorities:
+        if path is not None:
+            try:
+                readAuthorities(path)
+            except CertificateError as error:
+                problems.append(f"{where(section, key)}: {error}")
     return problems
 
 

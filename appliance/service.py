@@ -23,6 +23,7 @@ from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
 from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
+from appliance.web.directory import DirectoryService
 from appliance.web.proxy import OrthancProxy
 from appliance.web.routes import metadataCache, proxyResources
 from appliance.web.sharedaccounts import DatabaseAccounts
@@ -85,8 +86,13 @@ def buildService(config: Config, reactor=None) -> MultiService:
     else:
         users = UsersFile(config.auth.users_file, reactor)
     users.setServiceParent(root)
+    # The hospital's directory, after the appliance's own accounts.
+    directory = None
+    if config.ldap.url:
+        directory = DirectoryService.fromConfig(config.ldap, reactor)
+        directory.setServiceParent(root)
     authenticator = Authenticator.forAccountStore(
-        users, passwordChecks, config.auth, database, config.appliance.node_name, reactor
+        users, passwordChecks, config.auth, database, config.appliance.node_name, reactor, directory
     )
     authenticator.setServiceParent(root)
     proxy = OrthancProxy(config, orthanc, space, reactor)

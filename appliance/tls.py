@@ -127,6 +127,22 @@ def readCertificate(certificatePath: Path, keyPath: Path) -> PrivateCertificate:
     return certificate
 
 
+def readAuthorities(path: Path) -> List[x509.Certificate]:
+    """
+    The certificates of authorities in the PEM file C{path}.
+
+    @raise CertificateError: if it cannot be read or holds no certificate.
+    """
+    try:
+        pem = path.read_bytes()
+    except OSError as error:
+        raise CertificateError(f"cannot read {path}: {error.strerror}")
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise CertificateError(f"{path} holds no PEM certificate")
+
+
 def hostNames() -> List[str]:
     names = ["localhost", socket.gethostname(), socket.getfqdn()]
     return list(dict.fromkeys(name for name in names if name))

@@ -289,7 +289,7 @@ class ClusterTests(ClusterCase):
         for _ in range(4):
             status, _, _ = yield deferToThread(self.request, "GET", "/pacs/studies", {"Cookie": cookie, "Accept": DICOM_JSON})
             self.assertEqual(status, 200)
-        self.assertEqual([count > 0 for count in self.accessLines(f' - {VIEWER[0]} ')], [True, True])
+        self.assertEqual([count > 0 for count in self.accessLines(f' - local:{VIEWER[0]} ')], [True, True])
         status, headers, _ = yield deferToThread(self.request, "POST", "/logout", {"Cookie": cookie, "Sec-Fetch-Site": "same-origin"})
         self.assertEqual(status, 303)
 

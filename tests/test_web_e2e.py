@@ -157,7 +157,7 @@ class ViewerEndToEndTests(TestCase):
             self.assertEqual(violations, [])
             self.assertGreater((ARTIFACTS / "study-viewer.png").stat().st_size, 10_000)
             self.checkEveryViewerRequestCarriedTheSession()
-            refusals = [line for line in self.output.lines if f" - {READER[0]} [" in line and '"GET /pacs-admin/' in line]
+            refusals = [line for line in self.output.lines if f" - local:{READER[0]} [" in line and '"GET /pacs-admin/' in line]
             self.assertTrue(refusals and all('" 403 ' in line for line in refusals), "\n".join(self.output.lines[-40:]))
 
         return deferToThread(browse).addCallback(check)
@@ -175,7 +175,7 @@ class ViewerEndToEndTests(TestCase):
         dicomweb = [m for m in requests if m.group("path").startswith("/pacs/")]
         self.assertTrue(dicomweb, "the viewer made no DICOMweb request")
         for match in dicomweb:
-            self.assertIn(match.group("user"), (ADMIN[0], READER[0]), match.group(0))
+            self.assertIn(match.group("user"), (f"local:{ADMIN[0]}", f"local:{READER[0]}"), match.group(0))
             self.assertLess(int(match.group("status")), 400, match.group(0))
         frames = [m for m in dicomweb if "/frames/" in m.group("path") or "/wado" in m.group("path")]
         self.assertTrue(frames, "the viewer fetched no pixel data")

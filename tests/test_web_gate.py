@@ -402,7 +402,7 @@ class SpoolShareTests(GatedSiteCase):
         self.assertRefused(
             self.upload("uploader", 30),
             429,
-            b"The account modality has 1000 KiB of uploads in progress and may have 1 MiB at once",
+            b"The account local:modality has 1000 KiB of uploads in progress and may have 1 MiB at once",
         )
         # Its upload ends: its share comes back.
         self.held.pop(0).finish()

@@ -109,7 +109,9 @@ class EchoResource(Resource):
                 "read": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(),
                 "account": request.account.name if request.account else None,
-                "credentialsUnchecked": request.credentialsUnchecked,
+                "credentialsUnchecked": (
+                    request.credentialsUnchecked.message if request.credentialsUnchecked is not None else None
+                ),
                 "spooled": spooled,
             }
         )
@@ -846,9 +848,9 @@ class BusyTests(InMemoryCase):
         """
         status, _, body = self.exchange(rawRequest("GET", "/", [ALICE_HEADER]))
         echoed = json.loads(body)
-        self.assertEqual((status, echoed["account"], echoed["credentialsUnchecked"]), (200, None, True))
+        self.assertEqual((status, echoed["account"], echoed["credentialsUnchecked"]), (200, None, BUSY_MESSAGE))
         status, _, body = self.exchange(rawRequest("GET", "/"))
-        self.assertFalse(json.loads(body)["credentialsUnchecked"])
+        self.assertIsNone(json.loads(body)["credentialsUnchecked"])
         self.assertEqual(self.flushLoggedErrors(), [])
 
 

@@ -69,6 +69,24 @@ MIGRATIONS: Sequence[Tuple[str, ...]] = (
             seq BIGINT NOT NULL
         )""",
     ),
+    # 4: sessions of the directory's and the single sign-on's users
+    # (appliance.web.directory, appliance.web.openid): the source of the
+    # account, the roles it gave at login (NULL for the appliance's own
+    # accounts, whose roles the users file or the accounts table give), and,
+    # for single sign-on, the ID token the provider's logout asks for.  And
+    # the single sign-on logins under way, under a hash of their state.
+    (
+        "ALTER TABLE sessions ADD COLUMN source TEXT NOT NULL DEFAULT 'local'",
+        "ALTER TABLE sessions ADD COLUMN roles TEXT",
+        "ALTER TABLE sessions ADD COLUMN logout_hint TEXT",
+        """CREATE TABLE oidc_logins (
+            state_hash {blob} PRIMARY KEY,
+            verifier TEXT NOT NULL,
+            nonce TEXT NOT NULL,
+            target TEXT NOT NULL,
+            created {real} NOT NULL
+        )""",
+    ),
 )
 
 #: The schema version this release reads and writes.

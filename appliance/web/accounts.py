@@ -1,8 +1,9 @@
 """
-Who a user is to the site, whatever the source of the account (the users
-file, or the shared database's accounts; a directory or a single sign-on
-later): a name, and roles from L{ROLES}; and what a store of accounts with
-passwords offers the checker and the realm (L{IAccountStore}).
+Who a user is to the site, whatever the source of the account (L{SOURCES}:
+the appliance's own accounts, in the users file or the shared database; the
+hospital's directory; its single sign-on): a name, roles from L{ROLES}, and
+that source; and what a store of accounts with passwords offers the checker
+and the realm (L{IAccountStore}).
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ class IAccount(Interface):
 
     name = Attribute("The user's name, as they log in.")
     roles = Attribute("The roles they hold, names from L{ROLES}.")
+    source = Attribute("Where the account comes from, one of L{SOURCES}.")
+    label = Attribute("The name and source as the access log and the journal write them: C{source:name}.")
 
     def has(role):
         """
@@ -53,16 +56,27 @@ class IAccountStore(Interface):
 #: The roles, from least to most: each includes those before it.
 ROLES = ("viewer", "uploader", "admin")
 
+#: The sources of accounts: the appliance's own (the users file, or the
+#: cluster's database), the hospital's directory ([ldap]), its single
+#: sign-on ([oidc]).
+LOCAL, LDAP, OIDC = SOURCES = ("local", "ldap", "oidc")
+
 
 @implementer(IAccount)
 @dataclass(frozen=True)
 class Account:
     """
-    A user as the site sees them: a name and the roles their source gives.
+    A user as the site sees them: a name, the roles their source gives,
+    and that source.
     """
 
     name: str
     roles: FrozenSet[str]
+    source: str = LOCAL
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}:{self.name}"
 
     def has(self, role: str) -> bool:
         """

@@ -3,12 +3,14 @@ Who sent a request, and logging users in and out.
 
     request ──▶ identify(headers, client) ──▶ an account, or None
                  HTTP Basic: remembered briefly, else checked through the
-                 portal (the throttle first); a session cookie: its account
+                 portal (the throttle first); a Bearer token: checked through
+                 the portal; a session cookie: its account
 
-Browsers log in on the login page (L{appliance.web.login}) and carry the
-session cookie; API clients send HTTP Basic with every request, checked once
-and then remembered briefly.  The gate (L{appliance.web.gate}) decides what
-the account may do.
+Browsers log in on the login page (L{appliance.web.login}), or through the
+single sign-on (L{appliance.web.openid}), and carry the session cookie; API
+clients send HTTP Basic or a Bearer token with every request (Basic checked
+once and then remembered briefly).  The gate (L{appliance.web.gate}) decides
+what the account may do.
 """
 
 import hashlib
@@ -22,7 +24,7 @@ from twisted.application.service import Service
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,20 +33,21 @@ from twisted.web.http_headers import Headers
 from appliance.config import AuthSection
 from appliance.connections import clientKey
 from appliance.state.database import StateDatabase, ignoreUnavailable, reportFailure
-from appliance.web.accounts import IAccount
+from appliance.web.accounts import LDAP, LOCAL, OIDC, Account, IAccount, IAccountStore
 from appliance.web.checkers import (
     AccountChanged,
-    PasswordChecks,
-    PasswordChecksBusy,
     AccountStoreChecker,
     AccountStoreRealm,
-    UnknownUser,
+    CredentialsUnchecked,
+    FirstKnownChecker,
+    NoRole,
+    PasswordChecks,
+    RefusedLogin,
 )
-from appliance.web.credentials import basicCredentials, decodeBasic, displayName, sessionTokens
+from appliance.web.credentials import BearerToken, authorization, decodeBasic, displayName, sessionTokens
 from appliance.web.loginevents import LoginEventFeed
-from appliance.web.sessions import SessionStore
+from appliance.web.sessions import SessionOwner, SessionStore
 from appliance.web.throttle import LoginThrottle
-from appliance.web.accounts import IAccountStore
 
 #: How long a verified HTTP Basic credential is remembered (unless the users
 #: file changes first), and how many are.
@@ -117,18 +120,33 @@ class Authenticator(Service):
     @param auth: the [auth] configuration.
     @param database: the state database.
     @param node: this node's name, beside the logins it counts.
+    @param directory: the hospital's directory, if [ldap] names one
+        (L{appliance.web.directory.DirectoryService}): its users' sessions
+        are checked against it again.
+    @param singleSignOn: whether [oidc] names a provider: its users'
+        sessions and Bearer tokens are refused without one.
     """
 
     log = Logger()
 
     def __init__(
-        self, portal: Portal, accounts: AccountStoreRealm, auth: AuthSection, database: StateDatabase, node: str, reactor=None
+        self,
+        portal: Portal,
+        accounts: AccountStoreRealm,
+        auth: AuthSection,
+        database: StateDatabase,
+        node: str,
+        reactor=None,
+        directory=None,
+        singleSignOn: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self._reactor = reactor
         self._portal = portal
         self._accounts = accounts
+        self._directory = directory
+        self._singleSignOn = singleSignOn
         self.sessions = SessionStore(database, auth.session_idle_timeout, auth.session_lifetime, reactor)
         self.throttle = LoginThrottle(
             auth.max_login_failures, auth.max_address_failures, auth.login_failure_window, reactor
@@ -147,14 +165,32 @@ class Authenticator(Service):
 
     @classmethod
     def forAccountStore(
-        cls, users: IAccountStore, checks: PasswordChecks, auth: AuthSection, database: StateDatabase, node: str, reactor=None
+        cls,
+        users: IAccountStore,
+        checks: PasswordChecks,
+        auth: AuthSection,
+        database: StateDatabase,
+        node: str,
+        reactor=None,
+        directory=None,
+        tokens=None,
     ) -> "Authenticator":
         """
         The authenticator of the accounts of a store (the users file, the
-        shared database's accounts), their passwords checked by C{checks}.
+        shared database's accounts), their passwords checked by C{checks};
+        then of the users of C{directory}
+        (L{appliance.web.directory.DirectoryService}), if given; and of the
+        Bearer tokens C{tokens} checks (an L{ICredentialsChecker} of
+        L{appliance.web.credentials.IBearerToken}), if given.
         """
+        from appliance.web.directory import DirectoryChecker
+
         realm = AccountStoreRealm(users)
-        return cls(Portal(realm, [AccountStoreChecker(users, checks)]), realm, auth, database, node, reactor)
+        passwords = AccountStoreChecker(users, checks)
+        if directory is not None:
+            passwords = FirstKnownChecker([passwords, DirectoryChecker(directory)])
+        checkers = [passwords] if tokens is None else [passwords, tokens]
+        return cls(Portal(realm, checkers), realm, auth, database, node, reactor, directory, tokens is not None)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -177,14 +213,18 @@ class Authenticator(Service):
         carries an C{Authorization: Basic} header (invalid ones give L{None},
         whatever cookie comes with them), else from its session cookie.
 
+        A Bearer token is checked against the single sign-on's keys (none
+        without [oidc]: L{None}).
+
         Fires at once when memory answers (a session seen in the last few
         seconds, a Basic credential verified recently, an address refused by
         the L{LoginThrottle}); reads the session from the state database, or
         checks the password in a thread (after the throttle's back-off),
-        otherwise.  Fails only with L{PasswordChecksBusy}, when the password
-        could not be checked for too many checks waiting: other errors are
-        logged and give L{None}.  Cancelling the Deferred (the client left)
-        skips a check still waiting for a thread.
+        otherwise.  Fails only with L{CredentialsUnchecked}, when the
+        credentials could not be checked (too many checks waiting, the
+        directory unreachable): other errors are logged and give L{None}.
+        Cancelling the Deferred (the client left) skips a check still
+        waiting for a thread.
         """
         try:
             identified = self._identify(headers, client)
@@ -194,16 +234,37 @@ class Authenticator(Service):
         return identified.addErrback(self._identifyFailed, client)
 
     def _identifyFailed(self, failure: Failure, client) -> Optional[Failure]:
-        if failure.check(PasswordChecksBusy, CancelledError):
+        if failure.check(CredentialsUnchecked, CancelledError):
             return failure
         self.log.failure("Could not identify a request from {client}", failure, client=str(client))
         return None
 
     def _identify(self, headers: Headers, client) -> "Deferred[Optional[IAccount]]":
-        credentials = basicCredentials(headers)
-        if credentials is not None:
-            return self._basic(credentials, client)
+        given = authorization(headers)
+        if given is not None:
+            scheme, credentials = given
+            if scheme == b"basic":
+                return self._basic(credentials, client)
+            # Credentials in the header are the request's own: never the
+            # cookie's account instead (the gate judges those as such).
+            return self._bearer(credentials, client)
         return self._fromSessions(list(sessionTokens(headers)))
+
+    def _bearer(self, token: bytes, client) -> "Deferred[Optional[IAccount]]":
+        if not self._singleSignOn:
+            self.log.info("Refused a Bearer token from {client}: no single sign-on is set up ([oidc])", client=clientKey(client))
+            return succeed(None)
+        checking = self._portal.login(BearerToken(token), None, IAccount)
+
+        def refused(failure: Failure) -> Optional[Failure]:
+            if failure.check(RefusedLogin):
+                self.log.info(
+                    "Refused a Bearer token from {client}: {reason}", client=clientKey(client), reason=failure.value.reason
+                )
+                return None
+            return failure
+
+        return checking.addCallbacks(lambda loggedIn: loggedIn[1], refused)
 
     def _fromSessions(self, tokens: List[bytes]) -> "Deferred[Optional[IAccount]]":
         """
@@ -213,11 +274,32 @@ class Authenticator(Service):
         if not tokens:
             return succeed(None)
 
-        def found(name: Optional[str]) -> "Optional[IAccount] | Deferred[Optional[IAccount]]":
-            account = self._accounts.account(name) if name is not None else None
-            return account if account is not None else self._fromSessions(tokens[1:])
+        def found(owner: Optional[SessionOwner]) -> "Optional[IAccount] | Deferred[Optional[IAccount]]":
+            if owner is None:
+                return self._fromSessions(tokens[1:])
+            return maybeDeferred(self._sessionAccount, owner).addCallback(accountOf, owner)
+
+        def accountOf(account: Optional[IAccount], owner: SessionOwner) -> "Optional[IAccount] | Deferred[Optional[IAccount]]":
+            if account is not None:
+                return account
+            if owner.source != LOCAL:
+                # Its source no longer gives the account a role here.
+                self.sessions.end(tokens[0]).addErrback(
+                    partial(reportFailure, self.log), "end a session whose account lost its roles"
+                )
+            return self._fromSessions(tokens[1:])
 
         return self.sessions.lookup(tokens[0]).addCallback(found)
+
+    def _sessionAccount(self, owner: SessionOwner) -> "Optional[IAccount] | Deferred[Optional[IAccount]]":
+        if owner.source == LOCAL:
+            return self._accounts.account(owner.name)
+        if owner.source == LDAP and self._directory is not None and owner.roles:
+            return self._directory.sessionAccount(owner.name, owner.roles)
+        if owner.source == OIDC and self._singleSignOn and owner.roles:
+            # The provider's roles at login hold for the session's life.
+            return Account(owner.name, owner.roles, OIDC)
+        return None
 
     def _basic(self, credentials: bytes, client) -> "Deferred[Optional[IAccount]]":
         key = hmac.new(self._cacheKey, credentials, hashlib.sha256).digest()
@@ -235,7 +317,8 @@ class Authenticator(Service):
         shared = self._pending.get(key)
         if shared is None:
             name, password = decoded
-            checking = self._check(name, password, client, "HTTP Basic").addCallback(self._basicChecked, key)
+            checking = self._check(name, password, client, "HTTP Basic")
+            checking.addCallbacks(self._basicChecked, self._basicRefused, (key,))
             # Registered only once the check exists (nothing is left behind
             # if starting it raises), and forgotten when it ends, even at once.
             shared = self._pending[key] = _SharedOutcome(checking)
@@ -245,10 +328,16 @@ class Authenticator(Service):
     def _basicSettled(self, result: None, key: bytes) -> None:
         self._pending.pop(key, None)
 
+    def _basicRefused(self, failure: Failure) -> None:
+        # The gate's 401 is all an API client needs; the journal says why.
+        failure.trap(NoRole)
+
     def _basicChecked(self, account: Optional[IAccount], key: bytes) -> Optional[IAccount]:
         if account is None:
             return None
-        self._basicCache[key] = (account, self._reactor.seconds() + BASIC_CACHE_LIFETIME)
+        # A directory's answer holds only as long as [ldap] says.
+        lifetime = self._directory.recheckInterval if account.source == LDAP else BASIC_CACHE_LIFETIME
+        self._basicCache[key] = (account, self._reactor.seconds() + lifetime)
         while len(self._basicCache) > BASIC_CACHE_SIZE:
             self._basicCache.popitem(last=False)
         return account
@@ -265,33 +354,40 @@ class Authenticator(Service):
         """
         Check a user name and password from the login form (in a thread);
         fires with the account, or L{None} (counted as a failed login).
-        Fails only with L{PasswordChecksBusy} (see L{identify}); cancelling
-        it skips a check still waiting for a thread.
+        Fails with L{NoRole} when the password is right but the account has
+        no role here, and with L{CredentialsUnchecked} (see L{identify});
+        cancelling it skips a check still waiting for a thread.
         """
         return self._check(name, password, client, "login form")
 
-    def startSession(self, account: IAccount, previous: List[bytes]) -> "Deferred[bytes]":
+    def startSession(self, account: IAccount, previous: List[bytes], logoutHint: Optional[str] = None) -> "Deferred[bytes]":
         """
         End the C{previous} sessions of the browser and start one for
-        C{account}; fires with its token once every node knows it.
+        C{account} (with the single sign-on's C{logoutHint}, if any); fires
+        with its token once every node knows it.
         """
         for token in previous:
             self.sessions.end(token).addErrback(partial(reportFailure, self.log), "end a browser's previous session")
 
         def started(token: bytes) -> bytes:
-            self.log.info("{user} logged in", user=account.name)
+            self.log.info("{user} logged in", user=account.label)
             return token
 
-        return self.sessions.create(account.name).addCallback(started)
+        # The appliance's own accounts' roles are looked up at each use.
+        roles = None if account.source == LOCAL else frozenset(account.roles)
+        owner = SessionOwner(account.name, account.source, roles, logoutHint)
+        return self.sessions.create(owner).addCallback(started)
 
-    def endSession(self, token: bytes) -> "Deferred[None]":
+    def endSession(self, token: bytes) -> "Deferred[Optional[SessionOwner]]":
         """
-        End the session C{token}; fires once it has ended on every node.
+        End the session C{token}; fires with its owner (L{None} if it had
+        ended already) once it has ended on every node.
         """
 
-        def ended(name: Optional[str]) -> None:
-            if name is not None:
-                self.log.info("{user} logged out", user=name)
+        def ended(owner: Optional[SessionOwner]) -> Optional[SessionOwner]:
+            if owner is not None:
+                self.log.info("{user} logged out", user=f"{owner.source}:{owner.name}")
+            return owner
 
         return self.sessions.end(token).addCallback(ended)
 
@@ -312,23 +408,32 @@ class Authenticator(Service):
         self._loginEvents.record(self.throttle.succeeded(name, client))
         return account
 
-    def _refused(self, failure: Failure, name: str, client, method: str) -> Optional[IAccount]:
-        if failure.check(UnauthorizedLogin):
+    def _refused(self, failure: Failure, name: str, client, method: str) -> "Optional[IAccount] | Failure":
+        if failure.check(UnauthorizedLogin) and not failure.check(NoRole):
             self._loginEvents.record(self.throttle.failed(name, client))
             self.log.warn(
                 "Failed login for {user} from {client} ({method}): {reason}",
                 user=displayName(name),
                 client=clientKey(client),
                 method=method,
-                reason="no such user" if failure.check(UnknownUser) else "wrong password",
+                reason=getattr(failure.value, "reason", "refused"),
             )
             return None
         # The check's slot is given back: anything else is not a failed login.
         self.throttle.abandoned(name, client)
+        if failure.check(NoRole):
+            self.log.warn(
+                "Refused a login for {user} from {client} ({method}): the password is right, but {reason}",
+                user=displayName(name),
+                client=clientKey(client),
+                method=method,
+                reason=failure.value.reason,
+            )
+            return failure
         if failure.check(AccountChanged):
             self.log.info("The account {user} changed while its password was checked", user=name)
             return None
-        if failure.check(PasswordChecksBusy):
+        if failure.check(CredentialsUnchecked):
             return failure
         if failure.check(CancelledError):
             # The client left: nobody looks at the outcome.

@@ -1,21 +1,22 @@
 """
 Checking a user name and password, the twisted.cred way: an
-L{ICredentialsChecker} per source of accounts (here a store of password
-hashes: the users file, or the shared database's accounts; a directory or a
-single sign-on would each be one more), an L{IRealm} that yields the account
-with its roles, and the bounded pool of threads the password hashes are
-checked on.
+L{ICredentialsChecker} per source of accounts (a store of password hashes:
+the users file, or the shared database's accounts; the hospital's directory,
+L{appliance.web.directory}), an L{IRealm} that yields the account with its
+roles, and the bounded pools of threads the checks run on.
 
-    Authenticator ──Portal.login(UsernamePassword)──▶ AccountStoreChecker ──▶ PasswordChecks (scrypt, 2 threads)
-                                                   ◀── the user's name ──┘
-                  ◀── IAccount ── AccountStoreRealm
+    Authenticator ──Portal.login(UsernamePassword)──▶ FirstKnownChecker
+                                                        ├─▶ AccountStoreChecker ──▶ PasswordChecks (scrypt, 2 threads)
+                                                        └─▶ DirectoryChecker ─────▶ CheckThreads (LDAP binds)
+                  ◀── IAccount ── AccountStoreRealm ◀── the user's name, or a directory user's account
 
-The checker's refusals say why (L{UnknownUser}, L{WrongPassword}), so that a
+The checkers' refusals say why (L{UnknownUser}, L{WrongPassword}), so that a
 failed login is logged with its reason; an account that changed while its
-password was checked (L{AccountChanged}) is neither a success nor a failure.
+password was checked (L{AccountChanged}) is neither a success nor a failure,
+nor is a check that could not be made (L{CredentialsUnchecked}).
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
@@ -50,24 +51,75 @@ BUSY_RETRY_AFTER = 5
 BUSY_MESSAGE = f"The appliance is busy checking other passwords: try again in {BUSY_RETRY_AFTER} seconds."
 
 
-class PasswordChecksBusy(Exception):
+class CredentialsUnchecked(Exception):
+    """
+    Credentials could not be checked, through no fault of the client's: it
+    is told C{message} and to try again after C{retryAfter} seconds (503 and
+    C{Retry-After}).  Not a failed login.
+    """
+
+    message = BUSY_MESSAGE
+    retryAfter = BUSY_RETRY_AFTER
+
+
+class PasswordChecksBusy(CredentialsUnchecked):
     """
     A password check was not started: L{MAX_PENDING_CHECKS} are waiting or
-    running already.  The client should try again after L{BUSY_RETRY_AFTER}
-    seconds (503 and C{Retry-After}, with L{BUSY_MESSAGE}).
+    running already.
     """
 
 
-class UnknownUser(UnauthorizedLogin):
+class RefusedLogin(UnauthorizedLogin):
+    """
+    A refused login, with the C{reason} the journal gives.
+    """
+
+    reason = "refused"
+
+    def __init__(self, name: str, reason: Optional[str] = None) -> None:
+        super().__init__(name)
+        if reason is not None:
+            self.reason = reason
+
+
+class UnknownUser(RefusedLogin):
     """
     No account has this name (its password was checked all the same).
     """
 
+    reason = "no such user"
 
-class WrongPassword(UnauthorizedLogin):
+
+class WrongPassword(RefusedLogin):
     """
     The password is not the account's.
     """
+
+    reason = "wrong password"
+
+
+class AccountDisabled(RefusedLogin):
+    """
+    The account exists but is disabled (in the directory).
+    """
+
+    reason = "the account is disabled"
+
+
+class NoRole(RefusedLogin):
+    """
+    The credentials are right, but the account's source gives it no role
+    here (a directory user in no mapped group, a provider's user without a
+    mapped claim value).  Not a failed login: guessing cannot get further,
+    and its owner is told why.
+    """
+
+    reason = "no group or claim value gives the account a role here"
+
+    MESSAGE = (
+        "Your account is known, but it has no access to this appliance: ask the administrators"
+        " to add it to a group that does."
+    )
 
 
 class AccountChanged(Exception):
@@ -82,36 +134,48 @@ RunInThread = Callable[..., Deferred]
 
 class _QueuedCheck:
     """
-    A password check handed to the thread pool: C{wanted} turns false when
-    nobody waits for its outcome any more (the client left).
+    A check handed to a thread pool: C{wanted} turns false when nobody waits
+    for its outcome any more (the client left).
     """
 
     wanted = True
 
 
-def _verifyIfWanted(check: _QueuedCheck, password: str, stored: str) -> Optional[bool]:
+def _runIfWanted(check: _QueuedCheck, function: Callable[..., object], *arguments: object) -> object:
     # On a thread of the pool: a check whose client left while it waited for
     # its turn costs nothing.
     if not check.wanted:
         return None
-    return verifyPassword(password, stored)
+    return function(*arguments)
 
 
-class PasswordChecks(Service):
+class CheckThreads(Service):
     """
-    Password hashes checked on a small thread pool of its own, started and
-    stopped with the service (C{runInThread} replaces it in tests), with at
-    most L{MAX_PENDING_CHECKS} waiting or running.
+    Blocking checks of credentials (a password hash, a directory's bind) on
+    a small thread pool of its own, started and stopped with the service
+    (C{runInThread} replaces it in tests), with at most C{maxPending}
+    waiting or running: more fail at once with C{busy()}.
     """
 
     log = Logger()
 
-    def __init__(self, reactor=None, runInThread: Optional[RunInThread] = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        threads: int,
+        maxPending: int,
+        busy: Callable[[], CredentialsUnchecked],
+        reactor=None,
+        runInThread: Optional[RunInThread] = None,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
+        self._name = name
+        self._maxPending = maxPending
+        self._busyError = busy
         self._threadPool: Optional[ThreadPool] = None
         if runInThread is None:
-            self._threadPool = ThreadPool(minthreads=0, maxthreads=VERIFY_THREADS, name="password-verification")
+            self._threadPool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
             pool = self._threadPool
 
             def runInThread(function, *arguments):
@@ -131,21 +195,21 @@ class PasswordChecks(Service):
         if self._threadPool is not None:
             self._threadPool.stop()
 
-    def verify(self, password: str, stored: str) -> "Deferred[bool]":
+    def run(self, function: Callable[..., object], *arguments: object) -> Deferred:
         """
-        Whether C{password} matches the stored hash, checked on the pool;
-        fails with L{PasswordChecksBusy} if L{MAX_PENDING_CHECKS} are there
-        already.  Cancelling the result skips the check if it has not
-        started.
+        C{function(*arguments)} on the pool; fails with C{busy()} if
+        C{maxPending} checks are there already.  Cancelling the result skips
+        the call if it has not started.
         """
-        if self.pending >= MAX_PENDING_CHECKS:
+        if self.pending >= self._maxPending:
             if not self._busy:
                 self._busy = True
                 self.log.warn(
-                    "{count} password checks are waiting: refusing more with 503 until they are done",
+                    "{count} checks are waiting for the {name} threads: refusing more with 503 until they are done",
                     count=self.pending,
+                    name=self._name,
                 )
-            return fail(PasswordChecksBusy())
+            return fail(self._busyError())
         check = _QueuedCheck()
 
         def abandon(outcome: Deferred) -> None:
@@ -153,11 +217,11 @@ class PasswordChecks(Service):
 
         outcome: Deferred = Deferred(abandon)
         self.pending += 1
-        running = maybeDeferred(self._runInThread, _verifyIfWanted, check, password, stored)
-        running.addBoth(self._verified, outcome)
+        running = maybeDeferred(self._runInThread, _runIfWanted, check, function, *arguments)
+        running.addBoth(self._done, outcome)
         return outcome
 
-    def _verified(self, result: object, outcome: Deferred) -> None:
+    def _done(self, result: object, outcome: Deferred) -> None:
         self.pending -= 1
         if self.pending == 0:
             self._busy = False
@@ -168,7 +232,26 @@ class PasswordChecks(Service):
                 outcome.callback(result)
         elif isinstance(result, Failure):
             # Its client left, but a check that failed is still worth a line.
-            self.log.failure("Could not check a password", result)
+            self.log.failure("A check on the {name} threads failed", result, name=self._name)
+
+
+class PasswordChecks(CheckThreads):
+    """
+    Password hashes checked on L{VERIFY_THREADS} threads, with at most
+    L{MAX_PENDING_CHECKS} waiting or running (L{PasswordChecksBusy}).
+    """
+
+    def __init__(self, reactor=None, runInThread: Optional[RunInThread] = None) -> None:
+        super().__init__(
+            "password-verification", VERIFY_THREADS, MAX_PENDING_CHECKS, PasswordChecksBusy, reactor, runInThread
+        )
+
+    def verify(self, password: str, stored: str) -> "Deferred[bool]":
+        """
+        Whether C{password} matches the stored hash, checked on the pool
+        (see L{CheckThreads.run}).
+        """
+        return self.run(verifyPassword, password, stored)
 
 
 @implementer(ICredentialsChecker)
@@ -203,6 +286,36 @@ class AccountStoreChecker:
         return self._checks.verify(credentials.password.decode("utf-8"), stored).addCallback(checked)
 
 
+@implementer(ICredentialsChecker)
+class FirstKnownChecker:
+    """
+    Checkers of user names and passwords asked in order: the first that
+    knows the user answers, and a later one is asked only when every
+    earlier one said L{UnknownUser}.  The appliance's own accounts come
+    first, so that an administrator's local account is never shadowed by a
+    directory entry of the same name.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, checkers: Sequence[ICredentialsChecker]) -> None:
+        self._checkers = tuple(checkers)
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred:
+        return self._askFrom(0, credentials)
+
+    def _askFrom(self, index: int, credentials: IUsernamePassword) -> Deferred:
+        asking = maybeDeferred(self._checkers[index].requestAvatarId, credentials)
+        if index + 1 < len(self._checkers):
+
+            def unknown(failure: Failure) -> Deferred:
+                failure.trap(UnknownUser)
+                return self._askFrom(index + 1, credentials)
+
+            asking.addErrback(unknown)
+        return asking
+
+
 @implementer(IRealm)
 class AccountStoreRealm:
     """
@@ -226,9 +339,13 @@ class AccountStoreRealm:
         """
         self._users.subscribe(observer)
 
-    def requestAvatar(self, avatarId: str, mind: object, *interfaces):
+    def requestAvatar(self, avatarId: object, mind: object, *interfaces):
         if IAccount not in interfaces:
             raise NotImplementedError("the realm only gives accounts (IAccount)")
+        if IAccount.providedBy(avatarId):
+            # A directory's or a provider's checker names the account whole:
+            # its roles come from there, not from this store.
+            return IAccount, avatarId, lambda: None
         account = self.account(avatarId)
         if account is None:
             raise AccountChanged(avatarId)

@@ -1,12 +1,15 @@
 """
-What a request carries to say who sent it: HTTP Basic credentials, and the
-session cookie of a browser that logged in on the login page.
+What a request carries to say who sent it: HTTP Basic credentials, a Bearer
+token of the single sign-on's provider, and the session cookie of a browser
+that logged in.
 """
 
 import binascii
 from typing import List, Optional, Tuple
 
+from twisted.cred.credentials import ICredentials
 from twisted.web.http_headers import Headers
+from zope.interface import Attribute, implementer
 
 #: The browser session's cookie: the __Host- prefix makes browsers insist on
 #: Secure, Path=/ and no Domain, so no other host can set or shadow it.
@@ -19,19 +22,47 @@ def displayName(name: str) -> str:
     return repr(name[:64] + ("…" if len(name) > 64 else ""))
 
 
-def basicCredentials(headers: Headers) -> Optional[bytes]:
+#: The schemes of C{Authorization} the appliance takes.
+AUTHORIZATION_SCHEMES = (b"basic", b"bearer")
+
+
+def authorization(headers: Headers) -> Optional[Tuple[bytes, bytes]]:
     """
-    The base64 token of the request's HTTP Basic C{Authorization} header, or
-    L{None} if it has none (another scheme, or more than one header, counts
-    as none).
+    The scheme (lower case: one of L{AUTHORIZATION_SCHEMES}) and the token
+    of the request's C{Authorization} header, or L{None} if it has none
+    (another scheme, or more than one header, counts as none).
     """
     values = headers.getRawHeaders(b"authorization")
     if not values or len(values) != 1:
         return None
     scheme, _, token = values[0].strip().partition(b" ")
-    if scheme.lower() != b"basic":
+    scheme = scheme.lower()
+    if scheme not in AUTHORIZATION_SCHEMES:
         return None
-    return token.strip()
+    return scheme, token.strip()
+
+
+def basicCredentials(headers: Headers) -> Optional[bytes]:
+    """
+    The base64 token of the request's HTTP Basic C{Authorization} header, or
+    L{None} if it has none (see L{authorization}).
+    """
+    given = authorization(headers)
+    return given[1] if given is not None and given[0] == b"basic" else None
+
+
+class IBearerToken(ICredentials):
+    """
+    An access token of the single sign-on's provider (RFC 6750).
+    """
+
+    token = Attribute("The token, as sent (a JWT's compact form).")
+
+
+@implementer(IBearerToken)
+class BearerToken:
+    def __init__(self, token: bytes) -> None:
+        self.token = token
 
 
 def cookiePairs(header: bytes) -> List[bytes]:

@@ -15,8 +15,7 @@ from twisted.web.server import Request
 from appliance.config import WebSection
 from appliance.connections import clientKey
 from appliance.web.authenticator import Authenticator
-from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER
-from appliance.web.credentials import SESSION_COOKIE, basicCredentials, decodeBasic
+from appliance.web.credentials import SESSION_COOKIE, authorization, basicCredentials, decodeBasic
 from appliance.web.origins import isBrowser, isNavigation, isSameOrigin, ownOrigin, requestOrigin, requestTarget
 from appliance.web.pages import TOO_MANY_REQUESTS, Page, jsonError
 from appliance.web.sitemap import LOGIN_PATH, SAFE_METHODS, Route, SiteMap
@@ -94,16 +93,17 @@ class AccessGate(Resource):
         address that has failed to log in too often (see
         L{appliance.web.throttle.LoginThrottle});
       - 503 with C{Retry-After} and a JSON body when its credentials could
-        not be checked for too many password checks waiting (the request
-        layer then sets C{request.credentialsUnchecked}; see
-        L{appliance.web.checkers.PasswordChecksBusy}).  Public routes are
+        not be checked (too many password checks waiting, the directory
+        unreachable: the request layer then sets
+        C{request.credentialsUnchecked}, see
+        L{appliance.web.checkers.CredentialsUnchecked}).  Public routes are
         still served.
 
     A request whose account lacks the role gets 403, an HTML page for a page
     load and JSON otherwise.  An unsafe request (not GET, HEAD or OPTIONS)
     authenticated by the session cookie must come from this site's own pages
-    (L{isSameOrigin}), else 403 (CSRF).  One authenticated by HTTP Basic
-    needs no C{Origin} (scripts send none), but a browser sending an
+    (L{isSameOrigin}), else 403 (CSRF).  One authenticated by HTTP Basic or
+    a Bearer token needs no C{Origin} (scripts send none), but a browser sending an
     C{Origin} of a site other than this one or a C{[web]
     cors_allowed_origins} entry is refused too: a browser only sends Basic
     credentials by itself, to any site's forms, if the user typed them into
@@ -155,7 +155,7 @@ class AccessGate(Resource):
                 " site's pages (Origin {origin})",
                 method=request.method.decode("latin-1"),
                 path=request.path.decode("latin-1"),
-                user=account.name,
+                user=account.label,
                 client=clientKey(request.getClientAddress()),
                 origin=(request.getHeader(b"origin") or b"-").decode("latin-1"),
             )
@@ -169,7 +169,7 @@ class AccessGate(Resource):
                 "Refused {method} {path} to {user}: it needs the {role} role",
                 method=request.method.decode("latin-1"),
                 path=request.path.decode("latin-1"),
-                user=account.name,
+                user=account.label,
                 role=role,
             )
             return self._refuse(
@@ -181,7 +181,7 @@ class AccessGate(Resource):
         return None
 
     def _fromOwnPages(self, request: Request) -> bool:
-        if basicCredentials(request.requestHeaders) is None:
+        if authorization(request.requestHeaders) is None:
             return isSameOrigin(request)
         origin = requestOrigin(request)
         if origin is None:
@@ -189,8 +189,9 @@ class AccessGate(Resource):
         return origin == ownOrigin(request) or origin in self._corsOrigins
 
     def _anonymous(self, route: Route, request: Request) -> Refusal:
-        if getattr(request, "credentialsUnchecked", False):
-            return Refusal(http.SERVICE_UNAVAILABLE, BUSY_MESSAGE, ((b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,)),))
+        unchecked = getattr(request, "credentialsUnchecked", None)
+        if unchecked is not None:
+            return Refusal(http.SERVICE_UNAVAILABLE, unchecked.message, ((b"Retry-After", b"%d" % (unchecked.retryAfter,)),))
         credentials = basicCredentials(request.requestHeaders)
         decoded = decodeBasic(credentials) if credentials is not None else None
         if decoded is not None:

@@ -33,7 +33,7 @@ from appliance.connections import clientKey
 from appliance.state.database import reportFailure
 from appliance.web.accounts import IAccount
 from appliance.web.authenticator import Authenticator
-from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordChecksBusy
+from appliance.web.checkers import CredentialsUnchecked, NoRole
 from appliance.web.credentials import SESSION_COOKIE, sessionTokens
 from appliance.web.gate import cookieChallenge
 from appliance.web.origins import isCrossSite, isSameOrigin, localTarget
@@ -191,11 +191,15 @@ class LoginResource(Resource):
         request.finish()
 
     def _busy(self, failure: Failure, request: Request, finished: Deferred, name: str, target: str) -> None:
-        failure.trap(PasswordChecksBusy)
+        failure.trap(CredentialsUnchecked, NoRole)
         if finished.called:
             return
-        request.setHeader(b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,))
-        request.write(self._form(request, http.SERVICE_UNAVAILABLE, target, BUSY_MESSAGE, name))
+        if failure.check(NoRole):
+            request.write(self._form(request, http.FORBIDDEN, target, NoRole.MESSAGE, name))
+        else:
+            unchecked = failure.value
+            request.setHeader(b"Retry-After", b"%d" % (unchecked.retryAfter,))
+            request.write(self._form(request, http.SERVICE_UNAVAILABLE, target, unchecked.message, name))
         request.finish()
 
     def _tooMany(self, request: Request, target: str, name: str, wait: float) -> bytes:

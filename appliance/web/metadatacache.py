@@ -338,7 +338,7 @@ class MetadataCache(Service):
         if host is None:
             return False
         account = getattr(request, "account", None)
-        facts = yield self.facts(key, account.name if account is not None else "")
+        facts = yield self.facts(key, account.label if account is not None else "")
         if facts is None or gone:
             return False
         entry = yield self._database.interact(readEntry, key.resource)

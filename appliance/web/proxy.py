@@ -323,7 +323,7 @@ class _Exchange:
         self._request = request
         account = getattr(request, "account", None)
         #: Whose turn this exchange takes (see L{OrthancTurns}).
-        self._account = account.name if account is not None else ""
+        self._account = account.label if account is not None else ""
         self._url = url
         self._headers = headers
         self._rewrite = rewrite

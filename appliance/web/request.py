@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from appliance.web.channel import SERVER, HeaderPairs
-from appliance.web.checkers import BUSY_MESSAGE, BUSY_RETRY_AFTER, PasswordChecksBusy
+from appliance.web.checkers import CredentialsUnchecked
 from appliance.web.gate import basicChallenge, cookieChallenge
 from appliance.web.origins import isBrowser
 from appliance.web.pages import describeSize
@@ -66,10 +66,11 @@ class ApplianceRequest(Request):
 
     #: Who sent the request (an L{appliance.web.accounts.IAccount}), or L{None}.
     account = None
-    #: Whether the request's credentials could not be checked, for too many
-    #: password checks waiting (L{appliance.web.checkers.PasswordChecksBusy}):
-    #: C{account} is then L{None}, and the access gate answers 503.
-    credentialsUnchecked = False
+    #: Why the request's credentials could not be checked (too many password
+    #: checks waiting, the directory unreachable: an
+    #: L{appliance.web.checkers.CredentialsUnchecked}), or L{None}: with one,
+    #: C{account} is L{None}, and the access gate answers 503.
+    credentialsUnchecked: Optional[CredentialsUnchecked] = None
 
     log = Logger()
 
@@ -204,16 +205,17 @@ class ApplianceRequest(Request):
         if failure.check(CancelledError):
             # The client left (connectionLost).
             return
-        if not failure.check(PasswordChecksBusy):
+        if not failure.check(CredentialsUnchecked):
             self.log.failure("Could not identify the sender of a request from {client}", failure, client=self._peer())
             self._identifiedAs(None)
             return
         if self._clientGone or self._refused:
             return
+        unchecked = failure.value
         if self._bodyComing:
-            self._refuse(503, BUSY_MESSAGE, [(b"Retry-After", b"%d" % (BUSY_RETRY_AFTER,))])
+            self._refuse(503, unchecked.message, [(b"Retry-After", b"%d" % (unchecked.retryAfter,))])
             return
-        self.credentialsUnchecked = True
+        self.credentialsUnchecked = unchecked
         self._identifiedAs(None)
 
     def _identifiedAs(self, account) -> None:
@@ -249,10 +251,10 @@ class ApplianceRequest(Request):
                 )
                 return False
         else:
-            self._spoolAccount = account.name
+            self._spoolAccount = account.label
             # A body that could never fit is refused now; what one holds is
             # counted as it arrives, so that a slow one holds only its bytes.
-            refusal = site.spoolQuota.check(account.name, self._length or 0)
+            refusal = site.spoolQuota.check(account.label, self._length or 0)
             if refusal is not None:
                 self._refuse(refusal.status, refusal.sentence, [(b"Retry-After", b"%d" % (SPOOL_RETRY_AFTER,))])
                 return False

@@ -383,7 +383,7 @@ class PacsAdminResource(Resource):
                 "Refused {method} {path} to {user}: {why} ([web] admin_unsafe_endpoints is no)",
                 method=request.method.decode("latin-1"),
                 path=request.path.decode("latin-1"),
-                user=account.name if account is not None else "-",
+                user=account.label if account is not None else "-",
                 why=refusal,
             )
             return jsonError(

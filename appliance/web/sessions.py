@@ -1,19 +1,22 @@
 """
 Browser sessions: the server's half of the session cookie, kept in the state
 database so that they outlive a restart and hold on every node of a cluster.
+Each names its account's source; a directory's or a single sign-on's holds
+the roles given at login too (see L{SessionOwner}).
 """
 
 import hashlib
 import secrets
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.state.database import StateDatabase, Statements, ignoreUnavailable
+from appliance.web.accounts import LOCAL
 
 #: How long a node answers for a session from memory before it reads the
 #: table again: how long a logout, or the end of a user's sessions, on
@@ -26,9 +29,26 @@ RECHECK_AFTER = 5.0
 LAST_USE_WRITES = 60.0
 
 
+@dataclass(frozen=True)
+class SessionOwner:
+    """
+    Whose session it is.
+    """
+
+    name: str
+    #: One of L{appliance.web.accounts.SOURCES}.
+    source: str = LOCAL
+    #: The roles the account's source gave at login: L{None} for the
+    #: appliance's own accounts, whose roles are looked up at each use.
+    roles: Optional[FrozenSet[str]] = None
+    #: For a single sign-on session: the ID token, as the provider's logout
+    #: asks for it (C{id_token_hint}).
+    logoutHint: Optional[str] = None
+
+
 @dataclass
 class _Remembered:
-    name: str
+    owner: SessionOwner
     created: float
     lastUsed: float
     #: The last use as the table holds it.
@@ -67,25 +87,25 @@ class SessionStore:
     def _key(token: bytes) -> bytes:
         return hashlib.sha256(token).digest()
 
-    def create(self, name: str) -> "Deferred[bytes]":
+    def create(self, owner: SessionOwner) -> "Deferred[bytes]":
         """
-        Start a session for user C{name}; fires with its token (the cookie
+        Start a session for C{owner}; fires with its token (the cookie
         value) once the table holds it, so that any node knows it at once.
         """
         token = secrets.token_urlsafe(32).encode("ascii")
         key, now = self._key(token), self._clock.seconds()
-        creating = self._database.interact(_insert, key, name, now)
+        creating = self._database.interact(_insert, key, owner, now)
 
         def created(ignored: None) -> bytes:
-            self._remembered[key] = _Remembered(name, now, now, now, self._clock.seconds())
+            self._remembered[key] = _Remembered(owner, now, now, now, self._clock.seconds())
             return token
 
         return creating.addCallback(created)
 
-    def lookup(self, token: bytes) -> "Deferred[Optional[str]]":
+    def lookup(self, token: bytes) -> "Deferred[Optional[SessionOwner]]":
         """
-        The user of the live session C{token}, which counts as a use; L{None}
-        if there is no such session (any more).
+        The owner of the live session C{token}, which counts as a use;
+        L{None} if there is no such session (any more).
         """
         key, now = self._key(token), self._clock.seconds()
         remembered = self._remembered.get(key)
@@ -95,23 +115,25 @@ class SessionStore:
         reading.addCallbacks(self._read, self._unreadable, (key,), errbackArgs=(key,))
         return reading
 
-    def _read(self, row: Optional[Tuple[str, float, float]], key: bytes) -> Optional[str]:
+    def _read(self, row: Optional[tuple], key: bytes) -> Optional[SessionOwner]:
         now = self._clock.seconds()
         remembered = self._remembered.pop(key, None)
         if row is None:
             return None
-        name, created, lastUsed = row
+        name, created, lastUsed, source, roles, logoutHint = row
         if remembered is not None:
             lastUsed = max(lastUsed, remembered.lastUsed)
-        return self._used(key, _Remembered(name, created, lastUsed, row[2], now), now)
+        owner = SessionOwner(name, source, _parseRoles(roles), logoutHint)
+        return self._used(key, _Remembered(owner, created, lastUsed, row[2], now), now)
 
-    def _unreadable(self, failure: Failure, key: bytes) -> Optional[str]:
+    def _unreadable(self, failure: Failure, key: bytes) -> Optional[SessionOwner]:
         ignoreUnavailable(self.log, failure, "read a session from the state database")
         remembered = self._remembered.get(key)
         return self._used(key, remembered, self._clock.seconds(), write=False) if remembered is not None else None
 
-    def _used(self, key: bytes, remembered: _Remembered, now: float, write: bool = True) -> Optional[str]:
-        ended = self._usersEnded.get(remembered.name)
+    def _used(self, key: bytes, remembered: _Remembered, now: float, write: bool = True) -> Optional[SessionOwner]:
+        owner = remembered.owner
+        ended = self._usersEnded.get(owner.name) if owner.source == LOCAL else None
         if self._expired(remembered, now) or (ended is not None and remembered.created <= ended):
             self._forget(key)
             return None
@@ -120,33 +142,37 @@ class SessionStore:
         if write and now - remembered.lastWritten >= self._writeEvery:
             remembered.lastWritten = now
             self._quietly(self._database.interact(_touch, key, now), "note the use of a session")
-        return remembered.name
+        return owner
 
-    def end(self, token: bytes) -> "Deferred[Optional[str]]":
+    def end(self, token: bytes) -> "Deferred[Optional[SessionOwner]]":
         """
-        End the session C{token}, on every node; fires with its user (L{None}
-        if it had ended already) once the table no longer holds it.  If the
-        table cannot be told, the session lives on, here as elsewhere: the
-        user is told to try again.
+        End the session C{token}, on every node; fires with its owner
+        (L{None} if it had ended already) once the table no longer holds it.
+        If the table cannot be told, the session lives on, here as
+        elsewhere: the user is told to try again.
         """
         key = self._key(token)
 
-        def ended(name: Optional[str]) -> Optional[str]:
+        def ended(owner: Optional[SessionOwner]) -> Optional[SessionOwner]:
             self._remembered.pop(key, None)
-            return name
+            return owner
 
         return self._database.interact(_delete, key).addCallback(ended)
 
     def endUsers(self, names: FrozenSet[str]) -> "Deferred[int]":
         """
-        End every session of the users C{names} started until now; fires with
-        how many ended.  This node refuses them at once, and until the table
-        has forgotten them (L{purge} tries again).
+        End every session of the appliance's own accounts C{names} started
+        until now; fires with how many ended.  This node refuses them at
+        once, and until the table has forgotten them (L{purge} tries again).
         """
         now = self._clock.seconds()
         for name in names:
             self._usersEnded[name] = now
-        for key in [key for key, remembered in self._remembered.items() if remembered.name in names]:
+        for key in [
+            key
+            for key, remembered in self._remembered.items()
+            if remembered.owner.source == LOCAL and remembered.owner.name in names
+        ]:
             del self._remembered[key]
         return self._endUsers(sorted(names), now)
 
@@ -186,14 +212,26 @@ class SessionStore:
         return now - session.lastUsed >= self._idleTimeout or now - session.created >= self._lifetime
 
 
-def _insert(statements: Statements, key: bytes, name: str, now: float) -> None:
+def _formatRoles(roles: Optional[FrozenSet[str]]) -> Optional[str]:
+    return None if roles is None else ",".join(sorted(roles))
+
+
+def _parseRoles(text: Optional[str]) -> Optional[FrozenSet[str]]:
+    return None if text is None else frozenset(role for role in text.split(",") if role)
+
+
+def _insert(statements: Statements, key: bytes, owner: SessionOwner, now: float) -> None:
     statements.execute(
-        "INSERT INTO sessions (token_hash, account, created, last_used) VALUES (?, ?, ?, ?)", (key, name, now, now)
+        "INSERT INTO sessions (token_hash, account, created, last_used, source, roles, logout_hint)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (key, owner.name, now, now, owner.source, _formatRoles(owner.roles), owner.logoutHint),
     )
 
 
-def _select(statements: Statements, key: bytes) -> Optional[Tuple[str, float, float]]:
-    return statements.row("SELECT account, created, last_used FROM sessions WHERE token_hash = ?", (key,))  # type: ignore[return-value]
+def _select(statements: Statements, key: bytes) -> Optional[tuple]:
+    return statements.row(
+        "SELECT account, created, last_used, source, roles, logout_hint FROM sessions WHERE token_hash = ?", (key,)
+    )
 
 
 def _touch(statements: Statements, key: bytes, now: float) -> None:
@@ -201,15 +239,20 @@ def _touch(statements: Statements, key: bytes, now: float) -> None:
     statements.execute("UPDATE sessions SET last_used = ? WHERE token_hash = ? AND last_used < ?", (now, key, now))
 
 
-def _delete(statements: Statements, key: bytes) -> Optional[str]:
-    row = statements.row("SELECT account FROM sessions WHERE token_hash = ?", (key,))
+def _delete(statements: Statements, key: bytes) -> Optional[SessionOwner]:
+    row = statements.row("SELECT account, source, roles, logout_hint FROM sessions WHERE token_hash = ?", (key,))
     statements.execute("DELETE FROM sessions WHERE token_hash = ?", (key,))
-    return None if row is None else row[0]
+    if row is None:
+        return None
+    name, source, roles, logoutHint = row
+    return SessionOwner(name, source, _parseRoles(roles), logoutHint)
 
 
 def _deleteUsers(statements: Statements, names: List[str], startedBefore: float) -> int:
     return sum(
-        statements.execute("DELETE FROM sessions WHERE account = ? AND created <= ?", (name, startedBefore))
+        statements.execute(
+            "DELETE FROM sessions WHERE account = ? AND source = ? AND created <= ?", (name, LOCAL, startedBefore)
+        )
         for name in names
     )
 

@@ -214,7 +214,9 @@ def accessLogLine(timestamp: str, request: Request) -> str:
     referrer = request.getHeader(b"referer")
     return '"{}" - {} {} "{} {} {}" {} {} "{}" "{}"'.format(
         _logText(getattr(client, "host", "-").encode("latin-1")),
-        account.name if account is not None else "-",
+        # A directory's or a provider's names are not the users file's: no
+        # space may split the field either.
+        _logText(account.label.encode("utf-8")).replace(" ", "\\x20") if account is not None else "-",
         timestamp,
         _logText(request.method),
         _logText(withoutQuery(request.uri)),
