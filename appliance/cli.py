@@ -236,15 +236,37 @@ def checkConfig(configPath: str) -> int:
 
 def identityWarnings(config: Config) -> List[str]:
     """
-    What is wrong with the directory's servers as the appliance reaches
-    them now (blocking).
+    What is wrong with the directory's servers and the single sign-on's
+    provider as the appliance reaches them now (blocking).
     """
-    if not config.ldap.url or config.ldap.bind_password_file is None:
-        return []
-    from appliance.web.directory import Directory, readSecret
+    warnings = []
+    if config.ldap.url and config.ldap.bind_password_file is not None:
+        from appliance.web.directory import Directory, readSecret
 
-    directory = Directory(config.ldap, readSecret(config.ldap.bind_password_file))
-    return [f"{config.where('ldap', 'url')}: {problem}" for problem in directory.probe()]
+        directory = Directory(config.ldap, readSecret(config.ldap.bind_password_file))
+        warnings.extend(f"{config.where('ldap', 'url')}: {problem}" for problem in directory.probe())
+    if config.oidc.issuer:
+        problem = _discoveryProblem(config.oidc)
+        if problem is not None:
+            warnings.append(f"{config.where('oidc', 'issuer')}: {problem}")
+    return warnings
+
+
+def _discoveryProblem(section) -> Optional[str]:
+    import json
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(section.ca_file) if section.ca_file is not None else None)
+    url = section.issuer.rstrip("/") + "/.well-known/openid-configuration"
+    try:
+        with urllib.request.urlopen(url, timeout=section.timeout, context=context) as answer:
+            document = json.load(answer)
+    except (OSError, ValueError) as error:
+        return f"the provider's discovery document {url} cannot be read ({error})"
+    if not isinstance(document, dict) or document.get("issuer") != section.issuer:
+        return f"{url} names another issuer than {section.issuer}"
+    return None
 
 
 class PasswdError(Exception):

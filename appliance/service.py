@@ -24,6 +24,7 @@ from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
 from appliance.web.directory import DirectoryService
+from appliance.web.openid import OpenIDProvider, TokenChecker
 from appliance.web.proxy import OrthancProxy
 from appliance.web.routes import metadataCache, proxyResources
 from appliance.web.sharedaccounts import DatabaseAccounts
@@ -91,8 +92,14 @@ def buildService(config: Config, reactor=None) -> MultiService:
     if config.ldap.url:
         directory = DirectoryService.fromConfig(config.ldap, reactor)
         directory.setServiceParent(root)
+    # The hospital's single sign-on: browsers' sign-ins and Bearer tokens.
+    provider = tokens = None
+    if config.oidc.issuer:
+        provider = OpenIDProvider.fromConfig(config.oidc, reactor)
+        provider.setServiceParent(root)
+        tokens = TokenChecker(provider)
     authenticator = Authenticator.forAccountStore(
-        users, passwordChecks, config.auth, database, config.appliance.node_name, reactor, directory
+        users, passwordChecks, config.auth, database, config.appliance.node_name, reactor, directory, tokens
     )
     authenticator.setServiceParent(root)
     proxy = OrthancProxy(config, orthanc, space, reactor)
@@ -102,7 +109,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
         metadata.setServiceParent(root)
     proxyRoutes = proxyResources(config, proxy, metadata)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
-    site = buildSiteResource(config, orthanc, database, authenticator, proxyRoutes, compressedCopies(config, reactor))
+    site = buildSiteResource(
+        config, orthanc, database, authenticator, proxyRoutes, compressedCopies(config, reactor), provider, reactor
+    )
     buildWebService(config, site, authenticator, webTLS, reactor, garbage.closed).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before

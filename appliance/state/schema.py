@@ -84,6 +84,7 @@ MIGRATIONS: Sequence[Tuple[str, ...]] = (
             verifier TEXT NOT NULL,
             nonce TEXT NOT NULL,
             target TEXT NOT NULL,
+            redirect_uri TEXT NOT NULL,
             created {real} NOT NULL
         )""",
     ),

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from appliance.config import AuthSection
+from appliance.deferreds import SharedOutcome
 from appliance.connections import clientKey
 from appliance.state.database import StateDatabase, ignoreUnavailable, reportFailure
 from appliance.web.accounts import LDAP, LOCAL, OIDC, Account, IAccount, IAccountStore
@@ -56,49 +57,6 @@ BASIC_CACHE_SIZE = 1000
 
 #: How often expired sessions and old failures are forgotten.
 PURGE_INTERVAL = 60.0
-
-
-def _fire(deferred: Deferred, result: object) -> Deferred:
-    """
-    Fire C{deferred} with C{result}, a value or a L{Failure}; returns it.
-    """
-    if isinstance(result, Failure):
-        deferred.errback(result)
-    else:
-        deferred.callback(result)
-    return deferred
-
-
-class _SharedOutcome:
-    """
-    The outcome of one Deferred for several callers, each with a Deferred of
-    its own (L{follow}).  A caller that cancels its Deferred leaves; the
-    shared one is cancelled when the last caller has left.
-    """
-
-    def __init__(self, shared: Deferred) -> None:
-        self._shared = shared
-        self._followers: List[Deferred] = []
-        self._outcome: Optional[Tuple[object]] = None
-        shared.addBoth(self._fired)
-
-    def follow(self) -> Deferred:
-        if self._outcome is not None:
-            return _fire(Deferred(), self._outcome[0])
-        follower: Deferred = Deferred(self._left)
-        self._followers.append(follower)
-        return follower
-
-    def _left(self, follower: Deferred) -> None:
-        self._followers.remove(follower)
-        if not self._followers:
-            self._shared.cancel()
-
-    def _fired(self, result: object) -> None:
-        self._outcome = (result,)
-        followers, self._followers = self._followers, []
-        for follower in followers:
-            _fire(follower, result)
 
 
 class Authenticator(Service):
@@ -158,7 +116,7 @@ class Authenticator(Service):
         self._basicCache: "OrderedDict[bytes, Tuple[IAccount, float]]" = OrderedDict()
         # Basic credentials being checked, under the same keyed hash: the
         # requests that bring them meanwhile share that check.
-        self._pending: Dict[bytes, _SharedOutcome] = {}
+        self._pending: Dict[bytes, SharedOutcome] = {}
         self._purging = LoopingCall(self._purge)
         self._purging.clock = reactor
         accounts.subscribe(self._accountsChanged)
@@ -321,7 +279,7 @@ class Authenticator(Service):
             checking.addCallbacks(self._basicChecked, self._basicRefused, (key,))
             # Registered only once the check exists (nothing is left behind
             # if starting it raises), and forgotten when it ends, even at once.
-            shared = self._pending[key] = _SharedOutcome(checking)
+            shared = self._pending[key] = SharedOutcome(checking)
             checking.addBoth(self._basicSettled, key)
         return shared.follow()
 

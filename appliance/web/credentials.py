@@ -15,6 +15,25 @@ from zope.interface import Attribute, implementer
 #: Secure, Path=/ and no Domain, so no other host can set or shadow it.
 SESSION_COOKIE = b"__Host-pacs-session"
 
+#: What an expired cookie is given as its Expires.
+EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def setSessionCookie(request, value: bytes, expire: bool = False) -> None:
+    """
+    Give the browser the session cookie C{value} (a browser-session cookie,
+    never sent cross-site), or, with C{expire}, take it back.
+    """
+    request.addCookie(
+        SESSION_COOKIE,
+        value,
+        path=b"/",
+        secure=True,
+        httpOnly=True,
+        sameSite="strict",
+        **({"max_age": b"0", "expires": EXPIRED} if expire else {}),
+    )
+
 def displayName(name: str) -> str:
     """
     A user name as given by a client, safe for one log line.

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from appliance.config import LdapSection
 from appliance.configvalues import DirectoryServer
+from appliance.deferreds import SharedOutcome, shortDescription
 from appliance.web.accounts import LDAP, ROLES, Account, IAccount
 from appliance.web.checkers import (
     AccountDisabled,
@@ -273,12 +274,12 @@ class Directory:
             try:
                 connection = self._connect(server, self._section.bind_dn, self._bindPassword)
             except (_ServerFailed, LDAPException, OSError) as error:
-                problems.append(f"{server.url}: {_describe(error)}")
+                problems.append(f"{server.url}: {shortDescription(error)}")
                 continue
             try:
                 return work(server, connection)
             except (_ServerFailed, LDAPException, OSError) as error:
-                problems.append(f"{server.url}: {_describe(error)}")
+                problems.append(f"{server.url}: {shortDescription(error)}")
             finally:
                 _close(connection)
         raise DirectoryUnavailable(problems)
@@ -393,12 +394,6 @@ class Directory:
         return found
 
 
-def _describe(error: BaseException) -> str:
-    text = str(error) or error.__class__.__name__
-    # ldap3 puts the whole certificate in some messages.
-    return text if len(text) <= 300 else text[:300] + "…"
-
-
 def _close(connection) -> None:
     try:
         connection.unbind()
@@ -434,7 +429,7 @@ class DirectoryService(Service):
         #: Sessions' accounts by name: the account (L{None}: none any
         #: more) and until when it holds.
         self._checked: "OrderedDict[str, Tuple[Optional[IAccount], float]]" = OrderedDict()
-        self._lookups: Dict[str, Deferred] = {}
+        self._lookups: Dict[str, SharedOutcome] = {}
 
     @classmethod
     def fromConfig(cls, section: LdapSection, reactor=None) -> "DirectoryService":
@@ -481,17 +476,15 @@ class DirectoryService(Service):
         remembered = self._checked.get(name)
         if remembered is not None and remembered[1] > self._clock.seconds():
             return succeed(remembered[0])
-        lookup = self._lookups.get(name)
-        if lookup is None:
+        shared = self._lookups.get(name)
+        if shared is None:
             lookup = self._threads.run(self._directory.currentRoles, name)
             lookup.addCallbacks(self._answered, self._failed)
             lookup.addCallbacks(self._looked, self._notLooked, (name,), errbackArgs=(name, lastRoles))
-            self._lookups[name] = lookup
+            # Registered once it exists; forgotten when it ends, even at once.
+            shared = self._lookups[name] = SharedOutcome(lookup)
             lookup.addBoth(self._lookedUp, name)
-        # Each caller gets the outcome without holding up the others.
-        outcome: Deferred = Deferred()
-        lookup.addBoth(_passOn, outcome)
-        return outcome
+        return shared.follow()
 
     def _looked(self, roles: Optional[FrozenSet[str]], name: str) -> Optional[IAccount]:
         account = Account(name, roles, LDAP) if roles else None
@@ -537,14 +530,6 @@ class DirectoryService(Service):
             # The directory answered.
             self._answered(None)
         return failure
-
-
-def _passOn(result: object, outcome: Deferred) -> object:
-    if isinstance(result, Failure):
-        outcome.errback(result)
-        return None
-    outcome.callback(result)
-    return result
 
 
 @implementer(ICredentialsChecker)

@@ -63,6 +63,14 @@ def basicChallenge(siteName: str) -> bytes:
     return b"Basic realm=" + _quoted(siteName) + b', charset="UTF-8"'
 
 
+def bearerChallenge(siteName: str) -> bytes:
+    """
+    The C{WWW-Authenticate} value of a 401 to a request whose Bearer token
+    was refused (RFC 6750 3.1).
+    """
+    return b"Bearer realm=" + _quoted(siteName) + b', error="invalid_token"'
+
+
 def cookieChallenge(siteName: str) -> bytes:
     """
     The C{WWW-Authenticate} value of a 401 for browsers: the C{Cookie} scheme
@@ -88,7 +96,8 @@ class AccessGate(Resource):
         request once a session expired, and would then send the credentials
         it remembers with every request, from any site.  Browsers get the
         C{Cookie} scheme instead (draft-broyer-http-cookie-auth), which names
-        the login page and prompts nothing;
+        the login page and prompts nothing.  A refused Bearer token is told
+        so in the Bearer scheme (RFC 6750);
       - 429 with C{Retry-After} when it brought HTTP Basic credentials from an
         address that has failed to log in too often (see
         L{appliance.web.throttle.LoginThrottle});
@@ -121,6 +130,7 @@ class AccessGate(Resource):
         self._forbiddenPage = Page("forbidden.html", "not allowed", web)
         self._basicChallenge = basicChallenge(web.site_name)
         self._cookieChallenge = cookieChallenge(web.site_name)
+        self._bearerChallenge = bearerChallenge(web.site_name)
 
     def getChildWithDefault(self, name: bytes, request: Request) -> Resource:
         refusal = self._check(name, request.postpath, request)
@@ -206,7 +216,12 @@ class AccessGate(Resource):
         if route.loginPage and isNavigation(request):
             location = LOGIN_PATH + b"?next=" + quote_from_bytes(requestTarget(request), safe="/").encode("ascii")
             return Refusal(http.FOUND, "Log in first.", ((b"Location", location),))
-        challenge = self._cookieChallenge if isBrowser(request) else self._basicChallenge
+        if authorization(request.requestHeaders) is not None and credentials is None:
+            challenge = self._bearerChallenge
+        elif isBrowser(request):
+            challenge = self._cookieChallenge
+        else:
+            challenge = self._basicChallenge
         return Refusal(
             http.UNAUTHORIZED,
             "Log in first: send HTTP Basic credentials, or log in at " + LOGIN_PATH.decode("ascii") + ".",

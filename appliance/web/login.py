@@ -17,8 +17,9 @@ session_lifetime after the login.
 """
 
 import hashlib
+import html
 from typing import Dict, List, Optional
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
@@ -31,13 +32,14 @@ from twisted.web.server import NOT_DONE_YET, Request
 from appliance.config import WebSection
 from appliance.connections import clientKey
 from appliance.state.database import reportFailure
-from appliance.web.accounts import IAccount
+from appliance.web.accounts import OIDC, IAccount
 from appliance.web.authenticator import Authenticator
+from appliance.web.sessions import SessionOwner
 from appliance.web.checkers import CredentialsUnchecked, NoRole
-from appliance.web.credentials import SESSION_COOKIE, sessionTokens
+from appliance.web.credentials import sessionTokens, setSessionCookie
 from appliance.web.gate import cookieChallenge
-from appliance.web.origins import isCrossSite, isSameOrigin, localTarget
-from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset
+from appliance.web.origins import isCrossSite, isSameOrigin, localTarget, ownOrigin
+from appliance.web.pages import STYLESHEET_NAME, TOO_MANY_REQUESTS, Page, asset, seeOther
 
 # The login form is a few hundred bytes: the request layer reads anonymous
 # bodies up to ANONYMOUS_BODY_LIMIT, and a larger one is no login form.
@@ -45,33 +47,11 @@ from appliance.web.request import ANONYMOUS_BODY_LIMIT, mediaType
 from appliance.web.sitemap import LOGIN_PATH
 from appliance.web.throttle import tooManyFailures
 
-_EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
-
 #: What a browser is told when the state database could not record its
 #: session's start or end (it is down, or not yet reachable).
 SESSION_RETRY_AFTER = 5
 SESSION_UNAVAILABLE = f"Your password is right, but the session could not be started: try again in {SESSION_RETRY_AFTER} seconds."
 LOGOUT_UNAVAILABLE = f"The session could not be ended: try again in {SESSION_RETRY_AFTER} seconds."
-
-
-def _setSessionCookie(request: Request, value: bytes, expire: bool = False) -> None:
-    request.addCookie(
-        SESSION_COOKIE,
-        value,
-        path=b"/",
-        secure=True,
-        httpOnly=True,
-        sameSite="strict",
-        **({"max_age": b"0", "expires": _EXPIRED} if expire else {}),
-    )
-
-
-def _seeOther(request: Request, location: bytes) -> bytes:
-    request.setResponseCode(http.SEE_OTHER)
-    request.setHeader(b"Location", location)
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-    return b"See " + location + b"\n"
 
 
 class StyleSheet(Resource):
@@ -98,16 +78,32 @@ class StyleSheet(Resource):
 
 class LoginResource(Resource):
     """
-    C{/login}: the form, the check of what it posts, and its style sheet.
+    C{/login}: the form, the check of what it posts, and its style sheet;
+    with a single sign-on, a link to it on the form, and its sign-in
+    (C{/login/oidc}, L{appliance.web.signin}).
     """
 
     log = Logger()
 
-    def __init__(self, authenticator: Authenticator, web: WebSection) -> None:
+    def __init__(self, authenticator: Authenticator, web: WebSection, singleSignOn=None) -> None:
+        """
+        @param singleSignOn: the provider (L{appliance.web.openid.OpenIDProvider})
+            and the state database, or L{None}.
+        """
         super().__init__()
         self._authenticator = authenticator
         self._siteName = web.site_name
-        self._page = Page("login.html", "log in", web)
+        link = ""
+        if singleSignOn is not None:
+            from appliance.web.signin import SingleSignOnResource
+
+            provider, database, clock = singleSignOn
+            self.putChild(b"oidc", SingleSignOnResource(provider, authenticator, database, self._form, clock))
+            # A link, not a form: the page's form-action would not let a
+            # form's answer lead to the provider.
+            name = html.escape(provider.displayName).replace("$", "$$")
+            link = f'<p class="links"><a id="single-sign-on" href="/login/oidc?next=$nextQuery">Sign in with {name}</a></p>'
+        self._page = Page("login.html", "log in", web, {"singleSignOn": link})
         self.putChild(STYLESHEET_NAME.encode("ascii"), StyleSheet())
 
     def getChild(self, name: bytes, request: Request) -> Resource:
@@ -178,8 +174,8 @@ class LoginResource(Resource):
     def _started(self, token: bytes, request: Request, finished: Deferred, target: str) -> None:
         if finished.called:
             return
-        _setSessionCookie(request, token)
-        request.write(_seeOther(request, target.encode("ascii")))
+        setSessionCookie(request, token)
+        request.write(seeOther(request, target.encode("ascii")))
         request.finish()
 
     def _notStarted(self, failure: Failure, request: Request, finished: Deferred, name: str, target: str) -> None:
@@ -214,7 +210,7 @@ class LoginResource(Resource):
         )
 
     def _form(self, request: Request, code: int, target: str, error: str = "", name: str = "") -> bytes:
-        return self._page.answer(request, code, error=error, user=name, next=target)
+        return self._page.answer(request, code, error=error, user=name, next=target, nextQuery=quote(target, safe="/"))
 
     @staticmethod
     def _argument(arguments: Dict[bytes, List[bytes]], name: bytes) -> str:
@@ -255,15 +251,26 @@ class LogoutResource(Resource):
     POST that did not come from this site's pages (L{isSameOrigin}), end
     nothing and get a page whose button posts the logout from this site.
     A GET from the site's own pages or typed by the user logs out at once.
+
+    A session begun at the single sign-on ends there too, when the provider
+    offers that: the browser goes to its logout, which sends it back to the
+    login page.
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, authenticator: Authenticator, web: WebSection) -> None:
+    def __init__(self, authenticator: Authenticator, web: WebSection, provider=None) -> None:
+        """
+        @param provider: the single sign-on's provider
+            (L{appliance.web.openid.OpenIDProvider}), or L{None}.
+        """
         super().__init__()
         self._authenticator = authenticator
-        self._page = Page("logout.html", "log out", web)
+        self._provider = provider
+        # The confirmation's form leads to the provider's logout.
+        targets = [provider.origin] if provider is not None else []
+        self._page = Page("logout.html", "log out", web, formTargets=targets)
 
     def render_GET(self, request: Request) -> bytes:
         if isCrossSite(request):
@@ -291,13 +298,24 @@ class LogoutResource(Resource):
         ending.addErrback(lambda failure: self.log.failure("Could not answer a logout", failure))
         return NOT_DONE_YET
 
-    def _loggedOut(self, ignored: list, request: Request, finished: Deferred) -> None:
+    def _loggedOut(self, owners: List[Optional[SessionOwner]], request: Request, finished: Deferred) -> None:
         # The browser may have gone: the session has ended all the same.
         if finished.called:
             return
-        _setSessionCookie(request, b"", expire=True)
-        request.write(_seeOther(request, LOGIN_PATH))
+        setSessionCookie(request, b"", expire=True)
+        request.write(seeOther(request, self._afterLogout(owners, request)))
         request.finish()
+
+    def _afterLogout(self, owners: List[Optional[SessionOwner]], request: Request) -> bytes:
+        origin = ownOrigin(request)
+        if self._provider is None or origin is None:
+            return LOGIN_PATH
+        for owner in owners:
+            if owner is not None and owner.source == OIDC:
+                location = self._provider.logoutURL(owner.logoutHint, (origin + LOGIN_PATH).decode("ascii"))
+                if location is not None:
+                    return location.encode("ascii")
+        return LOGIN_PATH
 
     def _notLoggedOut(self, failure: Failure, request: Request, finished: Deferred) -> None:
         # The cookie stays: the user must know that the session lives on.
@@ -313,4 +331,4 @@ class LogoutResource(Resource):
 
     def render_HEAD(self, request: Request) -> bytes:
         # HEAD is safe: it shows where logout leads but ends nothing.
-        return _seeOther(request, LOGIN_PATH)
+        return seeOther(request, LOGIN_PATH)

@@ -51,7 +51,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.paths import DICOMWEB_ROOT
 from appliance.state.database import DatabaseUnavailable, StateDatabase, Statements
-from appliance.web.orthancrest import AnswerTooLarge, OrthancRest, OrthancUnavailable
+from appliance.web.bodies import AnswerTooLarge
+from appliance.web.orthancrest import OrthancRest, OrthancUnavailable
 from appliance.web.proxy import GZIP_LEVEL, SANDBOXED
 from appliance.web.proxyheaders import addVary, publicHost
 from appliance.web.static import acceptedValues

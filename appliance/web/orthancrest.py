@@ -9,16 +9,14 @@ supervisor's health check; each answer is read whole, up to a limit.
 import json
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from appliance.orthanc.state import OrthancState
+from appliance.web.bodies import readLimited
 from appliance.web.request import mediaType
 
 
@@ -28,49 +26,12 @@ class OrthancUnavailable(Exception):
     """
 
 
-class AnswerTooLarge(Exception):
-    """
-    Orthanc's answer was larger than the caller's limit.
-    """
-
-
 @dataclass(frozen=True)
 class OrthancAnswer:
     code: int
     #: The media type, lower-case, without parameters.
     contentType: bytes
     body: bytes
-
-
-class _Collector(Protocol):
-    """
-    Reads an answer's body whole, or fails once it is over C{limit} bytes.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.finished: Deferred = Deferred()
-        self._limit = limit
-        self._blocks: List[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.finished.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self._blocks = []
-            self.transport.stopProducing()
-            self.finished.errback(AnswerTooLarge(f"Orthanc's answer is over {self._limit} bytes"))
-            return
-        self._blocks.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        if self.finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self._blocks))
-        else:
-            self.finished.errback(reason)
 
 
 class OrthancRest:
@@ -95,7 +56,7 @@ class OrthancRest:
         """
         C{method} C{path} (with its query) in one of C{account}'s turns.
         Fails with L{OrthancUnavailable} while Orthanc is not ready, with
-        L{AnswerTooLarge} for an answer over C{limit} bytes, and with a
+        L{appliance.web.bodies.AnswerTooLarge} for an answer over C{limit} bytes, and with a
         timeout or a network error as the agent reports them.
         """
         proxy = self._proxy
@@ -117,9 +78,7 @@ class OrthancRest:
             if body is not None:
                 producer = FileBodyProducer(BytesIO(body), proxy.cooperator)
             response = yield proxy.agent.request(method, proxy.origin + path, sent, producer)
-            collector = _Collector(limit)
-            response.deliverBody(collector)
-            received = yield collector.finished
+            received = yield readLimited(response, limit, "Orthanc")
         finally:
             proxy.turns.release(account)
         contentType = (response.headers.getRawHeaders(b"Content-Type") or [b""])[0]

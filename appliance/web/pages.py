@@ -12,7 +12,7 @@ import html
 import json
 from importlib import resources
 from string import Template
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 from twisted.web.server import Request
 
@@ -35,17 +35,27 @@ class Page:
     C{title}, inside the layout the pages share (C{page.html}: the head, the
     style sheet, the site's name as the heading), answered under the site's
     Content-Security-Policy.  Its C{$name} placeholders are filled with
-    escaped text by L{answer}.
+    escaped text by L{answer}; C{fragments} fill others with HTML now (the
+    caller escapes what they hold, and may leave placeholders in them for
+    L{answer}).  C{formTargets} are origins the page's forms may lead to,
+    besides the site's own.
     """
 
-    def __init__(self, name: str, title: str, web: WebSection) -> None:
+    def __init__(
+        self,
+        name: str,
+        title: str,
+        web: WebSection,
+        fragments: Optional[Mapping[str, str]] = None,
+        formTargets: Sequence[str] = (),
+    ) -> None:
         # Filled in now, so "$" in the name is escaped for the placeholders
         # that L{answer} fills later.
         siteName = html.escape(web.site_name).replace("$", "$$")
         layout = Template(asset("page.html").decode("utf-8"))
-        main = Template(asset(name).decode("utf-8").rstrip("\n")).safe_substitute(siteName=siteName)
+        main = Template(asset(name).decode("utf-8").rstrip("\n")).safe_substitute(siteName=siteName, **(fragments or {}))
         self._template = Template(layout.safe_substitute(title=html.escape(title), siteName=siteName, main=main))
-        self._contentSecurityPolicy = web.content_security_policy.encode("ascii")
+        self._contentSecurityPolicy = withFormTargets(web.content_security_policy, formTargets).encode("ascii")
 
     def answer(self, request: Request, code: int, **values: str) -> bytes:
         """
@@ -58,6 +68,21 @@ class Page:
         request.setHeader(b"Content-Security-Policy", self._contentSecurityPolicy)
         escaped = {name: html.escape(value, quote=True) for name, value in values.items()}
         return self._template.substitute(escaped).encode("utf-8")
+
+
+def withFormTargets(policy: str, origins: Sequence[str]) -> str:
+    """
+    C{policy} with C{origins} added to its C{form-action} directive, if it
+    has one (without one, forms may lead anywhere already): browsers apply
+    it to where a form's answer redirects too.
+    """
+    if not origins:
+        return policy
+    directives = [directive.strip() for directive in policy.split(";")]
+    for index, directive in enumerate(directives):
+        if directive.split(" ", 1)[0].lower() == "form-action":
+            directives[index] = " ".join([directive, *origins])
+    return "; ".join(directive for directive in directives if directive)
 
 
 #: RFC 6585's status, which twisted.web.http has no name for.
@@ -80,6 +105,18 @@ REASONS = {
     503: b"Service Unavailable",
     507: b"Insufficient Storage",
 }
+
+
+def seeOther(request: Request, location: bytes) -> bytes:
+    """
+    Prepare C{request} to send the client to C{location} (303, never
+    cached), and return the body.
+    """
+    setStatus(request, 303)
+    request.setHeader(b"Location", location)
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return b"See " + location + b"\n"
 
 
 def setStatus(request: Request, code: int) -> None:

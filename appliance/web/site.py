@@ -36,6 +36,7 @@ from appliance.web.gate import AccessGate
 from appliance.web.origins import requestTarget
 from appliance.web.health import HealthResource
 from appliance.web.login import LoginResource, LogoutResource
+from appliance.web.openid import OpenIDProvider
 from appliance.web.channel import DeadlineHTTPChannel, HeaderPairs
 from appliance.web.request import HOST_NAME, ApplianceRequest
 from appliance.web.spool import SpoolQuota
@@ -329,16 +330,22 @@ def buildSiteResource(
     authenticator: Authenticator,
     proxyRoutes: Mapping[bytes, Resource],
     copies: Optional[CompressedCopies] = None,
+    provider: Optional[OpenIDProvider] = None,
+    reactor=None,
 ) -> AccessGate:
     """
     The daemon's HTTPS site: every route of L{appliance.web.sitemap}, the
     proxy's to Orthanc among them (C{proxyRoutes}, by segment), behind the
-    access gate; the viewer's compressed copies in C{copies}.
+    access gate; the viewer's compressed copies in C{copies}; the single
+    sign-on of C{provider}, if any, on the login page.
     """
     health = HealthResource(orthanc, config.appliance.node_name, database)
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    singleSignOn = (provider, database, reactor) if provider is not None else None
     routes = viewerRoutes(health, viewerResource(config, copies)) + archiveRoutes(
-        LoginResource(authenticator, config.web),
-        LogoutResource(authenticator, config.web),
+        LoginResource(authenticator, config.web, singleSignOn),
+        LogoutResource(authenticator, config.web, provider),
         proxyRoutes[DICOMWEB],
         proxyRoutes[ADMIN],
     )
