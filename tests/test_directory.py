@@ -80,6 +80,10 @@ class DirectoryTests(SynchronousTestCase):
             directory.authenticate("viewer1", "not the password")
         with self.assertRaises(WrongPassword):
             directory.authenticate("viewer1", "")
+        # Control characters (a mangled Basic header) are the client's
+        # mistake, not the directory's failure.
+        with self.assertRaises(WrongPassword):
+            directory.authenticate("viewer1", "pass\x00word")
         with self.assertRaises(UnknownUser):
             directory.authenticate("nobody-here", "whatever")
         with self.assertRaises(AccountDisabled):

@@ -325,6 +325,52 @@ def test_frozenDaemonOnPostgreSQL(frozenBuild, tmp_path, request):
         notify.close()
 
 
+def test_frozenDaemonWithTheHospitalsIdentity(frozenBuild, tmp_path):
+    """
+    The frozen binary carries the directory's client (ldap3) and the token
+    checks (PyJWT over cryptography): its check-config reaches the
+    directory, and its daemon lets a directory user in with HTTP Basic and
+    the provider's user with a Bearer token.
+    """
+    from tests.oidcprovider import requireOidcProvider
+    from tests.slapd import requireSlapd
+
+    directory = requireSlapd(pytest.skip)
+    provider = requireOidcProvider(pytest.skip)
+    httpsPort = freePort()
+    redirect = f"https://localhost:{httpsPort}/login/oidc/callback"
+    clientId, secret = provider.addClient([redirect])
+    (tmp_path / "oidc-secret").write_text(secret)
+    config = writeTestConfig(
+        tmp_path,
+        web={"listen_https": f"127.0.0.1:{httpsPort}"},
+        ldap=directory.section(),
+        oidc={
+            "issuer": provider.issuer,
+            "client_id": clientId,
+            "client_secret_file": tmp_path / "oidc-secret",
+            "ca_file": provider.caFile,
+            "audience": provider.resource,
+            "viewer_values": "pacs-viewers",
+        },
+    )
+    checked = runFrozen(frozenBuild, "check-config", "--config", str(config), cwd=tmp_path)
+    assert (checked.returncode, checked.stderr) == (0, ""), checked.stderr
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon([str(frozenBuild / "pacs-appliance"), "run", "--config", str(config)], notify, tmp_path)
+    try:
+        notify.waitFor("READY")
+        viewer = base64.b64encode(f"viewer1:{directory.passwords['viewer1']}".encode()).decode()
+        assert httpsGet(httpsPort, "/pacs/studies", {"Authorization": "Basic " + viewer})[0] == 200
+        tokens = provider.tokens("viewer2", clientId, secret, redirect)
+        assert httpsGet(httpsPort, "/pacs/studies", {"Authorization": "Bearer " + tokens["access_token"]})[0] == 200
+        assert httpsGet(httpsPort, "/pacs/studies", {"Authorization": "Basic " + viewer[:-4] + "AAAA"})[0] == 401
+        daemon.terminate()
+    finally:
+        daemon.kill()
+        notify.close()
+
+
 # --- the .deb
 
 

@@ -349,7 +349,14 @@ class Directory:
         return entry["dn"]
 
     def _checkPassword(self, server: DirectoryServer, dn: str, name: str, password: str) -> None:
-        connection = self._connect(server, dn, password)
+        from ldap3.core.exceptions import LDAPSASLPrepError
+
+        try:
+            connection = self._connect(server, dn, password)
+        except LDAPSASLPrepError:
+            # The client's doing, not the server's: ldap3 refuses to send a
+            # password with control characters (RFC 4013's SASLprep).
+            raise WrongPassword(name, "the password holds characters no directory password has")
         try:
             if not connection.bound:
                 if connection.result.get("result") == 49:
