@@ -297,10 +297,14 @@ class DirectoryLoginTests(DaemonClient, TestCase):
             status = yield deferToThread(self.status, "/pacs/studies", basic(name, password))
             self.assertEqual(status, 401, name)
 
-        status, cookie, _ = yield deferToThread(self.logIn, "viewer1", passwords["viewer1"])
-        self.assertEqual(status, 303)
-        status = yield deferToThread(self.status, "/pacs/studies", {"Cookie": cookie})
-        self.assertEqual(status, 200)
+        # The login form: a session with the same role as Basic gave.
+        for name, (read, admin) in expected.items():
+            status, cookie, _ = yield deferToThread(self.logIn, name, passwords[name])
+            self.assertEqual(status, 303, name)
+            got = yield deferToThread(
+                lambda: (self.status("/pacs/studies", {"Cookie": cookie}), self.status("/pacs-admin/system", {"Cookie": cookie}))
+            )
+            self.assertEqual(got, (read, admin), name)
         yield self.output.waitFor("ldap:viewer1 logged in")
         yield self.output.waitFor('ldap:viewer1 [')
 

@@ -181,7 +181,8 @@ class AccountShareTests(SlowReaderCase):
         deadline = reactor.seconds() + WAIT
         while self.proxy.turns.waiting != 1 and reactor.seconds() < deadline:
             await deferLater(reactor, 0.05, lambda: None)
-        account = self.user[0]
+        # Turns are held per account, as the access log names it (source:name).
+        account = "local:" + self.user[0]
         self.assertEqual((self.proxy.turns.inUse, self.proxy.turns.heldBy(account), self.proxy.turns.waiting), (1, 1, 1))
 
         # Another account's search goes through the free turn at once.
