@@ -204,6 +204,13 @@ class OidcSection:
     timeout: float
 
 
+@dataclass(frozen=True)
+class MetricsSection:
+    #: Accounts of the appliance's own (users file or database) that may
+    #: read /metrics besides administrators.
+    scrape_users: Tuple[str, ...]
+
+
 class DatabaseTLSMode(str, Enum):
     """
     How the connection to PostgreSQL is protected ([database] ssl_mode, as
@@ -280,6 +287,7 @@ class Config:
     dicom: DicomSection
     ldap: LdapSection
     oidc: OidcSection
+    metrics: MetricsSection
     modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
     #: The file that set each key given, by (section, key): where a problem
@@ -431,6 +439,9 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
         "admin_values": Key(parseValueList, ""),
         "audience": Key(parseText, ""),
         "timeout": Key(parsePositiveDuration, "10s"),
+    },
+    "metrics": {
+        "scrape_users": Key(parseWords, ""),
     },
 }
 
@@ -713,6 +724,7 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH, checks: Sequence[Callable[[
         dicom=DicomSection(**sections["dicom"]),  # type: ignore[arg-type]
         ldap=LdapSection(**sections["ldap"]),  # type: ignore[arg-type]
         oidc=OidcSection(**sections["oidc"]),  # type: ignore[arg-type]
+        metrics=MetricsSection(**sections["metrics"]),  # type: ignore[arg-type]
         modalities=tuple(
             ModalitySection(name=section[len(MODALITY_PREFIX) :], **values)  # type: ignore[arg-type]
             for section, values in modalities.items()

@@ -12,6 +12,7 @@ from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
 from appliance.garbage import CollectAfterClosing
+from appliance.metrics import ApplianceParts, Metrics, MetricsResource
 from appliance.orthanc.firewall import OrthancPortGuard
 from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace
@@ -29,6 +30,7 @@ from appliance.web.proxy import OrthancProxy
 from appliance.web.routes import metadataCache, proxyResources
 from appliance.web.sharedaccounts import DatabaseAccounts
 from appliance.web.site import buildSiteResource, buildWebService, compressedCopies
+from appliance.web.spool import SpoolQuota
 from appliance.web.users import UsersFile
 
 
@@ -71,6 +73,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     certificateUsers: List[CertificateUser] = []
     # Told by every listener when a connection closes (see its module).
     garbage = CollectAfterClosing(reactor)
+    forwarder = None
     if config.dicom.listen is not None:
         forwarder = DicomForwarderService(config, certificate, reactor, space, garbage.closed)
         forwarder.setServiceParent(root)
@@ -109,10 +112,37 @@ def buildService(config: Config, reactor=None) -> MultiService:
         metadata.setServiceParent(root)
     proxyRoutes = proxyResources(config, proxy, metadata)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
-    site = buildSiteResource(
-        config, orthanc, database, authenticator, proxyRoutes, compressedCopies(config, reactor), provider, reactor
+    # One spool, whichever listener a body comes through; the metrics read it.
+    spool = SpoolQuota(config.web.max_spool_per_account, config.web.max_spool)
+    metrics = Metrics()
+    metrics.watch(
+        ApplianceParts(
+            orthanc=orthanc,
+            turns=proxy.turns,
+            space=space,
+            spool=spool,
+            authenticator=authenticator,
+            database=database,
+            certificate=lambda: webTLS.certificate,
+            forwarder=forwarder.factory if forwarder is not None else None,
+            metadataCache=metadata,
+        ),
+        [authenticator.countSessions],
     )
-    buildWebService(config, site, authenticator, webTLS, reactor, garbage.closed).setServiceParent(root)
+    site = buildSiteResource(
+        config,
+        orthanc,
+        database,
+        authenticator,
+        proxyRoutes,
+        compressedCopies(config, reactor),
+        provider,
+        reactor,
+        MetricsResource(metrics),
+    )
+    buildWebService(
+        config, site, authenticator, webTLS, reactor, garbage.closed, spool, metrics.requests
+    ).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before
     # the guard has changed the firewall (nothing would remove the rules).

@@ -340,10 +340,13 @@ class ServerTLS:
 
     def __init__(self, certificate: PrivateCertificate, policy: TLSPolicy) -> None:
         self._policy = policy
+        #: The certificate presented now.
+        self.certificate = certificate
         self._context = serverContext(certificate, policy)
 
     def useCertificate(self, certificate: PrivateCertificate) -> None:
         self._context = serverContext(certificate, self._policy)
+        self.certificate = certificate
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)

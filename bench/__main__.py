@@ -110,7 +110,7 @@ def runScenario(
     repetitions: int,
     profiles: Optional[Path] = None,
 ) -> Dict:
-    names = list(TARGETS if scenario.hasLimit else (APPLIANCE, NGINX))
+    names = [APPLIANCE] if scenario.applianceOnly else list(TARGETS if scenario.hasLimit else (APPLIANCE, NGINX))
     samples: Dict[str, Dict[str, List[float]]] = {name: {} for name in names}
     errors: List[str] = []
     if scenario.repetitionsAtMost is not None:

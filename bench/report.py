@@ -53,6 +53,7 @@ def scenarioResult(
         "description": scenario.description,
         "client": scenario.client,
         "hasLimit": scenario.hasLimit,
+        "applianceOnly": scenario.applianceOnly,
         "metrics": metrics,
         "errors": errors,
         "repetitions": repetitions,
@@ -87,7 +88,7 @@ def rows(results: Dict) -> List[tuple]:
                     metric["unit"],
                     metric["better"],
                     formatSummary(metric[APPLIANCE]),
-                    formatSummary(metric[NGINX]),
+                    formatSummary(metric[NGINX]) if not scenario.get("applianceOnly") else "n/a",
                     formatSummary(metric[LIMIT]) if scenario["hasLimit"] else "n/a",
                     f"{ratio:.2f}" if ratio is not None else "-",
                 )

@@ -106,6 +106,8 @@ class Scenario:
     metrics: List[Metric] = []
     #: Scale scenarios have no limit to compare with.
     hasLimit = True
+    #: What only the appliance has (its metrics page) has no nginx either.
+    applianceOnly = False
     #: The appliance's side is its forwarder to the discarding SCP, not the daemon.
     throughSinkForwarder = False
     #: Fewer repetitions than the run's, for a scenario that is long by itself.
@@ -902,6 +904,31 @@ def dropFileSystemCache() -> None:
         raise clients.ClientError(f"cannot drop the file system's cache here: {error.strerror}")
 
 
+class MetricsScrape(Scenario):
+    """
+    What Prometheus' scrapes cost the daemon: /metrics (the whole text,
+    made in the reactor's thread) beside /healthz (the cheapest page) on
+    the same appliance, one connection each, as a scraper makes them.
+    nginx has no such page.
+    """
+
+    name = "metrics"
+    client = "wrk -t1 -c1 (keep-alive), /metrics then /healthz"
+    hasLimit = False
+    applianceOnly = True
+    metrics = [
+        Metric("requests_per_second", "/metrics scrapes", "req/s", "higher"),
+        Metric("p50", "/metrics p50", "ms", "lower", MS),
+        Metric("healthz_requests_per_second", "/healthz beside it", "req/s", "higher"),
+    ]
+    description = "GET /metrics as an administrator, then GET /healthz, one connection"
+
+    def measure(self, target: Target) -> Dict[str, float]:
+        scrapes = clients.wrk(f"{target.base}/metrics", seconds=self.settings.seconds, connections=1, headers=target.headers())
+        health = clients.wrk(f"{target.base}/healthz", seconds=self.settings.seconds, connections=1)
+        return dict(scrapes, healthz_requests_per_second=health["requests_per_second"])
+
+
 ALL = [
     StaticLarge,
     StaticSmall,
@@ -921,4 +948,5 @@ ALL = [
     StudyOpen,
     StudyOpenCold,
     WanStudyOpen,
+    MetricsScrape,
 ]

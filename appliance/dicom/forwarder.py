@@ -18,7 +18,7 @@ calling and called AE titles, the outcome, bytes each way and duration.
 """
 
 import ipaddress
-from typing import Optional
+from typing import Dict, Optional
 
 from cryptography import x509
 from twisted.application.service import MultiService
@@ -232,6 +232,7 @@ class ModalityConnection(RelayedConnection):
             *_QUIET_ENDS
         ):
             self.outcome = f"refused: TLS handshake failed ({_describeTLSError(reason)})"
+        self.factory.counted(self.outcome, self.received, self.sent)
         self.log.emit(
             LogLevel.info if self.outcome.startswith("accepted") else LogLevel.warn,
             "DICOM connection from {peer} (certificate {subject}), {calling} calling"
@@ -270,7 +271,9 @@ def _describeTLSError(reason: Failure) -> str:
 
 class ForwarderFactory(RelayFactory):
     """
-    Builds a L{ModalityConnection} per accepted connection.
+    Builds a L{ModalityConnection} per accepted connection, and counts how
+    they ended (C{associations}: accepted, refused, or closed before an
+    association was asked for) and the bytes relayed each way.
     """
 
     def __init__(self, config: Config, reactor, space: StorageSpace) -> None:
@@ -278,9 +281,22 @@ class ForwarderFactory(RelayFactory):
         self.config = config
         self.reactor = reactor
         self.space = space
+        self.associations: Dict[str, int] = {"accepted": 0, "refused": 0, "closed": 0}
+        self.bytesFromModalities = 0
+        self.bytesToModalities = 0
 
     def buildProtocol(self, addr) -> ModalityConnection:
         return ModalityConnection(self)
+
+    def counted(self, outcome: str, received: int, sent: int) -> None:
+        """
+        A connection ended with C{outcome} (its log's words) after relaying
+        C{received} bytes from its modality and C{sent} to it.
+        """
+        kind = outcome.split(" ", 1)[0].rstrip(":")
+        self.associations[kind if kind in ("accepted", "refused") else "closed"] += 1
+        self.bytesFromModalities += received
+        self.bytesToModalities += sent
 
     def orthancEndpoint(self) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(

@@ -63,6 +63,16 @@ class StorageSpace:
             return cls(orthancHome(config), config.orthanc.min_free_space)
         return cls(orthancStorageFolder(config), config.orthanc.min_free_space)
 
+    def free(self) -> Optional[int]:
+        """
+        The free bytes, or L{None} when they cannot be measured (yet).
+        """
+        try:
+            status = self._statvfs(self.folder)
+        except OSError:
+            return None
+        return status.f_bavail * status.f_frsize
+
     def full(self) -> bool:
         """
         Whether fewer than C{minimum} bytes are free.

@@ -107,6 +107,8 @@ class OrthancSupervisor(Service):
         self._httpThreads = httpThreads
         self._space = space
         self.dicomStatus = "not checked yet"
+        #: How many times Orthanc was started (the first start and every restart).
+        self.starts = 0
         self.state = OrthancState.STOPPED
         self.reason = "not started"
         self.credentials: Optional[OrthancCredentials] = None
@@ -202,6 +204,7 @@ class OrthancSupervisor(Service):
         except OSError as error:
             self._fail(f"cannot start {executable}: {error}")
             return
+        self.starts += 1
         self._setState(OrthancState.STARTING, f"started as pid {self.pid}")
         self._schedule("startTimeout", self._settings.start_timeout, self._startTimedOut)
         self._schedule("probe", STARTUP_POLL_INTERVAL, self._runProbe)

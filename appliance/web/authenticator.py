@@ -105,6 +105,11 @@ class Authenticator(Service):
         self._accounts = accounts
         self._directory = directory
         self._singleSignOn = singleSignOn
+        #: Failed logins (wrong password, unknown user...) since the start.
+        self.failedLogins = 0
+        #: Sessions in the state database, as last counted (L{countSessions});
+        #: L{None} until then.
+        self.liveSessions: Optional[int] = None
         self.sessions = SessionStore(database, auth.session_idle_timeout, auth.session_lifetime, reactor)
         self.throttle = LoginThrottle(
             auth.max_login_failures, auth.max_address_failures, auth.login_failure_window, reactor
@@ -368,6 +373,7 @@ class Authenticator(Service):
 
     def _refused(self, failure: Failure, name: str, client, method: str) -> "Optional[IAccount] | Failure":
         if failure.check(UnauthorizedLogin) and not failure.check(NoRole):
+            self.failedLogins += 1
             self._loginEvents.record(self.throttle.failed(name, client))
             self.log.warn(
                 "Failed login for {user} from {client} ({method}): {reason}",
@@ -428,6 +434,16 @@ class Authenticator(Service):
             del self._basicCache[key]
         purging = DeferredList([self.sessions.purge(), self._loginEvents.purge()], consumeErrors=True)
         return purging.addCallback(self._purged)
+
+    def countSessions(self) -> "Deferred[None]":
+        """
+        Count the sessions in the state database into C{liveSessions}.
+        """
+
+        def counted(count: int) -> None:
+            self.liveSessions = count
+
+        return self.sessions.count().addCallback(counted)
 
     def _purged(self, results: list) -> None:
         for succeeded, result in results:

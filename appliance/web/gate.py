@@ -18,7 +18,8 @@ from appliance.web.authenticator import Authenticator
 from appliance.web.credentials import SESSION_COOKIE, authorization, basicCredentials, decodeBasic
 from appliance.web.origins import isBrowser, isNavigation, isSameOrigin, ownOrigin, requestOrigin, requestTarget
 from appliance.web.pages import TOO_MANY_REQUESTS, Page, jsonError
-from appliance.web.sitemap import LOGIN_PATH, SAFE_METHODS, Route, SiteMap
+from appliance.web.accounts import LOCAL
+from appliance.web.sitemap import LOGIN_PATH, SAFE_METHODS, SCRAPE, Route, SiteMap
 from appliance.web.throttle import tooManyFailures
 
 
@@ -121,8 +122,15 @@ class AccessGate(Resource):
 
     log = Logger()
 
-    def __init__(self, siteMap: SiteMap, authenticator: Authenticator, web: WebSection) -> None:
+    def __init__(
+        self, siteMap: SiteMap, authenticator: Authenticator, web: WebSection, scrapeUsers: Sequence[str] = ()
+    ) -> None:
+        """
+        @param scrapeUsers: the appliance's own accounts that may read
+            C{/metrics} besides administrators ([metrics] scrape_users).
+        """
         super().__init__()
+        self._scrapeUsers = frozenset(scrapeUsers)
         self._map = siteMap
         self._root = siteMap.root()
         self._authenticator = authenticator
@@ -174,7 +182,7 @@ class AccessGate(Resource):
                 http.FORBIDDEN,
                 "This request was refused: it did not come from this site's own pages.",
             )
-        if not account.has(role):
+        if not self._permits(account, role):
             self.log.info(
                 "Refused {method} {path} to {user}: it needs the {role} role",
                 method=request.method.decode("latin-1"),
@@ -189,6 +197,11 @@ class AccessGate(Resource):
                 " (ask an administrator, or log in as another user).",
             )
         return None
+
+    def _permits(self, account, role: str) -> bool:
+        if role == SCRAPE:
+            return account.has("admin") or (account.source == LOCAL and account.name in self._scrapeUsers)
+        return account.has(role)
 
     def _fromOwnPages(self, request: Request) -> bool:
         if authorization(request.requestHeaders) is None:

@@ -74,6 +74,9 @@ class ApplianceRequest(Request):
 
     log = Logger()
 
+    #: When the request's head arrived (the site's clock).
+    startedAt = 0.0
+
     _identified = False
     _clientGone = False
     _bodyComing = False
@@ -96,6 +99,7 @@ class ApplianceRequest(Request):
         the gate can judge the request before its body.
         """
         self.method, self.uri = command, path
+        self.startedAt = self.channel.site.reactor.seconds()
         self.path = path.split(b"?", 1)[0]
         self.prepath = []
         # As twisted.web.server.Request.process will.
@@ -196,6 +200,13 @@ class ApplianceRequest(Request):
             self._identity.cancel()
         self._releaseSpool()
         super().connectionLost(reason)
+
+    @property
+    def receivedLength(self) -> int:
+        """
+        The body bytes received so far.
+        """
+        return self._received
 
     def finish(self) -> None:
         self._releaseSpool()

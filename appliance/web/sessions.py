@@ -200,6 +200,13 @@ class SessionStore:
             lambda ignored: None, lambda failure: failure.value.subFailure
         )
 
+    def count(self) -> "Deferred[int]":
+        """
+        How many sessions the table holds (expired ones not yet purged
+        included).
+        """
+        return self._database.interact(_count)
+
     def _forget(self, key: bytes) -> None:
         self._remembered.pop(key, None)
         self._quietly(self._database.interact(_delete, key), "remove an expired session")
@@ -255,6 +262,11 @@ def _deleteUsers(statements: Statements, names: List[str], startedBefore: float)
         )
         for name in names
     )
+
+
+def _count(statements: Statements) -> int:
+    (count,) = statements.row("SELECT COUNT(*) FROM sessions") or (0,)
+    return count
 
 
 def _deleteExpired(statements: Statements, idleSince: float, createdBefore: float) -> None:

@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -75,6 +76,8 @@ class ApplianceSite(Site):
     @param spoolQuota: the request bodies held, per account and in all.
     @param handshakeTimeout: how long a TLS handshake may take (the header
         deadline, longer, counts it too); L{None} for plain HTTP.
+    @param requestMetrics: told of each request at its end
+        (L{appliance.metrics.RequestMetrics}), if given.
     """
 
     requestFactory = ApplianceRequest
@@ -97,6 +100,7 @@ class ApplianceSite(Site):
         spoolQuota: SpoolQuota,
         gate: Optional[AccessGate] = None,
         handshakeTimeout: Optional[float] = None,
+        requestMetrics=None,
     ) -> None:
         # Resources read request.content themselves: twisted.web would read
         # a form body whole into request.args, even a spooled upload.
@@ -112,6 +116,7 @@ class ApplianceSite(Site):
         self.spoolQuota = spoolQuota
         self.gate = gate
         self.handshakeTimeout = handshakeTimeout
+        self.requestMetrics = requestMetrics
 
     @classmethod
     def fromConfig(
@@ -122,6 +127,7 @@ class ApplianceSite(Site):
         authenticator,
         secure: bool,
         spoolQuota: Optional[SpoolQuota] = None,
+        requestMetrics=None,
     ) -> "ApplianceSite":
         """
         The site of C{resource} with the limits, timeouts and spool folder of
@@ -149,6 +155,7 @@ class ApplianceSite(Site):
             spoolQuota=spoolQuota,
             gate=resource if isinstance(resource, AccessGate) else None,
             handshakeTimeout=web.handshake_timeout if secure else None,
+            requestMetrics=requestMetrics,
         )
 
     def startFactory(self) -> None:
@@ -177,6 +184,15 @@ class ApplianceSite(Site):
         return channel
 
     def log(self, request: Request) -> None:
+        if self.requestMetrics is not None:
+            self.requestMetrics.observe(
+                request.path,
+                request.method,
+                request.code,
+                self.reactor.seconds() - getattr(request, "startedAt", self.reactor.seconds()),
+                getattr(request, "receivedLength", 0),
+                request.sentLength,
+            )
         accessLog.info(
             LINE_FORMAT,
             line=accessLogLine(_logTime(self.reactor.seconds()), request),
@@ -332,12 +348,14 @@ def buildSiteResource(
     copies: Optional[CompressedCopies] = None,
     provider: Optional[OpenIDProvider] = None,
     reactor=None,
+    metrics: Optional[Resource] = None,
 ) -> AccessGate:
     """
     The daemon's HTTPS site: every route of L{appliance.web.sitemap}, the
     proxy's to Orthanc among them (C{proxyRoutes}, by segment), behind the
     access gate; the viewer's compressed copies in C{copies}; the single
-    sign-on of C{provider}, if any, on the login page.
+    sign-on of C{provider}, if any, on the login page; C{metrics} at
+    C{/metrics} (without one, it answers 404).
     """
     health = HealthResource(orthanc, config.appliance.node_name, database)
     if reactor is None:
@@ -348,12 +366,20 @@ def buildSiteResource(
         LogoutResource(authenticator, config.web, provider),
         proxyRoutes[DICOMWEB],
         proxyRoutes[ADMIN],
+        metrics if metrics is not None else notFound("No such page.", "This site keeps no metrics."),
     )
-    return AccessGate(SiteMap(routes), authenticator, config.web)
+    return AccessGate(SiteMap(routes), authenticator, config.web, config.metrics.scrape_users)
 
 
 def buildWebService(
-    config: Config, resource: Resource, authenticator, tls: ServerTLS, reactor=None, onClosed=None
+    config: Config,
+    resource: Resource,
+    authenticator,
+    tls: ServerTLS,
+    reactor=None,
+    onClosed=None,
+    spoolQuota: Optional[SpoolQuota] = None,
+    requestMetrics=None,
 ) -> MultiService:
     """
     The HTTPS listener serving C{resource} and, unless disabled, the HTTP
@@ -364,14 +390,17 @@ def buildWebService(
         (L{appliance.web.authenticator.Authenticator}) before C{resource} sees it.
     @param tls: the connection creator; the same object can later be given
         a new certificate.
+    @param spoolQuota: the shares of the request bodies being received (by
+        default, new ones from C{[web]}).
+    @param requestMetrics: told of each HTTPS request at its end.
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     web = config.web
     service = MultiService()
     # One spool, whichever listener a body comes through.
-    quota = SpoolQuota(web.max_spool_per_account, web.max_spool)
-    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota)
+    quota = spoolQuota if spoolQuota is not None else SpoolQuota(web.max_spool_per_account, web.max_spool)
+    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota, requestMetrics)
     https = ConnectionCap(
         TLSMemoryBIOFactory(tls, False, site),
         ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web", reactor),

@@ -15,6 +15,8 @@ both built from the table: a new route is one row.
                                               GET, HEAD viewer, POST uploader,
                                               others admin
     pacs-admin     Orthanc Explorer and REST  admin                              POST, PUT
+    metrics        Prometheus' scrape         scrape (admin, or [metrics]         none
+                                              scrape_users)
     (any other)    the viewer                 viewer                             none
 """
 
@@ -41,6 +43,11 @@ HEALTHZ = b"healthz"
 LOGIN = b"login"
 LOGIN_PATH = b"/" + LOGIN
 LOGOUT = b"logout"
+METRICS = b"metrics"
+
+#: The pseudo-role of /metrics: an administrator, or an account named in
+#: [metrics] scrape_users (the gate decides which).
+SCRAPE = "scrape"
 
 #: Files of the viewer's build that browsers fetch without credentials (a
 #: web app manifest is fetched without cookies unless its link says
@@ -169,14 +176,15 @@ def viewerRoutes(health: Resource, viewer: Resource) -> list:
     ]
 
 
-def archiveRoutes(login: Resource, logout: Resource, dicomweb: Resource, admin: Resource) -> list:
+def archiveRoutes(login: Resource, logout: Resource, dicomweb: Resource, admin: Resource, metrics: Resource) -> list:
     """
     The routes of the daemon's site besides L{viewerRoutes}: logging in and
-    out, DICOMweb, and Orthanc's own interface.
+    out, DICOMweb, Orthanc's own interface, and the metrics.
     """
     return [
         Route(LOGIN, login, public, forms),
         Route(LOGOUT, logout, public, forms),
         Route(DICOMWEB, dicomweb, dicomwebRole, stow, loginPage=False),
         Route(ADMIN, admin, needs("admin"), writes),
+        Route(METRICS, metrics, needs(SCRAPE), loginPage=False),
     ]
