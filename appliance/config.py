@@ -27,6 +27,7 @@ from appliance.configvalues import (
     DirectoryServer,
     IPNetwork,
     ListenAddress,
+    ServerAddress,
     isLoopback,
     parseAETitle,
     parseBool,
@@ -48,6 +49,7 @@ from appliance.configvalues import (
     parseOptionalListen,
     parseOptionalPath,
     parseOptionalPort,
+    parseOptionalServer,
     parseOrigins,
     parsePath,
     parsePathList,
@@ -205,6 +207,17 @@ class OidcSection:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    #: Empty: state_dir/audit.
+    folder: Optional[Path]
+    #: The Audit Record Repository (syslog over TLS), or None.
+    syslog: Optional[ServerAddress]
+    ca_file: Optional[Path]
+    #: The hospital's name in the records (AuditEnterpriseSiteID).
+    site: str
+
+
+@dataclass(frozen=True)
 class MetricsSection:
     #: Accounts of the appliance's own (users file or database) that may
     #: read /metrics besides administrators.
@@ -288,6 +301,7 @@ class Config:
     ldap: LdapSection
     oidc: OidcSection
     metrics: MetricsSection
+    audit: AuditSection
     modalities: Tuple[ModalitySection, ...]
     sources: Tuple[Path, ...] = field(default=())
     #: The file that set each key given, by (section, key): where a problem
@@ -442,6 +456,12 @@ SCHEMA: Dict[str, Dict[str, Key]] = {
     },
     "metrics": {
         "scrape_users": Key(parseWords, ""),
+    },
+    "audit": {
+        "folder": Key(parseOptionalPath, ""),
+        "syslog": Key(parseOptionalServer, ""),
+        "ca_file": Key(parseOptionalPath, ""),
+        "site": Key(parseText, ""),
     },
 }
 
@@ -725,6 +745,7 @@ def loadConfig(mainPath: Path = DEFAULT_CONFIG_PATH, checks: Sequence[Callable[[
         ldap=LdapSection(**sections["ldap"]),  # type: ignore[arg-type]
         oidc=OidcSection(**sections["oidc"]),  # type: ignore[arg-type]
         metrics=MetricsSection(**sections["metrics"]),  # type: ignore[arg-type]
+        audit=AuditSection(**sections["audit"]),  # type: ignore[arg-type]
         modalities=tuple(
             ModalitySection(name=section[len(MODALITY_PREFIX) :], **values)  # type: ignore[arg-type]
             for section, values in modalities.items()

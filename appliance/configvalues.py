@@ -402,3 +402,29 @@ def parseOptionalHTTPSURL(text: str, base: Path) -> str:
     if not _HTTPS_URL.fullmatch(text) or "?" in text or "#" in text:
         raise ValueError(f"{text!r} is not an https URL without query (like https://sso.hospital.example/realms/hospital)")
     return text
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """
+    A server to connect to: a host name (as its certificate names it) or
+    an address, and a port.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parseOptionalServer(text: str, base: Path) -> Optional[ServerAddress]:
+    """
+    C{HOST:PORT} (an IPv6 address in brackets); empty for none.
+    """
+    if not text:
+        return None
+    match = re.fullmatch(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252})):(?P<port>[0-9]{1,5})", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not HOST:PORT (a name or an address; IPv6 in brackets)")
+    return ServerAddress(match.group("v6") or match.group("host"), parsePort(match.group("port"), base))

@@ -87,6 +87,8 @@ def _identityFileProblems(config: Config) -> List[str]:
     if config.oidc.issuer:
         secrets.append(("oidc", "client_secret_file", config.oidc.client_secret_file))
         authorities.append(("oidc", "ca_file", config.oidc.ca_file))
+    if config.audit.syslog is not None:
+        authorities.append(("audit", "ca_file", config.audit.ca_file))
     for section, key, path in secrets:
         if path is not None and not os.access(path, os.R_OK):
             problems.append(f"{where(section, key)}: {path} cannot be read (it must exist, readable by the daemon's group)")

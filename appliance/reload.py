@@ -83,7 +83,8 @@ class ReloadOnSighup(Service):
     Reloads on SIGHUP for as long as the service runs.
 
     A SIGHUP arriving while a reload runs is not lost: one more reload follows
-    (however many arrived), so that the last edit is always read.
+    (however many arrived), so that the last edit is always read.  C{notify}
+    and then C{observers} (the audit trail) are told of each reload.
     """
 
     log = Logger()
@@ -95,6 +96,7 @@ class ReloadOnSighup(Service):
         notify: ReloadObserver,
         reactor=None,
         reloadables: Iterable[Reloadable] = (),
+        observers: Iterable[ReloadObserver] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
@@ -103,6 +105,7 @@ class ReloadOnSighup(Service):
         self._certificateUsers = tuple(certificateUsers)
         self._reloadables = tuple(reloadables)
         self._notify = notify
+        self._observers = tuple(observers)
         self._reactor = reactor
         #: Who waits for the reload that runs, and for the one that follows.
         self._running: Optional[List[Deferred]] = None
@@ -186,6 +189,8 @@ class ReloadOnSighup(Service):
     def _ended(self, outcome: str) -> None:
         finished, self._running = self._running or [], None
         self._notify.reloaded(outcome)
+        for observer in self._observers:
+            observer.reloaded(outcome)
         for waiter in finished:
             waiter.callback(outcome)
         if self._waiting:

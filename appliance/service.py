@@ -8,6 +8,10 @@ from typing import List, Union
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from appliance.audit.events import AuditEvents, OrthancStudies
+from appliance.audit.messages import AuditSource
+from appliance.audit.syslog import SyslogForwarder
+from appliance.audit.trail import AuditTrail
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
@@ -21,11 +25,12 @@ from appliance.preflight import loadChecked
 from appliance.reload import CertificateUser, ReloadOnSighup
 from appliance.state.database import openStateDatabase
 from appliance.systemd import Notifier, SystemdNotifyService, watchdogInterval
-from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate
+from appliance.tls import HTTPS_POLICY, ServerTLS, loadServerCertificate, readAuthorities
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import PasswordChecks
 from appliance.web.directory import DirectoryService
 from appliance.web.openid import OpenIDProvider, TokenChecker
+from appliance.web.orthancrest import OrthancRest
 from appliance.web.proxy import OrthancProxy
 from appliance.web.routes import metadataCache, proxyResources
 from appliance.web.sharedaccounts import DatabaseAccounts
@@ -55,6 +60,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     root = MultiService()
+    # The audit trail first: it records the start before anything happens,
+    # and, stopped last, the stop after everything else.
+    trail = auditTrail(config, reactor)
+    trail.setServiceParent(root)
     # The relays start first: their loopback ports go into Orthanc's configuration.
     relays = DestinationRelays(config, reactor)
     relays.setServiceParent(root)
@@ -70,6 +79,9 @@ def buildService(config: Config, reactor=None) -> MultiService:
     orthanc.setServiceParent(guard)
     # Loaded (or generated) once: HTTPS and DICOM TLS present the same certificate.
     certificate = loadServerCertificate(config.tls, config.appliance.state_dir)
+    if config.audit.syslog is not None:
+        # It presents the appliance's certificate, as loaded at the start.
+        forwardTrail(config, trail, certificate, reactor).setServiceParent(root)
     certificateUsers: List[CertificateUser] = []
     # Told by every listener when a connection closes (see its module).
     garbage = CollectAfterClosing(reactor)
@@ -107,6 +119,10 @@ def buildService(config: Config, reactor=None) -> MultiService:
     authenticator.setServiceParent(root)
     proxy = OrthancProxy(config, orthanc, space, reactor)
     proxy.setServiceParent(root)
+    audit = AuditEvents(trail, OrthancStudies(OrthancRest(proxy)), reactor)
+    authenticator.audit = audit
+    if forwarder is not None:
+        forwarder.factory.audit = audit
     metadata = metadataCache(config, proxy, database, reactor)
     if metadata is not None:
         metadata.setServiceParent(root)
@@ -141,7 +157,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
         MetricsResource(metrics),
     )
     buildWebService(
-        config, site, authenticator, webTLS, reactor, garbage.closed, spool, metrics.requests
+        config, site, authenticator, webTLS, reactor, garbage.closed, spool, metrics.requests, audit
     ).setServiceParent(root)
     certificateUsers.append(webTLS)
     # After every listener: one that cannot be bound ends the start before
@@ -150,10 +166,31 @@ def buildService(config: Config, reactor=None) -> MultiService:
     # Once everything else has started: what the start built is frozen.
     garbage.setServiceParent(root)
     notify = SystemdNotifyService(Notifier.fromEnvironment(), orthanc, reactor, watchdogInterval(), database)
-    ReloadOnSighup(config, certificateUsers, notify, reactor, reloadables=[users]).setServiceParent(root)
+    ReloadOnSighup(config, certificateUsers, notify, reactor, reloadables=[users], observers=[trail]).setServiceParent(root)
     # Last: it starts once every listener is bound (see its docstring).
     notify.setServiceParent(root)
     return root
+
+
+def auditTrail(config: Config, reactor) -> AuditTrail:
+    """
+    The audit trail's files, in [audit] folder (state_dir/audit by default).
+    """
+    folder = config.audit.folder or config.appliance.state_dir / "audit"
+    source = AuditSource(config.appliance.node_name, config.orthanc.aet, config.audit.site)
+    return AuditTrail(folder, source, config.sources[0], reactor)
+
+
+def forwardTrail(config: Config, trail: AuditTrail, certificate, reactor) -> SyslogForwarder:
+    """
+    The forwarder of C{trail}'s records to [audit] syslog.
+    """
+    server = config.audit.syslog
+    assert server is not None
+    authorities = readAuthorities(config.audit.ca_file) if config.audit.ca_file is not None else None
+    forwarder = SyslogForwarder(trail.folder, server.host, server.port, authorities, certificate, config.appliance.node_name, reactor)
+    trail.listen(forwarder.sendMore)
+    return forwarder
 
 
 def makeService(options: Options) -> IService:

@@ -51,7 +51,7 @@ from appliance.web.passwords import (
 from appliance.web.sessions import RECHECK_AFTER, SessionOwner, SessionStore
 from appliance.web.sharedaccounts import CHECK_INTERVAL as SHARED_ACCOUNTS_INTERVAL
 from appliance.web.sharedaccounts import DatabaseAccounts, removeAccount, writeAccount
-from appliance.web.sitemap import ADMIN, DICOMWEB, HEALTHZ, SiteMap, archiveRoutes, viewerRoutes
+from appliance.web.sitemap import ADMIN, DICOMWEB, HEALTHZ, METRICS, SiteMap, archiveRoutes, viewerRoutes
 from appliance.web.throttle import LoginEvent
 from appliance.web.users import UserEntry, UsersFile
 from tests.support import captureLogs, inlineStateDatabase, logText, temporaryFolder, testConfig
@@ -1218,7 +1218,11 @@ class GateTests(SynchronousTestCase):
         siteMap = SiteMap(
             viewerRoutes(Echo(HEALTHZ), Echo(b"viewer"))
             + archiveRoutes(
-                LoginResource(authenticator, web), LogoutResource(authenticator, web), Echo(DICOMWEB), Echo(ADMIN)
+                LoginResource(authenticator, web),
+                LogoutResource(authenticator, web),
+                Echo(DICOMWEB),
+                Echo(ADMIN),
+                Echo(METRICS),
             )
         )
         self.site = Site(AccessGate(siteMap, authenticator, web), reactor=self.fixture.clock)

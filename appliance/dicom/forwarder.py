@@ -233,6 +233,8 @@ class ModalityConnection(RelayedConnection):
         ):
             self.outcome = f"refused: TLS handshake failed ({_describeTLSError(reason)})"
         self.factory.counted(self.outcome, self.received, self.sent)
+        if self.factory.audit is not None and self.outcome.startswith("refused"):
+            self.factory.audit.nodeRefused(self.transport.getPeer().host, self.callingAET if self.callingAET != "-" else "", self.outcome)
         self.log.emit(
             LogLevel.info if self.outcome.startswith("accepted") else LogLevel.warn,
             "DICOM connection from {peer} (certificate {subject}), {calling} calling"
@@ -282,6 +284,8 @@ class ForwarderFactory(RelayFactory):
         self.reactor = reactor
         self.space = space
         self.associations: Dict[str, int] = {"accepted": 0, "refused": 0, "closed": 0}
+        #: The audit trail's events, told of each node refused (if any).
+        self.audit = None
         self.bytesFromModalities = 0
         self.bytesToModalities = 0
 

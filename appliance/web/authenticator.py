@@ -107,6 +107,8 @@ class Authenticator(Service):
         self._singleSignOn = singleSignOn
         #: Failed logins (wrong password, unknown user...) since the start.
         self.failedLogins = 0
+        #: The audit trail's events (L{appliance.audit.events.AuditEvents}), if any.
+        self.audit = None
         #: Sessions in the state database, as last counted (L{countSessions});
         #: L{None} until then.
         self.liveSessions: Optional[int] = None
@@ -341,15 +343,19 @@ class Authenticator(Service):
         owner = SessionOwner(account.name, account.source, roles, logoutHint)
         return self.sessions.create(owner).addCallback(started)
 
-    def endSession(self, token: bytes) -> "Deferred[Optional[SessionOwner]]":
+    def endSession(self, token: bytes, client=None) -> "Deferred[Optional[SessionOwner]]":
         """
-        End the session C{token}; fires with its owner (L{None} if it had
-        ended already) once it has ended on every node.
+        End the session C{token} (its user logging out from C{client});
+        fires with its owner (L{None} if it had ended already) once it has
+        ended on every node.
         """
 
         def ended(owner: Optional[SessionOwner]) -> Optional[SessionOwner]:
             if owner is not None:
-                self.log.info("{user} logged out", user=f"{owner.source}:{owner.name}")
+                label = f"{owner.source}:{owner.name}"
+                self.log.info("{user} logged out", user=label)
+                if self.audit is not None and client is not None:
+                    self.audit.loggedOut(label, owner.name, client)
             return owner
 
         return self.sessions.end(token).addCallback(ended)
@@ -369,12 +375,30 @@ class Authenticator(Service):
     def _succeeded(self, loggedIn: tuple, name: str, client) -> IAccount:
         _, account, _ = loggedIn
         self._loginEvents.record(self.throttle.succeeded(name, client))
+        self.signedIn(account, client)
         return account
+
+    def signedIn(self, account: IAccount, client) -> None:
+        """
+        C{account} proved who it is (a password, the single sign-on): the
+        audit trail's login.
+        """
+        if self.audit is not None:
+            self.audit.loggedIn(account.label, account.name, client)
+
+    def signInRefused(self, name: str, client, reason: str) -> None:
+        """
+        A login of C{name} was refused for C{reason}: the audit trail's
+        failed login.
+        """
+        if self.audit is not None:
+            self.audit.loginRefused(name, client, reason)
 
     def _refused(self, failure: Failure, name: str, client, method: str) -> "Optional[IAccount] | Failure":
         if failure.check(UnauthorizedLogin) and not failure.check(NoRole):
             self.failedLogins += 1
             self._loginEvents.record(self.throttle.failed(name, client))
+            self.signInRefused(name, client, getattr(failure.value, "reason", "refused"))
             self.log.warn(
                 "Failed login for {user} from {client} ({method}): {reason}",
                 user=displayName(name),
@@ -386,6 +410,7 @@ class Authenticator(Service):
         # The check's slot is given back: anything else is not a failed login.
         self.throttle.abandoned(name, client)
         if failure.check(NoRole):
+            self.signInRefused(name, client, failure.value.reason)
             self.log.warn(
                 "Refused a login for {user} from {client} ({method}): the password is right, but {reason}",
                 user=displayName(name),

@@ -290,7 +290,10 @@ class LogoutResource(Resource):
 
     def _logOut(self, request: Request) -> bytes:
         ending = gatherResults(
-            [self._authenticator.endSession(token) for token in sessionTokens(request.requestHeaders)],
+            [
+                self._authenticator.endSession(token, request.getClientAddress())
+                for token in sessionTokens(request.requestHeaders)
+            ],
             consumeErrors=True,
         )
         finished = request.notifyFinish()

@@ -73,7 +73,7 @@ from appliance.web.proxyheaders import (
     upstreamHeaders,
 )
 from appliance.web.request import mediaType
-from appliance.web.stowcheck import MAX_STOW_ANSWER, PartCounter, answeredItems
+from appliance.web.stowcheck import MAX_STOW_ANSWER, PartCounter, answeredItems, storedStudies
 from appliance.web.streaming import registerStreamingProducer
 from appliance.web.turns import MAX_ORTHANC_REQUESTS, OrthancTurns
 from appliance.web.upstream import orthancAgent
@@ -555,6 +555,8 @@ class _Exchange:
                 RETRY_AFTER,
             )
             return
+        # The audit trail names the studies stored (appliance.audit.events).
+        request.storedStudies = storedStudies(_contentType(response), body)
         encoder = self._passHead(response)
         if encoder is not None:
             body = encoder.encode(body) + encoder.finish()

@@ -203,11 +203,13 @@ class SingleSignOnResource(Resource):
         try:
             account, idToken = yield self._provider.exchange(code, verifier, redirectURI, nonce)
         except NoRole as refused:
+            self._authenticator.signInRefused(refused.args[0], request.getClientAddress(), refused.reason)
             self.log.warn(
                 "Refused a sign-in for {user} from {client}: {reason}", user=refused.args[0], client=client, reason=refused.reason
             )
             return self._showForm(request, http.FORBIDDEN, target, NoRole.MESSAGE)
         except InvalidToken as invalid:
+            self._authenticator.signInRefused("-", request.getClientAddress(), invalid.reason)
             self.log.error("Refused a sign-in from {client}: {reason}", client=client, reason=invalid.reason)
             return self._showForm(request, http.FORBIDDEN, target, FAILED)
         except CredentialsUnchecked as unchecked:
@@ -217,6 +219,7 @@ class SingleSignOnResource(Resource):
         except Exception:
             self.log.failure("Could not start a session for {user}", user=account.label)
             return self._showForm(request, http.SERVICE_UNAVAILABLE, target, CredentialsUnchecked.message)
+        self._authenticator.signedIn(account, request.getClientAddress())
         setSessionCookie(request, token)
         return _onwards(request, target)
 

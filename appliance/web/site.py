@@ -78,6 +78,8 @@ class ApplianceSite(Site):
         deadline, longer, counts it too); L{None} for plain HTTP.
     @param requestMetrics: told of each request at its end
         (L{appliance.metrics.RequestMetrics}), if given.
+    @param auditEvents: told of each request at its end
+        (L{appliance.audit.events.AuditEvents}), if given.
     """
 
     requestFactory = ApplianceRequest
@@ -101,6 +103,7 @@ class ApplianceSite(Site):
         gate: Optional[AccessGate] = None,
         handshakeTimeout: Optional[float] = None,
         requestMetrics=None,
+        auditEvents=None,
     ) -> None:
         # Resources read request.content themselves: twisted.web would read
         # a form body whole into request.args, even a spooled upload.
@@ -117,6 +120,7 @@ class ApplianceSite(Site):
         self.gate = gate
         self.handshakeTimeout = handshakeTimeout
         self.requestMetrics = requestMetrics
+        self.auditEvents = auditEvents
 
     @classmethod
     def fromConfig(
@@ -128,6 +132,7 @@ class ApplianceSite(Site):
         secure: bool,
         spoolQuota: Optional[SpoolQuota] = None,
         requestMetrics=None,
+        auditEvents=None,
     ) -> "ApplianceSite":
         """
         The site of C{resource} with the limits, timeouts and spool folder of
@@ -156,6 +161,7 @@ class ApplianceSite(Site):
             gate=resource if isinstance(resource, AccessGate) else None,
             handshakeTimeout=web.handshake_timeout if secure else None,
             requestMetrics=requestMetrics,
+            auditEvents=auditEvents,
         )
 
     def startFactory(self) -> None:
@@ -193,6 +199,8 @@ class ApplianceSite(Site):
                 getattr(request, "receivedLength", 0),
                 request.sentLength,
             )
+        if self.auditEvents is not None:
+            self.auditEvents.requestEnded(request)
         accessLog.info(
             LINE_FORMAT,
             line=accessLogLine(_logTime(self.reactor.seconds()), request),
@@ -380,6 +388,7 @@ def buildWebService(
     onClosed=None,
     spoolQuota: Optional[SpoolQuota] = None,
     requestMetrics=None,
+    auditEvents=None,
 ) -> MultiService:
     """
     The HTTPS listener serving C{resource} and, unless disabled, the HTTP
@@ -393,6 +402,7 @@ def buildWebService(
     @param spoolQuota: the shares of the request bodies being received (by
         default, new ones from C{[web]}).
     @param requestMetrics: told of each HTTPS request at its end.
+    @param auditEvents: told of each HTTPS request at its end.
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
@@ -400,7 +410,7 @@ def buildWebService(
     service = MultiService()
     # One spool, whichever listener a body comes through.
     quota = spoolQuota if spoolQuota is not None else SpoolQuota(web.max_spool_per_account, web.max_spool)
-    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota, requestMetrics)
+    site = ApplianceSite.fromConfig(config, resource, reactor, authenticator, True, quota, requestMetrics, auditEvents)
     https = ConnectionCap(
         TLSMemoryBIOFactory(tls, False, site),
         ConnectionLimits(web.max_connections, web.max_connections_per_address, "HTTPS", "web", reactor),

@@ -19,13 +19,15 @@ answers it as stored), and what was not is stored now.
 
 import json
 import re
-from typing import Optional
+from typing import List, Optional
 from xml.etree import ElementTree
 
 from appliance.web.request import mediaType
 
 #: ReferencedSOPSequence and FailedSOPSequence (PS3.18 table 10.5.3-1).
 REFERENCED_SOP_SEQUENCE = "00081199"
+#: Where a stored instance can be retrieved (its study and series in the URL).
+RETRIEVE_URL = "00081190"
 FAILED_SOP_SEQUENCE = "00081198"
 
 #: The most of an answer held to count its items: Orthanc writes about a
@@ -98,3 +100,28 @@ def answeredItems(contentType: bytes, body: bytes) -> Optional[int]:
     except (ValueError, AttributeError, ElementTree.ParseError):
         return None
     return None
+
+
+def storedStudies(contentType: bytes, body: bytes) -> List[str]:
+    """
+    The Study Instance UIDs a STOW-RS answer says instances were stored in
+    (from their Retrieve URLs), in order; empty if it cannot be read.
+    """
+    kind = mediaType(contentType)
+    urls: List[str] = []
+    try:
+        if kind in (b"application/dicom+json", b"application/json"):
+            for item in json.loads(body).get(REFERENCED_SOP_SEQUENCE, {}).get("Value", []):
+                urls.extend(item.get(RETRIEVE_URL, {}).get("Value", []))
+        elif kind in (b"application/dicom+xml", b"application/xml"):
+            for attribute in ElementTree.fromstring(body).iter("DicomAttribute"):
+                if attribute.get("tag") == RETRIEVE_URL:
+                    urls.extend(value.text or "" for value in attribute.findall("Value"))
+    except (ValueError, AttributeError, ElementTree.ParseError):
+        return []
+    uids: List[str] = []
+    for url in urls:
+        study = url.partition("/studies/")[2].split("/", 1)[0]
+        if study and study not in uids:
+            uids.append(study)
+    return uids

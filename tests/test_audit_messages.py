@@ -1,0 +1,48 @@
+"""
+Each kind of audit record the appliance writes, checked against the DICOM
+audit message schema (PS3.15 A.5.1, tests/auditschema.py).
+"""
+
+import pytest
+
+from appliance.audit import messages
+from tests.auditschema import validateAuditMessage
+
+SOURCE = messages.AuditSource("pacs.example.org", "PACS", "Example Hospital")
+USER = messages.person("ldap:jdoe", "jdoe", "192.0.2.10")
+STUDY = messages.Study("1.2.3.4", "CT CHEST", "PAT001", "Doe^Jane <\"x\"> \n")
+WHEN = 1796400000.25
+
+EVENTS = {
+    "login": messages.userAuthentication(SOURCE, WHEN, USER),
+    "failed login": messages.userAuthentication(SOURCE, WHEN, USER, failure="wrong password"),
+    "logout": messages.userAuthentication(SOURCE, WHEN, USER, logout=True),
+    "query": messages.query(SOURCE, WHEN, USER, "https://pacs/pacs/studies", b"PatientID=PAT*&limit=25", 0),
+    "retrieve": messages.instancesTransferred(SOURCE, WHEN, USER, [STUDY], stored=False),
+    "store": messages.instancesTransferred(SOURCE, WHEN, USER, [STUDY, messages.Study("5.6.7")], stored=True),
+    "refused node": messages.nodeAuthenticationFailure(SOURCE, WHEN, "198.51.100.23", "STRANGER", "calling AE title not recognised"),
+    "reload": messages.configurationReloaded(SOURCE, WHEN, "/etc/pacs-appliance/appliance.ini", "Reloaded", True),
+    "start": messages.applicationActivity(SOURCE, WHEN, True, "1.0.0"),
+    "stop": messages.applicationActivity(SOURCE, WHEN, False, "1.0.0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVENTS))
+def test_validAgainstTheSchema(name):
+    line = messages.render(EVENTS[name], SOURCE)
+    assert "\n" not in line
+    assert validateAuditMessage(line.encode("utf-8")) == []
+
+
+def test_theRecordNamesWhatHappenedAndWho():
+    line = messages.render(EVENTS["retrieve"], SOURCE)
+    assert 'csd-code="110104"' in line and 'EventActionCode="R"' in line
+    assert 'UserID="ldap:jdoe"' in line and 'NetworkAccessPointID="192.0.2.10"' in line
+    assert 'ParticipantObjectID="1.2.3.4"' in line and 'ParticipantObjectID="PAT001"' in line
+    assert 'EventDateTime="2026-12-04T' in line
+
+
+def test_aBrokenRecordIsRefused():
+    # The validator can fail: an event without its participants is no record.
+    broken = messages.AuditEvent(messages.QUERY, "E", 0, WHEN, ())
+    assert validateAuditMessage(messages.render(broken, SOURCE).encode()) != []
