@@ -26,12 +26,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.orthanc.state import OrthancState
+from appliance.web.sitemap import ADMIN, DICOMWEB, HEALTHZ, LOGIN, LOGOUT, METRICS, PUBLIC_VIEWER_FILES
 
 PREFIX = "pacs_appliance_"
 
-#: The routes requests are counted by: the site's first path segments
-#: (appliance.web.sitemap); any other path is the viewer's.
-ROUTES = ("healthz", "login", "logout", "pacs", "pacs-admin", "metrics", "favicon.ico", "manifest.json")
+#: The routes requests are counted by: the site's first path segments; any
+#: other path is the viewer's.
+ROUTES = frozenset(
+    segment.decode("ascii") for segment in (HEALTHZ, LOGIN, LOGOUT, DICOMWEB, ADMIN, METRICS, *PUBLIC_VIEWER_FILES)
+)
 
 #: Request durations, in seconds: from a cached metadata answer (a few
 #: milliseconds) to a whole study's download (minutes).
@@ -209,7 +212,13 @@ class MetricsResource(Resource):
         def answer(ignored: object) -> None:
             if finished.called:
                 return
-            body = self._metrics.text()
+            try:
+                body = self._metrics.text()
+            except Exception:
+                self.log.failure("Could not answer a scrape")
+                request.setResponseCode(500)
+                request.finish()
+                return
             request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
             request.setHeader(b"Cache-Control", b"no-store")
             request.setHeader(b"Content-Length", b"%d" % (len(body),))

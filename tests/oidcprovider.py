@@ -38,7 +38,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import tempfile
@@ -51,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from tests.support import TestAuthority, freePort
+from tests.support import TestAuthority, freePort, stopProcess
 
 #: The provider's npm package and the server around it.
 PROVIDER_FOLDER = Path(__file__).parent / "oidc"
@@ -372,13 +371,7 @@ class OpenIDProvider:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            stopProcess(self.process, timeout=10)
             self.process.stdin.close()
         self.process = None
 

@@ -25,7 +25,6 @@ import base64
 import hashlib
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -33,7 +32,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Dict, Optional
 
-from tests.support import TestAuthority, freePort
+from tests.support import TestAuthority, freePort, stopProcess
 
 #: How long the server may take to accept connections after it starts.
 START_TIMEOUT = 30.0
@@ -322,15 +321,10 @@ access to *
         Stop the server at once: connections are dropped, as when a
         directory server goes away.
         """
-        if self.process is not None and self.process.poll() is None:
-            # SIGTERM is slapd's shutdown: it closes every connection without
-            # waiting for the clients, in milliseconds.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # SIGTERM is slapd's shutdown: it closes every connection without
+        # waiting for the clients, in milliseconds.
+        if self.process is not None:
+            stopProcess(self.process)
         self.process = None
 
     def remove(self) -> None:

@@ -2,6 +2,7 @@
 Helpers shared by the test suites: configuration files, free ports, DICOM data.
 """
 
+import signal
 import base64
 import os
 import shutil
@@ -282,6 +283,20 @@ class OtherHost:
 
 #: setns(2)'s flag for a network namespace.
 CLONE_NEWNET = 0x40000000
+
+
+def stopProcess(process, timeout: float = 30.0) -> None:
+    """
+    Stop a test server's C{process} with SIGTERM (every server here stops
+    at once on it), killing it if it has not ended within C{timeout}.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def temporaryFolder(case) -> Path:

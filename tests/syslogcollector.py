@@ -8,8 +8,7 @@ Every message received is written, whole and as received (%rawmsg%: PRI,
 header, structured data and MSG), one a line, to a file the tests read
 (L{SyslogCollector.messages}).  One collector serves the whole test run
 (started at its first use, removed when the run ends); the file only grows,
-so a test looks for its own messages (L{SyslogCollector.waitFor} with a
-predicate) or counts from what was there when it began.
+so a test counts from what was there when it began.
 
 The package's own instance (/etc/rsyslog.conf, started by its service) is
 neither used nor needed: rsyslogd reads a configuration file of its own (-f),
@@ -34,25 +33,21 @@ import atexit
 import glob
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
-from tests.support import TestAuthority, freePort
+from tests.support import TestAuthority, freePort, stopProcess
 
 #: How long rsyslogd may take to accept TLS connections after it starts.
 START_TIMEOUT = 30.0
 
 #: What rsyslogd writes where it cannot listen, and goes on all the same.
 NO_LISTENER = "Could not create tcp listener"
-
-#: How long a test waits for messages, unless it says.
-WAIT = 10.0
 
 RSYSLOGD = Path("/usr/sbin/rsyslogd")
 #: The OpenSSL network stream driver, in a package of its own
@@ -61,11 +56,6 @@ STREAM_DRIVER = "/usr/lib/*/rsyslog/lmnsd_ossl.so"
 
 #: The longest message kept whole (rsyslog's default is 8 KiB).
 MAX_MESSAGE_SIZE = 64 * 1024
-
-#: What L{SyslogCollector.waitFor} waits for: a number of lines in all, or a
-#: predicate that some line must satisfy.
-Condition = Union[int, Callable[[str], bool]]
-
 
 def installed() -> bool:
     return RSYSLOGD.exists() and bool(glob.glob(STREAM_DRIVER))
@@ -261,14 +251,9 @@ action(type="omfile" file="{self.log}")
         Stop the collector at once: connections are dropped, as when a
         collector goes away; what it received is on file already.
         """
-        if self.process is not None and self.process.poll() is None:
-            # SIGTERM is rsyslogd's shutdown, in milliseconds.
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # SIGTERM is rsyslogd's shutdown, in milliseconds.
+        if self.process is not None:
+            stopProcess(self.process)
         self.process = None
 
     def remove(self) -> None:
@@ -287,64 +272,3 @@ action(type="omfile" file="{self.log}")
             return []
         *lines, _unfinished = data.split(b"\n")
         return [line.decode("utf-8", "replace") for line in lines]
-
-    def _met(self, condition: Condition) -> Optional[List[str]]:
-        lines = self.messages()
-        if isinstance(condition, int):
-            return lines if len(lines) >= condition else None
-        matching = [line for line in lines if condition(line)]
-        return matching or None
-
-    def _timedOut(self, condition: Condition, timeout: float) -> AssertionError:
-        lines = self.messages()
-        what = f"{condition} messages" if isinstance(condition, int) else "a matching message"
-        return AssertionError(
-            f"gave up after {timeout}s waiting for {what}; received {len(lines)}:\n"
-            + "\n".join(line[:500] for line in lines[-20:])
-            + "\n"
-            + self.diagnostics()
-        )
-
-    def waitFor(self, condition: Condition, timeout: float = WAIT) -> List[str]:
-        """
-        Poll until C{condition} is met, blocking: for a sender in another
-        process (a daemon), not one on this process's reactor (use
-        L{whenReceived}).
-
-        @param condition: a number of messages in all (from the start of the
-            run: the collector is shared), or a predicate on one message.
-        @return: every message so far for a number, the matching ones for a
-            predicate.
-        @raise AssertionError: after C{timeout} seconds, with what was
-            received and what rsyslogd said.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            met = self._met(condition)
-            if met is not None:
-                return met
-            if time.monotonic() > deadline:
-                raise self._timedOut(condition, timeout)
-            time.sleep(0.01)
-
-    def whenReceived(self, condition: Condition, timeout: float = WAIT):
-        """
-        L{waitFor} on the running reactor: a Deferred that fires with what
-        it returns, or fails with its AssertionError.
-        """
-        from twisted.internet import reactor
-        from twisted.internet.defer import inlineCallbacks
-        from twisted.internet.task import deferLater
-
-        @inlineCallbacks
-        def poll():
-            deadline = time.monotonic() + timeout
-            while True:
-                met = self._met(condition)
-                if met is not None:
-                    return met
-                if time.monotonic() > deadline:
-                    raise self._timedOut(condition, timeout)
-                yield deferLater(reactor, 0.01, lambda: None)
-
-        return poll()

@@ -91,6 +91,20 @@ class DirectoryTests(SynchronousTestCase):
         with self.assertRaises(NoRole):
             self.authenticate("nogroup1", directory)
 
+    def test_theBindAccountIsNoLogin(self) -> None:
+        """
+        The account the appliance searches with cannot log in, even where
+        the filter finds it, and a guess at its password is a failed login
+        (counted by the throttle), not a directory that cannot be reached.
+        """
+        from tests.slapd import SUFFIX
+
+        directory = self.directory(user_base=SUFFIX, user_filter="(cn={user})")
+        password = self.server.bindPasswordFile.read_text().strip()
+        for guess in (password, "a guess"):
+            with self.assertRaises(UnknownUser):
+                directory.authenticate("pacs-reader", guess)
+
     def test_filterInjection(self) -> None:
         """
         A name is a value in the filter, never filter syntax: a wildcard or

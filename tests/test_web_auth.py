@@ -963,6 +963,17 @@ class AuthenticatorTests(SynchronousTestCase):
         self.threads.hold = False
         self.assertEqual(self.fixture.identify(authorization=basicHeader("ada", PASSWORDS["ada"])).name, "ada")
 
+    def test_namesCountedWithoutRegardToCase(self):
+        """
+        A directory matches names without regard to case: guesses at one
+        name in other cases count as guesses at it.
+        """
+        for attempt, name in enumerate(("Vera", "VERA", "vErA", "vera")):
+            identified = self.authenticator.identify(headers(authorization=basicHeader(name, f"wrong {attempt}")), CLIENT)
+            self.fixture.clock.advance(60)
+            self.assertIsNone(self.successResultOf(identified))
+        self.assertGreater(self.authenticator.retryAfter("vera", CLIENT), 0)
+
     def test_busyAfterTheBackOff(self):
         """
         A check delayed by the throttle's back-off is refused at the end of

@@ -70,33 +70,42 @@ def writeCursor(folder: Path, cursor: Cursor) -> None:
 
 def readBatch(folder: Path, cursor: Cursor, limit: int = BATCH) -> Tuple[List[bytes], Cursor, int]:
     """
-    The whole records after C{cursor} (up to about C{limit} bytes), the
-    cursor after them, and the bytes still unsent after those.  Blocking:
-    call on a thread.
+    The whole records after C{cursor} (about C{limit} bytes, or one record
+    if it is longer), the cursor after them, and the bytes still unsent
+    after those.  A file is read to its end before the next one is begun.
+    Blocking: call on a thread.
     """
-    files = [path for path in recordFiles(folder) if path.name >= cursor[0]]
     lines: List[bytes] = []
     size = 0
-    name, offset = cursor
+    position = cursor
     backlog = 0
-    for path in files:
-        start = offset if path.name == name else 0
+    # Once a file is not read to its end, the later ones wait behind it.
+    waiting = False
+    for path in recordFiles(folder):
+        if path.name < cursor[0]:
+            continue
+        start = cursor[1] if path.name == cursor[0] else 0
         length = path.stat().st_size
-        if size < limit and length > start:
-            with path.open("rb") as stream:
-                stream.seek(start)
-                chunk = stream.read(limit - size)
-            # Only whole lines: a record being written is sent next time.
+        if waiting or size >= limit:
+            backlog += length - start
+            continue
+        with path.open("rb") as stream:
+            stream.seek(start)
+            chunk = stream.read(limit - size)
             end = chunk.rfind(b"\n") + 1
-            lines.extend(chunk[:end].splitlines())
-            size += end
-            name, offset = path.name, start + end
-            backlog += length - offset
-        elif size >= limit:
-            backlog += length - (start if path.name == cursor[0] else 0)
-        else:
-            name, offset = path.name, length
-    return lines, (name, offset), backlog
+            if end == 0 and len(chunk) == limit - size:
+                # A record longer than what is left of the batch: read on to
+                # its end, so that it is sent whole, alone if need be.
+                chunk += stream.readline()
+                end = chunk.rfind(b"\n") + 1
+        # Only whole lines: a record being written is sent next time.
+        lines.extend(chunk[:end].splitlines())
+        size += end
+        position = (path.name, start + end)
+        if start + end < length:
+            waiting = True
+            backlog += length - (start + end)
+    return lines, position, backlog
 
 
 def syslogMessage(record: bytes, hostname: str, procid: int) -> bytes:
@@ -190,10 +199,12 @@ class SyslogForwarder(MultiService):
         super().startService()
 
     def stopService(self):
-        # A TLS connection with a producer registered waits for it to go
-        # before it closes: it goes first.
-        if self._connection is not None:
-            self._connection.transport.unregisterProducer()
+        # Nothing more is written to a connection that closes (what the
+        # trail records now is sent at the next start); and a TLS connection
+        # with a producer registered waits for it to go before it closes.
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.transport.unregisterProducer()
         return super().stopService()
 
     def connected(self, connection: _CollectorConnection) -> None:
@@ -222,7 +233,7 @@ class SyslogForwarder(MultiService):
         if self._reading:
             self._again = True
             return
-        if self._connection is None or self._connection.paused:
+        if not self.running or self._connection is None or self._connection.paused:
             return
         self._reading = True
         self._again = False
@@ -234,7 +245,7 @@ class SyslogForwarder(MultiService):
     def _send(self, batch: Tuple[List[bytes], Cursor, int]) -> None:
         lines, cursor, backlog = batch
         connection = self._connection
-        if connection is None:
+        if connection is None or not self.running:
             return
         for line in lines:
             connection.transport.write(syslogMessage(line, self._hostname, os.getpid()))

@@ -5,8 +5,9 @@ in a folder of mode 0700, only ever appended to: the appliance never
 truncates, rewrites or deletes them (their retention is the hospital's).
 
 Lines are written in the reactor's thread as they come (a short append to
-the page cache, as the journal's lines are), and made durable by an
-C{fsync} on a thread at most a second later.  The syslog forwarder
+the page cache, as the journal's lines are), to the file of the day they
+are written on, and made durable by an C{fsync} on a thread at most a
+second later.  The syslog forwarder
 (L{appliance.audit.syslog}) reads the same files: they are its queue.
 """
 
@@ -33,6 +34,11 @@ def recordFiles(folder: Path) -> List[Path]:
     The trail's files in C{folder}, oldest first.
     """
     return sorted(folder.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class AuditTrail(Service):
@@ -84,10 +90,13 @@ class AuditTrail(Service):
         """
         Append C{event} to the trail.
         """
-        line = (render(event, self.source) + "\n").encode("utf-8")
+        line = (render(event, self.source) + "\n").encode("utf-8", "replace")
         try:
-            fd = self._file(event.time)
-            os.write(fd, line)
+            # Today's file, whatever the record's own time (a record whose
+            # study took a moment to look up may come after midnight): the
+            # forwarder has moved on from yesterday's.
+            fd = self._file(self._reactor.seconds())
+            _writeAll(fd, line)
         except OSError as error:
             # Nothing else holds the record: the journal must say so, every time.
             self.log.critical(
@@ -114,15 +123,27 @@ class AuditTrail(Service):
                 os.close(self._fd)
                 self._fd = None
             path = self.folder / f"{FILE_PREFIX}{day}{FILE_SUFFIX}"
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._day = day
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # A record cut off by a crash ends here, not inside the next one.
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                _writeAll(fd, b"\n")
+            self._fd, self._day = fd, day
         return self._fd
 
     def _sync(self) -> None:
-        fd = self._fd
-        if fd is None:
+        if self._fd is None:
             return
-        syncing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), os.fsync, fd)
+        # Its own descriptor: the file may be closed meanwhile (a new day).
+        fd = os.dup(self._fd)
+
+        def sync() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        syncing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), sync)
         syncing.addErrback(lambda failure: self.log.failure("Could not make the audit records durable", failure))
 
     # --- as a reload observer -------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence
 from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -68,8 +68,8 @@ MEMBERS_A_SEARCH = 50
 #: characters (no directory name has them, and they would forge log fields).
 DIRECTORY_NAME = re.compile(r"[^\s\x00-\x1f\x7f]{1,256}")
 
-#: How long a session keeps the roles it had while the directory cannot be
-#: reached before its owner's account is looked up again.
+#: How long, while the directory cannot be reached, a session's account is
+#: taken as the directory last gave it before it is looked up again.
 UNAVAILABLE_RECHECK = 30.0
 
 #: Remembered directory checks of sessions, at most.
@@ -173,6 +173,7 @@ class Directory:
         self._bindPassword = bindPassword
         self._servers = section.url
         self._groupBase = section.group_base or domainOf(section.user_base)
+        self._bindDN = normalDN(section.bind_dn)
         self._roleGroups: Dict[str, FrozenSet[str]] = {
             "viewer": frozenset(normalDN(dn) for dn in section.viewer_groups),
             "uploader": frozenset(normalDN(dn) for dn in section.uploader_groups),
@@ -272,7 +273,7 @@ class Directory:
         problems = []
         for server in servers:
             try:
-                connection = self._connect(server, self._section.bind_dn, self._bindPassword)
+                connection = self._connect(server, self._section.bind_dn, self._bindPassword, bindAccount=True)
             except (_ServerFailed, LDAPException, OSError) as error:
                 problems.append(f"{server.url}: {shortDescription(error)}")
                 continue
@@ -284,10 +285,12 @@ class Directory:
                 _close(connection)
         raise DirectoryUnavailable(problems)
 
-    def _connect(self, server: DirectoryServer, dn: str, password: str):
+    def _connect(self, server: DirectoryServer, dn: str, password: str, bindAccount: bool = False):
         """
         A connection to C{server}, encrypted, bound as C{dn}; the bind's
-        result is in its C{result}, and it is not bound if that failed.
+        result is in its C{result}, and it is not bound if that failed
+        (with C{bindAccount}, the appliance's own: then the server is of no
+        use, and L{_ServerFailed} says why).
         """
         from ldap3 import Connection, SIMPLE
 
@@ -307,7 +310,7 @@ class Directory:
             connection.open()
             if server.startTLS and not connection.start_tls():
                 raise _ServerFailed(f"StartTLS failed: {connection.result.get('description')}")
-            if not connection.bind() and dn == self._section.bind_dn:
+            if not connection.bind() and bindAccount:
                 raise _ServerFailed(
                     f"the bind account {dn} was refused ({connection.result.get('description')}):"
                     " check bind_dn and bind_password_file"
@@ -338,6 +341,10 @@ class Directory:
         if len(entries) > 1:
             raise UnknownUser(name, "user_filter matches several directory entries")
         entry = entries[0]
+        if normalDN(entry["dn"]) == self._bindDN:
+            # The appliance's own account is no one's login: its password
+            # must not be guessable through the login form.
+            raise UnknownUser(name, "the directory account the appliance searches with")
         attributes = entry.get("raw_attributes", {})
         control = attributes.get("userAccountControl") or [b"0"]
         try:
@@ -478,7 +485,8 @@ class DirectoryService(Service):
         once C{recheck_interval} has passed since the last check, and
         L{None} once the user is gone, disabled, or in no group that gives a
         role.  While the directory cannot be reached, the session keeps
-        C{lastRoles}.
+        the account the directory gave last (C{lastRoles}, the roles of its
+        login, if it has said nothing since the start).
         """
         remembered = self._checked.get(name)
         if remembered is not None and remembered[1] > self._clock.seconds():
@@ -503,8 +511,15 @@ class DirectoryService(Service):
         return self._remember(name, account)
 
     def _notLooked(self, failure: Failure, name: str, lastRoles: FrozenSet[str]) -> Optional[IAccount]:
+        if failure.check(CancelledError):
+            # Every session that asked has left.
+            return None
         if failure.check(DirectoryUnavailable, DirectoryBusy):
-            return self._remember(name, Account(name, lastRoles, LDAP), UNAVAILABLE_RECHECK)
+            # What the directory said last (a role taken away stays away),
+            # else the roles the session was given at login.
+            remembered = self._checked.get(name)
+            account = remembered[0] if remembered is not None else Account(name, lastRoles, LDAP)
+            return self._remember(name, account, UNAVAILABLE_RECHECK)
         self.log.failure("Could not look up the directory user {user}", failure, user=name)
         return None
 

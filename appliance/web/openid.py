@@ -15,7 +15,8 @@ L{UNKNOWN_KEY_REFETCH} seconds.  Only asymmetric algorithms are taken
 (L{SIGNING_ALGORITHMS}), each with a key of its own type: C{alg: none}, and
 an HMAC "signed" with a public key, are refused before any key is used.
 Everything is fetched over Twisted's HTTP client, TLS 1.2 or later with the
-provider's certificate checked; no token ever reaches the browser.
+provider's certificate checked.  The browser gets no access token; its ID
+token goes back to the provider only as the logout's C{id_token_hint}.
 """
 
 import base64
@@ -30,7 +31,7 @@ from urllib.parse import urlencode, urlsplit
 from twisted.application.service import Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.ssl import Certificate, TLSVersion, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -271,6 +272,9 @@ class OpenIDProvider(Service):
         self._fetching = None
 
     def _fetched(self, result: object) -> object:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            # Everyone who waited for it left: that says nothing of the provider.
+            return result
         if isinstance(result, Failure):
             self._lastFailure = self._reactor.seconds()
             if self._unreachableSince is None:
@@ -408,7 +412,7 @@ class OpenIDProvider(Service):
         except jwt.PyJWTError as error:
             raise InvalidToken("", f"not a signed token ({error})")
         algorithm = header.get("alg")
-        if algorithm not in SIGNING_ALGORITHMS:
+        if not isinstance(algorithm, str) or algorithm not in SIGNING_ALGORITHMS:
             raise InvalidToken("", f"signed with {algorithm!r}, which is not an algorithm taken here")
         if self._metadata is None:
             yield self._fetch()
@@ -435,9 +439,10 @@ class OpenIDProvider(Service):
         if key is not None:
             return succeed(key)
         now = self._reactor.seconds()
-        if now - self._unknownKeyFetched < UNKNOWN_KEY_REFETCH:
-            return defer.fail(InvalidToken("", f"signed with a key the provider does not publish ({keyId!r})"))
-        self._unknownKeyFetched = now
+        if self._fetching is None:
+            if now - self._unknownKeyFetched < UNKNOWN_KEY_REFETCH:
+                return defer.fail(InvalidToken("", f"signed with a key the provider does not publish ({keyId!r})"))
+            self._unknownKeyFetched = now
 
         def fetched(ignored: None) -> dict:
             key = self._keys.get(keyId) if keyId is not None else self._onlyKey()
@@ -445,6 +450,7 @@ class OpenIDProvider(Service):
                 raise InvalidToken("", f"signed with a key the provider does not publish ({keyId!r})")
             return key
 
+        # The keys being fetched (for this token or another with the new key).
         return self._fetch().addCallback(fetched)
 
     def _onlyKey(self) -> Optional[dict]:

@@ -13,8 +13,9 @@ in the appliance's own session cookie.
                                   the ID token checked, a session started;
                                   then on to PATH
 
-The browser never sees a token: the ID token stays in the session's row
-(the provider's logout asks for it), and the access token is not kept.
+The browser gets no access token (it is not kept), and the ID token only
+as the C{id_token_hint} of the provider's logout; it stays in the session's
+row until then.
 """
 
 import hashlib
@@ -35,7 +36,7 @@ from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import CredentialsUnchecked, NoRole
 from appliance.web.credentials import EXPIRED, cookiePairs, cookieName, sessionTokens, setSessionCookie
 from appliance.web.openid import SIGN_IN_TIMEOUT, InvalidToken, OpenIDProvider
-from appliance.web.origins import localTarget, ownOrigin
+from appliance.web.origins import isCrossSite, localTarget, ownOrigin
 from appliance.web.pages import seeOther
 
 #: The cookie that ties a sign-in to the browser that began it (against
@@ -126,6 +127,10 @@ class SingleSignOnResource(Resource):
 
     def render_GET(self, request: Request):
         target = localTarget(_argument(request, b"next") or "/")
+        if isCrossSite(request):
+            # Another site may send a browser here, but not on to a page of
+            # this one with its session: the sign-in ends at the start page.
+            target = "/"
         origin = ownOrigin(request)
         if origin is None:
             return self._showForm(request, http.BAD_REQUEST, target, "The request has no usable Host header.")
@@ -167,7 +172,11 @@ class SingleSignOnResource(Resource):
         """
         finished = request.notifyFinish()
         finished.addErrback(lambda failure: None)
-        body = yield self._finish(request)
+        try:
+            body = yield self._finish(request)
+        except Exception:
+            self.log.failure("Could not finish a sign-in")
+            body = self._showForm(request, http.INTERNAL_SERVER_ERROR, "/", FAILED)
         if not finished.called:
             request.write(body)
             request.finish()

@@ -187,6 +187,9 @@ class LoginThrottle:
 
     @staticmethod
     def _eventKeys(name: str, address: str, network: Optional[str]) -> Tuple[str, str, Optional[str], object]:
+        # Names are counted without regard to case, as a directory matches
+        # them: guesses at "Alice" and "ALICE" are guesses at one account.
+        name = name.casefold()
         return name, address, network, (name, network or address)
 
     def attempt(self, name: str, client) -> Optional[float]:
