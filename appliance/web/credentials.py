@@ -19,20 +19,24 @@ SESSION_COOKIE = b"__Host-pacs-session"
 EXPIRED = b"Thu, 01 Jan 1970 00:00:00 GMT"
 
 
+def setHostCookie(request, name: bytes, value: bytes, sameSite: str, maxAge: Optional[int] = None, expire: bool = False) -> None:
+    """
+    Give the browser the C{__Host-} cookie C{name} (Secure, HttpOnly, for
+    the whole site; for C{maxAge} seconds, else for the browser's session),
+    or, with C{expire}, take it back.
+    """
+    lifetime = {"max_age": b"0", "expires": EXPIRED} if expire else {}
+    if maxAge is not None and not expire:
+        lifetime = {"max_age": b"%d" % (maxAge,)}
+    request.addCookie(name, value, path=b"/", secure=True, httpOnly=True, sameSite=sameSite, **lifetime)
+
+
 def setSessionCookie(request, value: bytes, expire: bool = False) -> None:
     """
     Give the browser the session cookie C{value} (a browser-session cookie,
     never sent cross-site), or, with C{expire}, take it back.
     """
-    request.addCookie(
-        SESSION_COOKIE,
-        value,
-        path=b"/",
-        secure=True,
-        httpOnly=True,
-        sameSite="strict",
-        **({"max_age": b"0", "expires": EXPIRED} if expire else {}),
-    )
+    setHostCookie(request, SESSION_COOKIE, value, "strict", expire=expire)
 
 def displayName(name: str) -> str:
     """

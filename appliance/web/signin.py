@@ -34,7 +34,7 @@ from appliance.connections import clientKey
 from appliance.state.database import StateDatabase, Statements
 from appliance.web.authenticator import Authenticator
 from appliance.web.checkers import CredentialsUnchecked, NoRole
-from appliance.web.credentials import EXPIRED, cookiePairs, cookieName, sessionTokens, setSessionCookie
+from appliance.web.credentials import cookieName, cookiePairs, sessionTokens, setHostCookie, setSessionCookie
 from appliance.web.openid import SIGN_IN_TIMEOUT, InvalidToken, OpenIDProvider
 from appliance.web.origins import isCrossSite, localTarget, ownOrigin
 from appliance.web.pages import seeOther
@@ -84,15 +84,7 @@ def _stateCookie(request: Request) -> Optional[bytes]:
 
 
 def _setStateCookie(request: Request, value: bytes, expire: bool = False) -> None:
-    request.addCookie(
-        STATE_COOKIE,
-        value,
-        path=b"/",
-        secure=True,
-        httpOnly=True,
-        sameSite="lax",
-        **({"max_age": b"0", "expires": EXPIRED} if expire else {"max_age": b"%d" % (SIGN_IN_TIMEOUT,)}),
-    )
+    setHostCookie(request, STATE_COOKIE, value, "lax", int(SIGN_IN_TIMEOUT), expire)
 
 
 def _hash(state: str) -> bytes:
