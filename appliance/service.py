@@ -126,7 +126,7 @@ def buildService(config: Config, reactor=None) -> MultiService:
     metadata = metadataCache(config, proxy, database, reactor)
     if metadata is not None:
         metadata.setServiceParent(root)
-    proxyRoutes = proxyResources(config, proxy, metadata)
+    proxyRoutes = proxyResources(config, proxy, metadata, audit)
     webTLS = ServerTLS(certificate, HTTPS_POLICY)
     # One spool, whichever listener a body comes through; the metrics read it.
     spool = SpoolQuota(config.web.max_spool_per_account, config.web.max_spool)

@@ -1,13 +1,14 @@
 """
 The audit trail on the whole daemon: a scripted session (a login, a search,
 an upload, a study retrieved as the viewer retrieves it, a refused DICOM
-association) recorded in the trail's files and received by a real syslog
+association, the study deleted by an administrator) recorded in the trail's files and received by a real syslog
 collector over TLS (rsyslog, tests/syslogcollector.py), each record valid
 against the DICOM audit message schema; then the collector stopped and
 started again, and every record delivered once.
 """
 
 import base64
+import json
 import os
 import ssl
 import stat
@@ -27,6 +28,7 @@ from tests.webclients import stowBody
 
 READER = ("reader", "audit reader password")
 UPLOADER = ("uploader", "audit uploader password")
+ADMIN = ("keeper", "audit admin password")
 
 
 def basic(user) -> Dict[str, str]:
@@ -53,6 +55,7 @@ class AuditTrailTests(DaemonClient, TestCase):
         users = self.folder / "users"
         addUser(users, READER[0], READER[1], ["viewer"])
         addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
+        addUser(users, ADMIN[0], ADMIN[1], ["admin"])
         self.config = testConfig(
             self.folder,
             auth={"users_file": users},
@@ -106,12 +109,18 @@ class AuditTrailTests(DaemonClient, TestCase):
         stranger.add_requested_context(CTImageStorage)
         association = stranger.associate("127.0.0.1", self.config.dicom.listen.port, ae_title="PACS", tls_args=(context, None))
         assert not association.is_established, "a stranger's association was accepted"
+        # An administrator deletes the study in Orthanc's own API.
+        status, body = self.request("GET", "/pacs-admin/studies", basic(ADMIN))
+        assert status == 200, status
+        (orthancID,) = json.loads(body)
+        status, _ = self.request("DELETE", f"/pacs-admin/studies/{orthancID}", basic(ADMIN))
+        assert status == 200, status
 
     @inlineCallbacks
     def test_aSessionRecordedAndSent(self):
         yield deferToThread(self.session)
         wanted = ('csd-code="110120"', 'csd-code="110122"', 'EventOutcomeIndicator="4"', 'csd-code="110112"',
-                  'EventActionCode="C"', 'EventActionCode="R"', 'csd-code="110126"')
+                  'EventActionCode="C"', 'EventActionCode="R"', 'csd-code="110126"', 'csd-code="110105"')
         yield self.poll(lambda: all(any(code in line for line in self.received()) for code in wanted), "every kind of record received")
         received = self.received()
         for message in received:
@@ -127,6 +136,10 @@ class AuditTrailTests(DaemonClient, TestCase):
         query = next(line for line in received if 'csd-code="110112"' in line)
         asked = base64.b64encode(f"PatientID={instance.PatientID}&includefield=all".encode()).decode()
         self.assertIn(f"<ParticipantObjectQuery>{asked}</ParticipantObjectQuery>", query)
+        deletion = next(line for line in received if 'csd-code="110105"' in line)
+        for expected in ('EventActionCode="D"', 'UserID="local:keeper"', f'ParticipantObjectID="{instance.StudyInstanceUID}"',
+                         f'ParticipantObjectID="{instance.PatientID}"'):
+            self.assertIn(expected, deletion)
         refused = next(line for line in received if 'csd-code="110126"' in line)
         self.assertIn('UserID="STRANGER"', refused)
         # The access log still leaves patient data out; the trail holds it,

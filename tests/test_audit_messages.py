@@ -20,6 +20,8 @@ EVENTS = {
     "query": messages.query(SOURCE, WHEN, USER, "https://pacs/pacs/studies", b"PatientID=PAT*&limit=25", 0),
     "retrieve": messages.instancesTransferred(SOURCE, WHEN, USER, [STUDY], stored=False),
     "store": messages.instancesTransferred(SOURCE, WHEN, USER, [STUDY, messages.Study("5.6.7")], stored=True),
+    "study deleted": messages.deleted(SOURCE, WHEN, USER, [STUDY], whole=True, outcome=0),
+    "instances deleted": messages.deleted(SOURCE, WHEN, USER, [STUDY], whole=False, outcome=4),
     "refused node": messages.nodeAuthenticationFailure(SOURCE, WHEN, "198.51.100.23", "STRANGER", "calling AE title not recognised"),
     "reload": messages.configurationReloaded(SOURCE, WHEN, "/etc/pacs-appliance/appliance.ini", "Reloaded", True),
     "start": messages.applicationActivity(SOURCE, WHEN, True, "1.0.0"),

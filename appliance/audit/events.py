@@ -13,7 +13,7 @@ L{RETRIEVE_WINDOW} (a viewer opening a study makes hundreds of requests).
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from appliance.audit.messages import (
@@ -21,6 +21,7 @@ from appliance.audit.messages import (
     SUCCESS,
     Participant,
     Study,
+    deleted,
     instancesTransferred,
     nodeAuthenticationFailure,
     person,
@@ -37,6 +38,10 @@ RETRIEVE_WINDOW = 600.0
 
 #: Studies whose patient is remembered, at most.
 MAX_REMEMBERED_STUDIES = 10000
+
+#: What an administrator deletes under /pacs-admin/, by Orthanc's path: a
+#: whole study (or a patient's studies), or some of a study's instances.
+DELETABLE = {b"patients": True, b"studies": True, b"series": False, b"instances": False}
 
 #: The resource levels a DICOMweb search ends with.
 SEARCH_LEVELS = (b"studies", b"series", b"instances")
@@ -107,14 +112,35 @@ class AuditEvents:
 
     # --- DICOMweb -------------------------------------------------------------
 
+    def beforeDeletion(self, segments: Sequence[bytes]) -> Optional[Deferred]:
+        """
+        If C{segments} (of a path under /pacs-admin/) name something an
+        administrator deletes, find the studies it holds before it goes;
+        the Deferred fires with what L{requestEnded} needs to know of it
+        (or L{None} if Orthanc cannot say), never fails.
+        """
+        if len(segments) != 2 or segments[0] not in DELETABLE:
+            return None
+        level, resource = segments[0], segments[1].decode("ascii", "replace")
+        finding = self._studies.holding(level.decode("ascii"), resource)
+        return finding.addCallback(lambda studies: (DELETABLE[level], studies))
+
     def requestEnded(self, request) -> None:
         """
         A request has been answered: a search, a retrieve or an upload
         under /pacs/ becomes a record (the upload names the studies its
-        answer lists).
+        answer lists), and so does a deletion under /pacs-admin/ (the
+        studies found before it, L{beforeDeletion}).
         """
         account = getattr(request, "account", None)
         if account is None:
+            return
+        deletion = getattr(request, "auditedDeletion", None)
+        if deletion is not None:
+            whole, studies = deletion
+            user = person(account.label, account.name, _host(request.getClientAddress()))
+            outcome = SUCCESS if request.code < 400 else MINOR_FAILURE
+            self._trail.record(deleted(self._source, self._clock.seconds(), user, studies, whole, outcome))
             return
         kind, studyUID = dicomwebKind(request.method, request.path)
         if kind is None:
@@ -186,6 +212,38 @@ class OrthancStudies:
             return Study(uid)
 
         return asking.addCallbacks(answered, unknown)
+
+    def holding(self, level: str, resource: str) -> "Deferred[List[Study]]":
+        """
+        The studies Orthanc's C{level} resource (its Orthanc id) is or is
+        in; none if Orthanc cannot say.
+        """
+        looking = self._holding(level, resource)
+
+        def unknown(failure) -> List[Study]:
+            self.log.warn(
+                "Could not ask Orthanc what {level} {resource} holds for its audit record: {error}",
+                level=level,
+                resource=resource,
+                error=failure.getErrorMessage(),
+            )
+            return []
+
+        return looking.addErrback(unknown)
+
+    @inlineCallbacks
+    def _holding(self, level: str, resource: str):
+        found = yield self._rest.json(f"/{level}/{resource}".encode("ascii", "replace"), AUDIT_ACCOUNT)
+        if level == "patients":
+            studies = []
+            for study in found.get("Studies", []):
+                answer = yield self._rest.json(f"/studies/{study}".encode("ascii", "replace"), AUDIT_ACCOUNT)
+                studies.append(_studyOf(answer.get("MainDicomTags", {}).get("StudyInstanceUID", study), answer))
+            return studies
+        while level != "studies":
+            level, resource = ("series", found["ParentSeries"]) if level == "instances" else ("studies", found["ParentStudy"])
+            found = yield self._rest.json(f"/{level}/{resource}".encode("ascii", "replace"), AUDIT_ACCOUNT)
+        return [_studyOf(found.get("MainDicomTags", {}).get("StudyInstanceUID", resource), found)]
 
 
 def _studyOf(uid: str, found: Dict) -> Study:

@@ -22,7 +22,9 @@ Code = Tuple[str, str, str]
 APPLICATION_ACTIVITY: Code = ("110100", "DCM", "Application Activity")
 APPLICATION_START: Code = ("110120", "DCM", "Application Start")
 APPLICATION_STOP: Code = ("110121", "DCM", "Application Stop")
+INSTANCES_ACCESSED: Code = ("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED: Code = ("110105", "DCM", "DICOM Study Deleted")
 QUERY: Code = ("110112", "DCM", "Query")
 SECURITY_ALERT: Code = ("110113", "DCM", "Security Alert")
 NODE_AUTHENTICATION: Code = ("110126", "DCM", "Node Authentication")
@@ -240,6 +242,16 @@ def instancesTransferred(
     )
     objects = tuple(item for study in studies for item in study.objects())
     return AuditEvent(INSTANCES_TRANSFERRED, "C" if stored else "R", outcome, when, participants, objects)
+
+
+def deleted(source: AuditSource, when: float, user: Participant, studies: Sequence[Study], whole: bool, outcome: int) -> AuditEvent:
+    """
+    C{studies} deleted by C{user}: whole (a study or a patient: A.5.3.8,
+    DICOM Study Deleted), or some of their instances (a series, an
+    instance: A.5.3.6, DICOM Instances Accessed, action D).
+    """
+    objects = tuple(item for study in studies for item in study.objects())
+    return AuditEvent(STUDY_DELETED if whole else INSTANCES_ACCESSED, "D", outcome, when, (user, source.appliance()), objects)
 
 
 def nodeAuthenticationFailure(source: AuditSource, when: float, address: str, callingAET: str, why: str) -> AuditEvent:

@@ -19,13 +19,14 @@ too many headers) is answered 414 or 431 here.
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, Optional, Tuple
 from urllib.parse import quote, unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from appliance.config import Config
 from appliance.orthanc.space import StorageSpace
@@ -353,11 +354,16 @@ class PacsAdminResource(Resource):
     log = Logger()
     prefix = b"/" + ADMIN
 
-    def __init__(self, proxy: OrthancProxy, allowUnsafe: bool, table: RouteTable) -> None:
+    def __init__(self, proxy: OrthancProxy, allowUnsafe: bool, table: RouteTable, audit=None) -> None:
+        """
+        @param audit: the audit trail's events
+            (L{appliance.audit.events.AuditEvents}), told of deletions.
+        """
         super().__init__()
         self._proxy = proxy
         self._allowUnsafe = allowUnsafe
         self._table = table
+        self._audit = audit
 
     def render(self, request: Request):
         if request.method == b"OPTIONS":
@@ -404,7 +410,8 @@ class PacsAdminResource(Resource):
             and target.segments[:1] == (DICOMWEB,)
             and isStow(target.segments[1:])
         )
-        return self._proxy.forward(
+        forwarding = partial(
+            self._proxy.forward,
             request,
             upstream,
             self.rewriteHeader,
@@ -412,6 +419,19 @@ class PacsAdminResource(Resource):
             pagePolicy=pagePolicy(request.method, target),
             stow=stow,
         )
+        finding = self._audit.beforeDeletion(target.segments) if self._audit is not None and request.method == b"DELETE" else None
+        if finding is None:
+            return forwarding()
+
+        def found(deletion) -> None:
+            # The audit trail names what went, as it was before it went.
+            request.auditedDeletion = deletion
+            forwarding()
+
+        finding.addCallback(found).addErrback(
+            lambda failure: self.log.failure("Could not forward a deletion", failure)
+        )
+        return NOT_DONE_YET
 
     def _refusal(self, method: bytes, target: Target) -> Optional[str]:
         """
@@ -489,15 +509,16 @@ def buildProxyResources(
 
 
 def proxyResources(
-    config: Config, proxy: OrthancProxy, metadata: Optional[MetadataCache] = None
+    config: Config, proxy: OrthancProxy, metadata: Optional[MetadataCache] = None, audit=None
 ) -> Dict[bytes, Resource]:
     """
     The resources of the proxy's two routes, by segment; /pacs answers the
-    metadata resources from C{metadata} if given.
+    metadata resources from C{metadata} if given; /pacs-admin tells
+    C{audit} of deletions, if given.
     """
     return {
         DICOMWEB: PacsResource(proxy, CorsPolicy(config.web.cors_allowed_origins, STOW_METHODS), metadata),
-        ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints, RouteTable.load()),
+        ADMIN: PacsAdminResource(proxy, config.web.admin_unsafe_endpoints, RouteTable.load(), audit),
     }
 
 
