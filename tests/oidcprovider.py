@@ -28,7 +28,6 @@ What the provider does, as the appliance sees it:
     keeps clients, users and keys.
 """
 
-import atexit
 import base64
 import hashlib
 import html
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from tests.support import TestAuthority, freePort, stopProcess
+from tests.support import SharedServer, TestAuthority, freePort, stopProcess
 
 #: The provider's npm package and the server around it.
 PROVIDER_FOLDER = Path(__file__).parent / "oidc"
@@ -256,16 +255,7 @@ class User:
         }
 
 
-class OpenIDProvider:
-    _shared: Optional["OpenIDProvider"] = None
-
-    @classmethod
-    def shared(cls) -> "OpenIDProvider":
-        if cls._shared is None:
-            cls._shared = cls()
-            atexit.register(cls._shared.remove)
-        return cls._shared
-
+class OpenIDProvider(SharedServer):
     def __init__(
         self,
         resource: str = "https://pacs.test/",

@@ -9,7 +9,6 @@ As root (CI), the server runs as the package's "postgres" user: PostgreSQL
 refuses to run as root.
 """
 
-import atexit
 import glob
 import os
 import pwd
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from tests.support import TestAuthority, freePort
+from tests.support import SharedServer, TestAuthority, freePort
 
 #: How long the server may take to accept connections after it starts.
 START_TIMEOUT = 60.0
@@ -79,16 +78,7 @@ class DatabaseSettings:
         return section
 
 
-class PostgresServer:
-    _shared: Optional["PostgresServer"] = None
-
-    @classmethod
-    def shared(cls) -> "PostgresServer":
-        if cls._shared is None:
-            cls._shared = cls()
-            atexit.register(cls._shared.remove)
-        return cls._shared
-
+class PostgresServer(SharedServer):
     def __init__(self, durable: bool = False) -> None:
         """
         @param durable: sync every commit to disk, as a real server does (the

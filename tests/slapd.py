@@ -20,7 +20,6 @@ refuses the URLs here; a test that runs its tools reaches the server at
 checks "localhost" as written.
 """
 
-import atexit
 import base64
 import hashlib
 import secrets
@@ -32,7 +31,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Dict, Optional
 
-from tests.support import TestAuthority, freePort, stopProcess
+from tests.support import SharedServer, TestAuthority, freePort, stopProcess
 
 #: How long the server may take to accept connections after it starts.
 START_TIMEOUT = 30.0
@@ -118,7 +117,7 @@ def hashed(password: str) -> str:
     return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
 
 
-class DirectoryServer:
+class DirectoryServer(SharedServer):
     """
     The server, and what a test needs to reach it: C{ldapsURL} and
     C{startTLSURL} (whose port also takes binds in clear: insisting on TLS is
@@ -126,15 +125,6 @@ class DirectoryServer:
     C{bindPasswordFile}, C{userBase}, and each user's password in
     C{passwords}.
     """
-
-    _shared: Optional["DirectoryServer"] = None
-
-    @classmethod
-    def shared(cls) -> "DirectoryServer":
-        if cls._shared is None:
-            cls._shared = cls()
-            atexit.register(cls._shared.remove)
-        return cls._shared
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="pacs-appliance-slapd-"))

@@ -2,17 +2,18 @@
 Helpers shared by the test suites: configuration files, free ports, DICOM data.
 """
 
-import signal
+import atexit
 import base64
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
-import sys
 from array import array
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -283,6 +284,23 @@ class OtherHost:
 
 #: setns(2)'s flag for a network namespace.
 CLONE_NEWNET = 0x40000000
+
+
+class SharedServer:
+    """
+    A private server of the tests, one of which serves the whole run:
+    started at its first use (L{shared}), removed (C{remove}) when the run
+    ends.
+    """
+
+    @classmethod
+    def shared(cls):
+        server = cls.__dict__.get("_sharedServer")
+        if server is None:
+            server = cls()
+            cls._sharedServer = server
+            atexit.register(server.remove)
+        return server
 
 
 def stopProcess(process, timeout: float = 30.0) -> None:

@@ -29,7 +29,6 @@ that connection as LF-terminated messages.  A client that closes without a
 TLS close_notify loses nothing, but rsyslogd.log has errors for it.
 """
 
-import atexit
 import glob
 import os
 import shutil
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tests.support import TestAuthority, freePort, stopProcess
+from tests.support import SharedServer, TestAuthority, freePort, stopProcess
 
 #: How long rsyslogd may take to accept TLS connections after it starts.
 START_TIMEOUT = 30.0
@@ -72,22 +71,13 @@ def requireSyslogCollector(skip) -> "SyslogCollector":
     return SyslogCollector.shared()
 
 
-class SyslogCollector:
+class SyslogCollector(SharedServer):
     """
     The collector, and what a test needs to reach it: C{host} ("localhost",
     which its certificate names, as does 127.0.0.1, where it listens),
     C{port}, C{address} ("localhost:PORT"), C{caFile}; and where it keeps
     everything, C{folder}.
     """
-
-    _shared: Optional["SyslogCollector"] = None
-
-    @classmethod
-    def shared(cls) -> "SyslogCollector":
-        if cls._shared is None:
-            cls._shared = cls()
-            atexit.register(cls._shared.remove)
-        return cls._shared
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="pacs-appliance-syslog-"))
