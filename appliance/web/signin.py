@@ -49,6 +49,9 @@ CALLBACK_PATH = b"/login/oidc/callback"
 #: What a browser is told when a sign-in cannot be finished.
 NOT_THIS_BROWSER = "This sign-in did not start in this browser, or was already used: sign in again."
 FAILED = "The sign-in could not be checked: sign in again, or ask the administrators if it keeps failing."
+#: What a browser is told when the state database could not keep a sign-in
+#: or its session (it is down, or not yet reachable).
+UNAVAILABLE = "The sign-in cannot be recorded now: try again in a few seconds."
 
 #: Sign-ins under way at most, from all browsers together: each GET of
 #: /login/oidc keeps a row for SIGN_IN_TIMEOUT, and a flood of them must not
@@ -144,7 +147,7 @@ class SingleSignOnResource(Resource):
             body = self._unavailable(request, target, unchecked)
         except Exception:
             self.log.failure("Could not begin a sign-in")
-            body = self._showForm(request, http.SERVICE_UNAVAILABLE, target, CredentialsUnchecked.message)
+            body = self._showForm(request, http.SERVICE_UNAVAILABLE, target, UNAVAILABLE)
         else:
             _setStateCookie(request, state.encode("ascii"))
             location = self._provider.authorizationURL(metadata, state, nonce, verifier, redirectURI)
@@ -196,7 +199,7 @@ class SingleSignOnResource(Resource):
             signIn = yield self._database.interact(_takeSignIn, _hash(state), self._clock.seconds() - SIGN_IN_TIMEOUT)
         except Exception:
             self.log.failure("Could not read a sign-in from the state database")
-            return self._showForm(request, http.SERVICE_UNAVAILABLE, "/", CredentialsUnchecked.message)
+            return self._showForm(request, http.SERVICE_UNAVAILABLE, "/", UNAVAILABLE)
         if signIn is None:
             self.log.warn("Refused a sign-in callback from {client}: unknown, used or expired state", client=client)
             return self._showForm(request, http.BAD_REQUEST, "/", NOT_THIS_BROWSER)
@@ -219,7 +222,7 @@ class SingleSignOnResource(Resource):
             token = yield self._authenticator.startSession(account, sessionTokens(request.requestHeaders), idToken)
         except Exception:
             self.log.failure("Could not start a session for {user}", user=account.label)
-            return self._showForm(request, http.SERVICE_UNAVAILABLE, target, CredentialsUnchecked.message)
+            return self._showForm(request, http.SERVICE_UNAVAILABLE, target, UNAVAILABLE)
         self._authenticator.signedIn(account, request.getClientAddress())
         setSessionCookie(request, token)
         return _onwards(request, target)
