@@ -1,6 +1,6 @@
 """
 The C{pacs-appliance} command: C{run}, C{check-config}, C{passwd}, C{version},
-C{firewall} and C{move-archive}.
+C{firewall}, C{move-archive}, C{backup}, C{restore} and C{verify}.
 
 C{run} starts the same service as C{twistd -n pacs-appliance}, but hands twistd
 the service maker directly: plugin discovery walks the file system, which a frozen
@@ -23,6 +23,9 @@ from twisted.scripts import twistd
 
 import appliance
 from appliance.compat import runTwistd
+from appliance.backup.manifest import BackupFailed
+from appliance.backup.restore import restoreCommand, verifyCommand
+from appliance.backup.take import backupCommand
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError, DatabaseSection, loadConfig
 from appliance.orthanc.firewall import FirewallError, OrthancFirewall, removeEveryTable
 from appliance.orthanc.move import DEFAULT_PARALLEL, MoveFailed, moveArchive
@@ -140,6 +143,27 @@ class MoveArchiveOptions(_ConfigOption):
             raise usage.UsageError("--parallel must be at least 1")
 
 
+class BackupOptions(_OptionsAfterArguments):
+    synopsis = "[--config PATH] DEST"
+
+    def parseArgs(self, destination: str) -> None:
+        self["destination"] = destination
+
+
+class RestoreOptions(_OptionsAfterArguments):
+    synopsis = "[--config PATH] SRC"
+
+    def parseArgs(self, source: str) -> None:
+        self["source"] = source
+
+
+class VerifyOptions(_OptionsAfterArguments):
+    synopsis = "SRC"
+
+    def parseArgs(self, source: str) -> None:
+        self["source"] = source
+
+
 class CommandLine(usage.Options):
     synopsis = "pacs-appliance COMMAND [options]"
     subCommands = [
@@ -161,11 +185,28 @@ class CommandLine(usage.Options):
             "Move a single box's archive (Orthanc's SQLite index and its files) into the PostgreSQL of"
             " [database]; run it again to go on after an interruption.",
         ],
+        [
+            "backup",
+            None,
+            BackupOptions,
+            "Back up the archive, the configuration, the audit trail and the accounts into a new folder of DEST,"
+            " while the appliance serves (what the previous backup there holds is linked, not copied).",
+        ],
+        [
+            "restore",
+            None,
+            RestoreOptions,
+            "Restore a backup (SRC: a backup's folder, or the newest in a folder of backups) onto a freshly"
+            " installed appliance, whose state folder is empty.",
+        ],
+        ["verify", None, VerifyOptions, "Check every file of a backup against its manifest, without restoring it."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: run, check-config, passwd, version, firewall or move-archive")
+            raise usage.UsageError(
+                "give a command: run, check-config, passwd, version, firewall, move-archive, backup, restore or verify"
+            )
 
 
 class ApplianceServerOptions(twistd.ServerOptions):
@@ -476,6 +517,24 @@ def moveArchiveCommand(options: MoveArchiveOptions) -> int:
         return 1
 
 
+def backupCommands(command: str, options: usage.Options) -> int:
+    """
+    C{backup}, C{restore} and C{verify}.
+    """
+    try:
+        if command == "verify":
+            return verifyCommand(Path(options["source"]).absolute())
+        if command == "restore":
+            return restoreCommand(Path(options["config"]).absolute(), Path(options["source"]).absolute())
+        config = loadOrReport(options["config"])
+        if config is None:
+            return 1
+        return backupCommand(config, Path(options["destination"]).absolute())
+    except BackupFailed as error:
+        print(f"pacs-appliance {command}: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     commandLine = CommandLine()
     try:
@@ -495,6 +554,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return firewall(configPath, commandLine.subOptions["action"])
     if command == "move-archive":
         return moveArchiveCommand(commandLine.subOptions)
+    if command in ("backup", "restore", "verify"):
+        return backupCommands(command, commandLine.subOptions)
     return version(configPath)
 
 

@@ -11,7 +11,7 @@ from twisted.python import usage
 from appliance.audit.events import AuditEvents, OrthancStudies
 from appliance.audit.messages import AuditSource
 from appliance.audit.syslog import SyslogForwarder
-from appliance.audit.trail import AuditTrail
+from appliance.audit.trail import AuditTrail, auditFolder
 from appliance.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from appliance.dicom.destinations import DestinationRelays
 from appliance.dicom.forwarder import DicomForwarderService
@@ -176,9 +176,8 @@ def auditTrail(config: Config, reactor) -> AuditTrail:
     """
     The audit trail's files, in [audit] folder (state_dir/audit by default).
     """
-    folder = config.audit.folder or config.appliance.state_dir / "audit"
     source = AuditSource(config.appliance.node_name, config.orthanc.aet, config.audit.site)
-    return AuditTrail(folder, source, config.sources[0], reactor)
+    return AuditTrail(auditFolder(config), source, config.sources[0], reactor)
 
 
 def forwardTrail(config: Config, trail: AuditTrail, certificate, reactor) -> SyslogForwarder:

@@ -29,7 +29,7 @@ from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
 from appliance.config import Config
-from appliance.orthanc.move import freePorts  # one helper: the move's Orthancs, and the tests' servers
+from appliance.orthanc.archive import freePorts  # one helper: the commands' Orthancs, and the tests' servers
 from appliance.orthanc.state import IOrthanc, OrthancState
 from appliance.orthanc.probe import orthancProbes
 from appliance.orthanc.space import StorageSpace

@@ -29,6 +29,14 @@ SYNC_DELAY = 1.0
 FILE_PREFIX, FILE_SUFFIX = "audit-", ".log"
 
 
+def auditFolder(config) -> Path:
+    """
+    The folder of the audit trail's files: [audit] folder, state_dir/audit
+    by default.
+    """
+    return config.audit.folder or config.appliance.state_dir / "audit"
+
+
 def recordFiles(folder: Path) -> List[Path]:
     """
     The trail's files in C{folder}, oldest first.

@@ -29,47 +29,35 @@ this command's new one are two nodes of one database); the old index must
 not be in use (SQLite refuses a second Orthanc on it).
 """
 
-import json
 import os
-import socket
 import sys
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
-from typing import Dict, List, Optional, Set, TextIO
+from typing import List, Optional, Set, TextIO
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults, inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
-from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from appliance.config import Config, OrthancStorage
-from appliance.orthanc.probe import RestProbe
+from appliance.orthanc.archive import (
+    ArchiveCommandFailed,
+    OrthancClient,
+    Progress,
+    freePorts,
+    privateOrthancConfig,
+    privateSupervisor,
+    runArchiveCommand,
+    startPrivate,
+    storeInstance,
+)
 from appliance.orthanc.settings import orthancHome
-from appliance.orthanc.space import StorageSpace
-from appliance.orthanc.state import OrthancState
-from appliance.orthanc.supervisor import OrthancSupervisor
-from appliance.web.pages import describeSize
 
 #: Instances copied at once: Orthanc's index takes one write at a time, and
 #: a few transfers in flight keep it busy while the next files are read.
 DEFAULT_PARALLEL = 4
 
-#: Tries of one instance before the move stops (a busy database answers 503).
-TRIES = 5
-RETRY_DELAY = 2.0
-
-#: How often the progress line is written (on a terminal it is rewritten in
-#: place; otherwise, for the journal, one line at this interval).
-PROGRESS_INTERVAL = 1.0
-PROGRESS_LOG_INTERVAL = 10.0
-
-#: The exit status of a move that was interrupted or failed: run it again.
-UNFINISHED = 1
-
-
-class MoveFailed(Exception):
+class MoveFailed(ArchiveCommandFailed):
     """
     The move cannot go on; the message says why and what to do.
     """
@@ -99,33 +87,12 @@ def archiveEnds(config: Config, oldHome: Path, oldStorage: Path, ports: List[int
     if not oldStorage.is_dir():
         raise MoveFailed(f"{oldStorage} is not a folder: give the old storage folder with --from-storage.")
 
-    def end(name: str, httpPort: int, dicomPort: int, **sections) -> Config:
-        folder = runtime / name
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return replace(
-            config,
-            appliance=replace(
-                config.appliance,
-                runtime_dir=folder,
-                node_name=f"{config.appliance.node_name}-move",
-                **sections.pop("appliance", {}),
-            ),
-            orthanc=replace(
-                config.orthanc,
-                http_port=httpPort,
-                dicom_port=dicomPort,
-                max_start_failures=1,
-                **sections.pop("orthanc", {}),
-            ),
-            modalities=(),
-            **sections,
-        )
-
     noDatabase = replace(config.database, host="")
-    old = end(
+    old = privateOrthancConfig(
+        config,
         "old",
-        ports[0],
-        ports[1],
+        ports[0:2],
+        runtime,
         # orthancHome() is state_dir/orthanc.
         appliance={"state_dir": oldHome.parent} if oldHome.name == "orthanc" else {},
         orthanc={"storage_dir": oldStorage, "storage": OrthancStorage.FILESYSTEM},
@@ -133,7 +100,7 @@ def archiveEnds(config: Config, oldHome: Path, oldStorage: Path, ports: List[int
     )
     if orthancHome(old) != oldHome:
         raise MoveFailed(f"The old Orthanc folder must be named orthanc (as state_dir/orthanc is): {oldHome}")
-    return ArchiveEnds(old, end("new", ports[2], ports[3]))
+    return ArchiveEnds(old, privateOrthancConfig(config, "move", ports[2:4], runtime))
 
 
 class DoneStudies:
@@ -156,76 +123,6 @@ class DoneStudies:
         self.studies.add(study)
 
 
-class Progress:
-    """
-    The progress line: studies, instances and bytes moved, and the rate.
-    """
-
-    def __init__(self, clock, out: TextIO, studies: int, already: int) -> None:
-        self._clock = clock
-        self._out = out
-        self._tty = out.isatty()
-        self.studies = studies
-        self.studiesDone = already
-        self.instances = 0
-        self.bytes = 0
-        self._started = clock.seconds()
-        self._lastLogged = self._started
-
-    def line(self) -> str:
-        elapsed = max(self._clock.seconds() - self._started, 1e-6)
-        return (
-            f"Moved {self.studiesDone} of {self.studies} studies: {self.instances} instances,"
-            f" {describeSize(self.bytes, rounded=True)} ({describeSize(int(self.bytes / elapsed), rounded=True)}/s)"
-        )
-
-    def show(self) -> None:
-        now = self._clock.seconds()
-        if self._tty:
-            self._out.write("\r" + self.line() + "\033[K")
-            self._out.flush()
-        elif now - self._lastLogged >= PROGRESS_LOG_INTERVAL:
-            self._lastLogged = now
-            print(self.line(), file=self._out, flush=True)
-
-    def end(self) -> None:
-        if self._tty:
-            self._out.write("\r\033[K")
-        print(self.line(), file=self._out, flush=True)
-
-
-class OrthancClient:
-    """
-    The REST API of one of the move's Orthancs.
-    """
-
-    def __init__(self, agent: Agent, supervisor: OrthancSupervisor, port: int) -> None:
-        self._agent = agent
-        self._supervisor = supervisor
-        self._origin = b"http://127.0.0.1:%d" % (port,)
-
-    @inlineCallbacks
-    def request(self, method: bytes, path: str, body: Optional[bytes] = None, contentType: bytes = b"application/dicom"):
-        """
-        Fires with (status, body).
-        """
-        headers = Headers({b"Authorization": [self._supervisor.credentials.authorization()]})
-        producer = None
-        if body is not None:
-            headers.addRawHeader(b"Content-Type", contentType)
-            producer = FileBodyProducer(BytesIO(body))
-        response = yield self._agent.request(method, self._origin + path.encode("ascii"), headers, producer)
-        answer = yield readBody(response)
-        return response.code, answer
-
-    @inlineCallbacks
-    def json(self, path: str):
-        status, body = yield self.request(b"GET", path)
-        if status != 200:
-            raise MoveFailed(f"Orthanc answered {path} with {status}: {body[:200]!r}")
-        return json.loads(body)
-
-
 class ArchiveMove:
     """
     One run of the move (see the module's docstring).
@@ -240,16 +137,12 @@ class ArchiveMove:
         self._pool = HTTPConnectionPool(reactor)
         self._pool.maxPersistentPerHost = parallel + 1
         agent = Agent(reactor, pool=self._pool)
-        self._supervisors = [self._supervisor(end) for end in (ends.old, ends.new)]
+        self._supervisors = [privateSupervisor(end, reactor) for end in (ends.old, ends.new)]
         self.old, self.new = (
-            OrthancClient(agent, supervisor, end.orthanc.http_port)
+            OrthancClient(agent, lambda supervisor=supervisor: supervisor.credentials.authorization(), end.orthanc.http_port)
             for supervisor, end in zip(self._supervisors, (ends.old, ends.new))
         )
         self.progress: Optional[Progress] = None
-
-    def _supervisor(self, config: Config) -> OrthancSupervisor:
-        probe = RestProbe(self._reactor, config.orthanc.http_port, config.orthanc.health_timeout)
-        return OrthancSupervisor(config, self._reactor, probe=probe, space=StorageSpace.forOrthanc(config))
 
     @inlineCallbacks
     def run(self):
@@ -258,22 +151,19 @@ class ArchiveMove:
         fires with the number of instances in the old archive.
         """
         for supervisor, what in zip(self._supervisors, ("old archive", "new archive")):
-            supervisor.startService()
-            state = yield supervisor.whenState(OrthancState.READY, OrthancState.FAILED)
-            if state is not OrthancState.READY:
-                raise MoveFailed(f"Orthanc could not be started on the {what}: {supervisor.reason}")
+            yield startPrivate(supervisor, what)
         studies = yield self.old.json("/studies")
         statistics = yield self.old.json("/statistics")
         left = [study for study in studies if study not in self._done.studies]
-        self.progress = Progress(self._reactor, self._out, len(studies), len(studies) - len(left))
-        showing = LoopingCall(self.progress.show)
-        showing.clock = self._reactor
-        showing.start(PROGRESS_INTERVAL, now=False)
+        self.progress = Progress(
+            self._reactor, self._out, "Moved", "studies", "instances", len(studies), len(studies) - len(left)
+        )
+        showing = self.progress.every()
         try:
             for study in left:
                 yield self._moveStudy(study)
                 self._done.add(study)
-                self.progress.studiesDone += 1
+                self.progress.done += 1
         finally:
             showing.stop()
             self.progress.end()
@@ -291,18 +181,9 @@ class ArchiveMove:
         status, dicom = yield self.old.request(b"GET", f"/instances/{instance}/file")
         if status != 200:
             raise MoveFailed(f"The old archive could not read instance {instance}: {status}")
-        for attempt in range(1, TRIES + 1):
-            status, body = yield self.new.request(b"POST", "/instances", dicom)
-            answer = json.loads(body) if status == 200 else {}
-            if answer.get("Status") in ("Success", "AlreadyStored"):
-                if answer.get("ID") != instance:
-                    raise MoveFailed(f"Instance {instance} was stored in the new archive as {answer.get('ID')}")
-                self.progress.instances += 1
-                self.progress.bytes += len(dicom)
-                return
-            if attempt < TRIES:
-                yield deferLater(self._reactor, RETRY_DELAY, lambda: None)
-        raise MoveFailed(f"The new archive did not store instance {instance}: {status} {body[:300]!r}")
+        yield storeInstance(self._reactor, self.new, lambda: BytesIO(dicom), instance)
+        self.progress.instances += 1
+        self.progress.bytes += len(dicom)
 
     @inlineCallbacks
     def verify(self, count: int):
@@ -324,22 +205,6 @@ class ArchiveMove:
         return DeferredList(stopping + [self._pool.closeCachedConnections()])
 
 
-def freePorts(count: int) -> List[int]:
-    """
-    C{count} different TCP ports nothing listens on right now (all held open
-    together while chosen, so no two are the same), on every interface: Orthanc
-    listens on all of them.
-    """
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 def moveArchive(
     config: Config,
     oldHome: Path,
@@ -356,48 +221,21 @@ def moveArchive(
     ends = archiveEnds(config, oldHome, oldStorage, freePorts(4), runtime)
     done = DoneStudies(config.appliance.state_dir / "move-archive.done")
     move = ArchiveMove(ends, done, reactor, out, parallel)
-    outcome: Dict[str, int] = {}
-    stopping: List[bool] = []
-
-    def interrupt() -> Deferred:
-        # Ctrl-C, SIGTERM, or the end of the work: the Orthancs stop first.
-        stopping.append(True)
-        return move.stop()
 
     @inlineCallbacks
     def work():
-        try:
-            count = yield move.run()
-            yield move.verify(count)
-        except Exception:
-            if stopping:
-                return  # interrupted: what stopped short is said below
-            report(Failure())
-        else:
-            print(
-                f"The archive is in PostgreSQL: all {count} instances of {oldHome / 'index'} are in the new archive."
-                f" The old index and files are untouched; remove them once the appliance runs on the new one.",
-                file=out,
-            )
-            outcome["status"] = 0
-        if not stopping:
-            reactor.stop()
-
-    def report(failure: Failure) -> None:
-        if failure.check(MoveFailed):
-            print(f"pacs-appliance: {failure.value}", file=sys.stderr)
-        else:
-            print("pacs-appliance: the move failed:", file=sys.stderr)
-            failure.printTraceback(sys.stderr)
-        print("Run the same command again to go on from the studies already moved.", file=sys.stderr)
-        outcome["status"] = UNFINISHED
-
-    reactor.addSystemEventTrigger("before", "shutdown", interrupt)
-    reactor.callWhenRunning(work)
-    reactor.run()
-    if "status" not in outcome:
-        print(
-            f"Interrupted: {len(done.studies)} studies moved. Run the same command again to go on.", file=sys.stderr
+        count = yield move.run()
+        yield move.verify(count)
+        return (
+            f"The archive is in PostgreSQL: all {count} instances of {oldHome / 'index'} are in the new archive."
+            f" The old index and files are untouched; remove them once the appliance runs on the new one."
         )
-        return UNFINISHED
-    return outcome["status"]
+
+    return runArchiveCommand(
+        "move",
+        work,
+        move.stop,
+        lambda: f"{len(done.studies)} studies moved. Run the same command again to go on.",
+        "Run the same command again to go on from the studies already moved.",
+        out,
+    )
