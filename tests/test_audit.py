@@ -109,10 +109,23 @@ class AuditTrailTests(DaemonClient, TestCase):
         stranger.add_requested_context(CTImageStorage)
         association = stranger.associate("127.0.0.1", self.config.dicom.listen.port, ae_title="PACS", tls_args=(context, None))
         assert not association.is_established, "a stranger's association was accepted"
-        # An administrator deletes the study in Orthanc's own API.
+        # An administrator looks at the study in Orthanc's own API (one
+        # record for a page and a download), modifies it, anonymises it,
+        # and deletes it.
         status, body = self.request("GET", "/pacs-admin/studies", basic(ADMIN))
         assert status == 200, status
         (orthancID,) = json.loads(body)
+        status, body = self.request("GET", f"/pacs-admin/studies/{orthancID}/instances", basic(ADMIN))
+        assert status == 200, status
+        status, _ = self.request("GET", f"/pacs-admin/instances/{json.loads(body)[0]['ID']}/file", basic(ADMIN))
+        assert status == 200, status
+        change = {"Content-Type": "application/json", **basic(ADMIN)}
+        status, _ = self.request(
+            "POST", f"/pacs-admin/studies/{orthancID}/modify", change, json.dumps({"Replace": {"StudyDescription": "Audited"}}).encode()
+        )
+        assert status == 200, status
+        status, _ = self.request("POST", f"/pacs-admin/studies/{orthancID}/anonymize", change, b"{}")
+        assert status == 200, status
         status, _ = self.request("DELETE", f"/pacs-admin/studies/{orthancID}", basic(ADMIN))
         assert status == 200, status
 
@@ -120,15 +133,19 @@ class AuditTrailTests(DaemonClient, TestCase):
     def test_aSessionRecordedAndSent(self):
         yield deferToThread(self.session)
         wanted = ('csd-code="110120"', 'csd-code="110122"', 'EventOutcomeIndicator="4"', 'csd-code="110112"',
-                  'EventActionCode="C"', 'EventActionCode="R"', 'csd-code="110126"', 'csd-code="110105"')
-        yield self.poll(lambda: all(any(code in line for line in self.received()) for code in wanted), "every kind of record received")
+                  'EventActionCode="C"', 'EventActionCode="R"', 'csd-code="110126"', 'csd-code="110105"', 'EventActionCode="U"')
+        yield self.poll(
+            lambda: all(any(code in line for line in self.received()) for code in wanted)
+            and sum('UserID="local:keeper"' in line for line in self.received()) >= 4,
+            "every kind of record received",
+        )
         received = self.received()
         for message in received:
             self.assertEqual(validateAuditMessage(message.encode("utf-8")), [], message)
         instance = self.instance
-        retrieves = [line for line in received if 'EventActionCode="R"' in line]
+        retrieves = [line for line in received if 'EventActionCode="R"' in line and 'UserID="local:reader"' in line]
         self.assertEqual(len(retrieves), 1, "a study's retrieves are one record")
-        for line in retrieves + [line for line in received if 'EventActionCode="C"' in line]:
+        for line in retrieves + [line for line in received if 'EventActionCode="C"' in line and "local:uploader" in line]:
             self.assertIn(f'ParticipantObjectID="{instance.StudyInstanceUID}"', line)
             self.assertIn(f'ParticipantObjectID="{instance.PatientID}"', line)
         self.assertTrue(any('UserID="local:uploader"' in line and 'EventActionCode="C"' in line for line in received))
@@ -136,6 +153,12 @@ class AuditTrailTests(DaemonClient, TestCase):
         query = next(line for line in received if 'csd-code="110112"' in line)
         asked = base64.b64encode(f"PatientID={instance.PatientID}&includefield=all".encode()).decode()
         self.assertIn(f"<ParticipantObjectQuery>{asked}</ParticipantObjectQuery>", query)
+        byAdmin = [line for line in received if 'UserID="local:keeper"' in line]
+        for action, code in (("R", "110104"), ("U", "110103"), ("C", "110103")):
+            (record,) = [line for line in byAdmin if f'EventActionCode="{action}"' in line]
+            self.assertIn(f'csd-code="{code}"', record, action)
+            self.assertIn(f'ParticipantObjectID="{instance.StudyInstanceUID}"', record, action)
+            self.assertIn(f'ParticipantObjectID="{instance.PatientID}"', record, action)
         deletion = next(line for line in received if 'csd-code="110105"' in line)
         for expected in ('EventActionCode="D"', 'UserID="local:keeper"', f'ParticipantObjectID="{instance.StudyInstanceUID}"',
                          f'ParticipantObjectID="{instance.PatientID}"'):

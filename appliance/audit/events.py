@@ -1,13 +1,17 @@
 """
 What becomes an audit record, from where it happens: logins and logouts (the
 authenticator and the single sign-on), DICOMweb searches, retrieves and
-uploads (each request's end, as the site logs it), and DICOM nodes refused
-at the TLS port (the forwarder).
+uploads under /pacs/ and /pacs-admin/pacs/, reads of Orthanc's
+resources under /pacs-admin/ (each request's end, as the site logs it),
+deletions, modifications and anonymisations under /pacs-admin/ (the
+studies found before they are forwarded), and DICOM nodes refused at the
+TLS port (the forwarder).
 
 A retrieve names its study and the study's patient, which the URL does not
 say: they are asked of Orthanc (once a study, then remembered), and one
 record stands for a user's retrieves of a study from one address within
-L{RETRIEVE_WINDOW} (a viewer opening a study makes hundreds of requests).
+L{RETRIEVE_WINDOW} (a viewer opening a study makes hundreds of requests,
+Orthanc Explorer a few for each of its pages).
 """
 
 from collections import OrderedDict
@@ -21,16 +25,16 @@ from appliance.audit.messages import (
     SUCCESS,
     Participant,
     Study,
-    deleted,
     instancesTransferred,
     nodeAuthenticationFailure,
     person,
     query,
+    studiesChanged,
     userAuthentication,
 )
 from appliance.audit.trail import AuditTrail
 from appliance.connections import clientKey
-from appliance.paths import DICOMWEB_MOUNT
+from appliance.paths import ADMIN_MOUNT, DICOMWEB_MOUNT
 
 #: One record for a user's retrieves of one study from one address within
 #: this many seconds.
@@ -39,9 +43,17 @@ RETRIEVE_WINDOW = 600.0
 #: Studies whose patient is remembered, at most.
 MAX_REMEMBERED_STUDIES = 10000
 
-#: What an administrator deletes under /pacs-admin/, by Orthanc's path: a
-#: whole study (or a patient's studies), or some of a study's instances.
-DELETABLE = {b"patients": True, b"studies": True, b"series": False, b"instances": False}
+#: Orthanc's resources under /pacs-admin/, by their path's first segment,
+#: and whether one is whole studies (a study, or a patient's studies) or
+#: some of a study's instances.
+RESOURCES = {b"patients": True, b"studies": True, b"series": False, b"instances": False}
+
+#: What a POST to a resource's C{modify} or C{anonymize} does, as an
+#: audit event's action: update it, or create an anonymised copy of it.
+CHANGES = {b"modify": "U", b"anonymize": "C"}
+
+#: Orthanc's DICOMweb root (as the appliance renders it), under /pacs-admin/.
+ADMIN_DICOMWEB = DICOMWEB_MOUNT.encode("ascii")
 
 #: The resource levels a DICOMweb search ends with.
 SEARCH_LEVELS = (b"studies", b"series", b"instances")
@@ -54,24 +66,39 @@ def _host(client) -> str:
     return getattr(client, "host", None) or clientKey(client)
 
 
-def dicomwebKind(method: bytes, path: bytes) -> Tuple[Optional[str], Optional[str]]:
+def dicomwebKind(method: bytes, segments: Sequence[bytes]) -> Tuple[Optional[str], Optional[str]]:
     """
-    What a request to C{path} is for the trail: C{("query", None)}, a
-    retrieve of a study C{("retrieve", uid)}, an upload C{("store", uid or
-    None)}, or C{(None, None)}.
+    What a DICOMweb request to C{segments} (below its root) is for the
+    trail: C{("query", None)}, a retrieve of a study C{("retrieve", uid)},
+    an upload C{("store", uid or None)}, or C{(None, None)}.
     """
-    segments = [segment for segment in path.split(b"/") if segment]
-    if segments[:1] != [DICOMWEB_MOUNT.encode("ascii")]:
-        return None, None
-    rest = segments[1:]
-    if method == b"POST" and rest[:1] == [b"studies"] and len(rest) <= 2:
-        return "store", rest[1].decode("ascii", "replace") if len(rest) == 2 else None
+    if method == b"POST" and segments[:1] == [b"studies"] and len(segments) <= 2:
+        return "store", segments[1].decode("ascii", "replace") if len(segments) == 2 else None
     if method not in (b"GET", b"HEAD"):
         return None, None
-    if rest and rest[-1] in SEARCH_LEVELS and len(rest) % 2 == 1:
+    if segments and segments[-1] in SEARCH_LEVELS and len(segments) % 2 == 1:
         return "query", None
-    if rest[:1] == [b"studies"] and len(rest) >= 2:
-        return "retrieve", rest[1].decode("ascii", "replace")
+    if segments[:1] == [b"studies"] and len(segments) >= 2:
+        return "retrieve", segments[1].decode("ascii", "replace")
+    return None, None
+
+
+def requestKind(method: bytes, path: bytes) -> Tuple[Optional[str], Optional[str]]:
+    """
+    What a request to C{path} is for the trail: a DICOMweb request's kind
+    (L{dicomwebKind}), or a read of an Orthanc resource under /pacs-admin/
+    (C{("read", "LEVEL/ID")}), or C{(None, None)}.
+    """
+    segments = [segment for segment in path.split(b"/") if segment]
+    if segments[:1] == [DICOMWEB_MOUNT.encode("ascii")]:
+        return dicomwebKind(method, segments[1:])
+    if segments[:1] != [ADMIN_MOUNT.encode("ascii")]:
+        return None, None
+    rest = segments[1:]
+    if rest[:1] == [ADMIN_DICOMWEB]:
+        return dicomwebKind(method, rest[1:])
+    if method in (b"GET", b"HEAD") and len(rest) >= 2 and rest[0] in RESOURCES:
+        return "read", b"/".join(rest[:2]).decode("ascii", "replace")
     return None, None
 
 
@@ -112,60 +139,80 @@ class AuditEvents:
 
     # --- DICOMweb -------------------------------------------------------------
 
-    def beforeDeletion(self, segments: Sequence[bytes]) -> Optional[Deferred]:
+    def beforeChange(self, method: bytes, segments: Sequence[bytes]) -> Optional[Deferred]:
         """
-        If C{segments} (of a path under /pacs-admin/) name something an
-        administrator deletes, find the studies it holds before it goes;
-        the Deferred fires with what L{requestEnded} needs to know of it
-        (or L{None} if Orthanc cannot say), never fails.
+        If C{method} on C{segments} (of a path under /pacs-admin/) deletes,
+        modifies or anonymises one of Orthanc's resources, find the studies
+        it holds before it changes; the Deferred fires with what
+        L{requestEnded} needs to know of it (or L{None} if Orthanc cannot
+        say), never fails.
         """
-        if len(segments) != 2 or segments[0] not in DELETABLE:
+        if len(segments) < 2 or segments[0] not in RESOURCES:
+            return None
+        if method == b"DELETE" and len(segments) == 2:
+            action = "D"
+        elif method == b"POST" and len(segments) == 3 and segments[2] in CHANGES:
+            action = CHANGES[segments[2]]
+        else:
             return None
         level, resource = segments[0], segments[1].decode("ascii", "replace")
         finding = self._studies.holding(level.decode("ascii"), resource)
-        return finding.addCallback(lambda studies: (DELETABLE[level], studies))
+        return finding.addCallback(lambda studies: (action, RESOURCES[level], studies))
 
     def requestEnded(self, request) -> None:
         """
         A request has been answered: a search, a retrieve or an upload
-        under /pacs/ becomes a record (the upload names the studies its
-        answer lists), and so does a deletion under /pacs-admin/ (the
-        studies found before it, L{beforeDeletion}).
+        under /pacs/ or /pacs-admin/pacs/, or a read of a resource
+        under /pacs-admin/, becomes a record (the upload names the studies
+        its answer lists), and so does a change under /pacs-admin/ (the
+        studies found before it, L{beforeChange}).
         """
         account = getattr(request, "account", None)
         if account is None:
             return
-        deletion = getattr(request, "auditedDeletion", None)
-        if deletion is not None:
-            whole, studies = deletion
-            user = person(account.label, account.name, _host(request.getClientAddress()))
-            outcome = SUCCESS if request.code < 400 else MINOR_FAILURE
-            self._trail.record(deleted(self._source, self._clock.seconds(), user, studies, whole, outcome))
-            return
-        kind, studyUID = dicomwebKind(request.method, request.path)
-        if kind is None:
-            return
         now = self._clock.seconds()
         user = person(account.label, account.name, _host(request.getClientAddress()))
         outcome = SUCCESS if request.code < 400 else MINOR_FAILURE
+        change = getattr(request, "auditedChange", None)
+        if change is not None:
+            action, whole, studies = change
+            self._trail.record(studiesChanged(self._source, now, user, studies, action, whole, outcome))
+            return
+        kind, subject = requestKind(request.method, request.path)
         if kind == "query":
             queryString = request.uri.partition(b"?")[2]
             self._trail.record(query(self._source, now, user, request.path.decode("latin-1"), queryString, outcome))
-        elif kind == "retrieve" and studyUID and request.code < 400:
-            key = (account.label, studyUID, user.networkAccessPoint or "")
-            last = self._retrieves.get(key)
-            if last is not None and now - last < RETRIEVE_WINDOW:
-                return
-            self._retrieves[key] = now
-            self._retrieves.move_to_end(key)
-            while len(self._retrieves) > MAX_REMEMBERED_STUDIES:
-                self._retrieves.popitem(last=False)
-            self._withStudies([studyUID], user, stored=False, outcome=outcome, when=now)
+        elif kind == "retrieve" and subject and request.code < 400:
+            if self._firstRetrieve(account.label, subject, user, now):
+                self._withStudies([subject], user, stored=False, outcome=outcome, when=now)
+        elif kind == "read" and request.code < 400:
+            level, resource = subject.split("/")
+            self._studies.holding(level, resource).addCallback(self._read, account.label, user, now)
         elif kind == "store":
             # The studies the answer lists (STOW-RS names them in its
             # Retrieve URLs), else the one of the path, if any.
-            uids = list(getattr(request, "storedStudies", ()) or ([studyUID] if studyUID else []))
+            uids = list(getattr(request, "storedStudies", ()) or ([subject] if subject else []))
             self._withStudies(uids, user, stored=True, outcome=outcome, when=now)
+
+    def _firstRetrieve(self, label: str, studyUID: str, user: Participant, now: float) -> bool:
+        """
+        Whether this retrieve of a study is the first of its user, from its
+        address, within L{RETRIEVE_WINDOW}.
+        """
+        key = (label, studyUID, user.networkAccessPoint or "")
+        last = self._retrieves.get(key)
+        if last is not None and now - last < RETRIEVE_WINDOW:
+            return False
+        self._retrieves[key] = now
+        self._retrieves.move_to_end(key)
+        while len(self._retrieves) > MAX_REMEMBERED_STUDIES:
+            self._retrieves.popitem(last=False)
+        return True
+
+    def _read(self, studies: List[Study], label: str, user: Participant, now: float) -> None:
+        first = [study for study in studies if self._firstRetrieve(label, study.uid, user, now)]
+        if first:
+            self._trail.record(instancesTransferred(self._source, now, user, first, False, SUCCESS))
 
     def _withStudies(self, uids: Sequence[str], user: Participant, stored: bool, outcome: int, when: float) -> None:
         looking = gatherResults([self._studies.study(uid) for uid in uids], consumeErrors=True)

@@ -244,14 +244,18 @@ def instancesTransferred(
     return AuditEvent(INSTANCES_TRANSFERRED, "C" if stored else "R", outcome, when, participants, objects)
 
 
-def deleted(source: AuditSource, when: float, user: Participant, studies: Sequence[Study], whole: bool, outcome: int) -> AuditEvent:
+def studiesChanged(
+    source: AuditSource, when: float, user: Participant, studies: Sequence[Study], action: str, whole: bool, outcome: int
+) -> AuditEvent:
     """
-    C{studies} deleted by C{user}: whole (a study or a patient: A.5.3.8,
-    DICOM Study Deleted), or some of their instances (a series, an
-    instance: A.5.3.6, DICOM Instances Accessed, action D).
+    C{studies} changed by C{user} under /pacs-admin/: deleted whole (a
+    study or a patient: A.5.3.8, DICOM Study Deleted), or (A.5.3.6, DICOM
+    Instances Accessed) some of their instances deleted (action D), their
+    instances modified (U), or an anonymised copy of them created (C).
     """
     objects = tuple(item for study in studies for item in study.objects())
-    return AuditEvent(STUDY_DELETED if whole else INSTANCES_ACCESSED, "D", outcome, when, (user, source.appliance()), objects)
+    event = STUDY_DELETED if action == "D" and whole else INSTANCES_ACCESSED
+    return AuditEvent(event, action, outcome, when, (user, source.appliance()), objects)
 
 
 def nodeAuthenticationFailure(source: AuditSource, when: float, address: str, callingAET: str, why: str) -> AuditEvent:

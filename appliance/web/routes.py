@@ -419,13 +419,13 @@ class PacsAdminResource(Resource):
             pagePolicy=pagePolicy(request.method, target),
             stow=stow,
         )
-        finding = self._audit.beforeDeletion(target.segments) if self._audit is not None and request.method == b"DELETE" else None
+        finding = self._audit.beforeChange(request.method, target.segments) if self._audit is not None else None
         if finding is None:
             return forwarding()
 
-        def found(deletion) -> None:
-            # The audit trail names what went, as it was before it went.
-            request.auditedDeletion = deletion
+        def found(change) -> None:
+            # The audit trail names what changed, as it was before.
+            request.auditedChange = change
             forwarding()
 
         finding.addCallback(found).addErrback(
