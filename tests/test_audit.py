@@ -1,10 +1,13 @@
 """
 The audit trail on the whole daemon: a scripted session (a login, a search,
 an upload, a study retrieved as the viewer retrieves it, a refused DICOM
-association, the study deleted by an administrator) recorded in the trail's files and received by a real syslog
-collector over TLS (rsyslog, tests/syslogcollector.py), each record valid
-against the DICOM audit message schema; then the collector stopped and
-started again, and every record delivered once.
+association, the study looked at, modified, anonymised and deleted by an administrator)
+recorded in the trail's files and received by a real syslog collector over
+TLS (rsyslog, tests/syslogcollector.py), each record valid against the
+DICOM audit message schema; a modality's C-STORE, C-FIND, C-GET and C-MOVE
+over the TLS port (pynetdicom), each recorded with the studies and the
+nodes involved; then the collector stopped and started again, and every
+record delivered once.
 """
 
 import base64
@@ -22,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from appliance.audit.trail import recordFiles
 from tests.auditschema import validateAuditMessage
 from tests.daemon import DaemonClient, addUser, startDaemon
-from tests.support import ctSeries, temporaryFolder, testConfig
+from tests.support import ctSeries, freePort, temporaryFolder, testConfig
 from tests.syslogcollector import requireSyslogCollector
 from tests.webclients import stowBody
 
@@ -56,10 +59,15 @@ class AuditTrailTests(DaemonClient, TestCase):
         addUser(users, READER[0], READER[1], ["viewer"])
         addUser(users, UPLOADER[0], UPLOADER[1], ["uploader"])
         addUser(users, ADMIN[0], ADMIN[1], ["admin"])
+        self.movePort = freePort()
         self.config = testConfig(
             self.folder,
             auth={"users_file": users},
             audit={"syslog": self.collector.address, "ca_file": self.collector.caFile, "site": "Test Hospital"},
+            **{
+                "modality:ct": {"aet": "CT1", "host": "127.0.0.1"},
+                "modality:workstation": {"aet": "MOVESCP", "host": "127.0.0.1", "port": self.movePort},
+            },
         )
         self.output, _ = yield startDaemon(self, self.config)
         self.trustDaemon()
@@ -173,6 +181,103 @@ class AuditTrailTests(DaemonClient, TestCase):
         for path in recordFiles(folder):
             self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(sorted(self.localRecords()), sorted(received))
+
+    def modalityTraffic(self) -> List[str]:
+        """
+        What a modality does over the TLS port: store a study, search for
+        it, get it, and move it to a workstation; the study's instances.
+        """
+        from pydicom.dataset import Dataset
+        from pydicom.uid import ExplicitVRLittleEndian
+        from pynetdicom import AE, build_role, evt
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        series = ctSeries(2, rows=64, columns=64, patientID="DICOM-AUDIT")
+        received: List[str] = []
+        workstation = AE(ae_title="MOVESCP")
+        workstation.add_supported_context(CTImageStorage)
+        server = workstation.start_server(
+            ("127.0.0.1", self.movePort), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, lambda event: received.append(event.dataset.SOPInstanceUID) or 0)],
+        )
+        try:
+            sender = AE(ae_title="CT1")
+            sender.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            association = sender.associate("127.0.0.1", self.config.dicom.listen.port, ae_title="PACS", tls_args=(context, None))
+            assert association.is_established
+            try:
+                statuses = [association.send_c_store(instance).Status for instance in series]
+            finally:
+                association.release()
+            assert statuses == [0, 0], statuses
+            modality = AE(ae_title="CT1")
+            for model in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
+                          StudyRootQueryRetrieveInformationModelMove):
+                modality.add_requested_context(model)
+            modality.add_requested_context(CTImageStorage)
+            association = modality.associate(
+                "127.0.0.1", self.config.dicom.listen.port, ae_title="PACS", tls_args=(context, None),
+                ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)],
+            )
+            assert association.is_established
+            try:
+                query = Dataset()
+                query.QueryRetrieveLevel = "STUDY"
+                query.PatientID = "DICOM-AUDIT"
+                query.StudyInstanceUID = ""
+                found = [identifier for status, identifier in association.send_c_find(query, StudyRootQueryRetrieveInformationModelFind) if identifier]
+                assert len(found) == 1, found
+                retrieve = Dataset()
+                retrieve.QueryRetrieveLevel = "STUDY"
+                retrieve.StudyInstanceUID = series[0].StudyInstanceUID
+                statuses = [status.Status for status, _ in association.send_c_get(retrieve, StudyRootQueryRetrieveInformationModelGet) if status]
+                assert statuses[-1] == 0, statuses
+                statuses = [status.Status for status, _ in association.send_c_move(retrieve, "MOVESCP", StudyRootQueryRetrieveInformationModelMove) if status]
+                assert statuses[-1] == 0, statuses
+            finally:
+                association.release()
+        finally:
+            server.shutdown()
+        assert sorted(received) == sorted(instance.SOPInstanceUID for instance in series), received
+        self.series = series
+        return [instance.SOPInstanceUID for instance in series]
+
+    @inlineCallbacks
+    def test_modalityTrafficRecorded(self):
+        yield deferToThread(self.modalityTraffic)
+        study, patient = self.series[0].StudyInstanceUID, "DICOM-AUDIT"
+
+        def byCT1() -> List[str]:
+            return [line for line in self.localRecords() if 'UserID="CT1"' in line]
+
+        yield self.poll(lambda: len(byCT1()) >= 4, "the modality's four records")
+        records = byCT1()
+        for record in records:
+            self.assertEqual(validateAuditMessage(record.encode("utf-8")), [], record)
+        stored, = [line for line in records if 'EventActionCode="C"' in line]
+        self.assertIn('csd-code="110104"', stored)
+        self.assertIn('AETITLES=CT1', stored)
+        queried, = [line for line in records if 'csd-code="110112"' in line]
+        self.assertIn('ParticipantObjectID="1.2.840.10008.5.1.4.1.2.2.1"', queried)
+        asked = base64.b64decode(queried.split("<ParticipantObjectQuery>")[1].split("<")[0])
+        self.assertIn(b"DICOM-AUDIT", asked)
+        retrieved = [line for line in records if 'EventActionCode="R"' in line]
+        self.assertEqual(len(retrieved), 2, retrieved)
+        moved, = [line for line in retrieved if 'UserID="MOVESCP"' in line]
+        self.assertIn('UserIsRequestor="false"', moved.split('UserID="MOVESCP"')[1].split(">")[0])
+        for record in [stored, *retrieved]:
+            self.assertIn(f'ParticipantObjectID="{study}"', record)
+            self.assertIn(f'ParticipantObjectID="{patient}"', record)
+            self.assertIn('EventOutcomeIndicator="0"', record)
 
     @inlineCallbacks
     def test_everyRecordDeliveredOnceAcrossAnOutage(self):

@@ -25,6 +25,7 @@ from appliance.audit.messages import (
     SUCCESS,
     Participant,
     Study,
+    dicomQuery,
     instancesTransferred,
     nodeAuthenticationFailure,
     person,
@@ -136,6 +137,45 @@ class AuditEvents:
 
     def nodeRefused(self, address: str, callingAET: str, why: str) -> None:
         self._trail.record(nodeAuthenticationFailure(self._source, self._clock.seconds(), address, callingAET, why))
+
+    def dicomQueried(self, requestor: Participant, sopClass: str, identifier: bytes, transferSyntax: str) -> None:
+        self._trail.record(dicomQuery(self._source, self._clock.seconds(), requestor, sopClass, identifier, transferSyntax))
+
+    def dicomStored(self, sender: Participant, studies: Sequence[Tuple[Study, int, int]]) -> None:
+        """
+        What an association stored: each study, with how many of its
+        instances Orthanc kept and refused.
+        """
+        stored = sum(count for _, count, _ in studies)
+        refused = sum(count for _, _, count in studies)
+        outcome = MINOR_FAILURE if refused else SUCCESS
+        description = f"{refused} of {stored + refused} instances refused" if refused else None
+        self._trail.record(
+            instancesTransferred(
+                self._source, self._clock.seconds(), sender, [study for study, _, _ in studies], True, outcome,
+                description=description,
+            )
+        )
+
+    def dicomRetrieved(
+        self, requestor: Participant, destination: Participant, uids: Sequence[str], patientID: str, outcome: int,
+        why: Optional[str],
+    ) -> None:
+        """
+        A C-MOVE or C-GET has ended: its studies (their patient asked of
+        Orthanc), or the patient it asked for.
+        """
+        when = self._clock.seconds()
+        looking = gatherResults([self._studies.study(uid) for uid in uids], consumeErrors=True)
+
+        def found(studies: List[Study]) -> None:
+            named = studies or [Study("", patientID=patientID, patientName=patientID)]
+            self._trail.record(
+                instancesTransferred(self._source, when, requestor, named, False, outcome, destination, why)
+            )
+
+        looking.addCallback(found)
+        looking.addErrback(lambda failure: self.log.failure("Could not write an audit record of a retrieve", failure))
 
     # --- DICOMweb -------------------------------------------------------------
 

@@ -12,7 +12,7 @@ and RFC 3881's, as PS3.15 A.5.3 lists them for each event.
 
 import base64
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 from xml.etree import ElementTree
 
@@ -43,6 +43,7 @@ STUDY_INSTANCE_UID: Code = ("110180", "DCM", "Study Instance UID")
 PATIENT_NUMBER: Code = ("2", "RFC-3881", "Patient Number")
 URI: Code = ("12", "RFC-3881", "URI")
 NODE_ID: Code = ("110182", "DCM", "Node ID")
+SOP_CLASS_UID: Code = ("110181", "DCM", "SOP Class UID")
 
 #: EventOutcomeIndicator (PS3.15 Table A.5.2-1).
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
@@ -118,7 +119,9 @@ class Study:
     patientName: str = ""
 
     def objects(self) -> Tuple[ParticipantObject, ...]:
-        found = [ParticipantObject(self.uid, "2", "3", STUDY_INSTANCE_UID, name=self.description or "study")]
+        # A patient's studies retrieved by patient (C-MOVE at PATIENT level)
+        # name the patient alone.
+        found = [ParticipantObject(self.uid, "2", "3", STUDY_INSTANCE_UID, name=self.description or "study")] if self.uid else []
         if self.patientID:
             found.append(ParticipantObject(self.patientID, "1", "1", PATIENT_NUMBER, name=self.patientName or self.patientID))
         return tuple(found)
@@ -203,6 +206,13 @@ def person(label: str, name: str, address: str, role: Optional[Code] = None) -> 
     return Participant(label, True, role, userName=name, networkAccessPoint=address)
 
 
+def node(aet: str, address: Optional[str], requestor: bool = True) -> Participant:
+    """
+    A DICOM node, by its AE title, from C{address}.
+    """
+    return Participant(aet, requestor, alternativeUserID=f"AETITLES={aet}", networkAccessPoint=address)
+
+
 def userAuthentication(
     source: AuditSource, when: float, user: Participant, logout: bool = False, failure: Optional[str] = None
 ) -> AuditEvent:
@@ -222,26 +232,51 @@ def query(source: AuditSource, when: float, user: Participant, url: str, querySt
     asked = ParticipantObject(url, "2", "3", URI, query=queryString, details=(("QueryEncoding", b"UTF-8"),))
     return AuditEvent(
         QUERY, "E", outcome, when,
-        (Participant(user.userID, True, SOURCE, user.userName, networkAccessPoint=user.networkAccessPoint),
-         source.appliance(DESTINATION)),
+        (_inRole(user, SOURCE), source.appliance(DESTINATION)),
         (asked,),
     )
 
 
+def dicomQuery(
+    source: AuditSource, when: float, requestor: Participant, sopClass: str, identifier: bytes, transferSyntax: str
+) -> AuditEvent:
+    """
+    A DICOM C-FIND, with its identifier as sent (A.5.3.10).
+    """
+    asked = ParticipantObject(
+        sopClass, "2", "3", SOP_CLASS_UID, query=identifier, details=(("TransferSyntax", transferSyntax.encode("ascii")),)
+    )
+    return AuditEvent(QUERY, "E", SUCCESS, when, (_inRole(requestor, SOURCE), source.appliance(DESTINATION)), (asked,))
+
+
+def _inRole(participant: Participant, role: Code) -> Participant:
+    return replace(participant, role=role)
+
+
 def instancesTransferred(
-    source: AuditSource, when: float, user: Participant, studies: Sequence[Study], stored: bool, outcome: int = SUCCESS
+    source: AuditSource,
+    when: float,
+    user: Participant,
+    studies: Sequence[Study],
+    stored: bool,
+    outcome: int = SUCCESS,
+    destination: Optional[Participant] = None,
+    description: Optional[str] = None,
 ) -> AuditEvent:
     """
     Instances of C{studies} sent to C{user} (a retrieve: action R), or, with
-    C{stored}, received from them (STOW-RS, C-STORE: action C) (A.5.3.7).
+    C{stored}, received from them (STOW-RS, C-STORE: action C) (A.5.3.7);
+    a retrieve that C{user} asked to be sent to another C{destination}
+    (C-MOVE) names the three.
     """
-    sender, receiver = (user, source.appliance()) if stored else (source.appliance(), user)
-    participants = (
-        Participant(sender.userID, sender.requestor, SOURCE, sender.userName, sender.alternativeUserID, sender.networkAccessPoint, sender.networkAccessPointType),
-        Participant(receiver.userID, receiver.requestor, DESTINATION, receiver.userName, receiver.alternativeUserID, receiver.networkAccessPoint, receiver.networkAccessPointType),
-    )
+    if stored:
+        participants: Tuple[Participant, ...] = (_inRole(user, SOURCE), source.appliance(DESTINATION))
+    elif destination is not None and destination != user:
+        participants = (source.appliance(SOURCE), _inRole(destination, DESTINATION), user)
+    else:
+        participants = (source.appliance(SOURCE), _inRole(user, DESTINATION))
     objects = tuple(item for study in studies for item in study.objects())
-    return AuditEvent(INSTANCES_TRANSFERRED, "C" if stored else "R", outcome, when, participants, objects)
+    return AuditEvent(INSTANCES_TRANSFERRED, "C" if stored else "R", outcome, when, participants, objects, None, description)
 
 
 def studiesChanged(

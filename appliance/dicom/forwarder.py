@@ -32,6 +32,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from appliance.audit.associations import AssociationAudit
+from appliance.audit.messages import Participant, node
 from appliance.config import Config
 from appliance.connections import ConnectionCap, ConnectionLimits, Listener
 from appliance.dicom.admission import admit, describeSubject
@@ -92,6 +94,8 @@ class ModalityConnection(RelayedConnection):
         self.callingAET = "-"
         self.calledAET = "-"
         self.outcome = "closed before the TLS handshake finished"
+        #: What the association does, followed for the audit trail (if any).
+        self._audited: Optional[AssociationAudit] = None
 
     # --- the TLS handshake and the association request
 
@@ -174,6 +178,10 @@ class ModalityConnection(RelayedConnection):
         self._cancelDeadline()
         self.outcome = f"accepted as [modality:{verdict.name}]"
         buffered, self._buffer = self._buffer, b""
+        if self.factory.audit is not None:
+            peer = node(request.callingAET, self.transport.getPeer().host)
+            self._audited = AssociationAudit(self.factory.audit, peer, self.factory.moveDestination)
+            self._audited.requests.feed(buffered)
         relaying = self.relayTo(self.factory.orthancEndpoint(), buffered)
         relaying.addErrback(self._orthancUnreachable)
 
@@ -186,10 +194,16 @@ class ModalityConnection(RelayedConnection):
 
     def dataReceived(self, data: bytes) -> None:
         self._toOrthanc.feed(data)
+        if self._audited is not None:
+            # Before the association is accepted, the request is buffered
+            # and handed to the follower with the rest at acceptance.
+            self._audited.requests.feed(data)
         super().dataReceived(data)
 
     def upstreamDataReceived(self, data: bytes) -> None:
         self._toModality.feed(data)
+        if self._audited is not None:
+            self._audited.responses.feed(data)
         super().upstreamDataReceived(data)
 
     def upstreamEnded(self) -> None:
@@ -233,6 +247,8 @@ class ModalityConnection(RelayedConnection):
         ):
             self.outcome = f"refused: TLS handshake failed ({_describeTLSError(reason)})"
         self.factory.counted(self.outcome, self.received, self.sent)
+        if self._audited is not None:
+            self._audited.ended()
         if self.factory.audit is not None and self.outcome.startswith("refused"):
             self.factory.audit.nodeRefused(self.transport.getPeer().host, self.callingAET if self.callingAET != "-" else "", self.outcome)
         self.log.emit(
@@ -301,6 +317,16 @@ class ForwarderFactory(RelayFactory):
         self.associations[kind if kind in ("accepted", "refused") else "closed"] += 1
         self.bytesFromModalities += received
         self.bytesToModalities += sent
+
+    def moveDestination(self, aet: str) -> Participant:
+        """
+        The node a C-MOVE sends to, as the audit trail names it: by its AE
+        title, at the address its [modality:NAME] gives.
+        """
+        for modality in self.config.modalities:
+            if modality.aet == aet:
+                return node(aet, str(modality.host.network_address), requestor=False)
+        return node(aet, None, requestor=False)
 
     def orthancEndpoint(self) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(
