@@ -23,10 +23,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from appliance.audit.trail import recordFiles
+from appliance.tls import selfSignedPaths
 from tests.auditschema import validateAuditMessage
 from tests.daemon import DaemonClient, addUser, startDaemon
 from tests.support import ctSeries, freePort, temporaryFolder, testConfig
+from tests.browser import logIn, viewStudy
 from tests.syslogcollector import requireSyslogCollector
+from tests.viewerbuild import VIEWER, requireViewer, startChromium
 from tests.webclients import stowBody
 
 READER = ("reader", "audit reader password")
@@ -52,6 +55,7 @@ class AuditTrailTests(DaemonClient, TestCase):
 
     @inlineCallbacks
     def setUp(self):
+        requireViewer(self)
         self.collector = requireSyslogCollector(self.skipTest)
         self.seen = len(self.collector.messages())
         self.folder = temporaryFolder(self)
@@ -63,6 +67,7 @@ class AuditTrailTests(DaemonClient, TestCase):
         self.config = testConfig(
             self.folder,
             auth={"users_file": users},
+            web={"ohif_root": VIEWER},
             audit={"syslog": self.collector.address, "ca_file": self.collector.caFile, "site": "Test Hospital"},
             **{
                 "modality:ct": {"aet": "CT1", "host": "127.0.0.1"},
@@ -278,6 +283,43 @@ class AuditTrailTests(DaemonClient, TestCase):
             self.assertIn(f'ParticipantObjectID="{study}"', record)
             self.assertIn(f'ParticipantObjectID="{patient}"', record)
             self.assertIn('EventOutcomeIndicator="0"', record)
+
+    @inlineCallbacks
+    def test_studyViewedInTheViewerRecorded(self):
+        """
+        A reader opens a study in OHIF (headless Chromium): one record of
+        the study retrieved, naming the reader, the study and its patient.
+        """
+        instance = ctSeries(1, rows=64, columns=64, patientID="VIEWED-1")[0]
+        contentType, body = stowBody(instance)
+        status, _ = yield deferToThread(
+            self.request, "POST", "/pacs/studies",
+            {**basic(UPLOADER), "Content-Type": contentType, "Accept": "application/dicom+json"}, body,
+        )
+        self.assertEqual(status, 200)
+
+        def view():
+            browser = startChromium(selfSignedPaths(self.config.appliance.state_dir)[0], str(self.folder / "chromium"))
+            try:
+                base = f"https://localhost:{self.config.web.listen_https.port}"
+                logIn(browser, base, READER)
+                return viewStudy(browser, base, instance.StudyInstanceUID)
+            finally:
+                browser.quit()
+
+        self.assertTrue((yield deferToThread(view)))
+
+        def viewed() -> List[str]:
+            return [
+                line for line in self.received()
+                if 'EventActionCode="R"' in line and 'UserID="local:reader"' in line
+                and f'ParticipantObjectID="{instance.StudyInstanceUID}"' in line
+            ]
+
+        yield self.poll(lambda: bool(viewed()), "the record of the study viewed")
+        (record,) = viewed()
+        self.assertEqual(validateAuditMessage(record.encode("utf-8")), [])
+        self.assertIn('ParticipantObjectID="VIEWED-1"', record)
 
     @inlineCallbacks
     def test_everyRecordDeliveredOnceAcrossAnOutage(self):
