@@ -32,6 +32,7 @@ from appliance.orthanc.move import DEFAULT_PARALLEL, MoveFailed, moveArchive
 from appliance.orthanc.settings import orthancHome
 from appliance.plugin import serviceMaker
 from appliance.preflight import loadChecked
+from appliance.secretfiles import readSecret
 from appliance.state.database import DatabaseUnavailable, interactOnce
 from appliance.web.passwords import hashPassword
 from appliance.web.sharedaccounts import findAccount, removeAccount, writeAccount
@@ -282,7 +283,7 @@ def identityWarnings(config: Config) -> List[str]:
     """
     warnings = []
     if config.ldap.url and config.ldap.bind_password_file is not None:
-        from appliance.web.directory import Directory, readSecret
+        from appliance.web.directory import Directory
 
         directory = Directory(config.ldap, readSecret(config.ldap.bind_password_file))
         warnings.extend(f"{config.where('ldap', 'url')}: {problem}" for problem in directory.probe())

@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from appliance.web.checkers import AccountDisabled, NoRole, UnknownUser, WrongPassword
 from appliance.web.accounts import LDAP, Account
-from appliance.web.directory import Directory, DirectoryService, DirectoryUnavailable, readSecret
+from appliance.secretfiles import readSecret
+from appliance.web.directory import Directory, DirectoryService, DirectoryUnavailable
 from tests.daemon import DaemonClient, addUser, startDaemon
 from tests.slapd import ADMINS, RADIOLOGY, VIEWERS, requireSlapd
 from tests.support import TestAuthority, captureLogs, freePort, logText, temporaryFolder, testConfig

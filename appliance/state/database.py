@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from appliance.config import Config, DatabaseSection, DatabaseTLSMode
+from appliance.secretfiles import readSecret
 from appliance.state.schema import MIGRATIONS, SCHEMA_VERSION
 
 #: The file of the appliance's own state on a single box, under state_dir.
@@ -392,7 +393,7 @@ def databasePassword(section: DatabaseSection) -> str:
     @raise OSError: if the file cannot be read.
     """
     assert section.password_file is not None
-    return section.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    return readSecret(section.password_file)
 
 
 def libpqKeywords(section: DatabaseSection, applicationName: str) -> Dict[str, Any]:

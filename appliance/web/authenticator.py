@@ -46,6 +46,7 @@ from appliance.web.checkers import (
     RefusedLogin,
 )
 from appliance.web.credentials import BearerToken, authorization, decodeBasic, displayName, sessionTokens
+from appliance.web.directory import DirectoryChecker
 from appliance.web.loginevents import LoginEventFeed
 from appliance.web.sessions import SessionOwner, SessionStore
 from appliance.web.throttle import LoginThrottle
@@ -148,8 +149,6 @@ class Authenticator(Service):
         Bearer tokens C{tokens} checks (an L{ICredentialsChecker} of
         L{appliance.web.credentials.IBearerToken}), if given.
         """
-        from appliance.web.directory import DirectoryChecker
-
         realm = AccountStoreRealm(users)
         passwords = AccountStoreChecker(users, checks)
         if directory is not None:

@@ -25,7 +25,6 @@ import math
 import re
 import ssl
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import Service
@@ -39,6 +38,7 @@ from zope.interface import implementer
 from appliance.config import LdapSection
 from appliance.configvalues import DirectoryServer
 from appliance.deferreds import SharedOutcome, shortDescription
+from appliance.secretfiles import readSecret
 from appliance.web.accounts import LDAP, ROLES, Account, IAccount
 from appliance.web.checkers import (
     AccountDisabled,
@@ -413,13 +413,6 @@ def _close(connection) -> None:
         connection.unbind()
     except Exception:
         pass
-
-
-def readSecret(path: Path) -> str:
-    """
-    A password alone in a file, without the line's end.
-    """
-    return path.read_text(encoding="utf-8").rstrip("\r\n")
 
 
 class DirectoryService(Service):

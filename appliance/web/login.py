@@ -35,6 +35,7 @@ from appliance.state.database import reportFailure
 from appliance.web.accounts import OIDC, IAccount
 from appliance.web.authenticator import Authenticator
 from appliance.web.sessions import SessionOwner
+from appliance.web.signin import SingleSignOnResource
 from appliance.web.checkers import CredentialsUnchecked, NoRole
 from appliance.web.credentials import sessionTokens, setSessionCookie
 from appliance.web.gate import cookieChallenge
@@ -95,8 +96,6 @@ class LoginResource(Resource):
         self._siteName = web.site_name
         link = ""
         if singleSignOn is not None:
-            from appliance.web.signin import SingleSignOnResource
-
             provider, database, clock = singleSignOn
             self.putChild(b"oidc", SingleSignOnResource(provider, authenticator, database, self._form, clock))
             # A link, not a form: the page's form-action would not let a

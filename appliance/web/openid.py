@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from appliance.config import OidcSection
 from appliance.deferreds import SharedOutcome, shortDescription
+from appliance.secretfiles import readSecret
 from appliance.tls import readAuthorities
 from appliance.web.accounts import OIDC, ROLES, Account, IAccount
 from appliance.web.bodies import readLimited
@@ -217,8 +218,6 @@ class OpenIDProvider(Service):
         """
         The provider of C{section}, its client secret read now.
         """
-        from appliance.web.directory import readSecret
-
         assert section.client_secret_file is not None
         return cls(section, readSecret(section.client_secret_file), reactor)
 
