@@ -50,3 +50,33 @@ def test_aBrokenRecordIsRefused():
     # The validator can fail: an event without its participants is no record.
     broken = messages.AuditEvent(messages.QUERY, "E", 0, WHEN, ())
     assert validateAuditMessage(messages.render(broken, SOURCE).encode()) != []
+
+
+def test_oneStudyAskedOfOrthancOnceForRecordsMadeTogether():
+    """
+    The records of one study made while its patient is being asked of
+    Orthanc (a viewer's first requests) share one question.
+    """
+    from twisted.internet.defer import Deferred
+
+    from appliance.audit.events import OrthancStudies
+
+    class Orthanc:
+        def __init__(self):
+            self.asked = []
+
+        def json(self, path, account, body=None):
+            answer = Deferred()
+            self.asked.append(answer)
+            return answer
+
+    orthanc = Orthanc()
+    studies = OrthancStudies(orthanc)
+    found = []
+    for _ in range(3):
+        studies.study("1.2.3").addCallback(found.append)
+    assert len(orthanc.asked) == 1
+    orthanc.asked[0].callback([{"MainDicomTags": {"StudyDescription": "Head"}, "PatientMainDicomTags": {"PatientID": "P-1"}}])
+    assert [study.patientID for study in found] == ["P-1"] * 3
+    studies.study("1.2.3").addCallback(found.append)
+    assert len(orthanc.asked) == 1 and found[-1].description == "Head"

@@ -35,6 +35,7 @@ from appliance.audit.messages import (
 )
 from appliance.audit.trail import AuditTrail
 from appliance.connections import clientKey
+from appliance.deferreds import SharedOutcome
 from appliance.paths import ADMIN_MOUNT, DICOMWEB_MOUNT
 
 #: One record for a user's retrieves of one study from one address within
@@ -276,11 +277,22 @@ class OrthancStudies:
     def __init__(self, rest) -> None:
         self._rest = rest
         self._known: "OrderedDict[str, Study]" = OrderedDict()
+        self._asking: Dict[str, SharedOutcome] = {}
 
     def study(self, uid: str) -> "Deferred[Study]":
         known = self._known.get(uid)
         if known is not None:
             return succeed(known)
+        # Records of one study made together (a viewer's first requests)
+        # share one question to Orthanc.
+        asking = self._asking.get(uid)
+        if asking is None:
+            lookup = self._ask(uid)
+            asking = self._asking[uid] = SharedOutcome(lookup)
+            lookup.addBoth(lambda ignored: self._asking.pop(uid, None))
+        return asking.follow()
+
+    def _ask(self, uid: str) -> "Deferred[Study]":
         asking = self._rest.json(b"/tools/find", AUDIT_ACCOUNT, {"Level": "Study", "Query": {"StudyInstanceUID": uid}, "Expand": True})
 
         def answered(found: list) -> Study:
