@@ -271,6 +271,8 @@ class SignInTests(DaemonClient, TestCase):
         self.assertIn("has no access to this appliance", answer.body)
 
         browser = Browser(sslContext=self.context)
+        head = yield deferToThread(browser.request, "HEAD", self.base + "/login/oidc?next=/")
+        self.assertEqual(head.status, 405, "a HEAD would keep a sign-in under way")
         callback = lambda url: "/login/oidc/callback" in url  # noqa: E731
         page = yield deferToThread(browser.request, "GET", self.base + "/login/oidc?next=/")
         form = yield deferToThread(browser.follow, page.location, lambda url: False)

@@ -120,6 +120,13 @@ class SingleSignOnResource(Resource):
             return self
         return Resource.getChild(self, name, request)
 
+    def render_HEAD(self, request: Request) -> bytes:
+        # A GET keeps a sign-in under way; a link checker's or a browser's
+        # prefetching HEAD must not.
+        request.setResponseCode(http.NOT_ALLOWED)
+        request.setHeader(b"Allow", b"GET")
+        return b""
+
     def render_GET(self, request: Request):
         target = localTarget(_argument(request, b"next") or "/")
         if isCrossSite(request):
