@@ -229,13 +229,15 @@ def restoreCommand(configPath: Path, source: Path, out: TextIO = sys.stdout) -> 
     if problems:
         raise BackupFailed(f"the backup {folder} is damaged, nothing was restored:\n" + "\n".join(problems))
     print(f"Restoring {folder} (made {manifest.created} on {manifest.node})", file=out)
+    # The marker first: a file the configuration names may live in the
+    # state folder, and a restore interrupted after it must go on.
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (state / MARKER).touch()
     restoreConfiguration(folder, manifest.of(CONFIG), out)
     try:
         config = loadConfig(configPath)
     except ConfigError as error:
         raise BackupFailed("the restored configuration has problems:\n" + "\n".join(error.problems)) from None
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (state / MARKER).touch()
     restoreAuditTrail(folder, manifest.of(AUDIT), config)
     accounts = restoreAccounts(folder, config) if manifest.of(DATABASE) else 0
     archive = ArchiveRestore(config, folder, manifest.of(INSTANCE), reactor, out)
