@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from appliance.backup.manifest import INSTANCE, BackupFailed, Manifest, backups, verifyBackup
 from appliance.backup.restore import MARKER, checkTarget, restoreAccounts
-from appliance.backup.take import Snapshot, configurationFiles, readAccountRows, writeAccounts
+from appliance.backup.take import Snapshot, configurationFiles, lockFolder, readAccountRows, writeAccounts
 from appliance.config import loadConfig
 from appliance.state.database import interactOnce
 from appliance.tls import selfSignedPaths
@@ -275,6 +275,15 @@ class BackupFolderTests(TestCase):
         # An interrupted restore goes on.
         (state / MARKER).touch()
         self.assertEqual(checkTarget(manifest, Path(manifest.config)), state)
+
+    def test_oneBackupAtATimeIntoAFolder(self):
+        folder = temporaryFolder(self)
+        held = lockFolder(folder)
+        with self.assertRaises(BackupFailed) as busy:
+            lockFolder(folder)
+        self.assertIn("another backup", str(busy.exception))
+        held.close()
+        lockFolder(folder).close()
 
     def test_configurationFilesAreThoseItNames(self):
         folder = temporaryFolder(self)

@@ -2,7 +2,7 @@
 What a backup holds, and checking it.
 
 A backup folder (C{DEST} of C{pacs-appliance backup DEST}) holds one folder
-per backup, named by its UTC time (C{2026-12-04T19-30-00Z}), each complete
+per backup, named by its UTC time (C{2026-12-04T19-30-00.250Z}), each complete
 by itself::
 
     manifest.json                 every file below: size, SHA-256, and what it is

@@ -21,6 +21,7 @@ log in again, and the cache fills again.
 
 import dataclasses
 import datetime
+import fcntl
 import grp
 import json
 import os
@@ -29,7 +30,7 @@ import shutil
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set, TextIO
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Set, TextIO, Tuple
 
 from twisted.internet.defer import DeferredSemaphore, gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -61,6 +62,8 @@ from appliance.web.pages import describeSize
 PARALLEL = 4
 #: Changes read at a time.
 CHANGES_PAGE = 1000
+#: The file of a backup folder locked while a backup is made into it.
+LOCK = ".lock"
 
 #: Keys naming folders, programs or state, not configuration files.
 NOT_CONFIGURATION = {
@@ -153,13 +156,13 @@ class Snapshot:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
-    def linkPrevious(self, relative: str) -> Optional[Entry]:
+    def linkPrevious(self, relative: str, unchanged: Callable[[Entry], bool] = lambda entry: True) -> Optional[Entry]:
         """
-        Link the previous backup's copy of C{relative}, if it has one; its
-        entry.
+        Link the previous backup's copy of C{relative}, if it has one and it
+        is C{unchanged}; its entry.
         """
         entry = self._previousByPath.get(relative)
-        if entry is None or self.previousFolder is None:
+        if entry is None or self.previousFolder is None or not unchanged(entry):
             return None
         source = self.previousFolder / relative
         target = self.create(relative)
@@ -205,13 +208,13 @@ def copyAuditTrail(config: Config, snapshot: Snapshot) -> None:
             continue
         relative = "audit/" + path.relative_to(folder).as_posix()
         status = path.stat()
-        previous = snapshot.linkPrevious(relative) if snapshot.previous else None
-        if previous is not None and previous.size == status.st_size and previous.mtime_ns == status.st_mtime_ns:
-            snapshot.entries.append(previous)
-            continue
+        previous = snapshot.linkPrevious(
+            relative, lambda entry: (entry.size, entry.mtime_ns) == (status.st_size, status.st_mtime_ns)
+        )
         if previous is not None:
-            (snapshot.folder / relative).unlink()  # it has grown since
-        snapshot.copy(path, relative, AUDIT, mtime_ns=status.st_mtime_ns)
+            snapshot.entries.append(previous)
+        else:
+            snapshot.copy(path, relative, AUDIT, mtime_ns=status.st_mtime_ns)
 
 
 def writeAccounts(rows: List[list], snapshot: Snapshot) -> None:
@@ -323,7 +326,23 @@ class ArchiveBackup:
 
 
 def snapshotName(now: datetime.datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H-%M-%SZ")
+    # To the millisecond: two backups a second apart sort, and do not meet.
+    return now.strftime("%Y-%m-%dT%H-%M-%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def lockFolder(destination: Path) -> BinaryIO:
+    """
+    The open lock file of the backup folder C{destination}, locked (until
+    it is closed, or the process ends): another backup into it would take
+    this one's unfinished folder for an abandoned one.
+    """
+    lock = open(os.open(destination / LOCK, os.O_WRONLY | os.O_CREAT, 0o600), "wb")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise BackupFailed(f"another backup into {destination} is under way: wait for it to end") from None
+    return lock
 
 
 def removeUnfinished(destination: Path, out: TextIO) -> None:
@@ -337,10 +356,16 @@ def backupCommand(config: Config, destination: Path, out: TextIO = sys.stdout) -
     Make a backup in C{destination} (see the module's docstring); the exit
     status.
     """
+    orthanc = servingOrthanc(config)
+    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with lockFolder(destination):
+        return _backupInto(config, destination, orthanc, out)
+
+
+def _backupInto(config: Config, destination: Path, orthanc: Tuple[int, bytes], out: TextIO) -> int:
     from twisted.internet import reactor
 
-    port, authorization = servingOrthanc(config)
-    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    port, authorization = orthanc
     removeUnfinished(destination, out)
     found = backups(destination)
     previousFolder = found[-1] if found else None
@@ -348,7 +373,7 @@ def backupCommand(config: Config, destination: Path, out: TextIO = sys.stdout) -
     now = datetime.datetime.now(datetime.timezone.utc)
     name = snapshotName(now)
     if (destination / name).exists():
-        raise BackupFailed(f"{destination / name} exists already: wait a second and run the backup again")
+        raise BackupFailed(f"{destination / name} exists already: run the backup again")
     partial = destination / (name + PARTIAL_SUFFIX)
     partial.mkdir(mode=0o700)
     snapshot = Snapshot(partial, previous, previousFolder)
