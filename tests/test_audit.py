@@ -134,6 +134,11 @@ class AuditTrailTests(DaemonClient, TestCase):
         assert status == 200, status
         change = {"Content-Type": "application/json", **basic(ADMIN)}
         status, _ = self.request(
+            "POST", "/pacs-admin/tools/find", change,
+            json.dumps({"Level": "Study", "Query": {"PatientID": instance.PatientID}}).encode(),
+        )
+        assert status == 200, status
+        status, _ = self.request(
             "POST", f"/pacs-admin/studies/{orthancID}/modify", change, json.dumps({"Replace": {"StudyDescription": "Audited"}}).encode()
         )
         assert status == 200, status
@@ -149,7 +154,7 @@ class AuditTrailTests(DaemonClient, TestCase):
                   'EventActionCode="C"', 'EventActionCode="R"', 'csd-code="110126"', 'csd-code="110105"', 'EventActionCode="U"')
         yield self.poll(
             lambda: all(any(code in line for line in self.received()) for code in wanted)
-            and sum('UserID="local:keeper"' in line for line in self.received()) >= 4,
+            and sum('UserID="local:keeper"' in line for line in self.received()) >= 6,
             "every kind of record received",
         )
         received = self.received()
@@ -172,6 +177,10 @@ class AuditTrailTests(DaemonClient, TestCase):
             self.assertIn(f'csd-code="{code}"', record, action)
             self.assertIn(f'ParticipantObjectID="{instance.StudyInstanceUID}"', record, action)
             self.assertIn(f'ParticipantObjectID="{instance.PatientID}"', record, action)
+        listed = [line for line in byAdmin if 'csd-code="110112"' in line]
+        self.assertTrue(any('ParticipantObjectID="/pacs-admin/studies"' in line for line in listed), byAdmin)
+        (found,) = [line for line in listed if 'ParticipantObjectID="/pacs-admin/tools/find"' in line]
+        self.assertIn(instance.PatientID.encode(), base64.b64decode(found.split("<ParticipantObjectQuery>")[1].split("<")[0]))
         deletion = next(line for line in received if 'csd-code="110105"' in line)
         for expected in ('EventActionCode="D"', 'UserID="local:keeper"', f'ParticipantObjectID="{instance.StudyInstanceUID}"',
                          f'ParticipantObjectID="{instance.PatientID}"'):

@@ -15,6 +15,7 @@ Orthanc Explorer a few for each of its pages).
 """
 
 from collections import OrderedDict
+from io import BytesIO
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
@@ -54,6 +55,9 @@ RESOURCES = {b"patients": True, b"studies": True, b"series": False, b"instances"
 #: audit event's action: update it, or create an anonymised copy of it.
 CHANGES = {b"modify": "U", b"anonymize": "C"}
 
+#: The most of a query's body an audit record holds.
+MAX_QUERY_BODY = 64 * 1024
+
 #: Orthanc's DICOMweb root (as the appliance renders it), under /pacs-admin/.
 ADMIN_DICOMWEB = DICOMWEB_MOUNT.encode("ascii")
 
@@ -88,8 +92,9 @@ def dicomwebKind(method: bytes, segments: Sequence[bytes]) -> Tuple[Optional[str
 def requestKind(method: bytes, path: bytes) -> Tuple[Optional[str], Optional[str]]:
     """
     What a request to C{path} is for the trail: a DICOMweb request's kind
-    (L{dicomwebKind}), or a read of an Orthanc resource under /pacs-admin/
-    (C{("read", "LEVEL/ID")}), or C{(None, None)}.
+    (L{dicomwebKind}); under /pacs-admin/, a list of Orthanc's resources or
+    its C{/tools/find} (queries), or a read of one of its resources
+    (C{("read", "LEVEL/ID")}); or C{(None, None)}.
     """
     segments = [segment for segment in path.split(b"/") if segment]
     if segments[:1] == [DICOMWEB_MOUNT.encode("ascii")]:
@@ -99,7 +104,12 @@ def requestKind(method: bytes, path: bytes) -> Tuple[Optional[str], Optional[str
     rest = segments[1:]
     if rest[:1] == [ADMIN_DICOMWEB]:
         return dicomwebKind(method, rest[1:])
-    if method in (b"GET", b"HEAD") and len(rest) >= 2 and rest[0] in RESOURCES:
+    if method == b"POST" and rest == [b"tools", b"find"]:
+        return "query", None
+    if method in (b"GET", b"HEAD") and rest[:1] and rest[0] in RESOURCES:
+        if len(rest) == 1:
+            # A list of studies or patients (?expand gives their patients).
+            return "query", None
         return "read", b"/".join(rest[:2]).decode("ascii", "replace")
     return None, None
 
@@ -200,6 +210,17 @@ class AuditEvents:
         finding = self._studies.holding(level.decode("ascii"), resource)
         return finding.addCallback(lambda studies: (action, RESOURCES[level], studies))
 
+    def beforeForwarding(self, request, segments: Sequence[bytes]) -> None:
+        """
+        Keep the keys of a query whose body holds them (Orthanc's
+        C{/tools/find} under /pacs-admin/, C{segments}) before the body is
+        forwarded: bodies of a query's size are kept in memory, and the
+        forwarding closes them.
+        """
+        content = getattr(request, "content", None)
+        if request.method == b"POST" and list(segments) == [b"tools", b"find"] and isinstance(content, BytesIO):
+            request.auditedQuery = content.getvalue()[:MAX_QUERY_BODY]
+
     def requestEnded(self, request) -> None:
         """
         A request has been answered: a search, a retrieve or an upload
@@ -221,8 +242,10 @@ class AuditEvents:
             return
         kind, subject = requestKind(request.method, request.path)
         if kind == "query":
-            queryString = request.uri.partition(b"?")[2]
-            self._trail.record(query(self._source, now, user, request.path.decode("latin-1"), queryString, outcome))
+            # The query string, else the keys in the body; a query without
+            # keys (all of a level) is its path, as the record needs one.
+            asked = request.uri.partition(b"?")[2] or getattr(request, "auditedQuery", b"") or request.path
+            self._trail.record(query(self._source, now, user, request.path.decode("latin-1"), asked, outcome))
         elif kind == "retrieve" and subject and request.code < 400:
             if self._firstRetrieve(account.label, subject, user, now):
                 self._withStudies([subject], user, stored=False, outcome=outcome, when=now)

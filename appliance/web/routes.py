@@ -419,7 +419,10 @@ class PacsAdminResource(Resource):
             pagePolicy=pagePolicy(request.method, target),
             stow=stow,
         )
-        finding = self._audit.beforeChange(request.method, target.segments) if self._audit is not None else None
+        finding = None
+        if self._audit is not None:
+            self._audit.beforeForwarding(request, target.segments)
+            finding = self._audit.beforeChange(request.method, target.segments)
         if finding is None:
             return forwarding()
 
