@@ -219,6 +219,63 @@ class BackupAndRestoreTests(DaemonClient, TestCase):
         return self.output.ended
 
 
+class ClusterBackupTests(BackupAndRestoreTests):
+    """
+    A node of a cluster (Orthanc's index and the accounts in PostgreSQL,
+    the files in a shared folder) backed up, and restored after its
+    database, its state and its configuration (with the database's
+    password file, outside the configuration's folder) are gone.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        server = requirePostgres(self.skipTest)
+        self.folder = temporaryFolder(self)
+        self.database = server.newDatabase(self.addCleanup)
+        self.server = server
+        self.config = testConfig(
+            self.folder, database=self.database.section(), orthanc={"storage_dir": self.folder / "shared"}
+        )
+        for user in (READER, UPLOADER, ADMIN):
+            entry = UserEntry(user[0], hashPassword(user[1], TEST_SCRYPT), frozenset(user[2]))
+            interactOnce(self.config.database, writeAccount, entry, 1.0)
+        self.output, self.process = yield startDaemon(self, self.config)
+        self.trustDaemon()
+        self.sent, self.orthancIDs = {}, {}
+
+    @inlineCallbacks
+    def test_backupWhileServingThenRestoreOntoAFreshAppliance(self):
+        config = str(self.config.sources[0])
+        for instance in ctSeries(INSTANCES_PER_STUDY, patientID="CLUSTER-BACKUP"):
+            yield deferToThread(self.store, instance)
+        destination = self.folder / "backups"
+        taken = yield deferToThread(run, "backup", "--config", config, str(destination))
+        self.assertEqual(taken.returncode, 0, taken.stdout + taken.stderr)
+        yield self.stopDaemon()
+
+        # The database, the state, the shared files and the configuration go.
+        name = self.database.name
+        self.server.sql(f"DROP DATABASE {name} WITH (FORCE)")
+        self.server.sql(f"CREATE DATABASE {name} OWNER {name}")
+        dead = self.folder / "dead"
+        dead.mkdir()
+        passwordFile = self.config.database.password_file
+        for path in (self.config.appliance.state_dir, self.folder / "shared", Path(config), passwordFile):
+            shutil.move(str(path), dead / path.name)
+        restored = yield deferToThread(run, "restore", "--config", config, str(destination))
+        self.assertEqual(restored.returncode, 0, restored.stdout + restored.stderr)
+        self.assertIn(f"Restored {INSTANCES_PER_STUDY} instances", restored.stdout)
+        self.assertIn("3 database accounts", restored.stdout)
+        self.assertEqual(passwordFile.read_bytes(), (dead / passwordFile.name).read_bytes())
+
+        self.output, self.process = yield startDaemon(self, self.config)
+        self.trustDaemon()
+        stored = yield deferToThread(self.storedFiles)
+        self.assertEqual(stored, self.sent)
+        status, _ = yield deferToThread(self.request, "GET", "/pacs/studies", basic(READER))
+        self.assertEqual(status, 200, "the restored account does not log in")
+
+
 class BackupFolderTests(TestCase):
     """
     The parts of a backup that need no appliance running.
