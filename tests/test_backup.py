@@ -11,6 +11,8 @@ accounts carried from one PostgreSQL database to a fresh one.
 
 import hashlib
 import json
+import os
+import pwd
 import shutil
 import subprocess
 import threading
@@ -23,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from appliance.backup.manifest import INSTANCE, BackupFailed, Manifest, backups, verifyBackup
-from appliance.backup.restore import MARKER, checkTarget, restoreAccounts
+from appliance.backup.restore import MARKER, checkTarget, handOver, restoreAccounts
 from appliance.backup.take import Snapshot, configurationFiles, lockFolder, readAccountRows, writeAccounts
 from appliance.config import loadConfig
 from appliance.state.database import interactOnce
@@ -332,6 +334,25 @@ class BackupFolderTests(TestCase):
         # An interrupted restore goes on.
         (state / MARKER).touch()
         self.assertEqual(checkTarget(manifest, Path(manifest.config)), state)
+
+    def test_restoredFoldersGoBackToTheirOwner(self):
+        """
+        Run as root, a restore gives the state folder and an audit trail
+        kept elsewhere to the state folder's owner in the backup.
+        """
+        if os.geteuid() != 0:
+            self.skipTest("only root gives files away")
+        manifest = Manifest.read(self.makeBackup())
+        manifest.state_user, manifest.state_group = "nobody", "nogroup"
+        folder = temporaryFolder(self)
+        (folder / "state" / "orthanc").mkdir(parents=True)
+        (folder / "state" / "orthanc" / "index").write_text("")
+        (folder / "audit").mkdir()
+        (folder / "audit" / "audit-2026-12-04.log").write_text("")
+        handOver([folder / "state", folder / "audit"], manifest)
+        nobody = pwd.getpwnam("nobody").pw_uid
+        for path in (folder / "state", folder / "state/orthanc/index", folder / "audit/audit-2026-12-04.log"):
+            self.assertEqual(path.stat().st_uid, nobody, path)
 
     def test_oneBackupAtATimeIntoAFolder(self):
         folder = temporaryFolder(self)

@@ -21,7 +21,7 @@ import shutil
 import sqlite3
 import sys
 from pathlib import Path
-from typing import List, TextIO
+from typing import List, Sequence, TextIO
 
 from twisted.internet.defer import DeferredSemaphore, gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -202,16 +202,18 @@ class ArchiveRestore:
         return closing if stopping is None else stopping.addBoth(lambda ignored: closing)
 
 
-def _handOver(state: Path, manifest: Manifest) -> None:
+def handOver(folders: Sequence[Path], manifest: Manifest) -> None:
     """
-    Give the restored state folder to its owner in the backup (the
-    restore's Orthanc ran as root).
+    Give the restored state folder and audit trail (C{folders}) to the
+    state folder's owner in the backup: the restore and its Orthanc ran as
+    root, the appliance does not.
     """
     if os.geteuid() != 0:
         return
-    for top, folders, files in os.walk(state):
-        for name in [top, *(os.path.join(top, child) for child in folders + files)]:
-            _chown(Path(name), manifest.state_user, manifest.state_group)
+    for folder in folders:
+        for top, children, files in os.walk(folder):
+            for name in [top, *(os.path.join(top, child) for child in children + files)]:
+                _chown(Path(name), manifest.state_user, manifest.state_group)
 
 
 def restoreCommand(configPath: Path, source: Path, out: TextIO = sys.stdout) -> int:
@@ -246,7 +248,7 @@ def restoreCommand(configPath: Path, source: Path, out: TextIO = sys.stdout) -> 
     def work():
         yield archive.run()
         yield archive.stop()
-        yield deferToThread(_handOver, state, manifest)
+        yield deferToThread(handOver, [state, auditFolder(config)], manifest)
         if archive.damaged:
             raise BackupFailed(
                 f"{len(archive.damaged)} instances of the backup are damaged and were not restored:\n"
