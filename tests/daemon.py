@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -117,7 +118,10 @@ def startDaemon(case, config: Config, ready: str = "Orthanc is ready", prefix: S
     def stop():
         if output.ended.called:
             return None
-        process.signalProcess("TERM")
+        try:
+            process.signalProcess("TERM")
+        except ProcessExitedAlready:
+            pass  # it has ended; its end is on its way to output
         return output.ended
 
     case.addCleanup(stop)

@@ -151,11 +151,11 @@ def webTLS(config: Config) -> ServerTLS:
 
 def freePort() -> int:
     """
-    A TCP port nothing listens on right now, on every interface.
+    A TCP port nothing listens on right now, on every interface (see
+    L{freePorts}).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+    (port,) = freePorts(1)
+    return port
 
 
 class ConnectionTracker(WrappingFactory):

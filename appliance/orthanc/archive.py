@@ -7,6 +7,7 @@ reactor until it ends or is interrupted (Ctrl-C, SIGTERM).
 
 import hashlib
 import json
+import random
 import socket
 import sys
 from dataclasses import replace
@@ -48,16 +49,41 @@ class ArchiveCommandFailed(Exception):
     """
 
 
+#: The lowest port L{freePorts} chooses.
+FIRST_FREE_PORT = 10000
+
+
+def _ephemeralPorts() -> range:
+    """
+    The ports the kernel gives outgoing connections (and bind to port 0).
+    """
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def freePorts(count: int) -> List[int]:
     """
     C{count} different TCP ports nothing listens on right now (all held open
     together while chosen, so no two are the same), on every interface: Orthanc
-    listens on all of them.
+    listens on all of them.  They are chosen below the kernel's range of
+    ephemeral ports: a port from that range (as binding to port 0 gives) may
+    be taken by an outgoing connection before the server binds it.
     """
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    ephemeral = _ephemeralPorts()
+    below = range(FIRST_FREE_PORT, ephemeral.start) if ephemeral.start - FIRST_FREE_PORT >= 1000 else None
+    probes: List[socket.socket] = []
     try:
-        for probe in probes:
-            probe.bind(("", 0))
+        while len(probes) < count:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                probe.bind(("", random.choice(below) if below is not None else 0))
+            except OSError:
+                probe.close()  # in use: another
+                continue
+            probes.append(probe)
         return [probe.getsockname()[1] for probe in probes]
     finally:
         for probe in probes:
