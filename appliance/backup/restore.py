@@ -25,7 +25,6 @@ from typing import List, Sequence, TextIO
 
 from twisted.internet.defer import DeferredSemaphore, gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from appliance.audit.trail import auditFolder
 from appliance.backup.manifest import (
@@ -162,12 +161,10 @@ class ArchiveRestore:
         self._reactor = reactor
         self._out = out
         self._parallel = DeferredSemaphore(PARALLEL)
-        self._pool = HTTPConnectionPool(reactor)
-        self._pool.maxPersistentPerHost = PARALLEL + 1
         private = privateOrthancConfig(config, "restore", freePorts(2), config.appliance.runtime_dir / "restore")
         self._supervisor = privateSupervisor(private, reactor)
         self._client = OrthancClient(
-            Agent(reactor, pool=self._pool), lambda: self._supervisor.credentials.authorization(), private.orthanc.http_port
+            reactor, lambda: self._supervisor.credentials.authorization(), private.orthanc.http_port, PARALLEL
         )
         self.damaged: List[str] = []
         self.progress = Progress(reactor, out, "Restored", "instances", "stored", len(entries))
@@ -198,7 +195,7 @@ class ArchiveRestore:
 
     def stop(self):
         stopping = self._supervisor.stopService() if self._supervisor.running else None
-        closing = self._pool.closeCachedConnections()
+        closing = self._client.close()
         return closing if stopping is None else stopping.addBoth(lambda ignored: closing)
 
 

@@ -34,7 +34,6 @@ from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Text
 
 from twisted.internet.defer import DeferredSemaphore, gatherResults, inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.web.client import Agent, HTTPConnectionPool
 
 import appliance
 from appliance.audit.trail import auditFolder
@@ -378,9 +377,7 @@ def _backupInto(config: Config, destination: Path, orthanc: Tuple[int, bytes], o
     partial.mkdir(mode=0o700)
     snapshot = Snapshot(partial, previous, previousFolder)
     state = ownerNames(config.appliance.state_dir)
-    pool = HTTPConnectionPool(reactor)
-    pool.maxPersistentPerHost = PARALLEL + 1
-    client = OrthancClient(Agent(reactor, pool=pool), lambda: authorization, port)
+    client = OrthancClient(reactor, lambda: authorization, port, PARALLEL)
     archive = ArchiveBackup(client, snapshot, reactor, out)
 
     def finish() -> Manifest:
@@ -423,7 +420,7 @@ def _backupInto(config: Config, destination: Path, orthanc: Tuple[int, bytes], o
     return runArchiveCommand(
         "backup",
         work,
-        pool.closeCachedConnections,
+        client.close,
         lambda: f"the unfinished backup {partial} is removed by the next one.",
         f"The unfinished backup {partial} is removed by the next one; run the backup again.",
         out,

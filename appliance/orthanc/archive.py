@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, readBody
 from twisted.web.http_headers import Headers
 
 from appliance.config import Config
@@ -165,13 +165,22 @@ class _FileWriter(Protocol):
 class OrthancClient:
     """
     The REST API of an Orthanc on this box, with the credentials
-    C{authorization} gives at the time of each request.
+    C{authorization} gives at the time of each request, on persistent
+    connections enough for C{parallel} requests at once and one more.
     """
 
-    def __init__(self, agent, authorization: Callable[[], bytes], port: int) -> None:
-        self._agent = agent
+    def __init__(self, reactor, authorization: Callable[[], bytes], port: int, parallel: int) -> None:
+        self._pool = HTTPConnectionPool(reactor)
+        self._pool.maxPersistentPerHost = parallel + 1
+        self._agent = Agent(reactor, pool=self._pool)
         self._authorization = authorization
         self._origin = b"http://127.0.0.1:%d" % (port,)
+
+    def close(self) -> Deferred:
+        """
+        Close the connections kept open.
+        """
+        return self._pool.closeCachedConnections()
 
     def _send(self, method: bytes, path: str, body: Optional[BinaryIO] = None, contentType: bytes = b"") -> Deferred:
         headers = Headers({b"Authorization": [self._authorization()]})

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import List, Optional, Set, TextIO
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, gatherResults, inlineCallbacks
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from appliance.config import Config, OrthancStorage
 from appliance.orthanc.archive import (
@@ -134,12 +133,11 @@ class ArchiveMove:
         self._reactor = reactor
         self._out = out
         self._parallel = DeferredSemaphore(parallel)
-        self._pool = HTTPConnectionPool(reactor)
-        self._pool.maxPersistentPerHost = parallel + 1
-        agent = Agent(reactor, pool=self._pool)
         self._supervisors = [privateSupervisor(end, reactor) for end in (ends.old, ends.new)]
         self.old, self.new = (
-            OrthancClient(agent, lambda supervisor=supervisor: supervisor.credentials.authorization(), end.orthanc.http_port)
+            OrthancClient(
+                reactor, lambda supervisor=supervisor: supervisor.credentials.authorization(), end.orthanc.http_port, parallel
+            )
             for supervisor, end in zip(self._supervisors, (ends.old, ends.new))
         )
         self.progress: Optional[Progress] = None
@@ -202,7 +200,7 @@ class ArchiveMove:
         Stop both Orthancs (at the end, or when the command is interrupted).
         """
         stopping = [supervisor.stopService() for supervisor in self._supervisors if supervisor.running]
-        return DeferredList(stopping + [self._pool.closeCachedConnections()])
+        return DeferredList(stopping + [self.old.close(), self.new.close()])
 
 
 def moveArchive(
