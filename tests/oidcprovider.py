@@ -369,10 +369,6 @@ class OpenIDProvider(SharedServer):
         self.stop()
         self.start()
 
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
     def discovery(self) -> dict:
         """
         The discovery document (as of the last start).

@@ -173,10 +173,6 @@ class PostgresServer(SharedServer):
             self.process.wait(timeout=60)
         self.process = None
 
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
     def sql(self, statement: str, database: str = "postgres") -> str:
         """
         Run C{statement} as the superuser; its output, tuples only.

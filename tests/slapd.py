@@ -31,7 +31,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Dict, Optional
 
-from tests.support import SharedServer, TestAuthority, freePort, stopProcess
+from tests.support import SharedServer, TestAuthority, freePort
 
 #: How long the server may take to accept connections after it starts.
 START_TIMEOUT = 30.0
@@ -305,21 +305,6 @@ access to *
                 self.stop()
                 raise RuntimeError("slapd did not start:\n" + self.log.read_text(errors="replace"))
             time.sleep(0.02)
-
-    def stop(self) -> None:
-        """
-        Stop the server at once: connections are dropped, as when a
-        directory server goes away.
-        """
-        # SIGTERM is slapd's shutdown: it closes every connection without
-        # waiting for the clients, in milliseconds.
-        if self.process is not None:
-            stopProcess(self.process)
-        self.process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     def userDN(self, name: str) -> str:
         return userDN(name)

@@ -289,9 +289,13 @@ CLONE_NEWNET = 0x40000000
 class SharedServer:
     """
     A private server of the tests, one of which serves the whole run:
-    started at its first use (L{shared}), removed (C{remove}) when the run
-    ends.
+    started at its first use (L{shared}), removed (L{remove}) when the run
+    ends.  Its process is C{process} (L{None} when stopped), its files in
+    C{folder}.
     """
+
+    process: Optional[subprocess.Popen] = None
+    folder: Path
 
     @classmethod
     def shared(cls):
@@ -301,6 +305,19 @@ class SharedServer:
             cls._sharedServer = server
             atexit.register(server.remove)
         return server
+
+    def stop(self) -> None:
+        """
+        Stop the server at once (L{stopProcess}): connections are dropped,
+        as when the server goes away.
+        """
+        if self.process is not None:
+            stopProcess(self.process)
+        self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def stopProcess(process, timeout: float = 30.0) -> None:

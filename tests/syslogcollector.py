@@ -31,7 +31,6 @@ TLS close_notify loses nothing, but rsyslogd.log has errors for it.
 
 import glob
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -40,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tests.support import SharedServer, TestAuthority, freePort, stopProcess
+from tests.support import SharedServer, TestAuthority, freePort
 
 #: How long rsyslogd may take to accept TLS connections after it starts.
 START_TIMEOUT = 30.0
@@ -235,20 +234,6 @@ action(type="omfile" file="{self.log}")
                 if text:
                     parts.append(f"--- {path.name}\n{text}")
         return "\n".join(parts) or "(rsyslogd said nothing)"
-
-    def stop(self) -> None:
-        """
-        Stop the collector at once: connections are dropped, as when a
-        collector goes away; what it received is on file already.
-        """
-        # SIGTERM is rsyslogd's shutdown, in milliseconds.
-        if self.process is not None:
-            stopProcess(self.process)
-        self.process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     def messages(self) -> List[str]:
         """
